@@ -1,0 +1,238 @@
+"""Virtual users from a passwd-file in Dovecot's format.
+
+    user:{SCHEME}hash:uid:gid:gecos:home:shell:extra fields
+
+Empty fields are allowed; the extra fields are space-separated key=value
+pairs, of which `userdb_mail` (or `mail`) overrides the maildrop location.
+The file is re-read when its modification time changes, so an administrator
+edits it in place and the running server follows.
+
+Unknown users are checked against a dummy hash of the same cost as the
+default scheme, so that timing does not tell who exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+from passlib.hash import (
+    argon2,
+    bcrypt,
+    des_crypt,
+    md5_crypt,
+    sha256_crypt,
+    sha512_crypt,
+)
+
+from ..errors import AuthUnavailable, ConfigError
+from ..maildrop.location import DEFAULT_LOCATION, expand_location
+from ..usernames import is_valid_username
+from . import Principal
+from .credentials import ApopDigest, Credentials, UserPass
+
+log = logging.getLogger("qpopper.auth")
+
+_CRYPT_HANDLERS = {
+    "SHA512-CRYPT": sha512_crypt,
+    "SHA256-CRYPT": sha256_crypt,
+    "BLF-CRYPT": bcrypt,
+    "BCRYPT": bcrypt,
+    "MD5-CRYPT": md5_crypt,
+    "ARGON2ID": argon2,
+    "ARGON2I": argon2,
+}
+# Salted and plain digests: scheme -> (hashlib name, digest length).
+_DIGESTS = {
+    "SSHA": ("sha1", 20),
+    "SSHA256": ("sha256", 32),
+    "SSHA512": ("sha512", 64),
+    "SHA": ("sha1", 20),
+    "SHA1": ("sha1", 20),
+    "SHA256": ("sha256", 32),
+    "SHA512": ("sha512", 64),
+    "PLAIN-MD5": ("md5", 16),
+}
+_PLAINTEXT = {"PLAIN", "CLEARTEXT", "CLEAR"}
+SCHEMES = sorted(set(_CRYPT_HANDLERS) | set(_DIGESTS) | _PLAINTEXT | {"CRYPT"})
+
+# Verified for unknown users so that they cost what a real check costs.
+_DUMMY_HASH = sha512_crypt.using(rounds=5000).hash("qpopper dummy password")
+
+
+@dataclass(frozen=True, slots=True)
+class PasswdEntry:
+    user: str
+    scheme: str
+    hashed: str = field(repr=False)
+    uid: int | None
+    gid: int | None
+    home: str | None
+    extra: dict[str, str]
+
+    @property
+    def plaintext(self) -> bytes | None:
+        """The clear secret, for APOP and CRAM-MD5, when stored as one."""
+        if self.scheme in _PLAINTEXT:
+            return self.hashed.encode("utf-8")
+        return None
+
+
+def split_scheme(value: str, default: str = "CRYPT") -> tuple[str, str]:
+    if value.startswith("{") and "}" in value:
+        scheme, _, rest = value[1:].partition("}")
+        return scheme.upper(), rest
+    return default, value
+
+
+def verify_password(scheme: str, hashed: str, password: bytes) -> bool:
+    """Check `password` against a stored hash of the given scheme."""
+    base, _, encoding = scheme.partition(".")
+    if base in _PLAINTEXT:
+        return hmac.compare_digest(hashed.encode("utf-8"), password)
+    if base in _CRYPT_HANDLERS:
+        return bool(_CRYPT_HANDLERS[base].verify(password, hashed))
+    if base == "CRYPT":
+        for handler in (sha512_crypt, sha256_crypt, bcrypt, md5_crypt, des_crypt):
+            if handler.identify(hashed):
+                return bool(handler.verify(password, hashed))
+        return False
+    if base in _DIGESTS:
+        algorithm, length = _DIGESTS[base]
+        try:
+            raw = bytes.fromhex(hashed) if encoding.upper() == "HEX" or (
+                base == "PLAIN-MD5" and len(hashed) == 32
+            ) else base64.b64decode(hashed, validate=True)
+        except ValueError:
+            return False
+        digest, salt = raw[:length], raw[length:]
+        if not base.startswith("SSHA") and salt:
+            return False
+        return hmac.compare_digest(hashlib.new(algorithm, password + salt).digest(), digest)
+    raise ValueError(f"unsupported password scheme {scheme}")
+
+
+def parse_passwd_line(line: str, lineno: int, path: str, default_scheme: str) -> PasswdEntry | None:
+    line = line.rstrip("\r\n")
+    if not line.strip() or line.lstrip().startswith("#"):
+        return None
+    fields = line.split(":", 7)
+    user = fields[0]
+    if not is_valid_username(user):
+        raise ConfigError(f"{path}:{lineno}: invalid user name")
+    fields += [""] * (8 - len(fields))
+    scheme, hashed = split_scheme(fields[1], default_scheme)
+    if scheme.partition(".")[0] not in SCHEMES:
+        raise ConfigError(f"{path}:{lineno}: unsupported password scheme {{{scheme}}}")
+
+    def number(text: str, what: str) -> int | None:
+        if not text:
+            return None
+        if not text.isdigit():
+            raise ConfigError(f"{path}:{lineno}: {what} must be a number")
+        return int(text)
+
+    extra: dict[str, str] = {}
+    for item in fields[7].split():
+        key, _, value = item.partition("=")
+        extra[key] = value
+    return PasswdEntry(
+        user=user,
+        scheme=scheme,
+        hashed=hashed,
+        uid=number(fields[2], "uid"),
+        gid=number(fields[3], "gid"),
+        home=fields[5] or None,
+        extra=extra,
+    )
+
+
+def load_passwd_file(path: str, default_scheme: str = "CRYPT") -> dict[str, PasswdEntry]:
+    entries: dict[str, PasswdEntry] = {}
+    try:
+        with open(path, encoding="utf-8", errors="strict") as f:
+            for lineno, line in enumerate(f, 1):
+                entry = parse_passwd_line(line, lineno, path, default_scheme)
+                if entry is not None:
+                    entries.setdefault(entry.user, entry)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read passwd-file {path}: {exc.strerror}") from exc
+    return entries
+
+
+class PasswdFileAuthenticator:
+    """Authenticator over one passwd-file, reloaded when it changes."""
+
+    def __init__(
+        self,
+        path: str,
+        mail_location: str = DEFAULT_LOCATION,
+        default_scheme: str = "CRYPT",
+    ) -> None:
+        self.path = path
+        self.mail_location = mail_location
+        self.default_scheme = default_scheme
+        self._lock = threading.Lock()
+        self._mtime: tuple[int, int] | None = None
+        self._entries: dict[str, PasswdEntry] = {}
+        self._reload()  # a broken file is a start-up error, not a login error
+
+    def _reload(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise ConfigError(f"cannot read passwd-file {self.path}: {exc.strerror}") from exc
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._mtime:
+            self._entries = load_passwd_file(self.path, self.default_scheme)
+            self._mtime = stamp
+
+    def lookup(self, user: str) -> PasswdEntry | None:
+        with self._lock:
+            try:
+                self._reload()
+            except ConfigError as exc:
+                # Keep serving with the last good copy; say why in the log.
+                if not self._entries:
+                    raise AuthUnavailable(str(exc)) from exc
+                log.error("passwd-file reload failed, keeping the previous copy: %s", exc)
+            return self._entries.get(user)
+
+    def authenticate(self, credentials: Credentials) -> Principal | None:
+        entry = self.lookup(credentials.user)
+        if isinstance(credentials, UserPass):
+            if entry is None:
+                sha512_crypt.verify(credentials.password, _DUMMY_HASH)
+                return None
+            try:
+                ok = verify_password(entry.scheme, entry.hashed, credentials.password)
+            except ValueError as exc:
+                log.error("cannot verify password of %s: %s", entry.user, exc)
+                ok = False
+            return self._principal(entry) if ok else None
+        if isinstance(credentials, ApopDigest):
+            secret = entry.plaintext if entry is not None else None
+            if entry is None or secret is None:
+                return None
+            expected = hashlib.md5(credentials.timestamp.encode("ascii") + secret).hexdigest()
+            if hmac.compare_digest(expected, credentials.digest):
+                return self._principal(entry)
+            return None
+        return None
+
+    def _principal(self, entry: PasswdEntry) -> Principal:
+        template = entry.extra.get("userdb_mail") or entry.extra.get("mail") or self.mail_location
+        return Principal(
+            user=entry.user,
+            mail=expand_location(template, entry.user, entry.home),
+            home=entry.home,
+            uid=entry.uid,
+            gid=entry.gid,
+        )

@@ -1,0 +1,38 @@
+"""Users given in code: the embedding and test-suite authenticator.
+
+Secrets are held in clear (they come from the caller's own code), which
+also makes APOP work for every user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+
+from ..maildrop.location import DEFAULT_LOCATION, expand_location
+from . import Principal
+from .credentials import ApopDigest, Credentials, UserPass
+
+
+class StaticAuthenticator:
+    def __init__(self, users: Mapping[str, str], mail_location: str = DEFAULT_LOCATION, home: str | None = None) -> None:
+        self._users = {name: secret.encode("utf-8") for name, secret in users.items()}
+        self.mail_location = mail_location
+        self.home = home
+
+    def authenticate(self, credentials: Credentials) -> Principal | None:
+        secret = self._users.get(credentials.user)
+        if secret is None:
+            return None
+        if isinstance(credentials, UserPass):
+            ok = hmac.compare_digest(secret, credentials.password)
+        elif isinstance(credentials, ApopDigest):
+            expected = hashlib.md5(credentials.timestamp.encode("ascii") + secret).hexdigest()
+            ok = hmac.compare_digest(expected, credentials.digest)
+        else:
+            ok = False
+        if not ok:
+            return None
+        home = self.home.replace("%u", credentials.user) if self.home else None
+        return Principal(credentials.user, expand_location(self.mail_location, credentials.user, home), home)

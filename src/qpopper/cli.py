@@ -1,0 +1,162 @@
+"""The `qpopper` (alias `popper`) command: the daemon's only entry point.
+
+This is the one place that configures logging, installs signal handlers
+and exits the process. Modes: standalone (listen on `[address][:port]`
+arguments), inetd (`-i`: one session on stdin/stdout), systemd socket
+activation (LISTEN_FDS, detected by itself), and `--demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from ._version import __version__
+from .errors import ConfigError
+from .options import ListenAddress, Options, parse_listen_address
+from .server import Server, listen_fds, notify, serve_inetd
+
+log = logging.getLogger("qpopper")
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"qpopper: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qpopper", description="POP3 server compatible with qpopper 4.1.")
+    p.add_argument("listen", nargs="*", metavar="[address][:port]", help="listen here (standalone; default *:110)")
+    p.add_argument("-v", "-V", "--version", action="version", version=f"qpopper {__version__} (Python)")
+    p.add_argument("-i", "--inetd", action="store_true", help="serve one session on stdin/stdout (inetd, xinetd)")
+    p.add_argument("--demo", action="store_true", help="serve a demo user and maildrop from ./qpopper-demo")
+    p.add_argument("--passwd-file", metavar="FILE", help="virtual users in Dovecot passwd-file format")
+    p.add_argument("--mail-location", metavar="TEMPLATE", help="maildrop template, e.g. maildir:~/Maildir")
+    p.add_argument("--default-password-scheme", metavar="SCHEME", help="scheme of hashes without {SCHEME}")
+    p.add_argument("--hostname", help="host name in the greeting and the APOP stamp")
+    p.add_argument("-T", "--timeout", type=float, metavar="SECONDS", help="autologout timer (default 600)")
+    p.add_argument("--auth-fail-delay", type=float, metavar="SECONDS", help="answer failed logins after this delay")
+    p.add_argument("--max-connections", type=int, metavar="N", help="sessions at once in total")
+    p.add_argument("--max-connections-per-ip", type=int, metavar="N", help="sessions at once per client address")
+    p.add_argument("--update-on-abort", action="store_true", help="commit deletions when a connection is lost")
+    p.add_argument("--shy", action="store_true", help="hide the version in the greeting and CAPA")
+    p.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
+    p.add_argument("-d", "--debug", action="store_true", help="log debug messages")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    opts = Options()
+    changes: dict[str, object] = {}
+    if args.listen:
+        default_port = 1110 if args.demo else 110
+        changes["listen"] = tuple(parse_listen_address(a, default_port) for a in args.listen)
+    elif args.demo:
+        from .demo import DEMO_PORT
+
+        changes["listen"] = (ListenAddress("127.0.0.1", DEMO_PORT),)
+    if args.demo:
+        from .demo import prepare
+
+        passwd, location = prepare()
+        changes.update(passwd_file=passwd, mail_location=location, auth_fail_delay=1.0, hostname="localhost")
+    for name in (
+        "passwd_file",
+        "mail_location",
+        "default_password_scheme",
+        "hostname",
+        "timeout",
+        "auth_fail_delay",
+        "max_connections",
+        "max_connections_per_ip",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    if args.update_on_abort:
+        changes["update_on_abort"] = True
+    if args.shy:
+        changes["shy"] = True
+    if args.no_uvloop:
+        changes["use_uvloop"] = False
+    if "timeout" in changes and float(changes["timeout"]) <= 0:  # type: ignore[arg-type]
+        raise ConfigError("timeout must be positive")
+    return opts.replace(**changes)
+
+
+def _new_loop(options: Options) -> asyncio.AbstractEventLoop:
+    if options.use_uvloop:
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop()
+        except ImportError:
+            pass
+    return asyncio.new_event_loop()
+
+
+async def _run_daemon(server: Server, demo: bool) -> None:
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def stop(drain: bool) -> None:
+        if not stopping:
+            log.info("stopping (%s)", "draining" if drain else "fast")
+            notify("STOPPING=1")
+            stopping.append(loop.create_task(server.stop(drain=drain)))
+
+    loop.add_signal_handler(signal.SIGTERM, stop, True)
+    loop.add_signal_handler(signal.SIGINT, stop, False)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    notify("READY=1")
+    if demo:
+        from .demo import banner
+
+        host, port = server.addresses[0]
+        print(banner(host, port), flush=True)
+    await server.serve_forever()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s qpopper[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        options = options_from_args(args)
+        if args.inetd:
+            server = Server(options)
+            loop = _new_loop(options)
+            try:
+                loop.run_until_complete(serve_inetd(server))
+                loop.run_until_complete(server.stop())
+            finally:
+                loop.close()
+            return 0
+        server = Server(options, sockets=listen_fds())
+        loop = _new_loop(options)
+        try:
+            loop.run_until_complete(_run_daemon(server, args.demo))
+        finally:
+            loop.close()
+    except ConfigError as exc:
+        print(f"qpopper: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Error types shared by every layer.
+
+The split follows whose fault a failure is: the client's mistakes become
+`-ERR` replies inside the protocol core and never reach here; failures of the
+server's own parts (storage, authentication backends, configuration) are
+exceptions that carry the RFC 2449/3206 response code the client should see.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ResponseCode(enum.Enum):
+    """Extended response codes (RFC 2449 section 8, RFC 3206)."""
+
+    IN_USE = "IN-USE"
+    LOGIN_DELAY = "LOGIN-DELAY"
+    SYS_TEMP = "SYS/TEMP"
+    SYS_PERM = "SYS/PERM"
+    AUTH = "AUTH"
+
+
+class QpopperError(Exception):
+    """Base of every exception this package raises on purpose."""
+
+
+class ConfigError(QpopperError):
+    """A setting or a configuration file is wrong; raised before serving."""
+
+
+class MaildropError(QpopperError):
+    """A maildrop could not be opened, read or updated.
+
+    `code` decides what the client is told; the message text is for the log
+    only, because it may hold paths the client must not learn.
+    """
+
+    def __init__(self, message: str, code: ResponseCode = ResponseCode.SYS_TEMP) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class MaildropBusy(MaildropError):
+    """Another session holds the maildrop's POP lock."""
+
+    def __init__(self, message: str = "maildrop is locked by another session") -> None:
+        super().__init__(message, ResponseCode.IN_USE)
+
+
+class AuthUnavailable(QpopperError):
+    """The authentication backend failed (not the user's credentials)."""

@@ -1,0 +1,5 @@
+"""Maildrop backends behind one interface: Maildir today, mbox next."""
+
+from ._base import Maildrop, MessageInfo, is_valid_uid, UID_MAX_LEN
+
+__all__ = ["Maildrop", "MessageInfo", "is_valid_uid", "UID_MAX_LEN"]

@@ -1,0 +1,61 @@
+"""The one storage interface every maildrop backend implements.
+
+The protocol core only ever sees the `MessageInfo` list taken when the
+maildrop was opened; message numbers are positions in that list and never
+change during a session. Everything else (opening, streaming, committing) is
+blocking work the server runs off its event loop, so these methods are plain
+synchronous calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence, Set
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+# Unique-ids are 1 to 70 characters of 0x21..0x7E (RFC 1939 section 7).
+UID_MAX_LEN = 70
+
+
+def is_valid_uid(uid: str) -> bool:
+    """True if `uid` may be sent in a UIDL listing as it is."""
+    return 0 < len(uid) <= UID_MAX_LEN and all("\x21" <= c <= "\x7e" for c in uid)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """One message as listed at login.
+
+    `size` is the RFC 1939 size: the octets RETR sends before dot-stuffing.
+    `seen` marks a message retrieved in an earlier session (LAST starts there).
+    """
+
+    size: int
+    uid: str
+    seen: bool = False
+
+
+@runtime_checkable
+class Maildrop(Protocol):
+    """An open, POP-locked maildrop. Obtained from a backend's `open`."""
+
+    def messages(self) -> Sequence[MessageInfo]:
+        """The messages as they were when the maildrop was opened."""
+        ...
+
+    def read(self, index: int, chunk_size: int = 65536) -> Iterator[bytes]:
+        """The stored bytes of message `index` (0-based), in chunks."""
+        ...
+
+    def commit(self, deleted: Set[int], retrieved: Set[int]) -> None:
+        """UPDATE: remove exactly the `deleted` messages, durably.
+
+        `retrieved` lists the messages sent whole by RETR, for backends that
+        record a seen flag. Raises MaildropError when nothing may be assumed
+        removed; a message not in `deleted` is never removed.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the session lock without changing anything. Idempotent."""
+        ...

@@ -1,0 +1,63 @@
+"""Maildrop locations: "FORMAT:PATH" strings built from a per-site template.
+
+The template takes Dovecot's variables, so a passwd-file or an SQL table can
+name maildrops the way administrators already write them:
+%u the login name, %n its local part, %d its domain, %h the home directory,
+%% a percent sign, and a leading "~/" for the home directory. The name is
+validated again here, before it touches a path, so no caller has to be
+trusted to have done it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import MaildropError, ResponseCode
+from ..usernames import is_valid_username
+from ._base import Maildrop
+
+DEFAULT_LOCATION = "maildir:~/Maildir"
+FORMATS = ("maildir",)
+
+
+def expand_location(template: str, user: str, home: str | None) -> str:
+    if not is_valid_username(user):
+        raise MaildropError(f"refusing to build a path for user name {user!r}", ResponseCode.SYS_PERM)
+    fmt, sep, path = template.partition(":")
+    if not sep or fmt not in FORMATS:
+        raise MaildropError(f"unknown maildrop location {template!r}", ResponseCode.SYS_PERM)
+    local, _, domain = user.partition("@")
+    values = {"u": user, "n": local, "d": domain, "%": "%"}
+    if home:
+        values["h"] = home
+    out: list[str] = []
+    i = 0
+    while i < len(path):
+        ch = path[i]
+        if ch == "%" and i + 1 < len(path):
+            key = path[i + 1]
+            if key not in values:
+                raise MaildropError(f"location {template!r} needs %{key}, which {user!r} lacks", ResponseCode.SYS_PERM)
+            out.append(values[key])
+            i += 2
+            continue
+        out.append(ch)
+        i += 1
+    expanded = "".join(out)
+    if expanded.startswith("~/"):
+        if not home:
+            raise MaildropError(f"location {template!r} needs a home directory", ResponseCode.SYS_PERM)
+        expanded = os.path.join(home, expanded[2:])
+    if not os.path.isabs(expanded):
+        raise MaildropError(f"maildrop path {expanded!r} is not absolute", ResponseCode.SYS_PERM)
+    return f"{fmt}:{os.path.normpath(expanded)}"
+
+
+def open_maildrop(location: str) -> Maildrop:
+    """Open and POP-lock the maildrop at an expanded location."""
+    fmt, _, path = location.partition(":")
+    if fmt == "maildir":
+        from .maildir import MaildirMaildrop
+
+        return MaildirMaildrop(path)
+    raise MaildropError(f"unknown maildrop format {fmt!r}", ResponseCode.SYS_PERM)

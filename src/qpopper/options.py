@@ -1,0 +1,81 @@
+"""All run-time settings in one frozen object.
+
+Built once (from defaults, then the command line; the config file and the
+per-user option files join in the administrator-surface issue) and passed
+down read-only. `replace` gives a changed copy, e.g. for a SIGHUP reload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .maildrop.location import DEFAULT_LOCATION
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """One listener: host None means every address (IPv4 and IPv6)."""
+
+    host: str | None
+    port: int
+
+    def __str__(self) -> str:
+        if self.host is None:
+            return f"*:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen_address(text: str, default_port: int = 110) -> ListenAddress:
+    """qpopper's positional `[address][:port]`, with IPv6 in brackets."""
+    host: str | None
+    port_text = ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"bad listen address {text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"bad listen address {text!r}")
+            port_text = rest[1:]
+    elif text.count(":") > 1:
+        host = text  # a bare IPv6 address without a port
+    else:
+        host, _, port_text = text.partition(":")
+    if port_text:
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ConfigError(f"bad port in listen address {text!r}")
+        port = int(port_text)
+    else:
+        port = default_port
+    return ListenAddress(host or None, port)
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    listen: tuple[ListenAddress, ...] = (ListenAddress(None, 110),)
+    passwd_file: str | None = None
+    mail_location: str = DEFAULT_LOCATION
+    default_password_scheme: str = "CRYPT"
+    hostname: str = field(default_factory=socket.getfqdn)
+    # RFC 1939: an autologout timer must be at least 10 minutes.
+    timeout: float = 600.0
+    # Every failed login is answered this long after it was sent, at least.
+    auth_fail_delay: float = 1.0
+    max_connections: int = 1000
+    max_connections_per_ip: int = 100
+    update_on_abort: bool = False
+    shy: bool = False
+    apop: bool = True
+    allow_user_pass: bool = True
+    announce_login_delay: int | None = None
+    announce_expire: str | None = "NEVER"
+    # Seconds a SIGTERM waits for sessions in UPDATE before exiting.
+    drain_timeout: float = 30.0
+    use_uvloop: bool = True
+
+    def replace(self, **changes: object) -> Options:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,67 @@
+"""What the protocol core asks its caller to do.
+
+The session never performs I/O. Each effect below is an instruction to the
+server; the ones that need an answer (Authenticate, OpenMaildrop, Commit)
+pause the session until the server reports back through the matching
+Session method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..auth.credentials import Credentials
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write these bytes to the client."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    """Check the credentials; answer with auth_succeeded or auth_failed."""
+
+    credentials: Credentials = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenMaildrop:
+    """Lock and list the authenticated user's maildrop; answer with
+    maildrop_opened or maildrop_failed."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    """Stream message `index` (0-based) dot-stuffed, then the ".CRLF" end.
+
+    `body_lines` None means the whole message (RETR); n means TOP's cut.
+    `status` is the "+OK" line to send first, once the message is known to
+    be readable; if it is not, tell the session with message_unavailable.
+    """
+
+    index: int
+    body_lines: int | None
+    status: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Enter UPDATE: remove `deleted`; answer with commit_done."""
+
+    deleted: frozenset[int]
+    retrieved: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection after everything before it has been written."""
+
+    reason: str
+
+
+Effect = Send | Authenticate | OpenMaildrop | SendMessage | Commit | Close

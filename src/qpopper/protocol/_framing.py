@@ -1,0 +1,88 @@
+"""Command-line framing: bytes in, complete lines out, with a hard bound.
+
+RFC 2449 caps a command at 255 octets including CRLF. A longer line costs the
+client exactly one error and is skipped up to its line end, so a stray long
+line never splits into several commands (a mistake seen in other servers).
+The buffer never holds more than the limit of an unfinished line, so an
+endless line without CRLF cannot grow memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One complete input line without its line end."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OverlongLine:
+    """A line exceeded the limit; its bytes were discarded."""
+
+    discarded: int
+
+
+class LineBuffer:
+    """Splits a byte stream into lines ended by CRLF (or a bare LF).
+
+    Searching resumes where the previous search stopped, so feeding a long
+    line a byte at a time stays linear.
+    """
+
+    def __init__(self, max_line: int = 255) -> None:
+        self.max_line = max_line
+        self._buf = bytearray()
+        self._searched = 0
+        self._discarding = False
+        self._discarded = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def clear(self) -> None:
+        """Forget everything buffered (STLS: pipelined plaintext is dropped)."""
+        self._buf.clear()
+        self._searched = 0
+        self._discarding = False
+        self._discarded = 0
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def next_line(self) -> Line | OverlongLine | None:
+        """Return the next complete line, an overlong marker, or None."""
+        while True:
+            end = self._buf.find(b"\n", self._searched)
+            if end < 0:
+                if self._discarding:
+                    self._discarded += len(self._buf)
+                    self._buf.clear()
+                    self._searched = 0
+                    return None
+                if len(self._buf) >= self.max_line:
+                    # The line is already too long; drop what we hold and
+                    # keep dropping until its end arrives.
+                    self._discarding = True
+                    self._discarded = len(self._buf)
+                    self._buf.clear()
+                    self._searched = 0
+                    return None
+                self._searched = len(self._buf)
+                return None
+            raw = bytes(self._buf[:end])
+            del self._buf[: end + 1]
+            self._searched = 0
+            if self._discarding:
+                self._discarding = False
+                discarded = self._discarded + end + 1
+                self._discarded = 0
+                return OverlongLine(discarded)
+            if end + 1 > self.max_line:
+                return OverlongLine(end + 1)
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            return Line(raw)

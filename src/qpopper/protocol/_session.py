@@ -1,0 +1,531 @@
+"""The POP3 session state machine (RFC 1939, RFC 2449), free of I/O.
+
+Bytes go in through `receive_data`; `next_effect` hands out what to do, one
+effect at a time, until it returns None (it needs more input, or it waits
+for the answer to an effect it asked for). Pipelined commands are answered
+strictly in order because a command is only parsed once every effect of the
+previous one has been taken and answered.
+
+Replies never echo raw client input: where a reply names a message number
+or a user name, that value has already passed strict validation.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .._version import __version__
+from ..auth.credentials import ApopDigest, UserPass
+from ..errors import ResponseCode
+from ..maildrop import MessageInfo
+from ._effects import (
+    Authenticate,
+    Close,
+    Commit,
+    Effect,
+    OpenMaildrop,
+    Send,
+    SendMessage,
+)
+from ._framing import Line, LineBuffer, OverlongLine
+from ..usernames import is_valid_username
+
+# RFC 2449 section 4: commands up to 255 octets including CRLF.
+COMMAND_LINE_MAX = 255
+# A message number or TOP line count: digits only, and few enough of them
+# that the value cannot overflow anything downstream.
+_MAX_NUMBER_DIGITS = 10
+
+
+class State(enum.Enum):
+    AUTHORIZATION = "AUTHORIZATION"
+    TRANSACTION = "TRANSACTION"
+    UPDATE = "UPDATE"
+    CLOSED = "CLOSED"
+
+
+class _Waiting(enum.Enum):
+    NOTHING = enum.auto()
+    AUTH = enum.auto()
+    MAILDROP = enum.auto()
+    COMMIT = enum.auto()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """Everything the protocol core needs to know about site policy."""
+
+    hostname: str = "localhost"
+    shy: bool = False
+    # USER/PASS accepted and announced (the clear-text policy decides).
+    allow_user_pass: bool = True
+    apop: bool = True
+    max_line: int = COMMAND_LINE_MAX
+    # Announced in CAPA; None leaves the capability out.
+    login_delay: int | None = None
+    expire: str | None = "NEVER"
+    # Bad commands tolerated before the session is closed.
+    max_bad_commands_auth: int = 10
+    max_bad_commands_trans: int = 20
+    implementation: str = f"qpopper-python-{__version__}"
+    extra_capabilities: tuple[str, ...] = field(default=())
+
+
+def _ok(text: str) -> bytes:
+    return b"+OK " + text.encode("ascii", "replace") + b"\r\n"
+
+
+def _err(text: str, code: ResponseCode | None = None) -> bytes:
+    prefix = f"[{code.value}] " if code is not None else ""
+    return b"-ERR " + (prefix + text).encode("ascii", "replace") + b"\r\n"
+
+
+def _parse_number(arg: bytes) -> int | None:
+    """A strict decimal: ASCII digits only, no sign, no blanks, bounded."""
+    if not arg or len(arg) > _MAX_NUMBER_DIGITS or not arg.isdigit():
+        return None
+    return int(arg)
+
+
+# Bytes allowed in a command line other than PASS: SP and visible ASCII.
+_PRINTABLE = bytes(range(0x20, 0x7F))
+
+# PASS may carry 8-bit bytes (UTF-8 passwords) but no control characters.
+_PASSWORD_BYTES = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+
+_Handler = Callable[["Session", list[bytes], bytes], None]
+
+
+class Session:
+    """One POP3 conversation from greeting to close."""
+
+    def __init__(self, config: SessionConfig | None = None, *, timestamp: str) -> None:
+        self.config = config or SessionConfig()
+        self.timestamp = timestamp  # the APOP challenge "<pid.clock@host>"
+        self.state = State.AUTHORIZATION
+        self.user: str | None = None  # set by USER, confirmed by login
+        self._buffer = LineBuffer(self.config.max_line)
+        self._effects: deque[Effect] = deque()
+        self._waiting = _Waiting.NOTHING
+        self._messages: Sequence[MessageInfo] = ()
+        self._deleted: set[int] = set()
+        self._retrieved: set[int] = set()
+        self._last = 0
+        self._initial_last = 0
+        self._bad_commands = 0
+        self._eof = False
+        self._emit(Send(self._greeting()))
+
+    # ---- input and output -------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the client; b"" means the client closed."""
+        if not data:
+            self._eof = True
+            return
+        if self.state in (State.AUTHORIZATION, State.TRANSACTION):
+            self._buffer.feed(data)
+
+    def next_effect(self) -> Effect | None:
+        """The next thing to do, or None if input or an answer is needed."""
+        while not self._effects:
+            if self._waiting is not _Waiting.NOTHING:
+                return None
+            if self.state not in (State.AUTHORIZATION, State.TRANSACTION):
+                return None
+            item = self._buffer.next_line()
+            if item is None:
+                return None
+            if isinstance(item, OverlongLine):
+                self._bad("Command line too long.")
+            else:
+                self._dispatch(item)
+        return self._effects.popleft()
+
+    @property
+    def waiting(self) -> bool:
+        """True while an effect awaits its answer from the server."""
+        return self._waiting is not _Waiting.NOTHING
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.state is State.TRANSACTION
+
+    @property
+    def marked_deleted(self) -> frozenset[int]:
+        return frozenset(self._deleted)
+
+    @property
+    def retrieved(self) -> frozenset[int]:
+        return frozenset(self._retrieved)
+
+    @property
+    def authenticated(self) -> bool:
+        return self.state in (State.TRANSACTION, State.UPDATE)
+
+    def discard_pending_input(self) -> None:
+        """Drop buffered input (STLS: pipelined plaintext must not run)."""
+        self._buffer.clear()
+
+    # ---- answers to effects -----------------------------------------------
+
+    def auth_succeeded(self, user: str) -> None:
+        """The credentials were good; `user` is the canonical login name."""
+        self._expect(_Waiting.AUTH)
+        self.user = user
+        self._waiting = _Waiting.MAILDROP
+        self._emit(OpenMaildrop(user))
+
+    def auth_failed(self, code: ResponseCode = ResponseCode.AUTH) -> None:
+        """Bad credentials (AUTH) or a failing backend (SYS/TEMP)."""
+        self._expect(_Waiting.AUTH)
+        self._waiting = _Waiting.NOTHING
+        self.user = None
+        if code is ResponseCode.AUTH:
+            self._emit(Send(_err("Authentication failed.", code)))
+        else:
+            self._emit(Send(_err("Authentication is unavailable, try again later.", code)))
+
+    def maildrop_opened(self, messages: Sequence[MessageInfo]) -> None:
+        self._expect(_Waiting.MAILDROP)
+        self._waiting = _Waiting.NOTHING
+        self._messages = messages
+        self.state = State.TRANSACTION
+        self._bad_commands = 0
+        last = 0
+        for number, info in enumerate(messages, 1):
+            if info.seen:
+                last = number
+        self._initial_last = self._last = last
+        self._emit(Send(_ok(self._drop_summary())))
+
+    def maildrop_failed(self, code: ResponseCode) -> None:
+        self._expect(_Waiting.MAILDROP)
+        self._waiting = _Waiting.NOTHING
+        self.user = None
+        texts = {
+            ResponseCode.IN_USE: "Maildrop is in use by another session.",
+            ResponseCode.SYS_PERM: "Maildrop cannot be read; please contact support.",
+            ResponseCode.LOGIN_DELAY: "Minimum time between logins has not elapsed.",
+        }
+        self._emit(Send(_err(texts.get(code, "Maildrop is unavailable, try again later."), code)))
+
+    def commit_done(self, error: ResponseCode | None = None) -> None:
+        """UPDATE finished (error None) or failed, leaving the maildrop as it was."""
+        self._expect(_Waiting.COMMIT)
+        self._waiting = _Waiting.NOTHING
+        if error is None:
+            left = len(self._messages) - len(self._deleted)
+            self._emit(Send(_ok(f"Pop server at {self.config.hostname} signing off ({left} messages left).")))
+        else:
+            self._emit(Send(_err("Some deleted messages not removed.", error)))
+        self._emit(Close("quit"))
+        self.state = State.CLOSED
+
+    def message_unavailable(self) -> None:
+        """A message listed at login can no longer be read."""
+        self._emit(Send(_err("Message cannot be read now.", ResponseCode.SYS_TEMP)))
+
+    def internal_error(self) -> None:
+        """The server failed while serving this session: tell the client, close."""
+        self._effects.clear()
+        self._emit(Send(_err("Internal server error.", ResponseCode.SYS_TEMP)))
+        self._emit(Close("internal error"))
+        self.state = State.CLOSED
+        self._waiting = _Waiting.NOTHING
+
+    # ---- internals --------------------------------------------------------
+
+    def _emit(self, effect: Effect) -> None:
+        self._effects.append(effect)
+
+    def _expect(self, what: _Waiting) -> None:
+        if self._waiting is not what:
+            raise RuntimeError(f"session is not waiting for {what.name}")
+
+    def _greeting(self) -> bytes:
+        if self.config.shy:
+            text = "ready"
+        else:
+            text = f"Qpopper (version {__version__}-py) at {self.config.hostname} starting."
+        if self.config.apop:
+            text += "  " + self.timestamp
+        return _ok(text)
+
+    def _visible(self) -> list[int]:
+        return [i for i in range(len(self._messages)) if i not in self._deleted]
+
+    def _drop_summary(self) -> str:
+        visible = self._visible()
+        octets = sum(self._messages[i].size for i in visible)
+        return f"{self.user} has {len(visible)} visible messages (0 hidden) in {octets} octets."
+
+    def _bad(self, text: str) -> None:
+        """A command we refuse; too many of them end the session."""
+        self._bad_commands += 1
+        limit = (
+            self.config.max_bad_commands_trans
+            if self.state is State.TRANSACTION
+            else self.config.max_bad_commands_auth
+        )
+        if self._bad_commands > limit:
+            self._emit(Send(_err("Too many bad commands; closing connection.")))
+            self._emit(Close("too many bad commands"))
+            self.state = State.CLOSED
+            return
+        self._emit(Send(_err(text)))
+
+    def _dispatch(self, line: Line) -> None:
+        data = line.data
+        keyword, _, rest = data.partition(b" ")
+        keyword = keyword.upper()
+        entry = _COMMANDS.get(keyword)
+        if entry is None:
+            self._bad("Unknown command.")
+            return
+        handler, states, takes_rest = entry
+        if self.state not in states:
+            self._bad("Command not valid in this state.")
+            return
+        if takes_rest:
+            args = [rest] if rest else []
+        else:
+            if data.translate(None, _PRINTABLE):
+                self._bad("Invalid characters in command.")
+                return
+            args = rest.split(b" ") if rest else []
+            if b"" in args or (not rest and data.endswith(b" ")):
+                self._bad("Malformed command: arguments are separated by one space.")
+                return
+        handler(self, args, data)
+
+    def _need_args(self, args: list[bytes], low: int, high: int) -> bool:
+        if low <= len(args) <= high:
+            return True
+        self._bad("Wrong number of arguments.")
+        return False
+
+    def _message_index(self, arg: bytes) -> int | None:
+        """Map a message-number argument to an index, replying on error."""
+        number = _parse_number(arg)
+        count = len(self._messages)
+        if number is None:
+            self._bad(f"Parameter must be a number between 1 and {count}.")
+            return None
+        if not 1 <= number <= count:
+            self._emit(Send(_err(f"Message {number} does not exist.")))
+            return None
+        if number - 1 in self._deleted:
+            self._emit(Send(_err(f"Message {number} has been marked for deletion.")))
+            return None
+        return number - 1
+
+    # ---- AUTHORIZATION ----------------------------------------------------
+
+    def _cmd_user(self, args: list[bytes], _line: bytes) -> None:
+        if not self.config.allow_user_pass:
+            self._bad("USER/PASS is not allowed on this connection.")
+            return
+        if not self._need_args(args, 1, 1):
+            return
+        name = args[0].decode("ascii")
+        if not is_valid_username(name):
+            self.user = None
+            self._bad("Invalid user name.")
+            return
+        self.user = name
+        self._emit(Send(_ok(f"Password required for {name}.")))
+
+    def _cmd_pass(self, args: list[bytes], _line: bytes) -> None:
+        # PASS takes the rest of the line whole: passwords may hold spaces.
+        user, self.user = self.user, None
+        if user is None or not self.config.allow_user_pass:
+            self._bad("USER first.")
+            return
+        if not args:
+            self._bad("Wrong number of arguments.")
+            return
+        password = args[0]
+        if password.translate(None, _PASSWORD_BYTES):
+            self._bad("Invalid characters in password.")
+            return
+        self.user = user
+        self._waiting = _Waiting.AUTH
+        self._emit(Authenticate(UserPass(user, password)))
+
+    def _cmd_apop(self, args: list[bytes], _line: bytes) -> None:
+        self.user = None
+        if not self.config.apop:
+            self._bad("APOP is not enabled.")
+            return
+        if not self._need_args(args, 2, 2):
+            return
+        name = args[0].decode("ascii")
+        digest = args[1].decode("ascii").lower()
+        if not is_valid_username(name):
+            self._bad("Invalid user name.")
+            return
+        if len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
+            self._bad("APOP digest must be 32 hexadecimal digits.")
+            return
+        self.user = name
+        self._waiting = _Waiting.AUTH
+        self._emit(Authenticate(ApopDigest(name, self.timestamp, digest)))
+
+    def _cmd_quit(self, args: list[bytes], _line: bytes) -> None:
+        if not self._need_args(args, 0, 0):
+            return
+        if self.state is State.TRANSACTION:
+            self.state = State.UPDATE
+            self._waiting = _Waiting.COMMIT
+            self._emit(Commit(frozenset(self._deleted), frozenset(self._retrieved)))
+            return
+        self._emit(Send(_ok(f"Pop server at {self.config.hostname} signing off.")))
+        self._emit(Close("quit"))
+        self.state = State.CLOSED
+
+    def _cmd_capa(self, args: list[bytes], _line: bytes) -> None:
+        if not self._need_args(args, 0, 0):
+            return
+        lines = [b"+OK Capability list follows\r\n"]
+        lines += [c.encode("ascii") + b"\r\n" for c in self.capabilities()]
+        lines.append(b".\r\n")
+        self._emit(Send(b"".join(lines)))
+
+    def capabilities(self) -> list[str]:
+        """The CAPA list for the current state (RFC 2449 section 5).
+
+        Everything listed before login is listed after it too; only
+        IMPLEMENTATION is held back until login, so versions do not leak
+        to unauthenticated peers.
+        """
+        cfg = self.config
+        caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+        if cfg.allow_user_pass:
+            caps.append("USER")
+        if cfg.login_delay is not None:
+            caps.append(f"LOGIN-DELAY {cfg.login_delay}")
+        if cfg.expire is not None:
+            caps.append(f"EXPIRE {cfg.expire}")
+        caps.extend(cfg.extra_capabilities)
+        if self.state is State.TRANSACTION and not cfg.shy:
+            caps.append(f"IMPLEMENTATION {cfg.implementation}")
+        return caps
+
+    # ---- TRANSACTION ------------------------------------------------------
+
+    def _cmd_stat(self, args: list[bytes], _line: bytes) -> None:
+        if not self._need_args(args, 0, 0):
+            return
+        visible = self._visible()
+        octets = sum(self._messages[i].size for i in visible)
+        self._emit(Send(_ok(f"{len(visible)} {octets}")))
+
+    def _cmd_list(self, args: list[bytes], _line: bytes) -> None:
+        if not self._need_args(args, 0, 1):
+            return
+        if args:
+            index = self._message_index(args[0])
+            if index is not None:
+                self._emit(Send(_ok(f"{index + 1} {self._messages[index].size}")))
+            return
+        visible = self._visible()
+        octets = sum(self._messages[i].size for i in visible)
+        head = _ok(f"{len(visible)} visible messages ({octets} octets)")
+        body = "".join(f"{i + 1} {self._messages[i].size}\r\n" for i in visible)
+        self._emit(Send(head + body.encode("ascii") + b".\r\n"))
+
+    def _cmd_uidl(self, args: list[bytes], _line: bytes) -> None:
+        if not self._need_args(args, 0, 1):
+            return
+        if args:
+            index = self._message_index(args[0])
+            if index is not None:
+                self._emit(Send(_ok(f"{index + 1} {self._messages[index].uid}")))
+            return
+        body = "".join(f"{i + 1} {self._messages[i].uid}\r\n" for i in self._visible())
+        self._emit(Send(b"+OK uidl command accepted.\r\n" + body.encode("ascii") + b".\r\n"))
+
+    def _cmd_retr(self, args: list[bytes], _line: bytes) -> None:
+        if not self._need_args(args, 1, 1):
+            return
+        index = self._message_index(args[0])
+        if index is None:
+            return
+        self._retrieved.add(index)
+        self._last = max(self._last, index + 1)
+        self._emit(SendMessage(index, None, _ok(f"{self._messages[index].size} octets")))
+
+    def _cmd_top(self, args: list[bytes], _line: bytes) -> None:
+        if not self._need_args(args, 2, 2):
+            return
+        lines = _parse_number(args[1])
+        if lines is None:
+            self._bad("Line count must be a non-negative number.")
+            return
+        index = self._message_index(args[0])
+        if index is None:
+            return
+        self._last = max(self._last, index + 1)
+        self._emit(SendMessage(index, lines, _ok("Message follows.")))
+
+    def _cmd_dele(self, args: list[bytes], _line: bytes) -> None:
+        if not self._need_args(args, 1, 1):
+            return
+        number = _parse_number(args[0])
+        if number is not None and 1 <= number <= len(self._messages) and number - 1 in self._deleted:
+            self._emit(Send(_err(f"Message {number} has already been deleted.")))
+            return
+        index = self._message_index(args[0])
+        if index is None:
+            return
+        self._deleted.add(index)
+        self._last = max(self._last, index + 1)
+        self._emit(Send(_ok(f"Message {index + 1} has been deleted.")))
+
+    def _cmd_noop(self, args: list[bytes], _line: bytes) -> None:
+        if self._need_args(args, 0, 0):
+            self._emit(Send(_ok("no big woop")))
+
+    def _cmd_rset(self, args: list[bytes], _line: bytes) -> None:
+        if not self._need_args(args, 0, 0):
+            return
+        self._deleted.clear()
+        self._last = self._initial_last
+        self._emit(Send(_ok(self._drop_summary())))
+
+    def _cmd_last(self, args: list[bytes], _line: bytes) -> None:
+        if self._need_args(args, 0, 0):
+            self._emit(Send(_ok(f"{self._last} is the last read message.")))
+
+
+_AUTH = frozenset({State.AUTHORIZATION})
+_TRANS = frozenset({State.TRANSACTION})
+_BOTH = _AUTH | _TRANS
+
+# keyword -> (handler, states where it is valid, takes the rest of the line whole)
+_COMMANDS: dict[bytes, tuple[_Handler, frozenset[State], bool]] = {
+    b"USER": (Session._cmd_user, _AUTH, False),
+    b"PASS": (Session._cmd_pass, _AUTH, True),
+    b"APOP": (Session._cmd_apop, _AUTH, False),
+    b"QUIT": (Session._cmd_quit, _BOTH, False),
+    b"CAPA": (Session._cmd_capa, _BOTH, False),
+    b"STAT": (Session._cmd_stat, _TRANS, False),
+    b"LIST": (Session._cmd_list, _TRANS, False),
+    b"UIDL": (Session._cmd_uidl, _TRANS, False),
+    b"RETR": (Session._cmd_retr, _TRANS, False),
+    b"TOP": (Session._cmd_top, _TRANS, False),
+    b"DELE": (Session._cmd_dele, _TRANS, False),
+    b"NOOP": (Session._cmd_noop, _TRANS, False),
+    b"RSET": (Session._cmd_rset, _TRANS, False),
+    b"LAST": (Session._cmd_last, _TRANS, False),
+}
+
+
+def apop_digest(timestamp: str, secret: bytes) -> str:
+    """RFC 1939 APOP: hex MD5 of the timestamp followed by the secret."""
+    return hashlib.md5(timestamp.encode("ascii") + secret).hexdigest()

@@ -1,0 +1,146 @@
+"""Turning stored message bytes into the octets RETR and TOP send.
+
+Stored mail uses LF or CRLF line ends (both exist in the wild). On the wire
+every line ends in CRLF, lines starting with "." get one more ".", and the
+body ends in CRLF even when the stored message lacks a final newline. Every
+transformation below is a bytes method running in C; the only state carried
+between chunks is whether we stand at a line start and whether a CR was held
+back, so a "." or a CRLF split across two chunks is handled exactly.
+
+`wire_size` gives the size LIST/STAT report: the octets of the converted
+message before dot-stuffing, counting the CRLF added after a missing final
+newline, so that RETR delivers exactly the announced size.
+"""
+
+from __future__ import annotations
+
+
+def wire_size(data: bytes) -> int:
+    """RFC 1939 size of a whole stored message held in `data`."""
+    lf = data.count(b"\n")
+    crlf = data.count(b"\r\n")
+    size = len(data) + lf - crlf
+    if data and not data.endswith(b"\n"):
+        size += 2
+    return size
+
+
+class SizeCounter:
+    """`wire_size` computed over chunks, for messages read as a stream."""
+
+    def __init__(self) -> None:
+        self._size = 0
+        self._last = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        lf = chunk.count(b"\n")
+        crlf = chunk.count(b"\r\n")
+        if self._last == b"\r" and chunk[:1] == b"\n":
+            crlf += 1
+        self._size += len(chunk) + lf - crlf
+        self._last = chunk[-1:]
+
+    def result(self) -> int:
+        if self._last and self._last != b"\n":
+            return self._size + 2
+        return self._size
+
+
+def to_crlf(data: bytes) -> bytes:
+    """LF and CRLF line ends both become CRLF; a bare CR is kept."""
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n")
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+class StuffingEncoder:
+    """Streams one message: CRLF conversion, dot-stuffing, optional TOP cut.
+
+    `body_lines` None sends everything; an integer n sends the headers, the
+    blank line after them and the first n body lines (TOP n).
+    """
+
+    def __init__(self, body_lines: int | None = None) -> None:
+        self._held_cr = False  # a chunk ended in CR; its LF may follow
+        self._at_line_start = True
+        self._wrote_any = False
+        self._limit = body_lines
+        self._in_headers = body_lines is not None
+        self._tail = b""  # last output bytes, to spot a header end across chunks
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        """True once a TOP cut has been reached; later input is ignored."""
+        return self._done
+
+    def encode(self, chunk: bytes) -> bytes:
+        if self._done or not chunk:
+            return b""
+        if self._held_cr:
+            chunk = b"\r" + chunk
+            self._held_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._held_cr = True
+            if not chunk:
+                return b""
+        text = to_crlf(chunk)
+        if self._limit is not None:
+            text = self._cut(text)
+        return self._stuff(text)
+
+    def finish(self) -> bytes:
+        """The rest of the body plus a final CRLF if the message lacked one."""
+        out = b""
+        if self._held_cr and not self._done:
+            self._held_cr = False
+            out = self._stuff(b"\r")
+        if self._wrote_any and not self._at_line_start:
+            out += b"\r\n"
+        self._done = True
+        return out
+
+    def _cut(self, text: bytes) -> bytes:
+        """Apply the TOP limit to CRLF-normalised text."""
+        if self._in_headers:
+            probe = self._tail + text
+            if not self._wrote_any and probe.startswith(b"\r\n"):
+                end = 2 - len(self._tail)  # message starts with the blank line
+            else:
+                found = probe.find(b"\r\n\r\n")
+                end = -1 if found < 0 else found + 4 - len(self._tail)
+            if end < 0:
+                self._tail = probe[-3:]
+                return text
+            self._in_headers = False
+            head, text = text[:end], text[end:]
+            return head + self._cut_body(text)
+        return self._cut_body(text)
+
+    def _cut_body(self, text: bytes) -> bytes:
+        assert self._limit is not None
+        if not text:
+            return text
+        if self._limit == 0:
+            self._done = True
+            return b""
+        lines = text.count(b"\r\n")
+        if lines < self._limit:
+            self._limit -= lines
+            return text
+        rest = text.split(b"\r\n", self._limit)[-1]
+        self._done = True
+        return text[: len(text) - len(rest)]
+
+    def _stuff(self, text: bytes) -> bytes:
+        if not text:
+            return text
+        out = text.replace(b"\r\n.", b"\r\n..")
+        if self._at_line_start and out.startswith(b"."):
+            out = b"." + out
+        self._at_line_start = out.endswith(b"\r\n")
+        self._wrote_any = True
+        return out

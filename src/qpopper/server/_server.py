@@ -1,0 +1,211 @@
+"""The asyncio server: listeners, the connection registry, limits, shutdown.
+
+One `Server` serves any mix of listening sockets: addresses it binds
+itself, sockets handed over by systemd, or a single inetd connection on
+stdin/stdout. It never configures logging, installs signal handlers or
+exits the process; the command line (`qpopper.cli`) and the embedding
+`Controller` do those things.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import functools
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..auth import Authenticator
+from ..auth.passwdfile import PasswdFileAuthenticator
+from ..errors import ConfigError
+from ..options import ListenAddress, Options
+from ._connection import Connection, Peer
+
+log = logging.getLogger("qpopper.server")
+
+_BUSY_REPLY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
+
+
+def _peer_of(writer: asyncio.StreamWriter) -> Peer:
+    info = writer.get_extra_info("peername")
+    if isinstance(info, tuple) and len(info) >= 2:
+        host = str(info[0])
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]  # an IPv4 client on a dual-stack socket
+        return Peer(host, int(info[1]))
+    return Peer("local", 0)
+
+
+def _set_nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def bind_socket(address: ListenAddress) -> socket.socket:
+    """A listening TCP socket; host None listens on IPv6 and IPv4 at once."""
+    if address.host is None:
+        families = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
+    else:
+        try:
+            infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise ConfigError(f"cannot resolve listen address {address}: {exc}") from exc
+        families = [(infos[0][0], str(infos[0][4][0]))]
+    last_error: OSError | None = None
+    for family, host in families:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and address.host is None:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, address.port))
+            sock.listen(128)
+            sock.setblocking(False)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+    raise ConfigError(f"cannot listen on {address}: {last_error.strerror if last_error else 'unknown error'}")
+
+
+def make_authenticator(options: Options) -> Authenticator:
+    if options.passwd_file is None:
+        raise ConfigError("no user database: give --passwd-file (or run --demo)")
+    return PasswdFileAuthenticator(options.passwd_file, options.mail_location, options.default_password_scheme)
+
+
+class Server:
+    """A running POP3 service; also usable as `async with Server(...)`."""
+
+    def __init__(
+        self,
+        options: Options,
+        authenticator: Authenticator | None = None,
+        sockets: Iterable[socket.socket] = (),
+    ) -> None:
+        self.options = options
+        self.authenticator = authenticator if authenticator is not None else make_authenticator(options)
+        self._given_sockets = list(sockets)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._connections: dict[asyncio.Task[None], Connection | None] = {}
+        self._per_ip: collections.Counter[str] = collections.Counter()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(32, (os.cpu_count() or 1) * 4 + 4), thread_name_prefix="qpopper-blocking"
+        )
+        self._closed = asyncio.Event()
+
+    # ---- life cycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind (or adopt) every listener; errors surface here, not later."""
+        sockets = list(self._given_sockets)
+        if not sockets:
+            sockets = [bind_socket(address) for address in self.options.listen]
+        try:
+            for sock in sockets:
+                server = await asyncio.start_server(self._accept, sock=sock, limit=65536)
+                self._servers.append(server)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        for address in self.addresses:
+            log.info("listening on %s", address)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for server in self._servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                out.append((str(name[0]), int(name[1])))
+        return out
+
+    @property
+    def port(self) -> int:
+        """The port of the first listener (handy after binding port 0)."""
+        return self.addresses[0][1]
+
+    async def serve_forever(self) -> None:
+        await self._closed.wait()
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop accepting; end sessions. With `drain`, sessions in UPDATE
+        finish their commit first (bounded by options.drain_timeout)."""
+        for server in self._servers:
+            server.close()
+        for task, conn in list(self._connections.items()):
+            if not (drain and conn is not None and conn.updating):
+                task.cancel()
+        pending = list(self._connections)
+        if pending:
+            await asyncio.wait(pending, timeout=self.options.drain_timeout if drain else 5)
+        for server in self._servers:
+            await server.wait_closed()
+        self._executor.shutdown(wait=drain, cancel_futures=True)
+        self._closed.set()
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def reload(self) -> None:
+        """SIGHUP: pick up a changed user database now rather than lazily."""
+        reload = getattr(self.authenticator, "lookup", None)
+        if reload is not None:
+            reload("")
+        log.info("configuration reloaded")
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    # ---- connections ------------------------------------------------------
+
+    async def _run_blocking(self, func: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(func, *args))
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.serve_stream(reader, writer)
+
+    async def serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one session on an already connected stream pair."""
+        peer = _peer_of(writer)
+        _set_nodelay(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        if (
+            len(self._connections) >= self.options.max_connections
+            or self._per_ip[peer.host] >= self.options.max_connections_per_ip
+        ):
+            log.warning("%s: connection refused, limit reached", peer)
+            try:
+                writer.write(_BUSY_REPLY)
+                await asyncio.wait_for(writer.drain(), 5)
+            except Exception:
+                pass
+            writer.close()
+            return
+        self._connections[task] = None
+        self._per_ip[peer.host] += 1
+        try:
+            conn = Connection(reader, writer, peer, self.options, self.authenticator, self._run_blocking)
+            self._connections[task] = conn
+            await conn.run()
+        finally:
+            self._connections.pop(task, None)
+            self._per_ip[peer.host] -= 1
+            if self._per_ip[peer.host] <= 0:
+                del self._per_ip[peer.host]

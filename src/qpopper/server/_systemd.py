@@ -1,0 +1,40 @@
+"""systemd integration without libsystemd: socket activation and sd_notify."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+SD_LISTEN_FDS_START = 3
+
+
+def listen_fds(unset: bool = True) -> list[socket.socket]:
+    """Sockets passed by systemd (LISTEN_FDS), if they are meant for us."""
+    pid = os.environ.get("LISTEN_PID")
+    count = os.environ.get("LISTEN_FDS")
+    if unset:
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+    if not pid or not count or not pid.isdigit() or int(pid) != os.getpid() or not count.isdigit():
+        return []
+    sockets = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+        os.set_inheritable(fd, False)
+        sockets.append(socket.socket(fileno=fd))
+    return sockets
+
+
+def notify(state: str) -> bool:
+    """Send a state line ("READY=1", "STOPPING=1") to the service manager."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode("utf-8"))
+    except OSError:
+        return False
+    return True
