@@ -17,7 +17,7 @@ from ..usernames import is_valid_username
 from ._base import Maildrop
 
 DEFAULT_LOCATION = "maildir:~/Maildir"
-FORMATS = ("maildir",)
+FORMATS = ("maildir", "mbox")
 
 
 def expand_location(template: str, user: str, home: str | None) -> str:
@@ -60,4 +60,8 @@ def open_maildrop(location: str) -> Maildrop:
         from .maildir import MaildirMaildrop
 
         return MaildirMaildrop(path)
+    if fmt == "mbox":
+        from .mbox import MboxMaildrop
+
+        return MboxMaildrop(path)
     raise MaildropError(f"unknown maildrop format {fmt!r}", ResponseCode.SYS_PERM)
