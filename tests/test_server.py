@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import poplib
 import re
 import shutil
@@ -350,3 +351,42 @@ def test_many_concurrent_sessions(pop_server: Controller, fill: Fill, mailroot: 
         for t in threads:
             t.join()
     assert errors == []
+
+
+def test_draining_stop_lets_update_finish(mailroot: Path, fill: Fill, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM's path: a session in UPDATE completes its commit and gets +OK;
+    an idle session is closed without deleting anything."""
+    from qpopper.maildrop.maildir import MaildirMaildrop
+
+    fill("alice", [message(1), message(2)])
+    fill("bob", [message(1)])
+    in_commit = threading.Event()
+    release = threading.Event()
+    real_commit = MaildirMaildrop.commit
+
+    def slow_commit(self: MaildirMaildrop, deleted: object, retrieved: object) -> None:
+        if deleted:
+            in_commit.set()
+            release.wait(30)
+        real_commit(self, deleted, retrieved)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MaildirMaildrop, "commit", slow_commit)
+    auth = StaticAuthenticator({"alice": PASSWORD, "bob": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
+    server = Controller(authenticator=auth).start()
+    alice = login(server, "alice")
+    bob = login(server, "bob")
+    bob.dele(1)
+    alice.dele(1)
+    alice.sock.sendall(b"QUIT\r\n")
+    assert in_commit.wait(10)
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    time.sleep(0.2)  # the stop is under way; let the commit finish now
+    release.set()
+    assert alice._getresp().startswith(b"+OK")  # noqa: SLF001 - reply to the QUIT sent by hand
+    stopper.join(30)
+    assert not stopper.is_alive()
+    alice.close()
+    bob.close()
+    assert len(os.listdir(mailroot / "alice" / "Maildir" / "new")) + len(os.listdir(mailroot / "alice" / "Maildir" / "cur")) == 1
+    assert len(os.listdir(mailroot / "bob" / "Maildir" / "new")) == 1

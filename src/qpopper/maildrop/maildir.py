@@ -151,6 +151,7 @@ class MaildirMaildrop:
 
     def read(self, index: int, chunk_size: int = 65536) -> Iterator[bytes]:
         entry = self._entries[index]
+        f: BinaryIO
         try:
             f = open(entry.path, "rb")
         except FileNotFoundError:

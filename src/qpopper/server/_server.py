@@ -94,7 +94,7 @@ class Server:
         self.options = options
         self.authenticator = authenticator if authenticator is not None else make_authenticator(options)
         self._given_sockets = list(sockets)
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.Server] = []
         self._connections: dict[asyncio.Task[None], Connection | None] = {}
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._executor = concurrent.futures.ThreadPoolExecutor(

@@ -1,0 +1,123 @@
+"""Maildir specifics beyond the shared contract: names, hints, big drops."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from helpers import write_maildir_message
+from qpopper.maildrop import is_valid_uid
+from qpopper.maildrop import maildir as maildir_module
+from qpopper.maildrop.maildir import MaildirMaildrop, uid_from_name
+from qpopper.maildrop.location import expand_location
+from qpopper.errors import MaildropError
+from qpopper.protocol import wire_size
+
+MSG = b"Subject: x\n\nbody\n"
+
+
+def test_uid_is_the_unique_part_of_the_name() -> None:
+    assert uid_from_name("1491941793.M41850P8566.mx1.example.com,S=1000,W=1030:2,S") == "1491941793.M41850P8566.mx1.example.com"
+    assert uid_from_name("1234.abc:2,") == uid_from_name("1234.abc") == "1234.abc"
+    long_name = "1491941793.M41850P8566V0000000000000015I0000000004F3030E_0.mx1.example.com,S=1000"
+    uid = uid_from_name(long_name)
+    assert is_valid_uid(uid) and uid == uid_from_name(long_name + ":2,S")
+    assert is_valid_uid(uid_from_name("1234.caf\u00e9 name"))
+
+
+def test_size_hints_used_only_when_they_agree(tmp_path: Path) -> None:
+    md = tmp_path / "Maildir"
+    good = write_maildir_message(md, MSG, name=f"1.a,S={len(MSG)},W=999")
+    stale = write_maildir_message(md, MSG, name="2.b,S=5,W=999")  # S= disagrees with the file
+    drop = MaildirMaildrop(str(md))
+    try:
+        sizes = {i.uid: i.size for i in drop.messages()}
+    finally:
+        drop.close()
+    assert sizes[uid_from_name(good)] == 999
+    assert sizes[uid_from_name(stale)] == wire_size(MSG)
+
+
+def test_dotfiles_tmp_and_symlinks_are_ignored(tmp_path: Path) -> None:
+    md = tmp_path / "Maildir"
+    write_maildir_message(md, MSG, name="1.real")
+    (md / "tmp" / "2.partial").write_bytes(b"Subject: half")
+    (md / "new" / ".3.hidden").write_bytes(MSG)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not mail\n")
+    os.symlink(secret, md / "cur" / "4.link:2,")
+    drop = MaildirMaildrop(str(md))
+    try:
+        assert [i.uid for i in drop.messages()] == ["1.real"]
+    finally:
+        drop.close()
+
+
+def test_missing_maildir_is_an_empty_drop(tmp_path: Path) -> None:
+    drop = MaildirMaildrop(str(tmp_path / "never-delivered"))
+    assert list(drop.messages()) == []
+    drop.commit(set(), set())
+    drop.close()
+
+
+def test_message_renamed_by_another_agent_is_still_found(tmp_path: Path) -> None:
+    md = tmp_path / "Maildir"
+    name = write_maildir_message(md, MSG, name="7.x")
+    drop = MaildirMaildrop(str(md))
+    try:
+        os.rename(md / "new" / name, md / "cur" / (name + ":2,F"))  # an IMAP server flagged it
+        assert b"".join(drop.read(0)) == MSG
+        drop.commit({0}, set())
+    finally:
+        drop.close()
+    assert os.listdir(md / "cur") == [] and os.listdir(md / "new") == []
+
+
+def test_same_unique_part_twice_gets_distinct_uids(tmp_path: Path) -> None:
+    md = tmp_path / "Maildir"
+    write_maildir_message(md, MSG, name="5.dup")
+    write_maildir_message(md, MSG, name="5.dup:2,S", sub="cur")
+    drop = MaildirMaildrop(str(md))
+    try:
+        uids = [i.uid for i in drop.messages()]
+    finally:
+        drop.close()
+    assert len(set(uids)) == 2 and all(is_valid_uid(u) for u in uids)
+
+
+@pytest.mark.parametrize(
+    "template, user, home",
+    [("maildir:/srv/%u", "../../etc", None), ("maildir:~/Maildir", "bob", None), ("maildir:rel/%u", "bob", None),
+     ("mh:/x/%u", "bob", None), ("maildir:/srv/%x", "bob", None)],
+)
+def test_bad_locations_are_refused(template: str, user: str, home: str | None) -> None:
+    with pytest.raises(MaildropError):
+        expand_location(template, user, home)
+
+
+@pytest.mark.slow
+def test_fifty_thousand_messages_listed_without_reading_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    md = tmp_path / "Maildir"
+    for d in ("cur", "new", "tmp"):
+        (md / d).mkdir(parents=True)
+    body = MSG * 3
+    hint = f",S={len(body)},W={wire_size(body)}"
+    new = md / "new"
+    for i in range(50_000):
+        (new / f"{1700000000 + i // 100}.M{i}P1.host{hint}").write_bytes(body)
+
+    def no_reading(path: str) -> int:
+        raise AssertionError(f"{path} was read to size it")
+
+    monkeypatch.setattr(maildir_module, "_counted_size", no_reading)
+    drop = MaildirMaildrop(str(md))
+    try:
+        infos = drop.messages()
+        assert len(infos) == 50_000
+        assert {i.size for i in infos} == {wire_size(body)}
+        assert len({i.uid for i in infos}) == 50_000
+        assert infos[0].uid == "1700000000.M0P1.host"
+    finally:
+        drop.close()
