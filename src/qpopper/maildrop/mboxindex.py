@@ -1,0 +1,420 @@
+"""Finding the messages of an mbox spool, their sizes and their UIDs.
+
+A spool of 50,000 messages must be listed in about a second, so nothing
+here looks at lines one by one in Python. The file is mapped (mmap) and
+searched with bytes and regex methods that run in C; Python code runs once
+per *message* (and once per body line that starts with "From ", which MDAs
+quote, so those are rare).
+
+What counts as a message boundary is what qpopper accepts:
+
+* a line starting "From " that is the first line of the file or follows
+  an empty line (LF or CRLF), and
+* whose end carries a date in one of the layouts Mark Crispin's c-client
+  accepts ("Wed Dec  2 05:53 1992", with or without seconds, with a zone
+  name or a numeric zone before or after the year, optionally followed by
+  " remote from host"). Anything else is body text.
+
+A `Content-Length:` header (mboxcl/mboxcl2, whose writers do not quote
+"From " in bodies) is honoured only when the length it states ends exactly
+at end of file or at a valid From_ line, so a wrong or forged one changes
+nothing.
+
+The From_ line belongs to the format, not to the message, and so does the
+empty line that writers append after each message: a message's bytes run
+from after its From_ line to before that empty line. Quoting (">From ")
+is left as stored. Sizes are RFC 1939 sizes of those bytes (every line end
+counted as CRLF, plus CRLF for a missing final newline), i.e. exactly what
+RETR sends before dot-stuffing.
+
+UIDs follow qpopper 4 (reference 4.4): the first X-UIDL header whose value
+is of the length qpopper writes is used as it is; otherwise the UID is
+qpopper's deterministic one, MD5 over the From_ line, the Received:, Date:,
+Message-Id: and Subject: header lines and the From_ line again, written in
+its "base 80" alphabet. A spool qpopper served therefore keeps its UIDs,
+whether qpopper wrote X-UIDL headers or recomputed the UIDs each session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import re
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ._base import is_valid_uid
+
+# Longest line we accept as a From_ line (qpopper reads 1 kB lines; we are
+# more generous for long VERP senders, but a megabyte-long line is body).
+MAX_FROM_LINE = 4096
+# Headers longer than this are not parsed for UIDs and flags.
+MAX_HEADER_PARSE = 256 * 1024
+# Messages are counted in pieces of this size so no large copy is made.
+COUNT_CHUNK = 4 * 1024 * 1024
+# qpopper accepts an X-UIDL value (with its line end) of 12..33 octets.
+XUIDL_MIN, XUIDL_MAX = 12, 33
+
+_FROM_CANDIDATE = re.compile(rb"\nFrom ")
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+# The tail of a valid From_ line: the c-client date layouts.
+_ZONE = rb"(?:[A-Za-z]{3}|[+-][0-9]{4})"
+_FROM_DATE = re.compile(
+    rb" [A-Za-z]{3} [A-Za-z]{3} [ 0-9][0-9] [0-9]{2}:[0-9]{2}(?::[0-9]{2})?"
+    rb"(?: " + _ZONE + rb" [0-9]{4}| [0-9]{4}(?: " + _ZONE + rb")?)"
+    rb"(?: remote from [^ \r\n]*)?\r?\n?\Z"
+)
+_HEADER = re.compile(
+    rb"^(received|date|message-id|subject|x-uidl|status|content-length):([^\n]*(?:\n|\Z))",
+    re.IGNORECASE | re.MULTILINE,
+)
+_HASHED = frozenset((b"received", b"date", b"message-id", b"subject"))
+_CONTENT_LENGTH = re.compile(rb"[ \t]*([0-9]{1,15})[ \t]*\r?\n?\Z")
+
+
+def is_from_line(line: bytes) -> bool:
+    """True if `line` (with or without its line end) is a valid From_ line."""
+    return line.startswith(b"From ") and len(line) <= MAX_FROM_LINE and _FROM_DATE.search(line) is not None
+
+
+def base80(digest: bytes) -> str:
+    """qpopper's UID alphabet: 4 groups of 4 digest bytes -> 5 chars each.
+
+    qpopper folds each group with 4-bit shifts (its comment admits this is
+    "not exact about MSBs", but it is what its UIDs are made of), then
+    writes base-80 digits from 0x21, turning "." into "~" so a UID never
+    needs dot-stuffing.
+    """
+    out = []
+    for group in range(0, 16, 4):
+        v = 0
+        for b in digest[group : group + 4]:
+            v = (v << 4) + b
+        for _ in range(5):
+            v, digit = divmod(v, 80)
+            ch = chr(0x21 + digit)
+            out.append("~" if ch == "." else ch)
+    return "".join(out)
+
+
+@dataclass(slots=True)
+class HeaderFacts:
+    """What the indexer needs from one message's header block."""
+
+    xuidl: str | None = None
+    seen: bool = False
+    content_length: int | None = None
+    hashed_lines: list[bytes] = field(default_factory=list)
+
+
+def parse_headers(block: bytes) -> HeaderFacts:
+    """Pick X-UIDL, Status, Content-Length and the UID lines from headers.
+
+    Like qpopper, only header lines starting with the field name count
+    (continuation lines are not hashed), an X-UIDL of the wrong length is
+    ignored and the next one tried, and "R" anywhere in Status means the
+    message was retrieved before.
+    """
+    facts = HeaderFacts()
+    for m in _HEADER.finditer(block):
+        name = m.group(1).lower()
+        rest = m.group(2)
+        if name in _HASHED:
+            if facts.xuidl is None:
+                facts.hashed_lines.append(m.group(0))
+        elif name == b"x-uidl":
+            if facts.xuidl is None:
+                value = rest.lstrip(b" \t")
+                if XUIDL_MIN <= len(value) + (0 if value.endswith(b"\n") else 1) <= XUIDL_MAX:
+                    uid = value.rstrip(b" \t\r\n").decode("ascii", "replace")
+                    if is_valid_uid(uid):
+                        facts.xuidl = uid
+        elif name == b"status":
+            facts.seen = facts.seen or b"R" in rest
+        elif facts.content_length is None:
+            cl = _CONTENT_LENGTH.match(rest)
+            if cl:
+                facts.content_length = int(cl.group(1))
+    return facts
+
+
+def computed_uid(from_line: bytes, hashed_lines: list[bytes]) -> str:
+    """qpopper's deterministic UID (update-status-headers off, new style)."""
+    md5 = hashlib.md5(from_line, usedforsecurity=False)
+    for line in hashed_lines:
+        md5.update(line)
+    md5.update(from_line)
+    return base80(md5.digest())
+
+
+def wire_size_of(buf: bytes | mmap.mmap, start: int, end: int) -> int:
+    """RFC 1939 size of buf[start:end], counted in bounded pieces."""
+    size = 0
+    pos = start
+    while pos < end:
+        stop = min(end, pos + COUNT_CHUNK)
+        piece = buf[pos:stop]
+        size += len(piece) + piece.count(b"\n") - piece.count(b"\r\n")
+        if stop < end and piece.endswith(b"\r") and buf[stop : stop + 1] == b"\n":
+            size -= 1  # a CRLF split between two pieces
+        pos = stop
+    if end > start and buf[end - 1 : end] != b"\n":
+        size += 2
+    return size
+
+
+@dataclass
+class MboxIndex:
+    """Where each message lies in the file, plus what POP lists for it.
+
+    Per message i: `from_starts[i]` is where its segment (From_ line
+    included) begins, `starts[i]`/`ends[i]` delimit the message bytes
+    (From_ line and separating empty line excluded), `body_starts[i]` is
+    where the body begins (after the empty line ending the headers; equal
+    to `ends[i]` if there is none) and `seg_ends[i]` is where the next
+    segment begins. Segments tile the file from `from_starts[0]` to
+    `length`; bytes before that are empty lines only. A first message
+    without a From_ line (garbage before the first From_ line) has
+    `from_starts[0] == starts[0] == 0`.
+    """
+
+    length: int = 0
+    from_starts: array = field(default_factory=lambda: array("q"))
+    starts: array = field(default_factory=lambda: array("q"))
+    body_starts: array = field(default_factory=lambda: array("q"))
+    ends: array = field(default_factory=lambda: array("q"))
+    seg_ends: array = field(default_factory=lambda: array("q"))
+    sizes: list[int] = field(default_factory=list)
+    uids: list[str] = field(default_factory=list)
+    seen: list[bool] = field(default_factory=list)
+    fingerprint: bytes = b""
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+def _separators(buf: bytes | mmap.mmap, length: int) -> tuple[list[int], list[int]]:
+    """Offsets of valid From_ lines and of the line after each."""
+    positions: list[int] = []
+    line_ends: list[int] = []
+
+    def consider(pos: int) -> None:
+        eol = buf.find(b"\n", pos, min(length, pos + MAX_FROM_LINE))
+        if eol < 0:
+            if length - pos > MAX_FROM_LINE:
+                return
+            eol = length - 1  # a From_ line at end of file without newline
+        if _FROM_DATE.search(buf[pos : eol + 1]):
+            positions.append(pos)
+            line_ends.append(eol + 1)
+
+    if buf[:5] == b"From ":
+        consider(0)
+    for m in _FROM_CANDIDATE.finditer(buf):
+        nl = m.start()
+        # The line before must be empty: "\n\n", "\n\r\n", or the file's
+        # first line ("\n" or "\r\n" at offset 0).
+        if nl == 0 or buf[nl - 1] == 0x0A or (buf[nl - 1] == 0x0D and (nl == 1 or buf[nl - 2] == 0x0A)):
+            consider(nl + 1)
+    return positions, line_ends
+
+
+def _message_end(buf: bytes | mmap.mmap, start: int, seg_end: int) -> int:
+    """End of the message in [start, seg_end): drop the separating empty line.
+
+    Writers end every message with an empty line before the next From_
+    line (postfix always adds one, procmail makes sure there is one), so a
+    final line end that itself starts a line is the format's, not the
+    message's. A message that lacks it (the last one, or one whose writer
+    left no final newline) is kept whole.
+    """
+    if seg_end > start and buf[seg_end - 1] == 0x0A:
+        cut = seg_end - 1
+        if cut > start and buf[cut - 1] == 0x0D:
+            if cut - 1 == start or buf[cut - 2] == 0x0A:
+                return cut - 1
+        if cut == start or buf[cut - 1] == 0x0A:
+            return cut
+    return seg_end
+
+
+def _body_start(buf: bytes | mmap.mmap, start: int, end: int) -> int:
+    """Offset just after the empty line that ends the headers (or `end`)."""
+    if start >= end:
+        return end
+    if buf[start] == 0x0A:
+        return start + 1
+    if buf[start : start + 2] == b"\r\n":
+        return start + 2
+    m = _BLANK_LINE.search(buf, start, end)
+    return m.end() if m else end
+
+
+def fingerprint(read_at: Callable[[int, int], bytes], index: MboxIndex) -> bytes:
+    """A digest of every From_ line and of both ends of the indexed bytes.
+
+    Computed when indexing and again, from the file, before UPDATE: if the
+    spool was changed other than by appending (an MUA rewrote it), the
+    From_ lines no longer sit where the index says and UPDATE refuses to
+    run rather than cut messages in the wrong places.
+    """
+    h = hashlib.blake2b(digest_size=20)
+    h.update(index.length.to_bytes(8, "little"))
+    for i in range(len(index)):
+        a = index.from_starts[i]
+        h.update(read_at(a, index.starts[i] - a))
+    h.update(read_at(0, min(4096, index.length)))
+    tail = min(4096, index.length)
+    h.update(read_at(index.length - tail, tail))
+    return h.digest()
+
+
+def index_buffer(
+    buf: bytes | mmap.mmap,
+    length: int | None = None,
+    *,
+    use_content_length: bool = True,
+    tick: Callable[[], None] | None = None,
+) -> MboxIndex:
+    """Index an mbox held in `buf` (bytes, or an mmap of the spool).
+
+    `tick` is called every few hundred messages so a caller holding a
+    dotlock can refresh it during a long scan.
+    """
+    if length is None:
+        length = len(buf)
+    index = MboxIndex(length=length)
+    positions, line_ends = _separators(buf, length)
+    first = positions[0] if positions else length
+    if buf[:first].strip(b"\r\n\t \0"):
+        # Text before the first From_ line: serve it rather than refuse the
+        # whole maildrop (qpopper answers [SYS/PERM] and locks the user out).
+        _add(index, buf, 0, 0, first)
+    position_of = {p: k for k, p in enumerate(positions)}
+    k = 0
+    while k < len(positions):
+        if tick is not None and k % 512 == 0:
+            tick()
+        naive_next = k + 1
+        limit = positions[naive_next] if naive_next < len(positions) else length
+        nxt = naive_next
+        facts = _add(index, buf, positions[k], line_ends[k], limit)
+        if use_content_length and facts.content_length is not None:
+            target = index.body_starts[-1] + facts.content_length
+            jump = _content_length_target(buf, length, target, position_of)
+            if jump is not None and jump > k + 1:
+                nxt = jump
+                seg_end = positions[jump] if jump < len(positions) else length
+                _drop_last(index)
+                _add(index, buf, positions[k], line_ends[k], seg_end)
+        k = nxt
+    index.fingerprint = fingerprint(lambda a, n: bytes(buf[a : a + n]), index)
+    _make_unique(index.uids)
+    return index
+
+
+def _content_length_target(
+    buf: bytes | mmap.mmap, length: int, target: int, position_of: dict[int, int]
+) -> int | None:
+    """Separator number where a Content-Length says the next message starts.
+
+    Returns len(positions) (as "end of file") for a body ending at EOF,
+    None when the stated length does not land on a boundary.
+    """
+    for skip in (b"", b"\n", b"\r\n"):
+        at = target + len(skip)
+        if at > length or buf[target:at] != skip:
+            continue
+        if at == length:
+            return len(position_of)
+        if at in position_of:
+            return position_of[at]
+    return None
+
+
+def _add(index: MboxIndex, buf: bytes | mmap.mmap, from_start: int, start: int, seg_end: int) -> HeaderFacts:
+    """Append the message whose segment is [from_start, seg_end)."""
+    end = _message_end(buf, start, seg_end)
+    body = _body_start(buf, start, end)
+    facts = parse_headers(bytes(buf[start : min(body, start + MAX_HEADER_PARSE)]))
+    from_line = bytes(buf[from_start:start])
+    if facts.xuidl is not None:
+        uid = facts.xuidl
+    else:
+        uid = computed_uid(from_line, facts.hashed_lines)
+    index.from_starts.append(from_start)
+    index.starts.append(start)
+    index.body_starts.append(body)
+    index.ends.append(end)
+    index.seg_ends.append(seg_end)
+    index.sizes.append(wire_size_of(buf, start, end))
+    index.uids.append(uid)
+    index.seen.append(facts.seen)
+    return facts
+
+
+def _drop_last(index: MboxIndex) -> None:
+    for arr in (index.from_starts, index.starts, index.body_starts, index.ends, index.seg_ends):
+        arr.pop()
+    index.sizes.pop()
+    index.uids.pop()
+    index.seen.pop()
+
+
+def _make_unique(uids: list[str]) -> None:
+    """Give repeated UIDs a counter suffix, in file order.
+
+    Copies of one message (same From_ line and headers, or one X-UIDL
+    copied along) would otherwise share a UID, which RFC 1939 forbids.
+    The first keeps the plain UID, so deleting a later copy changes no
+    other UID.
+    """
+    seen: set[str] = set(uids)
+    if len(seen) == len(uids):
+        return
+    used: set[str] = set()
+    for i, uid in enumerate(uids):
+        if uid not in used:
+            used.add(uid)
+            continue
+        n = 2
+        while True:
+            candidate = f"{uid[:60]}-{n}"
+            if candidate not in used and candidate not in seen:
+                break
+            n += 1
+        uids[i] = candidate
+        used.add(candidate)
+
+
+def index_file(
+    fd: int,
+    length: int,
+    *,
+    use_content_length: bool = True,
+    tick: Callable[[], None] | None = None,
+) -> MboxIndex:
+    """Index the first `length` bytes of the open spool `fd` through mmap.
+
+    The caller holds the spool locks, so no writer truncates the file while
+    it is mapped (which would fault the process).
+    """
+    if length == 0:
+        return MboxIndex(length=0)
+    with mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
+        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+        return index_buffer(mm, length, use_content_length=use_content_length, tick=tick)
+
+
+def read_exact(fd: int, offset: int, n: int) -> bytes:
+    """pread that insists on `n` bytes (a shorter file means it shrank)."""
+    out = os.pread(fd, n, offset)
+    while len(out) < n:
+        more = os.pread(fd, n - len(out), offset + len(out))
+        if not more:
+            raise EOFError(f"file ended at {offset + len(out)}, expected {offset + n}")
+        out += more
+    return out

@@ -1,0 +1,32 @@
+"""The Maildrop contract, run against mbox spools written like postfix/procmail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from maildrop_contract import Deliver, MaildropContract, MakeLocation
+from mbox_helpers import deliver as deliver_locked
+from mbox_helpers import mbox
+
+
+class TestMboxContract(MaildropContract):
+    @pytest.fixture
+    def make_location(self, tmp_path: Path) -> MakeLocation:
+        def make(messages: list[bytes]) -> str:
+            spool = tmp_path / "mail" / "alice"
+            spool.parent.mkdir(parents=True, exist_ok=True)
+            spool.write_bytes(mbox(messages))
+            return f"mbox:{spool}"
+
+        return make
+
+    @pytest.fixture
+    def deliver(self) -> Deliver:
+        counter = iter(range(1000, 10**6))
+
+        def deliver(location: str, message: bytes) -> None:
+            deliver_locked(location.partition(":")[2], message, next(counter))
+
+        return deliver
