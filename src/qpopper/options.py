@@ -21,14 +21,18 @@ class ListenAddress:
 
     host: str | None
     port: int
+    # Implicit TLS ("alternate port", RFC 8314): handshake before the greeting.
+    tls: bool = False
 
     def __str__(self) -> str:
         if self.host is None:
-            return f"*:{self.port}"
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+            text = f"*:{self.port}"
+        else:
+            text = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return text + " (TLS)" if self.tls else text
 
 
-def parse_listen_address(text: str, default_port: int = 110) -> ListenAddress:
+def parse_listen_address(text: str, default_port: int = 110, tls: bool = False) -> ListenAddress:
     """qpopper's positional `[address][:port]`, with IPv6 in brackets."""
     host: str | None
     port_text = ""
@@ -51,7 +55,7 @@ def parse_listen_address(text: str, default_port: int = 110) -> ListenAddress:
         port = int(port_text)
     else:
         port = default_port
-    return ListenAddress(host or None, port)
+    return ListenAddress(host or None, port, tls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,39 @@ class Options:
     # Seconds a SIGTERM waits for sessions in UPDATE before exiting.
     drain_timeout: float = 30.0
     use_uvloop: bool = True
+    # TLS (qpopper's tls-* options). tls_support None means: STLS when a
+    # certificate is configured, nothing otherwise.
+    tls_support: str | None = None  # "none" | "stls" | "alternate-port"
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_chain_file: str | None = None
+    tls_cipher_list: str | None = None
+    tls_ciphersuites: str | None = None
+    tls_version: str = "default"
+    tls_handshake_timeout: float = 30.0
+    # qpopper's clear-text-password (-p): default/never/always/local/tls.
+    # None: allowed on TLS and loopback connections only when TLS is
+    # configured, everywhere when it is not.
+    clear_text_password: str | None = None
+    sasl_mechanisms: tuple[str, ...] = (
+        "SCRAM-SHA-256-PLUS",
+        "SCRAM-SHA-256",
+        "SCRAM-SHA-1-PLUS",
+        "SCRAM-SHA-1",
+        "CRAM-MD5",
+        "PLAIN",
+        "LOGIN",
+    )
+
+    @property
+    def tls_configured(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def effective_tls_support(self) -> str:
+        if self.tls_support is not None:
+            return self.tls_support
+        return "stls" if self.tls_configured else "none"
 
     def replace(self, **changes: object) -> Options:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -34,7 +34,9 @@ from ..errors import AuthUnavailable, ConfigError
 from ..maildrop.location import DEFAULT_LOCATION, expand_location
 from ..usernames import is_valid_username
 from . import Principal
-from .credentials import ApopDigest, Credentials, UserPass
+from .credentials import Credentials, ScramSecret, UserPass, Verified
+from .sasl import scram_secret_from_password
+from .secrets import matches_secret
 
 log = logging.getLogger("qpopper.auth")
 
@@ -59,7 +61,9 @@ _DIGESTS = {
     "PLAIN-MD5": ("md5", 16),
 }
 _PLAINTEXT = {"PLAIN", "CLEARTEXT", "CLEAR"}
-SCHEMES = sorted(set(_CRYPT_HANDLERS) | set(_DIGESTS) | _PLAINTEXT | {"CRYPT"})
+# Stored SCRAM keys (Dovecot's format): iterations,salt,storedkey,serverkey in base64.
+_SCRAM = {"SCRAM-SHA-1": "SCRAM-SHA-1", "SCRAM-SHA-256": "SCRAM-SHA-256"}
+SCHEMES = sorted(set(_CRYPT_HANDLERS) | set(_DIGESTS) | _PLAINTEXT | set(_SCRAM) | {"CRYPT"})
 
 # Verified for unknown users so that they cost what a real check costs.
 _DUMMY_HASH = sha512_crypt.using(rounds=5000).hash("qpopper dummy password")
@@ -82,6 +86,23 @@ class PasswdEntry:
             return self.hashed.encode("utf-8")
         return None
 
+    def scram_secret(self, mechanism: str) -> ScramSecret | None:
+        if self.scheme == mechanism and mechanism in _SCRAM:
+            return parse_scram_secret(self.hashed)
+        plain = self.plaintext
+        if plain is not None:
+            return scram_secret_from_password(plain, mechanism)
+        return None
+
+
+def parse_scram_secret(value: str) -> ScramSecret:
+    """Dovecot's stored SCRAM form: iterations,salt,stored-key,server-key."""
+    fields = value.split(",")
+    if len(fields) != 4 or not fields[0].isdigit():
+        raise ValueError("SCRAM secret must be iterations,salt,stored-key,server-key")
+    salt, stored, server = (base64.b64decode(f, validate=True) for f in fields[1:])
+    return ScramSecret(salt, stored, server, int(fields[0]))
+
 
 def split_scheme(value: str, default: str = "CRYPT") -> tuple[str, str]:
     if value.startswith("{") and "}" in value:
@@ -95,6 +116,10 @@ def verify_password(scheme: str, hashed: str, password: bytes) -> bool:
     base, _, encoding = scheme.partition(".")
     if base in _PLAINTEXT:
         return hmac.compare_digest(hashed.encode("utf-8"), password)
+    if base in _SCRAM:
+        secret = parse_scram_secret(hashed)
+        derived = scram_secret_from_password(password, base, secret.salt, secret.iterations)
+        return hmac.compare_digest(derived.stored_key, secret.stored_key)
     if base in _CRYPT_HANDLERS:
         return bool(_CRYPT_HANDLERS[base].verify(password, hashed))
     if base == "CRYPT":
@@ -217,15 +242,24 @@ class PasswdFileAuthenticator:
                 log.error("cannot verify password of %s: %s", entry.user, exc)
                 ok = False
             return self._principal(entry) if ok else None
-        if isinstance(credentials, ApopDigest):
-            secret = entry.plaintext if entry is not None else None
-            if entry is None or secret is None:
-                return None
-            expected = hashlib.md5(credentials.timestamp.encode("ascii") + secret).hexdigest()
-            if hmac.compare_digest(expected, credentials.digest):
-                return self._principal(entry)
+        if entry is None:
             return None
+        if isinstance(credentials, Verified):
+            return self._principal(entry)
+        secret = entry.plaintext
+        if secret is not None and matches_secret(secret, credentials):
+            return self._principal(entry)
         return None
+
+    def scram_secret(self, user: str, mechanism: str) -> ScramSecret | None:
+        entry = self.lookup(user)
+        if entry is None:
+            return None
+        try:
+            return entry.scram_secret(mechanism)
+        except ValueError as exc:
+            log.error("bad SCRAM secret for %s: %s", user, exc)
+            return None
 
     def _principal(self, entry: PasswdEntry) -> Principal:
         template = entry.extra.get("userdb_mail") or entry.extra.get("mail") or self.mail_location

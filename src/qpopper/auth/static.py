@@ -6,13 +6,13 @@ also makes APOP work for every user.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Mapping
 
 from ..maildrop.location import DEFAULT_LOCATION, expand_location
 from . import Principal
-from .credentials import ApopDigest, Credentials, UserPass
+from .credentials import Credentials, ScramSecret, Verified
+from .sasl import scram_secret_from_password
+from .secrets import matches_secret
 
 
 class StaticAuthenticator:
@@ -25,14 +25,11 @@ class StaticAuthenticator:
         secret = self._users.get(credentials.user)
         if secret is None:
             return None
-        if isinstance(credentials, UserPass):
-            ok = hmac.compare_digest(secret, credentials.password)
-        elif isinstance(credentials, ApopDigest):
-            expected = hashlib.md5(credentials.timestamp.encode("ascii") + secret).hexdigest()
-            ok = hmac.compare_digest(expected, credentials.digest)
-        else:
-            ok = False
-        if not ok:
+        if not (isinstance(credentials, Verified) or matches_secret(secret, credentials)):
             return None
         home = self.home.replace("%u", credentials.user) if self.home else None
         return Principal(credentials.user, expand_location(self.mail_location, credentials.user, home), home)
+
+    def scram_secret(self, user: str, mechanism: str) -> ScramSecret | None:
+        secret = self._users.get(user)
+        return scram_secret_from_password(secret, mechanism) if secret is not None else None

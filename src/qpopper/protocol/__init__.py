@@ -4,9 +4,19 @@ Drive a `Session` with bytes and carry out the effects it returns; see
 `qpopper.server` for the asyncio adapter and the tests for byte-level use.
 """
 
-from ._effects import Authenticate, Close, Commit, Effect, OpenMaildrop, Send, SendMessage
+from ._effects import (
+    Authenticate,
+    Close,
+    Commit,
+    Effect,
+    LookupScramSecret,
+    OpenMaildrop,
+    Send,
+    SendMessage,
+    StartTls,
+)
 from ._framing import LineBuffer
-from ._session import COMMAND_LINE_MAX, Session, SessionConfig, State, apop_digest
+from ._session import COMMAND_LINE_MAX, ConnectionSecurity, Session, SessionConfig, State, apop_digest
 from ._stuffing import SizeCounter, StuffingEncoder, wire_size
 
 __all__ = [
@@ -14,6 +24,9 @@ __all__ = [
     "Close",
     "Commit",
     "Effect",
+    "LookupScramSecret",
+    "StartTls",
+    "ConnectionSecurity",
     "OpenMaildrop",
     "Send",
     "SendMessage",

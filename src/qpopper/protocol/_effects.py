@@ -58,10 +58,27 @@ class Commit:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    """STLS accepted: the "+OK" is queued before this. Flush it, drop any
+    plaintext the client sent after STLS, run the TLS handshake, then call
+    tls_started (or close the connection if the handshake fails)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LookupScramSecret:
+    """A SCRAM exchange needs the user's stored secret; answer with
+    scram_secret (None for unknown users: the exchange then fails late,
+    as a wrong password does)."""
+
+    user: str
+    mechanism: str
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Close the connection after everything before it has been written."""
 
     reason: str
 
 
-Effect = Send | Authenticate | OpenMaildrop | SendMessage | Commit | Close
+Effect = Send | Authenticate | OpenMaildrop | SendMessage | Commit | StartTls | LookupScramSecret | Close

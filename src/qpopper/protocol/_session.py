@@ -12,6 +12,8 @@ or a user name, that value has already passed strict validation.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import hashlib
 from collections import deque
@@ -19,7 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .._version import __version__
-from ..auth.credentials import ApopDigest, UserPass
+from ..auth import sasl
+from ..auth.credentials import ApopDigest, ScramSecret, UserPass
 from ..errors import ResponseCode
 from ..maildrop import MessageInfo
 from ._effects import (
@@ -27,15 +30,19 @@ from ._effects import (
     Close,
     Commit,
     Effect,
+    LookupScramSecret,
     OpenMaildrop,
     Send,
     SendMessage,
+    StartTls,
 )
 from ._framing import Line, LineBuffer, OverlongLine
 from ..usernames import is_valid_username
 
 # RFC 2449 section 4: commands up to 255 octets including CRLF.
 COMMAND_LINE_MAX = 255
+# SASL responses can be far longer than commands (RFC 5034 section 4).
+SASL_LINE_MAX = 16384
 # A message number or TOP line count: digits only, and few enough of them
 # that the value cannot overflow anything downstream.
 _MAX_NUMBER_DIGITS = 10
@@ -53,6 +60,23 @@ class _Waiting(enum.Enum):
     AUTH = enum.auto()
     MAILDROP = enum.auto()
     COMMIT = enum.auto()
+    TLS = enum.auto()
+    SCRAM_SECRET = enum.auto()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSecurity:
+    """What the transport offers right now; replaced when STLS completes.
+
+    `plaintext_allowed` is the clear-text password policy's verdict for
+    this connection (USER/PASS, SASL PLAIN and LOGIN). `channel_binding`
+    is the tls-server-end-point data once TLS is up (SCRAM -PLUS).
+    """
+
+    tls: bool = False
+    plaintext_allowed: bool = True
+    stls_available: bool = False
+    channel_binding: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +95,8 @@ class SessionConfig:
     # Bad commands tolerated before the session is closed.
     max_bad_commands_auth: int = 10
     max_bad_commands_trans: int = 20
+    # SASL mechanisms offered (filtered per connection by the policy).
+    sasl_mechanisms: tuple[str, ...] = ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN")
     implementation: str = f"qpopper-python-{__version__}"
     extra_capabilities: tuple[str, ...] = field(default=())
 
@@ -103,9 +129,17 @@ _Handler = Callable[["Session", list[bytes], bytes], None]
 class Session:
     """One POP3 conversation from greeting to close."""
 
-    def __init__(self, config: SessionConfig | None = None, *, timestamp: str) -> None:
+    def __init__(
+        self,
+        config: SessionConfig | None = None,
+        *,
+        timestamp: str,
+        security: ConnectionSecurity | None = None,
+    ) -> None:
         self.config = config or SessionConfig()
         self.timestamp = timestamp  # the APOP challenge "<pid.clock@host>"
+        self.security = security or ConnectionSecurity(plaintext_allowed=self.config.allow_user_pass)
+        self._sasl: sasl.Mechanism | None = None
         self.state = State.AUTHORIZATION
         self.user: str | None = None  # set by USER, confirmed by login
         self._buffer = LineBuffer(self.config.max_line)
@@ -140,7 +174,9 @@ class Session:
             item = self._buffer.next_line()
             if item is None:
                 return None
-            if isinstance(item, OverlongLine):
+            if self._sasl is not None:
+                self._sasl_line(item)
+            elif isinstance(item, OverlongLine):
                 self._bad("Command line too long.")
             else:
                 self._dispatch(item)
@@ -172,6 +208,20 @@ class Session:
         self._buffer.clear()
 
     # ---- answers to effects -----------------------------------------------
+
+    def tls_started(self, security: ConnectionSecurity) -> None:
+        """The STLS handshake succeeded: start AUTHORIZATION over (RFC 2595)."""
+        self._expect(_Waiting.TLS)
+        self._waiting = _Waiting.NOTHING
+        self._buffer.clear()
+        self.security = security
+        self.user = None
+
+    def scram_secret(self, secret: ScramSecret | None) -> None:
+        self._expect(_Waiting.SCRAM_SECRET)
+        self._waiting = _Waiting.NOTHING
+        assert self._sasl is not None
+        self._sasl_step(self._sasl.secret(secret))
 
     def auth_succeeded(self, user: str) -> None:
         """The credentials were good; `user` is the canonical login name."""
@@ -327,7 +377,7 @@ class Session:
     # ---- AUTHORIZATION ----------------------------------------------------
 
     def _cmd_user(self, args: list[bytes], _line: bytes) -> None:
-        if not self.config.allow_user_pass:
+        if not self.security.plaintext_allowed:
             self._bad("USER/PASS is not allowed on this connection.")
             return
         if not self._need_args(args, 1, 1):
@@ -343,7 +393,7 @@ class Session:
     def _cmd_pass(self, args: list[bytes], _line: bytes) -> None:
         # PASS takes the rest of the line whole: passwords may hold spaces.
         user, self.user = self.user, None
-        if user is None or not self.config.allow_user_pass:
+        if user is None or not self.security.plaintext_allowed:
             self._bad("USER first.")
             return
         if not args:
@@ -405,8 +455,13 @@ class Session:
         """
         cfg = self.config
         caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
-        if cfg.allow_user_pass:
+        if self.security.plaintext_allowed:
             caps.append("USER")
+        mechanisms = self.sasl_mechanisms()
+        if mechanisms:
+            caps.append("SASL " + " ".join(mechanisms))
+        if self.security.stls_available and self.state is State.AUTHORIZATION:
+            caps.append("STLS")
         if cfg.login_delay is not None:
             caps.append(f"LOGIN-DELAY {cfg.login_delay}")
         if cfg.expire is not None:
@@ -415,6 +470,99 @@ class Session:
         if self.state is State.TRANSACTION and not cfg.shy:
             caps.append(f"IMPLEMENTATION {cfg.implementation}")
         return caps
+
+    def sasl_mechanisms(self) -> list[str]:
+        """Mechanisms usable on this connection, strongest first."""
+        out = []
+        for name in self.config.sasl_mechanisms:
+            if name in sasl.CLEARTEXT_MECHANISMS and not self.security.plaintext_allowed:
+                continue
+            if name.endswith("-PLUS") and self.security.channel_binding is None:
+                continue
+            out.append(name)
+        return out
+
+    def _cmd_stls(self, args: list[bytes], _line: bytes) -> None:
+        self.user = None
+        if not self._need_args(args, 0, 0):
+            return
+        if self.security.tls:
+            self._emit(Send(_err("TLS is already active.")))
+            return
+        if not self.security.stls_available:
+            self._bad("STLS is not available.")
+            return
+        # Whatever the client pipelined after STLS came in clear text and
+        # must never run as a command (the STARTTLS injection attacks).
+        self._buffer.clear()
+        self._waiting = _Waiting.TLS
+        self._emit(Send(_ok("Begin TLS negotiation now.")))
+        self._emit(StartTls())
+
+    def _cmd_auth(self, args: list[bytes], _line: bytes) -> None:
+        self.user = None
+        if not self._need_args(args, 0, 2):
+            return
+        if not args:
+            listing = "".join(m + "\r\n" for m in self.sasl_mechanisms())
+            self._emit(Send(_ok("List of supported mechanisms follows") + listing.encode("ascii") + b".\r\n"))
+            return
+        name = args[0].decode("ascii").upper()
+        mechanism = None
+        if name in self.sasl_mechanisms():
+            mechanism = sasl.make_mechanism(name, self.config.hostname, self.security.channel_binding)
+        if mechanism is None:
+            self._bad("Unsupported authentication mechanism.")
+            return
+        initial: bytes | None = None
+        if len(args) == 2:
+            if mechanism.server_first:
+                self._bad("This mechanism takes no initial response.")
+                return
+            decoded = _b64decode(args[1], initial=True)
+            if decoded is None:
+                self._bad("Invalid base64 in initial response.")
+                return
+            initial = decoded
+        self._sasl = mechanism
+        self._buffer.max_line = SASL_LINE_MAX
+        self._sasl_step(mechanism.start(initial))
+
+    def _sasl_line(self, item: Line | OverlongLine) -> None:
+        if isinstance(item, OverlongLine):
+            self._end_sasl()
+            self._bad("Authentication response too long.")
+            return
+        if item.data == b"*":
+            self._end_sasl()
+            self._emit(Send(_err("Authentication cancelled.")))
+            return
+        decoded = _b64decode(item.data, initial=False)
+        if decoded is None:
+            self._end_sasl()
+            self._bad("Invalid base64 in authentication response.")
+            return
+        assert self._sasl is not None
+        self._sasl_step(self._sasl.step(decoded))
+
+    def _sasl_step(self, step: sasl.Step) -> None:
+        if isinstance(step, sasl.Challenge):
+            self._emit(Send(b"+ " + base64.b64encode(step.data) + b"\r\n"))
+        elif isinstance(step, sasl.NeedScramSecret):
+            self._waiting = _Waiting.SCRAM_SECRET
+            self._emit(LookupScramSecret(step.user, step.mechanism))
+        elif isinstance(step, sasl.Finish):
+            self._end_sasl()
+            self.user = step.credentials.user
+            self._waiting = _Waiting.AUTH
+            self._emit(Authenticate(step.credentials))
+        else:
+            self._end_sasl()
+            self._bad("Authentication exchange failed.")
+
+    def _end_sasl(self) -> None:
+        self._sasl = None
+        self._buffer.max_line = self.config.max_line
 
     # ---- TRANSACTION ------------------------------------------------------
 
@@ -513,6 +661,8 @@ _COMMANDS: dict[bytes, tuple[_Handler, frozenset[State], bool]] = {
     b"PASS": (Session._cmd_pass, _AUTH, True),
     b"APOP": (Session._cmd_apop, _AUTH, False),
     b"QUIT": (Session._cmd_quit, _BOTH, False),
+    b"STLS": (Session._cmd_stls, _AUTH, False),
+    b"AUTH": (Session._cmd_auth, _AUTH, False),
     b"CAPA": (Session._cmd_capa, _BOTH, False),
     b"STAT": (Session._cmd_stat, _TRANS, False),
     b"LIST": (Session._cmd_list, _TRANS, False),
@@ -524,6 +674,16 @@ _COMMANDS: dict[bytes, tuple[_Handler, frozenset[State], bool]] = {
     b"RSET": (Session._cmd_rset, _TRANS, False),
     b"LAST": (Session._cmd_last, _TRANS, False),
 }
+
+
+def _b64decode(data: bytes, *, initial: bool) -> bytes | None:
+    """Strict base64; "=" alone is the empty initial response (RFC 5034)."""
+    if initial and data == b"=":
+        return b""
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def apop_digest(timestamp: str, secret: bytes) -> str:

@@ -14,25 +14,31 @@ import asyncio
 import logging
 import os
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..auth import Authenticator, Principal
+from ..auth.credentials import Rejected
 from ..errors import AuthUnavailable, MaildropError, ResponseCode
 from ..maildrop import Maildrop
 from ..maildrop.location import open_maildrop
 from ..options import Options
+from ..policy import plaintext_allowed
 from ..protocol import (
     Authenticate,
     Close,
     Commit,
+    ConnectionSecurity,
+    LookupScramSecret,
     OpenMaildrop,
     Send,
     SendMessage,
     Session,
     SessionConfig,
+    StartTls,
     StuffingEncoder,
 )
 
@@ -64,6 +70,7 @@ def session_config(options: Options) -> SessionConfig:
         apop=options.apop,
         login_delay=options.announce_login_delay,
         expire=options.announce_expire,
+        sasl_mechanisms=options.sasl_mechanisms,
     )
 
 
@@ -82,6 +89,14 @@ class _Abort(Exception):
     """End the connection at once, without a reply."""
 
 
+@dataclass(slots=True)
+class TlsState:
+    """The server's live TLS context and channel binding (reloaded on HUP)."""
+
+    context: ssl.SSLContext | None = None
+    channel_binding: bytes | None = None
+
+
 class Connection:
     """Serves one session over a (reader, writer) pair."""
 
@@ -93,6 +108,7 @@ class Connection:
         options: Options,
         authenticator: Authenticator,
         run_blocking: Callable[..., Any],
+        tls: TlsState | None = None,
     ) -> None:
         self.reader = reader
         self.writer = writer
@@ -100,12 +116,36 @@ class Connection:
         self.options = options
         self.authenticator = authenticator
         self._run_blocking = run_blocking
-        self.session = Session(session_config(options), timestamp=new_timestamp(options.hostname))
+        self._tls = tls or TlsState()
+        self.session = Session(
+            session_config(options),
+            timestamp=new_timestamp(options.hostname),
+            security=self._security(tls_active=writer.get_extra_info("ssl_object") is not None),
+        )
         self.maildrop: Maildrop | None = None
         self.principal: Principal | None = None
         self._out = bytearray()
         # True while UPDATE runs: a draining server waits for it.
         self.updating = False
+
+    def _security(self, tls_active: bool) -> ConnectionSecurity:
+        can_upgrade = self.writer.get_extra_info("socket") is not None
+        return ConnectionSecurity(
+            tls=tls_active,
+            plaintext_allowed=plaintext_allowed(
+                self.options.clear_text_password,
+                tls_active=tls_active,
+                peer=self.peer.host,
+                tls_configured=self._tls.context is not None,
+            ),
+            stls_available=(
+                not tls_active
+                and can_upgrade
+                and self._tls.context is not None
+                and self.options.effective_tls_support == "stls"
+            ),
+            channel_binding=self._tls.channel_binding if tls_active else None,
+        )
 
     async def _blocking(self, func: Callable[..., T], *args: Any) -> T:
         result: T = await self._run_blocking(func, *args)
@@ -192,14 +232,51 @@ class Connection:
             elif isinstance(effect, Commit):
                 await self._flush()
                 await self._commit(effect)
+            elif isinstance(effect, StartTls):
+                if not await self._start_tls():
+                    return
+            elif isinstance(effect, LookupScramSecret):
+                await self._flush()
+                await self._lookup_scram_secret(effect)
             elif isinstance(effect, Close):
                 await self._flush()
                 return
 
+    async def _start_tls(self) -> bool:
+        """STLS: flush "+OK", drop buffered plaintext, shake hands."""
+        assert self._tls.context is not None
+        await self._flush()
+        buffered = getattr(self.reader, "_buffer", None)
+        if buffered:
+            log.warning("%s: discarding %d bytes sent in clear after STLS", self.peer, len(buffered))
+            buffered.clear()
+        try:
+            await self.writer.start_tls(
+                self._tls.context, ssl_handshake_timeout=self.options.tls_handshake_timeout
+            )
+        except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
+            log.info("%s: STLS handshake failed: %s", self.peer, exc)
+            return False
+        self.session.tls_started(self._security(tls_active=True))
+        return True
+
+    async def _lookup_scram_secret(self, effect: LookupScramSecret) -> None:
+        lookup = getattr(self.authenticator, "scram_secret", None)
+        secret = None
+        if lookup is not None:
+            try:
+                secret = await self._blocking(lookup, effect.user, effect.mechanism)
+            except AuthUnavailable as exc:
+                log.error("%s: SCRAM secret lookup failed: %s", self.peer, exc)
+        self.session.scram_secret(secret)
+
     async def _authenticate(self, effect: Authenticate) -> None:
         started = time.monotonic()
         try:
-            principal = await self._blocking(self.authenticator.authenticate, effect.credentials)
+            if isinstance(effect.credentials, Rejected):
+                principal = None
+            else:
+                principal = await self._blocking(self.authenticator.authenticate, effect.credentials)
         except (AuthUnavailable, MaildropError) as exc:
             log.error("%s: authentication backend failed: %s", self.peer, exc)
             self.session.auth_failed(ResponseCode.SYS_TEMP)

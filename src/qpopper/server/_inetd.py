@@ -24,6 +24,20 @@ async def _pipe_streams() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return reader, writer
 
 
+async def _socket_streams(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams for an accepted socket, marked as the server side so that
+    STLS can start TLS on them."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = loop.create_future()
+
+    def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ready.set_result((reader, writer))
+
+    reader = asyncio.StreamReader(limit=65536)
+    await loop.connect_accepted_socket(lambda: asyncio.StreamReaderProtocol(reader, connected), sock)
+    return await ready
+
+
 async def serve_inetd(server: Server) -> None:
     """Serve the single connection on fd 0/1, then return."""
     if stat.S_ISSOCK(os.fstat(0).st_mode):
@@ -35,7 +49,7 @@ async def serve_inetd(server: Server) -> None:
         os.dup2(devnull, 1)
         os.close(devnull)
         sys.stdout = sys.stderr
-        reader, writer = await asyncio.open_connection(sock=sock, limit=65536)
+        reader, writer = await _socket_streams(sock)
     else:
         reader, writer = await _pipe_streams()
     await server.serve_stream(reader, writer)

@@ -23,7 +23,8 @@ from ..auth import Authenticator
 from ..auth.passwdfile import PasswdFileAuthenticator
 from ..errors import ConfigError
 from ..options import ListenAddress, Options
-from ._connection import Connection, Peer
+from ._connection import Connection, Peer, TlsState
+from ._tls import build_context, reload_certificates, server_end_point
 
 log = logging.getLogger("qpopper.server")
 
@@ -89,11 +90,20 @@ class Server:
         self,
         options: Options,
         authenticator: Authenticator | None = None,
-        sockets: Iterable[socket.socket] = (),
+        sockets: Iterable[tuple[socket.socket, bool]] = (),
     ) -> None:
+        """`sockets`: already listening sockets (systemd), each with
+        whether it speaks implicit TLS; otherwise options.listen is bound."""
         self.options = options
         self.authenticator = authenticator if authenticator is not None else make_authenticator(options)
         self._given_sockets = list(sockets)
+        self.tls = TlsState()
+        if options.tls_configured:
+            self.tls.context = build_context(options)
+            assert options.tls_cert_file is not None
+            self.tls.channel_binding = server_end_point(options.tls_cert_file)
+        elif options.effective_tls_support != "none" or any(a.tls for a in options.listen):
+            raise ConfigError("TLS is enabled but no certificate is configured (tls-server-cert-file)")
         self._servers: list[asyncio.Server] = []
         self._connections: dict[asyncio.Task[None], Connection | None] = {}
         self._per_ip: collections.Counter[str] = collections.Counter()
@@ -107,14 +117,26 @@ class Server:
     async def start(self) -> None:
         """Bind (or adopt) every listener; errors surface here, not later."""
         sockets = list(self._given_sockets)
+        alternate_port = self.options.effective_tls_support == "alternate-port"
         if not sockets:
-            sockets = [bind_socket(address) for address in self.options.listen]
+            try:
+                for address in self.options.listen:
+                    sockets.append((bind_socket(address), address.tls or alternate_port))
+            except BaseException:
+                for sock, _ in sockets:
+                    sock.close()
+                raise
         try:
-            for sock in sockets:
-                server = await asyncio.start_server(self._accept, sock=sock, limit=65536)
+            for sock, implicit_tls in sockets:
+                tls_args: dict[str, Any] = {}
+                if implicit_tls or alternate_port:
+                    if self.tls.context is None:
+                        raise ConfigError("an implicit-TLS listener needs tls-server-cert-file")
+                    tls_args = {"ssl": self.tls.context, "ssl_handshake_timeout": self.options.tls_handshake_timeout}
+                server = await asyncio.start_server(self._accept, sock=sock, limit=65536, **tls_args)
                 self._servers.append(server)
         except BaseException:
-            for sock in sockets:
+            for sock, _ in sockets:
                 sock.close()
             raise
         for address in self.addresses:
@@ -161,10 +183,19 @@ class Server:
         await self.stop()
 
     def reload(self) -> None:
-        """SIGHUP: pick up a changed user database now rather than lazily."""
+        """SIGHUP: pick up a changed user database and new certificates now.
+
+        A broken file is logged and the running configuration kept."""
         reload = getattr(self.authenticator, "lookup", None)
-        if reload is not None:
-            reload("")
+        try:
+            if reload is not None:
+                reload("")
+            if self.tls.context is not None and self.options.tls_cert_file is not None:
+                reload_certificates(self.tls.context, self.options)
+                self.tls.channel_binding = server_end_point(self.options.tls_cert_file)
+        except Exception as exc:  # a bad edit must not stop the service
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
         log.info("configuration reloaded")
 
     @property
@@ -201,7 +232,7 @@ class Server:
         self._connections[task] = None
         self._per_ip[peer.host] += 1
         try:
-            conn = Connection(reader, writer, peer, self.options, self.authenticator, self._run_blocking)
+            conn = Connection(reader, writer, peer, self.options, self.authenticator, self._run_blocking, self.tls)
             self._connections[task] = conn
             await conn.run()
         finally:

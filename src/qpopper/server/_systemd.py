@@ -8,19 +8,26 @@ import socket
 SD_LISTEN_FDS_START = 3
 
 
-def listen_fds(unset: bool = True) -> list[socket.socket]:
-    """Sockets passed by systemd (LISTEN_FDS), if they are meant for us."""
+# FileDescriptorName= values that mark a socket as implicit TLS (port 995).
+TLS_FD_NAMES = frozenset({"pop3s", "tls", "implicit-tls"})
+
+
+def listen_fds(unset: bool = True) -> list[tuple[socket.socket, bool]]:
+    """Sockets passed by systemd (LISTEN_FDS), each with whether it is an
+    implicit-TLS socket (by its FileDescriptorName)."""
     pid = os.environ.get("LISTEN_PID")
     count = os.environ.get("LISTEN_FDS")
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
     if unset:
         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(name, None)
     if not pid or not count or not pid.isdigit() or int(pid) != os.getpid() or not count.isdigit():
         return []
     sockets = []
-    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+    for i, fd in enumerate(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count))):
         os.set_inheritable(fd, False)
-        sockets.append(socket.socket(fileno=fd))
+        name = names[i] if i < len(names) else ""
+        sockets.append((socket.socket(fileno=fd), name.lower() in TLS_FD_NAMES))
     return sockets
 
 

@@ -1,0 +1,134 @@
+"""TLS contexts from the tls-* options, channel binding, live reloads.
+
+Defaults follow RFC 8996/8997: TLS 1.2 is the minimum, and qpopper's old
+`tls-version` values (SSLv2, SSLv3, TLSv1, SSLv23, all) are raised to it
+with a log line rather than honoured. A certificate reload (SIGHUP) loads
+the new files into the live context, which new handshakes use at once
+while established sessions keep theirs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import ssl
+import tempfile
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from ..errors import ConfigError
+from ..options import Options
+
+log = logging.getLogger("qpopper.tls")
+
+_MINIMUM_VERSIONS = {
+    "default": ssl.TLSVersion.TLSv1_2,
+    "tlsv1.2": ssl.TLSVersion.TLSv1_2,
+    "tlsv1.3": ssl.TLSVersion.TLSv1_3,
+}
+# qpopper 4.x names that asked for older protocols than we will speak.
+_LEGACY_VERSIONS = {"sslv2", "sslv3", "tlsv1", "sslv23", "all", "tlsv1.0", "tlsv1.1"}
+TLS_VERSIONS = sorted(_MINIMUM_VERSIONS) + sorted(_LEGACY_VERSIONS)
+
+
+def minimum_version(name: str) -> ssl.TLSVersion:
+    key = name.lower()
+    if key in _MINIMUM_VERSIONS:
+        return _MINIMUM_VERSIONS[key]
+    if key in _LEGACY_VERSIONS:
+        log.warning("tls-version %s is obsolete; using TLS 1.2 as the minimum", name)
+        return ssl.TLSVersion.TLSv1_2
+    raise ConfigError(f"unknown tls-version {name!r} (expected one of {', '.join(TLS_VERSIONS)})")
+
+
+def _readable(path: str, what: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from exc
+
+
+def _load_chain(ctx: ssl.SSLContext, options: Options) -> None:
+    assert options.tls_cert_file is not None
+    cert = options.tls_cert_file
+    key = options.tls_key_file or cert
+    _readable(cert, "tls-server-cert-file")
+    _readable(key, "tls-private-key-file")
+    combined: str | None = None
+    try:
+        if options.tls_chain_file:
+            # Python loads a chain only from the certificate file itself.
+            _readable(options.tls_chain_file, "tls-chain-file")
+            fd, combined = tempfile.mkstemp(prefix="qpopper-chain-", suffix=".pem")
+            with os.fdopen(fd, "wb") as out:
+                for part in (cert, options.tls_chain_file):
+                    with open(part, "rb") as f:
+                        out.write(f.read().rstrip(b"\n") + b"\n")
+            cert = combined
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+            raise ConfigError(f"tls-private-key-file {key} does not match the certificate {options.tls_cert_file}") from exc
+        raise ConfigError(f"cannot load certificate {options.tls_cert_file} / key {key}: {exc.reason or exc}") from exc
+    finally:
+        if combined is not None:
+            os.unlink(combined)
+
+
+def _set_tls13_ciphersuites(ctx: ssl.SSLContext, suites: str) -> None:
+    """Python has no API for TLS 1.3 suites; call OpenSSL through the
+    library the ssl module itself uses, after checking that the context
+    pointer is the right one."""
+    import _ssl
+
+    lib = ctypes.CDLL(_ssl.__file__)
+    get_options = lib.SSL_CTX_get_options
+    get_options.restype = ctypes.c_uint64
+    get_options.argtypes = [ctypes.c_void_p]
+    set_suites = lib.SSL_CTX_set_ciphersuites
+    set_suites.restype = ctypes.c_int
+    set_suites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not pointer or get_options(pointer) != int(ctx.options):
+        raise ConfigError("tls-ciphersuites cannot be set with this Python build")
+    if set_suites(pointer, suites.encode("ascii")) != 1:
+        raise ConfigError(f"tls-ciphersuites {suites!r} names no usable TLS 1.3 suite")
+
+
+def build_context(options: Options) -> ssl.SSLContext:
+    if options.tls_cert_file is None:
+        raise ConfigError("TLS needs tls-server-cert-file (and tls-private-key-file)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = minimum_version(options.tls_version)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    if options.tls_cipher_list:
+        try:
+            ctx.set_ciphers(options.tls_cipher_list)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"tls-cipher-list {options.tls_cipher_list!r} selects no cipher") from exc
+    if options.tls_ciphersuites:
+        _set_tls13_ciphersuites(ctx, options.tls_ciphersuites)
+    _load_chain(ctx, options)
+    return ctx
+
+
+def reload_certificates(ctx: ssl.SSLContext, options: Options) -> None:
+    """Check the files in a scratch context first, so a bad edit never
+    breaks the live one."""
+    build_context(options)
+    _load_chain(ctx, options)
+
+
+def server_end_point(cert_file: str) -> bytes:
+    """RFC 5929 tls-server-end-point: the certificate's hash, with SHA-256
+    standing in for MD5 and SHA-1."""
+    with open(cert_file, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    algorithm = cert.signature_hash_algorithm
+    name = "sha256" if algorithm is None or isinstance(algorithm, (hashes.MD5, hashes.SHA1)) else algorithm.name
+    return hashlib.new(name, cert.public_bytes(Encoding.DER)).digest()
