@@ -104,7 +104,7 @@ def test_standalone_sigterm_keeps_marked_mail_and_sighup_reloads(tmp_path: Path,
         deadline = time.monotonic() + 20
         port = 0
         while time.monotonic() < deadline and not port:
-            m = re.search(rb"listening on \('127\.0\.0\.1', (\d+)\)", proc.stderr.readline())
+            m = re.search(rb"listening on 127\.0\.0\.1:(\d+)", proc.stderr.readline())
             port = int(m.group(1)) if m else 0
         assert port
         client = poplib.POP3("127.0.0.1", port, timeout=10)

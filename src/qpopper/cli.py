@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from ._version import __version__
 from .errors import ConfigError
 from .options import ListenAddress, Options, parse_listen_address
+from .policy import parse_clear_text_policy
 from .server import Server, listen_fds, notify, serve_inetd
 
 log = logging.getLogger("qpopper")
@@ -48,6 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections-per-ip", type=int, metavar="N", help="sessions at once per client address")
     p.add_argument("--update-on-abort", action="store_true", help="commit deletions when a connection is lost")
     p.add_argument("--shy", action="store_true", help="hide the version in the greeting and CAPA")
+    tls = p.add_argument_group("TLS")
+    tls.add_argument("-l", dest="tls_support", choices=["0", "1", "2"], help="TLS: 0 none, 1 STLS, 2 implicit TLS on every listener")
+    tls.add_argument("--tls-listen", action="append", default=[], metavar="[address][:port]", help="also listen here with implicit TLS (e.g. :995)")
+    tls.add_argument("--tls-server-cert-file", metavar="PEM", help="server certificate")
+    tls.add_argument("--tls-private-key-file", metavar="PEM", help="its private key (default: in the certificate file)")
+    tls.add_argument("--tls-chain-file", metavar="PEM", help="intermediate certificates sent with it")
+    tls.add_argument("--tls-cipher-list", metavar="LIST", help="OpenSSL cipher list for TLS 1.2")
+    tls.add_argument("--tls-ciphersuites", metavar="LIST", help="TLS 1.3 cipher suites")
+    tls.add_argument("--tls-version", metavar="VERSION", help="minimum: TLSv1.2 (default) or TLSv1.3")
+    p.add_argument("-p", "--clear-text-password", metavar="POLICY", help="0 default, 1 never, 2 always, 3 local, 4 tls")
+    p.add_argument("--sasl-mechanisms", metavar="LIST", help="space- or comma-separated SASL mechanisms to offer")
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
     p.add_argument("-d", "--debug", action="store_true", help="log debug messages")
     return p
@@ -64,10 +76,49 @@ def options_from_args(args: argparse.Namespace) -> Options:
 
         changes["listen"] = (ListenAddress("127.0.0.1", DEMO_PORT),)
     if args.demo:
-        from .demo import prepare
+        from .demo import DEMO_TLS_PORT, prepare
 
-        passwd, location = prepare()
-        changes.update(passwd_file=passwd, mail_location=location, auth_fail_delay=1.0, hostname="localhost")
+        demo = prepare()
+        changes.update(
+            passwd_file=demo.passwd,
+            mail_location=demo.mail_location,
+            auth_fail_delay=1.0,
+            hostname="localhost",
+            tls_cert_file=demo.cert,
+            tls_key_file=demo.key,
+        )
+        if not args.tls_listen:
+            host = changes["listen"][0].host  # type: ignore[index]
+            tls_port = 0 if changes["listen"][0].port == 0 else DEMO_TLS_PORT  # type: ignore[index]
+            changes["listen"] = (*changes["listen"], ListenAddress(host, tls_port, tls=True))  # type: ignore[misc]
+    if args.tls_listen:
+        base = changes.get("listen", opts.listen)
+        extra = tuple(parse_listen_address(a, 995, tls=True) for a in args.tls_listen)
+        changes["listen"] = (*base, *extra)  # type: ignore[misc]
+    if args.tls_support is not None:
+        changes["tls_support"] = {"0": "none", "1": "stls", "2": "alternate-port"}[args.tls_support]
+    # qpopper's option names on the left, Options fields on the right.
+    for arg, field_name in (
+        ("tls_server_cert_file", "tls_cert_file"),
+        ("tls_private_key_file", "tls_key_file"),
+        ("tls_chain_file", "tls_chain_file"),
+        ("tls_cipher_list", "tls_cipher_list"),
+        ("tls_ciphersuites", "tls_ciphersuites"),
+        ("tls_version", "tls_version"),
+    ):
+        value = getattr(args, arg)
+        if value is not None:
+            changes[field_name] = value
+    if args.clear_text_password is not None:
+        changes["clear_text_password"] = parse_clear_text_policy(args.clear_text_password)
+    if args.sasl_mechanisms is not None:
+        from .auth.sasl import ALL_MECHANISMS
+
+        names = tuple(m.upper() for m in args.sasl_mechanisms.replace(",", " ").split())
+        unknown = [m for m in names if m not in ALL_MECHANISMS]
+        if unknown:
+            raise ConfigError(f"unknown SASL mechanism {unknown[0]} (known: {' '.join(ALL_MECHANISMS)})")
+        changes["sasl_mechanisms"] = names
     for name in (
         "passwd_file",
         "mail_location",
@@ -121,8 +172,7 @@ async def _run_daemon(server: Server, demo: bool) -> None:
     if demo:
         from .demo import banner
 
-        host, port = server.addresses[0]
-        print(banner(host, port), flush=True)
+        print(banner(server.listeners), flush=True)
     await server.serve_forever()
 
 
@@ -155,6 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # An administrator gets one clear line; the traceback only with -d.
+        log.debug("fatal error", exc_info=True)
+        print(f"qpopper: fatal error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

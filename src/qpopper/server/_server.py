@@ -105,6 +105,7 @@ class Server:
         elif options.effective_tls_support != "none" or any(a.tls for a in options.listen):
             raise ConfigError("TLS is enabled but no certificate is configured (tls-server-cert-file)")
         self._servers: list[asyncio.Server] = []
+        self._implicit_tls: list[bool] = []  # per entry of _servers
         self._connections: dict[asyncio.Task[None], Connection | None] = {}
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -135,12 +136,13 @@ class Server:
                     tls_args = {"ssl": self.tls.context, "ssl_handshake_timeout": self.options.tls_handshake_timeout}
                 server = await asyncio.start_server(self._accept, sock=sock, limit=65536, **tls_args)
                 self._servers.append(server)
+                self._implicit_tls.append(bool(tls_args))
         except BaseException:
             for sock, _ in sockets:
                 sock.close()
             raise
-        for address in self.addresses:
-            log.info("listening on %s", address)
+        for host, port, tls in self.listeners:
+            log.info("listening on %s", ListenAddress(host, port, tls))
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -149,6 +151,16 @@ class Server:
             for sock in server.sockets:
                 name = sock.getsockname()
                 out.append((str(name[0]), int(name[1])))
+        return out
+
+    @property
+    def listeners(self) -> list[tuple[str, int, bool]]:
+        """(host, port, implicit TLS) of every listening socket."""
+        out = []
+        for server, tls in zip(self._servers, self._implicit_tls):
+            for sock in server.sockets:
+                name = sock.getsockname()
+                out.append((str(name[0]), int(name[1]), tls))
         return out
 
     @property
