@@ -102,12 +102,14 @@ class DotLock:
         self.path = dotlock_path(spool)
         self.stale_age = stale_age
         self.check_pid = check_pid
-        self._ino: int | None = None
+        # (inode, ctime) of the lock we made: an inode number alone can be
+        # reused at once by a lock someone else made after breaking ours.
+        self._stamp: tuple[int, int] | None = None
         self._touched = 0.0
 
     @property
     def held(self) -> bool:
-        return self._ino is not None
+        return self._stamp is not None
 
     def _unique_name(self) -> str:
         directory, name = os.path.split(self.spool)
@@ -149,7 +151,13 @@ class DotLock:
                 pass
         if st.st_nlink != 2:
             return False
-        self._ino = st.st_ino
+        try:
+            now = os.lstat(self.path)
+        except FileNotFoundError:
+            return False  # broken as stale at once by someone else
+        if now.st_ino != st.st_ino:
+            return False
+        self._stamp = (now.st_ino, now.st_ctime_ns)
         self._touched = time.monotonic()
         return True
 
@@ -191,30 +199,33 @@ class DotLock:
 
     def still_ours(self) -> bool:
         try:
-            return self._ino is not None and os.lstat(self.path).st_ino == self._ino
+            st = os.lstat(self.path)
         except FileNotFoundError:
             return False
+        return self._stamp == (st.st_ino, st.st_ctime_ns)
 
     def refresh(self) -> None:
         """Touch the lock so no MDA judges it stale; fail if it was broken."""
-        if self._ino is None:
+        if self._stamp is None:
             return
         if not self.still_ours():
-            self._ino = None
+            self._stamp = None
             raise MaildropError(f"dotlock {self.path} was broken by another program")
         os.utime(self.path)
+        st = os.lstat(self.path)
+        self._stamp = (st.st_ino, st.st_ctime_ns)
         self._touched = time.monotonic()
 
     def refresh_if_due(self, interval: float = REFRESH_INTERVAL) -> None:
-        if self._ino is not None and time.monotonic() - self._touched >= interval:
+        if self._stamp is not None and time.monotonic() - self._touched >= interval:
             self.refresh()
 
     def release(self) -> None:
         """Remove the lock, but only if it is still the one we made."""
-        if self._ino is None:
+        if self._stamp is None:
             return
         ours = self.still_ours()
-        self._ino = None
+        self._stamp = None
         if ours:
             try:
                 os.unlink(self.path)
