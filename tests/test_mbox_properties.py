@@ -1,0 +1,70 @@
+"""Property: whatever bytes are delivered come back from read() as stored.
+
+"As stored" is the message with mboxo quoting applied by the delivering
+agent (">From " for a line starting "From ") and a newline added if it
+lacked a final one; sizes are the RFC 1939 sizes of exactly those bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qpopper.maildrop.mbox import MboxMaildrop
+from qpopper.protocol import wire_size
+
+from mbox_helpers import mbox, stored
+
+TOKENS = [
+    b"\n", b"\r\n", b"\r", b"\n\n", b".", b"From ", b">From ", b"From x@y Wed Dec  2 05:53:22 1992",
+    b"From x@y Wed Dec  2 05:53:22 1992\n", b"\n\nFrom - Wed Dec  2 05:53 1992\n", b"Subject: s",
+    b"X-UIDL: 0123456789abcdef", b"Status: RO", b"Content-Length: 3", b": ", b"\x00", b"\xff",
+]
+message = st.lists(st.sampled_from(TOKENS) | st.binary(max_size=12), max_size=20).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(message, min_size=1, max_size=5))
+def test_delivered_bytes_come_back_as_stored(messages: list[bytes]) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        spool = os.path.join(d, "alice")
+        with open(spool, "wb") as f:
+            f.write(mbox(messages))
+        md = MboxMaildrop(spool)
+        try:
+            infos = md.messages()
+            assert len(infos) == len(messages)
+            for i, m in enumerate(messages):
+                got = b"".join(md.read(i, chunk_size=7))
+                assert got == stored(m)
+                assert infos[i].size == wire_size(got)
+            assert len({info.uid for info in infos}) == len(infos)
+        finally:
+            md.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(message, min_size=1, max_size=6), st.data())
+def test_update_keeps_exactly_the_kept_messages(messages: list[bytes], data: st.DataObject) -> None:
+    deleted = data.draw(st.sets(st.integers(0, len(messages) - 1)))
+    with tempfile.TemporaryDirectory() as d:
+        spool = os.path.join(d, "alice")
+        with open(spool, "wb") as f:
+            f.write(mbox(messages))
+        md = MboxMaildrop(spool)
+        uids = [i.uid for i in md.messages()]
+        md.commit(deleted, set())
+        md.close()
+        md = MboxMaildrop(spool)
+        try:
+            kept = [i for i in range(len(messages)) if i not in deleted]
+            assert [b"".join(md.read(k)) for k in range(len(md.messages()))] == [stored(messages[i]) for i in kept]
+            # Duplicate-suffixed UIDs may shift when an earlier twin goes;
+            # every other UID stays.
+            now = [i.uid for i in md.messages()]
+            assert all(now[k] == uids[i] for k, i in enumerate(kept) if "-" not in uids[i][20:])
+        finally:
+            md.close()
