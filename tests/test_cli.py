@@ -86,6 +86,12 @@ def test_demo_serves_out_of_the_box(tmp_path: Path) -> None:
         assert client.stat()[0] == 3
         client.quit()
         assert (tmp_path / "qpopper-demo" / "passwd").exists()
+        # STLS and implicit TLS work out of the box with the throwaway certificate.
+        stls = subprocess.run(["curl", "-sSk", "--ssl-reqd", f"pop3://demo:demo@{host}:{port}/2"], capture_output=True, timeout=30)
+        assert stls.returncode == 0 and b"Dot-stuffing" in stls.stdout
+        tls_port = int(wait_for_line(proc, rb"pop3s://\S+:(\d+)/1").group(1))
+        pop3s = subprocess.run(["curl", "-sSk", f"pop3s://demo:demo@{host}:{tls_port}/3"], capture_output=True, timeout=30)
+        assert pop3s.returncode == 0 and b"From here on" in pop3s.stdout
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -296,3 +296,59 @@ def test_tls13_ciphersuite_setting(certs: Certs, mailroot: Path) -> None:
         client = poplib.POP3_SSL(server.host, server.port, context=certs.client_context(), timeout=10)
         assert client.sock.cipher()[0] == "TLS_CHACHA20_POLY1305_SHA256"  # type: ignore[attr-defined]
         client.quit()
+
+
+def test_sasl_external_with_a_client_certificate(certs: Certs, mailroot: Path, fill: Fill) -> None:
+    fill("alice", [MSG])
+    auth = StaticAuthenticator({"alice": PASSWORD, "bob": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
+    with Controller(
+        authenticator=auth,
+        listen=(ListenAddress("127.0.0.1", 0, tls=True),),
+        tls_cert_file=str(certs.cert),
+        tls_key_file=str(certs.key),
+        tls_client_ca_file=str(certs.ca_file),
+    ) as server:
+        # Without a client certificate EXTERNAL is not offered.
+        anonymous = poplib.POP3_SSL(server.host, server.port, context=certs.client_context(), timeout=10)
+        assert "EXTERNAL" not in anonymous.capa()["SASL"]
+        anonymous.quit()
+        ctx = certs.client_context()
+        certs.ca.issue_cert("alice", common_name="alice").configure_cert(ctx)
+        client = poplib.POP3_SSL(server.host, server.port, context=ctx, timeout=10)
+        assert "EXTERNAL" in client.capa()["SASL"]
+        # Asking to be somebody else is a credential failure.
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            client._shortcmd("AUTH EXTERNAL " + base64.b64encode(b"bob").decode())  # noqa: SLF001
+        assert client._shortcmd("AUTH EXTERNAL =").startswith(b"+OK")  # noqa: SLF001
+        assert client.stat()[0] == 1
+        client.quit()
+
+
+def test_failed_stls_handshake_closes_cleanly(tls_server: Controller) -> None:
+    plain, _ = ports(tls_server)
+    with socket.create_connection(("127.0.0.1", plain), timeout=10) as sock:
+        sock.recv(512)
+        sock.sendall(b"STLS\r\n")
+        assert sock.recv(512).startswith(b"+OK")
+        sock.sendall(b"this is not a TLS ClientHello\r\n" * 10)
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+        assert b"+OK" not in data  # no plaintext reply after a failed handshake
+    # The server goes on serving others.
+    client = poplib.POP3("127.0.0.1", plain, timeout=10)
+    client.quit()
+
+
+def test_incomplete_handshake_times_out(certs: Certs, mailroot: Path) -> None:
+    auth = StaticAuthenticator({}, mail_location=f"maildir:{mailroot}/%u/Maildir")
+    with Controller(
+        authenticator=auth,
+        listen=(ListenAddress("127.0.0.1", 0, tls=True),),
+        tls_cert_file=str(certs.cert),
+        tls_key_file=str(certs.key),
+        tls_handshake_timeout=0.5,
+    ) as server:
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then silence
+            assert sock.recv(100) == b""  # closed by the server, not by our timeout

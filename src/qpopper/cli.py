@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-cipher-list", metavar="LIST", help="OpenSSL cipher list for TLS 1.2")
     tls.add_argument("--tls-ciphersuites", metavar="LIST", help="TLS 1.3 cipher suites")
     tls.add_argument("--tls-version", metavar="VERSION", help="minimum: TLSv1.2 (default) or TLSv1.3")
+    tls.add_argument("--tls-client-ca-file", metavar="PEM", help="accept client certificates from this CA (SASL EXTERNAL)")
     p.add_argument("-p", "--clear-text-password", metavar="POLICY", help="0 default, 1 never, 2 always, 3 local, 4 tls")
     p.add_argument("--sasl-mechanisms", metavar="LIST", help="space- or comma-separated SASL mechanisms to offer")
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
@@ -105,6 +106,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         ("tls_cipher_list", "tls_cipher_list"),
         ("tls_ciphersuites", "tls_ciphersuites"),
         ("tls_version", "tls_version"),
+        ("tls_client_ca_file", "tls_client_ca_file"),
     ):
         value = getattr(args, arg)
         if value is not None:

@@ -11,6 +11,7 @@ import dataclasses
 import socket
 from dataclasses import dataclass, field
 
+from .auth.sasl import ALL_MECHANISMS
 from .errors import ConfigError
 from .maildrop.location import DEFAULT_LOCATION
 
@@ -90,19 +91,16 @@ class Options:
     tls_ciphersuites: str | None = None
     tls_version: str = "default"
     tls_handshake_timeout: float = 30.0
+    # SASL EXTERNAL: clients presenting a certificate from this CA log in as
+    # the certificate's common name. Off unless a CA file is given.
+    tls_client_ca_file: str | None = None
     # qpopper's clear-text-password (-p): default/never/always/local/tls.
     # None: allowed on TLS and loopback connections only when TLS is
     # configured, everywhere when it is not.
     clear_text_password: str | None = None
-    sasl_mechanisms: tuple[str, ...] = (
-        "SCRAM-SHA-256-PLUS",
-        "SCRAM-SHA-256",
-        "SCRAM-SHA-1-PLUS",
-        "SCRAM-SHA-1",
-        "CRAM-MD5",
-        "PLAIN",
-        "LOGIN",
-    )
+    # Offered where usable: EXTERNAL needs a client certificate, -PLUS TLS,
+    # PLAIN and LOGIN the clear-text policy's consent.
+    sasl_mechanisms: tuple[str, ...] = ALL_MECHANISMS
 
     @property
     def tls_configured(self) -> bool:

@@ -23,7 +23,7 @@ from .credentials import CramMD5, Credentials, Rejected, ScramSecret, UserPass, 
 # RFC 4616: implementations must accept 255 octets for each PLAIN field.
 PLAIN_FIELD_MAX = 255
 SCRAM_MECHANISMS = ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-1")
-ALL_MECHANISMS = SCRAM_MECHANISMS + ("CRAM-MD5", "PLAIN", "LOGIN")
+ALL_MECHANISMS = ("EXTERNAL",) + SCRAM_MECHANISMS + ("CRAM-MD5", "PLAIN", "LOGIN")
 # Mechanisms that send the password itself: subject to the clear-text policy.
 CLEARTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
 # Channel binding type this server offers for the -PLUS variants.
@@ -220,7 +220,28 @@ class Scram(Mechanism):
         return Challenge(server_first.encode("utf-8"))
 
 
-def make_mechanism(name: str, hostname: str, channel_binding: bytes | None) -> Mechanism | None:
+class External(Mechanism):
+    """EXTERNAL (RFC 4422 appendix A): the TLS client certificate is the
+    credential. An authorisation identity, if sent, must be that same user."""
+
+    name = "EXTERNAL"
+
+    def __init__(self, certificate_user: str) -> None:
+        self._user = certificate_user
+
+    def step(self, response: bytes) -> Step:
+        if not is_valid_username(self._user):
+            return Fail("certificate name is not a valid user name")
+        if response and response.decode("utf-8", "replace") != self._user:
+            return Finish(Rejected(self._user, self.name))
+        return Finish(Verified(self._user, self.name))
+
+
+def make_mechanism(
+    name: str, hostname: str, channel_binding: bytes | None, certificate_user: str | None = None
+) -> Mechanism | None:
+    if name == "EXTERNAL":
+        return External(certificate_user) if certificate_user is not None else None
     if name == "PLAIN":
         return Plain()
     if name == "LOGIN":

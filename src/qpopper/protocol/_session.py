@@ -77,6 +77,8 @@ class ConnectionSecurity:
     plaintext_allowed: bool = True
     stls_available: bool = False
     channel_binding: bytes | None = None
+    # The verified client certificate's name (SASL EXTERNAL), if any.
+    certificate_user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +98,7 @@ class SessionConfig:
     max_bad_commands_auth: int = 10
     max_bad_commands_trans: int = 20
     # SASL mechanisms offered (filtered per connection by the policy).
-    sasl_mechanisms: tuple[str, ...] = ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN")
+    sasl_mechanisms: tuple[str, ...] = sasl.ALL_MECHANISMS
     implementation: str = f"qpopper-python-{__version__}"
     extra_capabilities: tuple[str, ...] = field(default=())
 
@@ -479,6 +481,8 @@ class Session:
                 continue
             if name.endswith("-PLUS") and self.security.channel_binding is None:
                 continue
+            if name == "EXTERNAL" and self.security.certificate_user is None:
+                continue
             out.append(name)
         return out
 
@@ -510,7 +514,9 @@ class Session:
         name = args[0].decode("ascii").upper()
         mechanism = None
         if name in self.sasl_mechanisms():
-            mechanism = sasl.make_mechanism(name, self.config.hostname, self.security.channel_binding)
+            mechanism = sasl.make_mechanism(
+                name, self.config.hostname, self.security.channel_binding, self.security.certificate_user
+            )
         if mechanism is None:
             self._bad("Unsupported authentication mechanism.")
             return

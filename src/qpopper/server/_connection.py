@@ -41,6 +41,7 @@ from ..protocol import (
     StartTls,
     StuffingEncoder,
 )
+from ._tls import certificate_identity
 
 log = logging.getLogger("qpopper.session")
 
@@ -145,6 +146,7 @@ class Connection:
                 and self.options.effective_tls_support == "stls"
             ),
             channel_binding=self._tls.channel_binding if tls_active else None,
+            certificate_user=certificate_identity(self.writer.get_extra_info("ssl_object")) if tls_active else None,
         )
 
     async def _blocking(self, func: Callable[..., T], *args: Any) -> T:

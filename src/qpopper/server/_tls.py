@@ -114,7 +114,28 @@ def build_context(options: Options) -> ssl.SSLContext:
     if options.tls_ciphersuites:
         _set_tls13_ciphersuites(ctx, options.tls_ciphersuites)
     _load_chain(ctx, options)
+    if options.tls_client_ca_file:
+        _readable(options.tls_client_ca_file, "tls-client-ca-file")
+        try:
+            ctx.load_verify_locations(cafile=options.tls_client_ca_file)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"tls-client-ca-file {options.tls_client_ca_file}: {exc.reason or exc}") from exc
+        ctx.verify_mode = ssl.CERT_OPTIONAL  # a certificate is asked for, never required
     return ctx
+
+
+def certificate_identity(ssl_object: ssl.SSLObject | None) -> str | None:
+    """The common name of a client certificate the handshake verified."""
+    if ssl_object is None:
+        return None
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
 
 
 def reload_certificates(ctx: ssl.SSLContext, options: Options) -> None:
