@@ -1,0 +1,776 @@
+#!/usr/bin/env python3
+"""Benchmark this server against a private Dovecot, side by side, and write a report.
+
+One command (from the repository root; see bench/README.md):
+
+    .venv/bin/python bench/run.py            # full: 5 rounds of 10 s per scenario, ~30 min
+    .venv/bin/python bench/run.py --quick    # development: 2 rounds of 3 s, ~6 min
+
+It installs nothing. It checks its prerequisites (Dovecot, openssl, setpriv, the
+shared harness, matplotlib, an importable qpopper) and says how to get what is
+missing. Then, for each mail format (maildir, mbox):
+
+  1. generates two identical copies of the test mail with popbench.py (same seed):
+     one for Dovecot, one for us, so neither server sees the other's index files,
+     flag renames or locks;
+  2. starts a private Dovecot (dovecot.sh, Dovecot's default "secure" login mode)
+     and this server (`python -m qpopper`, --auth-fail-delay 0) on separate ports;
+  3. runs `popbench.py compare` (A = Dovecot, B = qpopper, alternating) for
+     login, retr -c 1, retr -c 8, idle and bigbox (warm), plus Dovecot's
+     cold-index bigbox (restart + drop-index before each run);
+  4. stops both servers.
+
+Finally it writes REPORT.md (medians, spread, B/A ratio, target verdicts), ratios.png
+and the raw JSON lines of every run into the results directory.
+
+The harness (popbench.py, dovecot.sh) is found in ../shared/bench relative to the
+repository root, or wherever --shared-bench / $QPOPPER_BENCH_SHARED points.
+Generated mail goes under --work (default $TMPDIR/qpopper-bench), never into the
+shared directory or the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PASSWORD = "pass"
+RETR_USERS = 16  # u1..u16, 200 messages each (popbench's default maildrop)
+SESSION_USERS = 1000  # l1..l1000, 10 messages each: login churn and idle (see note below)
+# Why a second set of users for login and idle: this server allows one POP session per
+# maildrop (RFC 1939 exclusive access; -ERR [IN-USE] otherwise), Dovecot does not lock by
+# default. With 50 concurrent logins cycling over 16 users the sessions would collide, and
+# 500 held sessions need 500 distinct users. Both servers get the same users.
+BIGBOX_SIZES = "lognormal:median=3000,sigma=0.8,min=600,max=100000"
+
+
+# ----------------------------------------------------------------------------------------
+# scenarios and the metrics reported for each
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # key in popbench's per-run JSON line
+    label: str
+    higher_is_better: bool
+    # target on the ratio qpopper/Dovecot (None: informational); see issue 4
+    target: tuple[str, float] | None = None  # (">=" | "<=", ratio)
+    chart: bool = False
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str  # our name (report section)
+    popbench: str  # popbench scenario
+    args: tuple[str, ...]
+    metrics: tuple[Metric, ...]
+    needs_tls: bool = False
+
+
+def scenarios(quick: bool, mail_manifest: str) -> list[Scenario]:
+    dur = "3" if quick else "10"
+    login_metrics = (
+        Metric("sessions_per_s", "sessions/s", True, (">=", 5.0), chart=True),
+        Metric("server_cpu_ms_per_session", "server CPU ms/session", False, ("<=", 0.2), chart=True),
+        Metric("p50_ms", "latency p50 ms", False),
+        Metric("p99_ms", "latency p99 ms", False),
+        Metric("client_cpu_util", "client CPU (cores)", True),
+        Metric("server_cpu_util", "server CPU (cores)", False),
+        Metric("other_cpu_util", "other tenants' CPU (cores)", False),
+    )
+    retr_metrics = (
+        Metric("mb_per_s", "MB/s", True, (">=", 1.0), chart=True),
+        Metric("server_cpu_s_per_gb", "server CPU s/GB", False, ("<=", 0.5), chart=True),
+        Metric("msgs_per_s", "messages/s", True),
+        Metric("p50_session_ms", "session p50 ms", False),
+        Metric("client_cpu_s_per_gb", "client CPU s/GB", False),
+        Metric("other_cpu_util", "other tenants' CPU (cores)", False),
+    )
+    session_users = ("--user-format", "l{i}", "--users", str(SESSION_USERS))
+    return [
+        Scenario("login", "login", ("-c", "50", "-d", dur) + session_users, login_metrics),
+        Scenario("tls-login", "tls-login", ("-c", "50", "-d", dur) + session_users,
+                 tuple(Metric(m.key, m.label, m.higher_is_better,
+                              (">=", 1.5) if m.key == "sessions_per_s" else None, m.chart and m.key == "sessions_per_s")
+                       for m in login_metrics),
+                 needs_tls=True),
+        Scenario("retr-c1", "retr", ("-c", "1", "-d", dur, "--users", str(RETR_USERS), "--manifest", mail_manifest),
+                 retr_metrics),
+        Scenario("retr-c8", "retr", ("-c", "8", "-d", dur, "--users", str(RETR_USERS), "--manifest", mail_manifest),
+                 retr_metrics),
+        Scenario("idle", "idle", ("-k", "500", "-c", "50", "--hold", "2" if quick else "3") + session_users,
+                 (
+                     Metric("pss_kb_per_session", "PSS kB/session", False, ("<=", 0.1), chart=True),
+                     Metric("rss_kb_per_session", "RSS kB/session", False),
+                     Metric("pss_delta_kb_per_session", "PSS kB/session over idle baseline", False),
+                     Metric("rss_delta_kb_per_session", "RSS kB/session over idle baseline", False),
+                 )),
+        Scenario("bigbox", "bigbox", ("--user-format", "big{i}", "--repeat", "2" if quick else "3"),
+                 (
+                     Metric("ready_s_median", "PASS to STAT answered, s (warm)", False, ("<=", 5.0), chart=True),
+                     Metric("pass_s_median", "PASS s", False),
+                     Metric("stat_s_median", "STAT s", False),
+                     Metric("list_s_median", "full LIST s", False),
+                     Metric("uidl_s_median", "full UIDL s", False),
+                     Metric("server_cpu_s", "server CPU s per run", False),
+                 )),
+    ]
+
+
+# ----------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------
+
+
+class Skip(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, text=True, capture_output=True, **kw)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.recv(100)
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing answered on 127.0.0.1:{port} within {timeout} s")
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    med = statistics.median(values)
+    lo, hi = min(values), max(values)
+    spread = (hi - lo) / 2 / abs(med) * 100 if med else 0.0
+    return {"median": med, "min": lo, "max": hi, "spread_pct": spread, "n": len(values)}
+
+
+def fmt_num(x: float | None) -> str:
+    if x is None:
+        return "–"
+    ax = abs(x)
+    if ax >= 1000:
+        return f"{x:,.0f}"
+    if ax >= 100:
+        return f"{x:.0f}"
+    if ax >= 10:
+        return f"{x:.1f}"
+    if ax >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def mem_status(pid: int) -> dict[str, int]:
+    """RssAnon / RssFile / VmHWM of one process, kB (file pages include mmap'd spools)."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("RssAnon", "RssFile", "VmHWM"):
+                    out[k] = int(v.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+class MemSampler:
+    """Samples a process's anonymous and file-backed RSS every 20 ms; keeps the peaks."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid, self.peak = pid, {"RssAnon": 0, "RssFile": 0}
+        self.before = mem_status(pid)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.02):
+            m = mem_status(self.pid)
+            for k in self.peak:
+                self.peak[k] = max(self.peak[k], m.get(k, 0))
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._t.join()
+        return {"before": self.before, "peak": self.peak}
+
+
+# ----------------------------------------------------------------------------------------
+# prerequisites
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    shared: Path
+    popbench: Path
+    dovecot_sh: Path
+    python: str  # interpreter for our server and the popbench client
+    matplotlib: bool
+    mbox_backend: bool
+    tls: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def check_prerequisites(args: argparse.Namespace) -> Env:
+    problems: list[str] = []
+    notes: list[str] = []
+    shared = Path(args.shared_bench).resolve()
+    popbench, dovecot_sh = shared / "popbench.py", shared / "dovecot.sh"
+    if not popbench.is_file() or not dovecot_sh.is_file():
+        problems.append(
+            f"the shared harness is not at {shared} (popbench.py, dovecot.sh): "
+            "give --shared-bench DIR or set QPOPPER_BENCH_SHARED"
+        )
+    if not Path("/usr/sbin/dovecot").exists() or not Path("/usr/lib/dovecot/pop3").exists():
+        problems.append(
+            "Dovecot's POP3 server is not installed: as root, run "
+            "`apt-get update && apt-get install -y dovecot-pop3d` (the system service is not used)"
+        )
+    for tool in ("openssl",) + (("setpriv",) if os.geteuid() == 0 else ()):
+        if shutil.which(tool) is None:
+            problems.append(f"`{tool}` is missing (apt-get install -y {'openssl' if tool == 'openssl' else 'util-linux'})")
+    if os.geteuid() == 0:
+        try:
+            import pwd
+
+            pwd.getpwnam("dovecot")
+        except KeyError:
+            problems.append("no `dovecot` system user (reinstall dovecot-core)")
+    python = args.python
+    env = dict(os.environ, PYTHONPATH=str(args.src_dir))
+    probe = run(
+        [python, "-c",
+         "import importlib.util, sys, qpopper\n"
+         "assert qpopper.__file__.startswith(sys.argv[1]), qpopper.__file__\n"
+         "print(importlib.util.find_spec('qpopper.maildrop.mbox') is not None)\n"
+         "print(importlib.util.find_spec('uvloop') is not None)\n"
+         "import qpopper.cli as c; p = c.build_parser()\n"
+         "print(any('--tls-listen' in act.option_strings for act in p._actions))\n",
+         str(args.src_dir)],
+        env=env, cwd=REPO,
+    )
+    mbox_backend = tls = False
+    if probe.returncode != 0:
+        problems.append(
+            f"{python} cannot import qpopper and its dependencies: run ./dev test once (it makes .venv), "
+            f"or give --python. ({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else ''})"
+        )
+    else:
+        mbox_s, uvloop_s, tls_s = probe.stdout.split()
+        mbox_backend, tls = mbox_s == "True", tls_s == "True"
+        if uvloop_s != "True":
+            notes.append(f"uvloop is not importable by {python}: both the server and the client run plain asyncio.")
+    mpl = importlib.util.find_spec("matplotlib") is not None
+    if not mpl:
+        if args.no_chart:
+            notes.append("matplotlib not installed: no chart (--no-chart).")
+        else:
+            problems.append(f"matplotlib is missing: `{sys.executable} -m pip install matplotlib` (or pass --no-chart)")
+    if problems:
+        for p in problems:
+            print(f"bench/run.py: {p}", file=sys.stderr)
+        raise SystemExit(2)
+    return Env(shared, popbench, dovecot_sh, python, mpl, mbox_backend, tls, notes)
+
+
+# ----------------------------------------------------------------------------------------
+# the two servers
+# ----------------------------------------------------------------------------------------
+
+
+class Dovecot:
+    def __init__(self, env: Env, dir: Path, fmt: str, port: int, tls_port: int) -> None:
+        self.env, self.dir, self.fmt, self.port, self.tls_port = env, dir, fmt, port, tls_port
+        self.pid: int | None = None
+
+    def start(self) -> int:
+        r = run(["bash", str(self.env.dovecot_sh), "start", "--dir", str(self.dir), "--format", self.fmt,
+                 "--port", str(self.port), "--tls-port", str(self.tls_port), "--password", PASSWORD])
+        if r.returncode != 0:
+            raise RuntimeError(f"dovecot.sh start failed:\n{r.stderr}")
+        self.pid = int(r.stdout.strip().splitlines()[-1])
+        return self.pid
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            run(["bash", str(self.env.dovecot_sh), "stop", "--pid", str(self.pid)])
+            self.pid = None
+
+    def drop_index(self) -> None:
+        r = run(["bash", str(self.env.dovecot_sh), "drop-index", "--dir", str(self.dir)])
+        if r.returncode != 0:
+            raise RuntimeError(f"dovecot.sh drop-index failed:\n{r.stderr}")
+
+    def version(self) -> str:
+        r = run(["/usr/sbin/dovecot", "--version"])
+        return r.stdout.strip() or "?"
+
+
+class Qpopper:
+    def __init__(self, env: Env, dir: Path, fmt: str, port: int, src_dir: Path,
+                 tls_port: int | None = None, cert: Path | None = None, key: Path | None = None) -> None:
+        self.env, self.dir, self.fmt, self.port, self.src_dir = env, dir, fmt, port, src_dir
+        self.tls_port, self.cert, self.key = tls_port, cert, key
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = dir / "qpopper.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> int:
+        mail = self.dir / "mail"
+        users = sorted(os.listdir(mail / ("maildir" if self.fmt == "maildir" else "spool")))
+        passwd = self.dir / "passwd"
+        passwd.write_text("".join(f"{u}:{{PLAIN}}{PASSWORD}::::{self.dir}::\n" for u in users))
+        where = f"{mail}/maildir/%u" if self.fmt == "maildir" else f"{mail}/spool/%u"
+        cmd = [
+            self.env.python, "-m", "qpopper",
+            "--passwd-file", str(passwd),
+            "--mail-location", f"{self.fmt}:{where}",
+            "--auth-fail-delay", "0",
+            "--max-connections", "20000", "--max-connections-per-ip", "20000",
+            f"127.0.0.1:{self.port}",
+        ]
+        if self.tls_port:
+            # the same RSA-2048 self-signed certificate Dovecot uses (made by dovecot.sh)
+            cmd += ["--tls-listen", f"127.0.0.1:{self.tls_port}",
+                    "--tls-server-cert-file", str(self.cert), "--tls-private-key-file", str(self.key)]
+        env = dict(os.environ, PYTHONPATH=str(self.src_dir))
+        self.logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT, env=env, cwd=self.dir,
+                                     start_new_session=True)
+        wait_port(self.port, 20, self.proc)
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+# ----------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------
+
+
+def gen_mail(env: Env, out: Path, fmt: str) -> None:
+    pb = [env.python, str(env.popbench), f"gen-{fmt}", "--out", str(out)]
+    for extra in (
+        ["--users", str(RETR_USERS), "--messages", "200"],
+        ["--users", str(SESSION_USERS), "--user-format", "l{i}", "--messages", "10"],
+        ["--users", "1", "--user-format", "big{i}", "--messages", "50000", "--sizes", BIGBOX_SIZES],
+    ):
+        r = run(pb + extra)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(pb + extra)} failed:\n{r.stderr}")
+
+
+def popbench_json(stdout: str) -> list[dict[str, Any]]:
+    out = []
+    for line in stdout.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, env: Env) -> None:
+        self.args, self.env = args, env
+        self.rounds = args.rounds or (2 if args.quick else 5)
+        self.out = Path(args.out).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.raw = self.out / "raw"
+        self.raw.mkdir(exist_ok=True)
+        self.results: dict[str, dict[str, Any]] = {}  # key "fmt/scenario" -> data
+        self.skipped: list[str] = []
+        self.extra: dict[str, Any] = {}
+        self.started = datetime.datetime.now(datetime.timezone.utc)
+
+    def popbench(self, argv: list[str], timeout: float) -> tuple[int, list[dict[str, Any]], str]:
+        cmd = [self.env.python, str(self.env.popbench)] + argv
+        log("$ " + " ".join(cmd))
+        try:
+            r = run(cmd, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return 124, [], f"timed out after {timeout} s"
+        return r.returncode, popbench_json(r.stdout), r.stderr
+
+    def ceiling(self) -> None:
+        d = "2" if self.args.quick else "5"
+        rc, lines, err = self.popbench(
+            ["ceiling", "--port", str(self.args.port_base + 90), "--tls-port", str(self.args.port_base + 91),
+             "--scenarios", "login,tls-login,retr" if self.env.tls else "login,retr", "-d", d, "-c", "50",
+             "--retr-concurrency", "1,8"], timeout=300)
+        (self.raw / "ceiling.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        self.extra["ceiling"] = lines
+        if rc != 0:
+            self.extra["ceiling_error"] = err[-2000:]
+
+    def compare(self, fmt: str, sc: Scenario, a: tuple[int, int], b: tuple[int, int]) -> None:
+        key = f"{fmt}/{sc.name}"
+        argv = ["compare", sc.popbench, "--a", f"127.0.0.1:{a[0]}", "--a-pid", str(a[1]),
+                "--b", f"127.0.0.1:{b[0]}", "--b-pid", str(b[1]), "--rounds", str(self.rounds),
+                "--pause", "1", "--password", PASSWORD, *sc.args]
+        rc, lines, err = self.popbench(argv, timeout=1800)
+        (self.raw / f"{fmt}-{sc.name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        runs = [x for x in lines if "side" in x]
+        data: dict[str, Any] = {"scenario": sc, "argv": argv, "rc": rc, "runs": runs,
+                                "errors": [x.get("error_samples") for x in runs if not x.get("ok", True)],
+                                "stderr": err[-3000:] if rc != 0 else ""}
+        self.results[key] = data
+        bad = sum(1 for x in runs if not x.get("ok", True))
+        log(f"{key}: rc={rc}, {len(runs)} runs, {bad} with errors")
+
+    def bigbox_cold(self, fmt: str, dov: Dovecot) -> None:
+        """Dovecot with no index: stop, drop-index, start, one session; `rounds` times."""
+        vals = []
+        lines_all = []
+        for _ in range(max(1, min(self.rounds, 3))):
+            dov.stop()
+            dov.drop_index()
+            pid = dov.start()
+            rc, lines, err = self.popbench(
+                ["run", "bigbox", "--port", str(dov.port), "--server-pid", str(pid), "--password", PASSWORD,
+                 "--user-format", "big{i}", "--repeat", "1"], timeout=600)
+            lines_all += lines
+            for x in lines:
+                if x.get("ok") and "ready_s_first" in x:
+                    vals.append(x["ready_s_first"])
+        (self.raw / f"{fmt}-bigbox-dovecot-cold.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines_all))
+        self.extra[f"{fmt}/bigbox_cold"] = vals
+
+    def format(self, fmt: str) -> None:
+        if fmt == "mbox" and not self.env.mbox_backend:
+            self.skipped.append(f"mbox: skipped, this server has no mbox backend yet "
+                                f"(src/qpopper/maildrop/mbox.py is missing); rerun when it lands.")
+            log(self.skipped[-1])
+            return
+        work = Path(self.args.work).resolve() / fmt
+        if work.exists():
+            shutil.rmtree(work)
+        dov_dir, our_dir = work / "dovecot", work / "qpopper"
+        log(f"{fmt}: generating mail (two identical copies) under {work}")
+        gen_mail(self.env, dov_dir / "mail", fmt)
+        gen_mail(self.env, our_dir / "mail", fmt)
+        pb = self.args.port_base
+        dov = Dovecot(self.env, dov_dir, fmt, pb, pb + 1)
+        tls = self.env.tls
+        ours = Qpopper(self.env, our_dir, fmt, pb + 10, self.args.src_dir, pb + 11 if tls else None,
+                       dov_dir / "etc" / "cert.pem", dov_dir / "etc" / "key.pem")
+        selected = [s for s in scenarios(self.args.quick, str(dov_dir / "mail"))
+                    if not self.args.scenarios or s.name in self.args.scenarios]
+        try:
+            dpid = dov.start()
+            qpid = ours.start()
+            self.extra["dovecot_version"] = dov.version()
+            log(f"{fmt}: Dovecot PID {dpid} on :{dov.port}, qpopper PID {qpid} on :{ours.port}")
+            for sc in selected:
+                if sc.needs_tls:
+                    if not tls:
+                        self.skipped.append(f"{fmt}/{sc.name}: skipped, this server has no TLS listener "
+                                            "(no --tls-listen option) in the measured revision.")
+                        log(self.skipped[-1])
+                        continue
+                    self.compare(fmt, sc, (dov.tls_port, dov.pid or 0), (pb + 11, ours.pid))
+                    continue
+                sampler = MemSampler(ours.pid) if sc.name == "bigbox" else None
+                if sc.name == "bigbox":
+                    # both warm (Dovecot's index built, page cache filled) before the measured rounds
+                    for port, pid in ((dov.port, dov.pid), (ours.port, ours.pid)):
+                        self.popbench(["run", "bigbox", "--port", str(port), "--server-pid", str(pid),
+                                       "--password", PASSWORD, "--user-format", "big{i}", "--repeat", "1"], 600)
+                self.compare(fmt, sc, (dov.port, dov.pid or 0), (ours.port, ours.pid))
+                if sampler is not None:
+                    self.extra[f"{fmt}/qpopper_bigbox_mem"] = sampler.stop()
+                    self.bigbox_cold(fmt, dov)
+                if ours.proc is not None and ours.proc.poll() is not None:
+                    raise RuntimeError(f"qpopper died during {sc.name}; see {ours.log_path}")
+        finally:
+            ours.stop()
+            dov.stop()
+        if not self.args.keep_mail:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------
+
+
+def machine_info() -> list[str]:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    return [f"host `{platform.node()}`, {platform.system()} {platform.release()} {platform.machine()}",
+            f"CPU: {os.cpu_count()} × {cpu}; memory {mem}"]
+
+
+def git_rev(args: argparse.Namespace) -> str:
+    if not args.worktree:
+        return f"`{args.rev_hash[:10]}` (`{args.rev}`, exported from git: uncommitted changes not measured)"
+    r = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = run(["git", "-C", str(REPO), "status", "--porcelain", "src"]).stdout.strip()
+    return f"working tree on `{r.stdout.strip() or '?'}`" + (" with uncommitted changes in src/" if dirty else "")
+
+
+def verdict(m: Metric, ratio: float | None) -> str:
+    if m.target is None or ratio is None:
+        return ""
+    op, t = m.target
+    ok = ratio >= t if op == ">=" else ratio <= t
+    return f"{'met' if ok else '**missed**'} ({op} {t:g})"
+
+
+def side_values(runs: list[dict[str, Any]], side: str, key: str) -> list[float]:
+    return [float(x[key]) for x in runs if x.get("side") == side and x.get(key) is not None]
+
+
+def write_report(bench: Bench, args: argparse.Namespace, argv: list[str]) -> Path:
+    env = bench.env
+    lines: list[str] = []
+    w = lines.append
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    w("# qpopper (Python) vs Dovecot: benchmark report\n")
+    w(f"Generated by `{' '.join(['bench/run.py'] + argv)}` "
+      f"({'quick' if args.quick else 'full'} mode, {bench.rounds} rounds per side, A = Dovecot, B = qpopper, "
+      "alternating A B A B).\n")
+    w(f"- date: {bench.started:%Y-%m-%d %H:%M} – {finished:%H:%M} UTC")
+    for m in machine_info():
+        w(f"- {m}")
+    w(f"- Python {platform.python_version()} ({env.python}); Dovecot {bench.extra.get('dovecot_version', '?')} "
+      "(private instance via dovecot.sh, default secure login mode: one pop3-login process per connection)")
+    w(f"- qpopper: {git_rev(args)}; run with `--auth-fail-delay 0`, uvloop if installed")
+    w(f"- harness: {env.popbench} (client loop: see `loop` in raw/*.jsonl)")
+    for n in env.notes + bench.skipped:
+        w(f"- note: {n}")
+    w("")
+    w("Ratio = qpopper / Dovecot. Spread = half the min–max range over the runs, as % of the median. "
+      "Targets are issue 4's, expressed on that ratio. Raw JSON of every run: `raw/`.\n")
+    ceil = bench.extra.get("ceiling") or []
+    if ceil:
+        parts = []
+        for x in ceil:
+            if x.get("scenario") in ("login", "tls-login"):
+                parts.append(f"{x['scenario']} {fmt_num(x.get('sessions_per_s'))} sessions/s")
+            elif x.get("scenario") == "retr":
+                parts.append(f"retr -c {x['params']['concurrency']} {fmt_num(x.get('mb_per_s'))} MB/s")
+        w("Harness ceiling (popbench's canned in-process server, same machine, same run): " + ", ".join(parts) + ".\n")
+
+    chart_points: list[tuple[str, float]] = []
+    for key, data in bench.results.items():
+        fmt, name = key.split("/")
+        sc: Scenario = data["scenario"]
+        runs = data["runs"]
+        w(f"## {fmt} — {name}\n")
+        w(f"`popbench.py {' '.join(data['argv'][:2])} … {' '.join(sc.args)}`\n")
+        if data["rc"] != 0 or data["errors"]:
+            samples = [s for e in data["errors"] if e for s in e][:3]
+            w(f"**Errors** (exit status {data['rc']}): {samples or data['stderr'][-500:]}\n")
+        if not runs:
+            w("No runs completed.\n")
+            continue
+        w("| metric | Dovecot median (spread) | qpopper median (spread) | ratio | target |")
+        w("|---|---|---|---|---|")
+        for m in sc.metrics:
+            a, b = side_values(runs, "A", m.key), side_values(runs, "B", m.key)
+            if not a or not b:
+                continue
+            sa, sb = summarise(a), summarise(b)
+            ratio = sb["median"] / sa["median"] if sa["median"] else None
+            w(f"| {m.label} | {fmt_num(sa['median'])} (±{sa['spread_pct']:.0f}%) | "
+              f"{fmt_num(sb['median'])} (±{sb['spread_pct']:.0f}%) | {fmt_num(ratio)} | {verdict(m, ratio)} |")
+            if m.chart and ratio:
+                adv = ratio if m.higher_is_better else 1 / ratio
+                chart_points.append((f"{fmt} {name}\n{m.label}", adv))
+        if name == "bigbox":
+            cold = bench.extra.get(f"{fmt}/bigbox_cold") or []
+            ours = side_values(runs, "B", "ready_s_median")
+            if cold and ours:
+                sc_ = summarise(cold)
+                ratio = statistics.median(ours) / sc_["median"]
+                w(f"| PASS to STAT answered, s — Dovecot **cold** (index dropped, restarted) | "
+                  f"{fmt_num(sc_['median'])} (±{sc_['spread_pct']:.0f}%, n={len(cold)}) | "
+                  f"{fmt_num(statistics.median(ours))} | {fmt_num(ratio)} | "
+                  f"{verdict(Metric('x', '', False, ('<=', 0.2)), ratio)} |")
+                chart_points.append((f"{fmt} bigbox\nvs Dovecot cold", 1 / ratio))
+            mem = bench.extra.get(f"{fmt}/qpopper_bigbox_mem")
+            if mem:
+                b, pk = mem["before"], mem["peak"]
+                w(f"\nqpopper's memory during the bigbox runs (one process; 50,000 messages, ~210 MB of mail), "
+                  f"sampled every 20 ms: anonymous RSS {b.get('RssAnon', 0) / 1024:.0f} MB before the first bigbox session, "
+                  f"peak {pk['RssAnon'] / 1024:.0f} MB; file-backed RSS (mmap'd/page-cache pages, "
+                  f"not private memory) peak {pk['RssFile'] / 1024:.0f} MB.")
+        w("")
+    if chart_points and env.matplotlib and not args.no_chart:
+        png = bench.out / "ratios.png"
+        chart(chart_points, png)
+        w("## Chart\n")
+        w("![qpopper advantage over Dovecot per metric](ratios.png)\n")
+        w("Bars: how many times better qpopper is than Dovecot on each headline metric "
+          "(ratio for higher-is-better metrics, inverse ratio for costs and times); "
+          "log scale, 1 = parity, left of 1 = Dovecot better.\n")
+    report = bench.out / args.report_name
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def chart(points: list[tuple[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [p[0] for p in points]
+    vals = [p[1] for p in points]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(points) + 1.5))
+    colors = ["#2a9d8f" if v >= 1 else "#e76f51" for v in vals]
+    ax.barh(range(len(vals)), vals, color=colors)
+    ax.set_xscale("log")
+    ax.axvline(1, color="black", lw=1)
+    ax.set_yticks(range(len(vals)), [lab.replace("\n", " — ") for lab in labels], fontsize=8)
+    ax.invert_yaxis()
+    for i, v in enumerate(vals):
+        ax.text(v, i, f" {v:.2g}×", va="center", fontsize=8)
+    ax.set_xlabel("times better than Dovecot (log scale; >1 = qpopper better)")
+    ax.set_title("qpopper (Python) vs Dovecot 2.3, same machine, same run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def export_source(args: argparse.Namespace) -> Path:
+    """The src/ directory to put on PYTHONPATH: the working tree, or a clean export of --rev."""
+    if args.worktree:
+        return REPO / "src"
+    r = run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{args.rev}^{{commit}}"])
+    if r.returncode != 0:
+        raise SystemExit(f"bench/run.py: unknown git revision {args.rev!r}")
+    args.rev_hash = r.stdout.strip()
+    dest = Path(args.work).resolve() / f"src-{args.rev_hash[:12]}"
+    if not (dest / "src" / "qpopper").is_dir():
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.rev_hash, "src"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest / "src"
+
+
+def default_python() -> str:
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 rounds of 3 s (development); default 5 rounds of 10 s")
+    p.add_argument("--rounds", type=int, help="rounds per side (overrides the mode's default)")
+    p.add_argument("--formats", default="maildir,mbox", help="comma list of maildir, mbox")
+    p.add_argument("--scenarios", help="comma list of login,tls-login,retr-c1,retr-c8,idle,bigbox (default all)")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="results directory")
+    p.add_argument("--report-name", default="REPORT.md")
+    p.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "qpopper-bench"),
+                   help="scratch directory for generated mail and server state (~1 GB)")
+    p.add_argument("--keep-mail", action="store_true", help="keep the generated mail and logs under --work")
+    p.add_argument("--shared-bench", default=os.environ.get("QPOPPER_BENCH_SHARED", str(REPO.parent / "shared" / "bench")),
+                   help="directory of popbench.py and dovecot.sh (env QPOPPER_BENCH_SHARED; default ../shared/bench)")
+    p.add_argument("--python", default=default_python(), help="interpreter for qpopper and popbench (default .venv)")
+    p.add_argument("--port-base", type=int, default=11210,
+                   help="Dovecot on BASE (TLS BASE+1), qpopper on BASE+10 (TLS BASE+11), ceiling on BASE+90/91")
+    p.add_argument("--rev", default="HEAD", help="git revision of src/ to measure (exported to --work; default HEAD)")
+    p.add_argument("--worktree", action="store_true", help="measure the working tree's src/ instead of --rev")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the harness-ceiling run")
+    p.add_argument("--no-chart", action="store_true", help="no PNG (matplotlib not needed)")
+    args = p.parse_args(argv)
+    if args.scenarios:
+        args.scenarios = set(args.scenarios.split(","))
+    args.src_dir = export_source(args)
+    env = check_prerequisites(args)
+    for port in (args.port_base, args.port_base + 1, args.port_base + 10, args.port_base + 11,
+                 args.port_base + 90, args.port_base + 91):
+        if not port_free(port):
+            print(f"bench/run.py: port {port} is in use (choose --port-base)", file=sys.stderr)
+            return 2
+    bench = Bench(args, env)
+    log(f"results -> {bench.out}; {bench.rounds} rounds per side; python {env.python}")
+    if not args.no_ceiling:
+        bench.ceiling()
+    for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
+        try:
+            bench.format(fmt)
+        except Exception as exc:  # noqa: BLE001 - report what failed, keep what was measured
+            bench.skipped.append(f"{fmt}: aborted: {exc}")
+            log(bench.skipped[-1])
+    report = write_report(bench, args, argv)
+    log(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
