@@ -103,7 +103,9 @@ class MboxMaildrop:
     ) -> None:
         self.path = os.path.abspath(path)
         self._dir = os.path.dirname(self.path)
-        self._lock_args = {"timeout": lock_timeout, "stale_age": stale_age, "check_pid": check_pid}
+        self._lock_timeout = lock_timeout
+        self._stale_age = stale_age
+        self._check_pid = check_pid
         self._use_content_length = use_content_length
         self._session: SessionLock | None = None
         self._fd: int | None = None
@@ -155,7 +157,7 @@ class MboxMaildrop:
             if fd is None:
                 return  # no mail ever delivered: empty maildrop
             self._fd = fd
-            with SpoolLock(self.path, fd, **self._lock_args) as lock:  # type: ignore[arg-type]
+            with self._spool_lock(fd) as lock:
                 st = os.fstat(fd)
                 if not self._path_is(st):
                     self._close_fd()  # replaced between open and lock: start over
@@ -171,6 +173,12 @@ class MboxMaildrop:
             self._infos = [MessageInfo(size=s, uid=u, seen=r) for s, u, r in zip(idx.sizes, idx.uids, idx.seen)]
             return
         raise MaildropError(f"spool {self.path} kept being replaced while opening it")
+
+    def _spool_lock(self, fd: int) -> SpoolLock:
+        """Dotlock + fcntl on the spool, for indexing or UPDATE only."""
+        return SpoolLock(
+            self.path, fd, timeout=self._lock_timeout, stale_age=self._stale_age, check_pid=self._check_pid
+        )
 
     def _path_is(self, st: os.stat_result) -> bool:
         try:
@@ -205,7 +213,7 @@ class MboxMaildrop:
             return  # nothing to remove, nothing to write
         if self._committed:
             raise MaildropError(f"{self.path} was already updated in this session")
-        with SpoolLock(self.path, self._fd, **self._lock_args) as lock:  # type: ignore[arg-type]
+        with self._spool_lock(self._fd) as lock:
             current = self._verify_unchanged()
             pieces = self._plan(drop, current)
             self._check_space(sum(p.length if isinstance(p, _Copy) else len(p) for p in pieces))

@@ -190,11 +190,11 @@ class MboxIndex:
     """
 
     length: int = 0
-    from_starts: array = field(default_factory=lambda: array("q"))
-    starts: array = field(default_factory=lambda: array("q"))
-    body_starts: array = field(default_factory=lambda: array("q"))
-    ends: array = field(default_factory=lambda: array("q"))
-    seg_ends: array = field(default_factory=lambda: array("q"))
+    from_starts: "array[int]" = field(default_factory=lambda: array("q"))
+    starts: "array[int]" = field(default_factory=lambda: array("q"))
+    body_starts: "array[int]" = field(default_factory=lambda: array("q"))
+    ends: "array[int]" = field(default_factory=lambda: array("q"))
+    seg_ends: "array[int]" = field(default_factory=lambda: array("q"))
     sizes: list[int] = field(default_factory=list)
     uids: list[str] = field(default_factory=list)
     seen: list[bool] = field(default_factory=list)
