@@ -4,145 +4,202 @@ This is the one place that configures logging, installs signal handlers
 and exits the process. Modes: standalone (listen on `[address][:port]`
 arguments), inetd (`-i`: one session on stdin/stdout), systemd socket
 activation (LISTEN_FDS, detected by itself), and `--demo`.
+
+The switches are qpopper's, parsed as qpopper's getopt did (`-T600` and
+`-T 600`, switches in any order, processed left to right so that `-f`
+files and later switches override earlier ones); every setting of the
+registry is also a long option (`--timeout=600`, `--no-reverse-lookup`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import getopt
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from ._version import __version__
+from .configfile import Context, read_config
 from .errors import ConfigError
-from .options import ListenAddress, Options, parse_listen_address
-from .policy import parse_clear_text_policy
+from .logsetup import configure_logging
+from .options import ListenAddress, Options, apply_settings, parse_listen_address
 from .server import Server, listen_fds, notify, serve_inetd
+from .settings import BY_LONG, BY_SWITCH, SETTINGS, Kind, Setting
 
 log = logging.getLogger("qpopper")
 
 EXIT_USAGE = 2
+# qpopper 4.1's switches with an argument (":"), plus -i (inetd mode).
+SHORT_OPTIONS = "b:BcCdD:e:f:FikK:l:L:p:RsSt:T:uUvVxy:"
+_OWN_LONG = ["demo", "inetd", "show-config", "help", "version", "tls-listen=", "config-file="]
+USAGE = (
+    "usage: qpopper [-b bulldir] [-B] [-c] [-C] [-d] [-D drac-host] [-e login_delay=nn,expire=nn]\n"
+    "               [-f config-file] [-F] [-i] [-k] [-K service] [-l 0-2] [-L lock-refresh] [-p 0-4]\n"
+    "               [-R] [-s] [-S] [-t trace-file] [-T timeout] [-u] [-U] [-v] [-x] [-y facility]\n"
+    "               [--demo] [--show-config] [--SETTING=VALUE ...] [[address][:port] ...]"
+)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        print(f"qpopper: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+def _long_options() -> list[str]:
+    out = list(_OWN_LONG)
+    for name, setting in BY_LONG.items():
+        if name == "config-file":
+            continue
+        if setting.kind is Kind.BOOL:
+            out += [name, f"no-{name}"]
+        else:
+            out.append(f"{name}=")
+    return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qpopper", description="POP3 server compatible with qpopper 4.1.")
-    p.add_argument("listen", nargs="*", metavar="[address][:port]", help="listen here (standalone; default *:110)")
-    p.add_argument("-v", "-V", "--version", action="version", version=f"qpopper {__version__} (Python)")
-    p.add_argument("-i", "--inetd", action="store_true", help="serve one session on stdin/stdout (inetd, xinetd)")
-    p.add_argument("--demo", action="store_true", help="serve a demo user and maildrop from ./qpopper-demo")
-    p.add_argument("--passwd-file", metavar="FILE", help="virtual users in Dovecot passwd-file format")
-    p.add_argument("--mail-location", metavar="TEMPLATE", help="maildrop template, e.g. maildir:~/Maildir")
-    p.add_argument("--default-password-scheme", metavar="SCHEME", help="scheme of hashes without {SCHEME}")
-    p.add_argument("--hostname", help="host name in the greeting and the APOP stamp")
-    p.add_argument("-T", "--timeout", type=float, metavar="SECONDS", help="autologout timer (default 600)")
-    p.add_argument("--auth-fail-delay", type=float, metavar="SECONDS", help="answer failed logins after this delay")
-    p.add_argument("--max-connections", type=int, metavar="N", help="sessions at once in total")
-    p.add_argument("--max-connections-per-ip", type=int, metavar="N", help="sessions at once per client address")
-    p.add_argument("--update-on-abort", action="store_true", help="commit deletions when a connection is lost")
-    p.add_argument("--shy", action="store_true", help="hide the version in the greeting and CAPA")
-    tls = p.add_argument_group("TLS")
-    tls.add_argument("-l", dest="tls_support", choices=["0", "1", "2"], help="TLS: 0 none, 1 STLS, 2 implicit TLS on every listener")
-    tls.add_argument("--tls-listen", action="append", default=[], metavar="[address][:port]", help="also listen here with implicit TLS (e.g. :995)")
-    tls.add_argument("--tls-server-cert-file", metavar="PEM", help="server certificate")
-    tls.add_argument("--tls-private-key-file", metavar="PEM", help="its private key (default: in the certificate file)")
-    tls.add_argument("--tls-chain-file", metavar="PEM", help="intermediate certificates sent with it")
-    tls.add_argument("--tls-cipher-list", metavar="LIST", help="OpenSSL cipher list for TLS 1.2")
-    tls.add_argument("--tls-ciphersuites", metavar="LIST", help="TLS 1.3 cipher suites")
-    tls.add_argument("--tls-version", metavar="VERSION", help="minimum: TLSv1.2 (default) or TLSv1.3")
-    tls.add_argument("--tls-client-ca-file", metavar="PEM", help="accept client certificates from this CA (SASL EXTERNAL)")
-    p.add_argument("-p", "--clear-text-password", metavar="POLICY", help="0 default, 1 never, 2 always, 3 local, 4 tls")
-    p.add_argument("--sasl-mechanisms", metavar="LIST", help="space- or comma-separated SASL mechanisms to offer")
-    p.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
-    p.add_argument("-d", "--debug", action="store_true", help="log debug messages")
-    return p
+@dataclass
+class Invocation:
+    """What the command line asked for, before Options are built."""
+
+    assignments: list[tuple[str, object, str]] = field(default_factory=list)
+    listen: list[str] = field(default_factory=list)
+    tls_listen: list[str] = field(default_factory=list)
+    demo: bool = False
+    inetd: bool = False
+    show_config: bool = False
+    version: bool = False
+    help: bool = False
 
 
-def options_from_args(args: argparse.Namespace) -> Options:
-    opts = Options()
+def _usage_error(message: str) -> ConfigError:
+    return ConfigError(message, "command line")
+
+
+def _switch_value(setting: Setting, value: str, where: str) -> object:
+    if setting.kind is Kind.BOOL:
+        return True
+    return setting.parse(value, where)
+
+
+def parse_command_line(argv: Sequence[str]) -> Invocation:
+    try:
+        opts, positional = getopt.gnu_getopt(list(argv), SHORT_OPTIONS, _long_options())
+    except getopt.GetoptError as exc:
+        raise _usage_error(str(exc)) from None
+    inv = Invocation(listen=list(positional))
+    for flag, value in opts:
+        if flag in ("-v", "-V", "--version"):
+            inv.version = True
+        elif flag == "--help":
+            inv.help = True
+        elif flag in ("-i", "--inetd"):
+            inv.inetd = True
+        elif flag == "--demo":
+            inv.demo = True
+        elif flag == "--show-config":
+            inv.show_config = True
+        elif flag == "--tls-listen":
+            inv.tls_listen.append(value)
+        elif flag in ("-f", "--config-file"):
+            for a in read_config(value, Context.INIT):
+                inv.assignments.append((a.setting.name, a.value, a.source))
+        elif flag == "-e":
+            inv.assignments += _announcements(value)
+        elif flag == "-R":
+            inv.assignments.append(("reverse-lookup", False, "-R"))
+        elif flag in BY_SWITCH:
+            setting = BY_SWITCH[flag]
+            inv.assignments.append((setting.name, _switch_value(setting, value, flag), flag))
+        elif flag.startswith("--no-") and flag[5:] in BY_LONG:
+            inv.assignments.append((BY_LONG[flag[5:]].name, False, flag))
+        elif flag[2:] in BY_LONG:
+            setting = BY_LONG[flag[2:]]
+            inv.assignments.append((setting.name, _switch_value(setting, value, flag), flag))
+        else:  # pragma: no cover - getopt only returns what we declared
+            raise _usage_error(f"option {flag} not recognized")
+    return inv
+
+
+def _announcements(value: str) -> list[tuple[str, object, str]]:
+    """-e login_delay=nn,expire=nn (qpopper's sub-option syntax)."""
+    out: list[tuple[str, object, str]] = []
+    for item in value.split(","):
+        key, sep, text = item.strip().partition("=")
+        key = key.strip().lower()
+        if key not in ("login_delay", "expire") or not sep or not text.strip():
+            raise _usage_error(f"-e takes login_delay=SECONDS,expire=DAYS|never, not {item!r}")
+        if key == "login_delay":
+            if not text.strip().isdigit():
+                raise _usage_error(f"-e login_delay must be a number of seconds, not {text!r}")
+            out.append(("announce-login-delay", int(text), "-e"))
+        else:
+            out.append(("announce-expire", text.strip(), "-e"))
+    return out
+
+
+def build_options(inv: Invocation) -> Options:
+    opts = apply_settings(Options(), inv.assignments)
     changes: dict[str, object] = {}
-    if args.listen:
-        default_port = 1110 if args.demo else 110
-        changes["listen"] = tuple(parse_listen_address(a, default_port) for a in args.listen)
-    elif args.demo:
+    sources = dict(opts.sources)
+    listen = list(opts.listen)
+    if inv.listen:
+        default_port = 1110 if inv.demo else 110
+        listen = [parse_listen_address(a, default_port) for a in inv.listen]
+        sources["listen"] = "command line"
+    elif inv.demo:
         from .demo import DEMO_PORT
 
-        changes["listen"] = (ListenAddress("127.0.0.1", DEMO_PORT),)
-    if args.demo:
+        listen = [ListenAddress("127.0.0.1", DEMO_PORT)]
+    if inv.demo:
         from .demo import DEMO_TLS_PORT, prepare
 
         demo = prepare()
-        changes.update(
-            passwd_file=demo.passwd,
-            mail_location=demo.mail_location,
-            auth_fail_delay=1.0,
-            hostname="localhost",
-            tls_cert_file=demo.cert,
-            tls_key_file=demo.key,
-        )
-        if not args.tls_listen:
-            host = changes["listen"][0].host  # type: ignore[index]
-            tls_port = 0 if changes["listen"][0].port == 0 else DEMO_TLS_PORT  # type: ignore[index]
-            changes["listen"] = (*changes["listen"], ListenAddress(host, tls_port, tls=True))  # type: ignore[misc]
-    if args.tls_listen:
-        base = changes.get("listen", opts.listen)
-        extra = tuple(parse_listen_address(a, 995, tls=True) for a in args.tls_listen)
-        changes["listen"] = (*base, *extra)  # type: ignore[misc]
-    if args.tls_support is not None:
-        changes["tls_support"] = {"0": "none", "1": "stls", "2": "alternate-port"}[args.tls_support]
-    # qpopper's option names on the left, Options fields on the right.
-    for arg, field_name in (
-        ("tls_server_cert_file", "tls_cert_file"),
-        ("tls_private_key_file", "tls_key_file"),
-        ("tls_chain_file", "tls_chain_file"),
-        ("tls_cipher_list", "tls_cipher_list"),
-        ("tls_ciphersuites", "tls_ciphersuites"),
-        ("tls_version", "tls_version"),
-        ("tls_client_ca_file", "tls_client_ca_file"),
-    ):
-        value = getattr(args, arg)
-        if value is not None:
-            changes[field_name] = value
-    if args.clear_text_password is not None:
-        changes["clear_text_password"] = parse_clear_text_policy(args.clear_text_password)
-    if args.sasl_mechanisms is not None:
-        from .auth.sasl import ALL_MECHANISMS
+        for name, value in (
+            ("passwd_file", demo.passwd),
+            ("mail_location", demo.mail_location),
+            ("hostname", "localhost"),
+            ("tls_cert_file", demo.cert),
+            ("tls_key_file", demo.key),
+            ("reverse_lookup", False),
+        ):
+            if name not in opts.sources:
+                changes[name] = value
+                sources[name] = "--demo"
+        if not inv.tls_listen:
+            first = listen[0]
+            listen.append(ListenAddress(first.host, 0 if first.port == 0 else DEMO_TLS_PORT, tls=True))
+    if inv.tls_listen:
+        listen += [parse_listen_address(a, 995, tls=True) for a in inv.tls_listen]
+        sources["listen"] = "command line"
+    changes["listen"] = tuple(listen)
+    return opts.replace(sources=sources, **changes)
 
-        names = tuple(m.upper() for m in args.sasl_mechanisms.replace(",", " ").split())
-        unknown = [m for m in names if m not in ALL_MECHANISMS]
-        if unknown:
-            raise ConfigError(f"unknown SASL mechanism {unknown[0]} (known: {' '.join(ALL_MECHANISMS)})")
-        changes["sasl_mechanisms"] = names
-    for name in (
-        "passwd_file",
-        "mail_location",
-        "default_password_scheme",
-        "hostname",
-        "timeout",
-        "auth_fail_delay",
-        "max_connections",
-        "max_connections_per_ip",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            changes[name] = value
-    if args.update_on_abort:
-        changes["update_on_abort"] = True
-    if args.shy:
-        changes["shy"] = True
-    if args.no_uvloop:
-        changes["use_uvloop"] = False
-    if "timeout" in changes and float(changes["timeout"]) <= 0:  # type: ignore[arg-type]
-        raise ConfigError("timeout must be positive")
-    return opts.replace(**changes)
+
+def show_config(options: Options) -> str:
+    """Every setting with its effective value and where it came from."""
+    lines = []
+    for setting in SETTINGS:
+        if setting.field is None:
+            if setting.name in options.ignored:
+                lines.append(f"# {setting.name}: given at {options.source_of(setting.name)}, ignored: {setting.ignored}")
+            continue
+        value = getattr(options, setting.field)
+        source = options.source_of(setting.field)
+        if value is None:
+            lines.append(f"# {setting.name} is not set".ljust(52) + f"# {source}")
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = '"' + " ".join(str(v) for v in value) + '"'
+        elif isinstance(value, float):
+            text = f"{value:g}"
+        else:
+            text = str(value)
+            if any(c in text for c in " \t#\"'"):
+                text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        lines.append(f"set {setting.name} = {text}".ljust(52) + f"# {source}")
+    listen = " ".join(str(a) for a in options.listen)
+    lines.append(f"# listen: {listen}  ({options.source_of('listen')})")
+    return "\n".join(lines) + "\n"
 
 
 def _new_loop(options: Options) -> asyncio.AbstractEventLoop:
@@ -179,15 +236,22 @@ async def _run_daemon(server: Server, demo: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s qpopper[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
-        options = options_from_args(args)
-        if args.inetd:
+        inv = parse_command_line(sys.argv[1:] if argv is None else argv)
+        if inv.version:
+            print(f"qpopper {__version__} (Python)")
+            return 0
+        if inv.help:
+            print(USAGE)
+            return 0
+        options = build_options(inv)
+        if inv.show_config:
+            sys.stdout.write(show_config(options))
+            return 0
+        configure_logging(options, foreground=not inv.inetd)
+        for name in options.ignored:
+            log.warning("setting %s is accepted for compatibility but has no effect here", name)
+        if inv.inetd:
             server = Server(options)
             loop = _new_loop(options)
             try:
@@ -199,11 +263,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = Server(options, sockets=listen_fds())
         loop = _new_loop(options)
         try:
-            loop.run_until_complete(_run_daemon(server, args.demo))
+            loop.run_until_complete(_run_daemon(server, inv.demo))
         finally:
             loop.close()
     except ConfigError as exc:
         print(f"qpopper: {exc}", file=sys.stderr)
+        if exc.source is not None and (exc.source.startswith("-") or exc.source == "command line"):
+            print(USAGE, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

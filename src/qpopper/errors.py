@@ -26,7 +26,14 @@ class QpopperError(Exception):
 
 
 class ConfigError(QpopperError):
-    """A setting or a configuration file is wrong; raised before serving."""
+    """A setting or a configuration file is wrong; raised before serving.
+
+    `source` says where the bad value came from ("file:line", "-T", ...)
+    when it is known, so the command line can add its usage line."""
+
+    def __init__(self, message: str, source: str | None = None) -> None:
+        super().__init__(message)
+        self.source = source
 
 
 class MaildropError(QpopperError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .auth.sasl import ALL_MECHANISMS
@@ -101,6 +102,28 @@ class Options:
     # Offered where usable: EXTERNAL needs a client certificate, -PLUS TLS,
     # PLAIN and LOGIN the clear-text policy's consent.
     sasl_mechanisms: tuple[str, ...] = ALL_MECHANISMS
+    # Logging and records (qpopper's -d, -s, -t, -y, log-login, timing).
+    debug: bool = False
+    statistics: bool = False
+    timing: bool = False
+    trace_file: str | None = None
+    log_facility: str = "mail"
+    log_login: str | None = None
+    syslog_socket: str | None = "/dev/log"
+    # Who may log in, and under which name.
+    downcase_user: bool = False
+    trim_domain: bool = False
+    nonauth_file: str | None = "/etc/ftpusers"
+    auth_file: str | None = None
+    reverse_lookup: bool = True
+    enforce_login_delay: bool = False
+    auto_delete: bool = False
+    user_options: bool = False
+    spool_options: bool = False
+    # Where each value came from ("default", "file:line", "-T", "--name"),
+    # and the settings given that have no effect in this server.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    ignored: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def tls_configured(self) -> bool:
@@ -114,3 +137,56 @@ class Options:
 
     def replace(self, **changes: object) -> Options:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def source_of(self, name: str) -> str:
+        return self.sources.get(name, "default")
+
+
+def _convert(name: str, value: object, where: str) -> object:
+    """Field-specific forms and checks beyond the setting's kind."""
+    if name == "announce_expire":
+        text = str(value).strip()
+        if text.lower() == "never":
+            return "NEVER"
+        if not text.isdigit():
+            raise ConfigError(f"{where}: announce-expire must be a number of days or never", where)
+        return str(int(text))
+    if name == "announce_login_delay":
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where}: announce-login-delay must be a number of seconds", where)
+    if name in ("timeout", "auth_fail_delay", "tls_handshake_timeout", "drain_timeout"):
+        if not isinstance(value, float) or value < 0 or (name == "timeout" and value == 0):
+            raise ConfigError(f"{where}: {name.replace('_', '-')} must be a positive number of seconds", where)
+    if name in ("max_connections", "max_connections_per_ip"):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}: {name.replace('_', '-')} must be at least 1", where)
+    if name == "sasl_mechanisms":
+        names = tuple(m.upper() for m in str(value).replace(",", " ").split())
+        unknown = [m for m in names if m not in ALL_MECHANISMS]
+        if unknown:
+            raise ConfigError(f"{where}: unknown SASL mechanism {unknown[0]} (known: {' '.join(ALL_MECHANISMS)})", where)
+        return names
+    if name in ("nonauth_file", "auth_file", "trace_file", "log_login") and value == "":
+        return None
+    return value
+
+
+def apply_settings(options: Options, assignments: Iterable[tuple[str, object, str]]) -> Options:
+    """Apply (setting name, value, source) in order; later ones win."""
+    from .settings import lookup
+
+    changes: dict[str, object] = {}
+    sources = dict(options.sources)
+    ignored = list(options.ignored)
+    for name, value, where in assignments:
+        setting = lookup(name)
+        if setting is None:
+            raise ConfigError(f"{where}: unknown option {name!r}")
+        if setting.field is None:
+            if setting.name not in ignored:
+                ignored.append(setting.name)
+            sources[setting.name] = where
+            continue
+        changes[setting.field] = _convert(setting.field, value, where)
+        sources[setting.field] = where
+    return dataclasses.replace(options, sources=sources, ignored=tuple(ignored), **changes)  # type: ignore[arg-type]

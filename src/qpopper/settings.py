@@ -1,0 +1,225 @@
+"""The one registry of settings: qpopper's switches and config-file options,
+and this server's own.
+
+Everything that reads or documents settings works from this table: the
+command line (`cli`), the config file and the per-user option files
+(`configfile`), `qpopper --show-config`, and the generated manual pages.
+A setting names the `Options` field it fills, how its text is parsed, its
+qpopper switch, and where it may be set: qpopper's restriction classes,
+read strictly (a restricted option is refused in both user option files).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+
+class Restriction(enum.Enum):
+    NONE = "anywhere"  # also in ~/.qpopper-options and the spool option file
+    USER = "restricted"  # not in user option files
+    INIT = "start-up"  # only on the command line and in -f files
+
+
+class Kind(enum.Enum):
+    BOOL = "boolean"
+    INT = "integer"
+    FLOAT = "number"
+    STR = "string"
+    MNEMONIC = "mnemonic"
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str  # config-file name (case-insensitive)
+    field: str | None  # Options field; None: accepted, logged as ignored
+    kind: Kind
+    help: str
+    restriction: Restriction = Restriction.NONE
+    switch: str | None = None  # qpopper's one-letter switch, e.g. "-T"
+    mnemonics: tuple[tuple[str, object], ...] = ()  # accepted words -> value
+    ignored: str | None = None  # why a C-only option has no effect here
+    qpopper: bool = True  # in qpopper 4.1's table (else our own)
+
+    def parse(self, text: str, where: str) -> object:
+        """Turn the text of a value into the field's value, or ConfigError."""
+        try:
+            return _PARSERS[self.kind](self, text)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {self.name}: {exc}", where) from None
+
+
+def _bool(setting: Setting, text: str) -> object:
+    word = text.strip().lower()
+    if word in ("true", "yes", "on"):
+        return True
+    if word in ("false", "no", "off"):
+        return False
+    number = _int(setting, text)
+    if number in (0, 1):
+        return bool(number)
+    raise ValueError(f"expected true, false, 1 or 0, not {text!r}")
+
+
+def _int(setting: Setting, text: str) -> int:
+    word = text.strip()
+    try:
+        # qpopper reads numbers with strtol(..., 0): 0x1F and 017 work.
+        if word.lower().startswith(("0x", "-0x")):
+            return int(word, 16)
+        if len(word.lstrip("-")) > 1 and word.lstrip("-").startswith("0"):
+            return int(word, 8)
+        return int(word, 10)
+    except ValueError:
+        raise ValueError(f"expected a number, not {text!r}") from None
+
+
+def _float(setting: Setting, text: str) -> object:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, not {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"expected a finite number, not {text!r}")
+    return value
+
+
+def _str(setting: Setting, text: str) -> object:
+    return text
+
+
+def _mnemonic(setting: Setting, text: str) -> object:
+    for word, value in setting.mnemonics:
+        if word.lower() == text.strip().lower():
+            return value
+    words = ", ".join(w for w, _ in setting.mnemonics)
+    raise ValueError(f"expected one of {words}, not {text!r}")
+
+
+_PARSERS: dict[Kind, Callable[[Setting, str], object]] = {
+    Kind.BOOL: _bool,
+    Kind.INT: _int,
+    Kind.FLOAT: _float,
+    Kind.STR: _str,
+    Kind.MNEMONIC: _mnemonic,
+}
+
+B, I, F, S, M = Kind.BOOL, Kind.INT, Kind.FLOAT, Kind.STR, Kind.MNEMONIC
+U, INIT = Restriction.USER, Restriction.INIT
+
+_FACILITIES = tuple((name, name) for name in ("mail", "daemon", "user", *(f"local{i}" for i in range(8))))
+_CLEAR_TEXT = (
+    ("default", "default"),
+    ("never", "never"),
+    ("always", "always"),
+    ("local", "local"),
+    ("tls", "tls"),
+    ("ssl", "tls"),
+    *((number, name) for number, name in (("0", "default"), ("1", "never"), ("2", "always"), ("3", "local"), ("4", "tls"))),
+)
+_TLS_SUPPORT = (
+    ("default", "none"),
+    ("none", "none"),
+    ("stls", "stls"),
+    ("alternate-port", "alternate-port"),
+    ("0", "none"),
+    ("1", "stls"),
+    ("2", "alternate-port"),
+)
+_C_ONLY = "an OpenSSL/SSL Plus build detail of the C qpopper"
+
+SETTINGS: tuple[Setting, ...] = (
+    # ---- qpopper 4.1 -----------------------------------------------------
+    Setting("announce-expire", "announce_expire", S, "days announced as EXPIRE in CAPA, or never (-e expire=N)"),
+    Setting("announce-login-delay", "announce_login_delay", I, "seconds announced as LOGIN-DELAY in CAPA (-e login_delay=N)"),
+    Setting("auth-file", "auth_file", S, "only users listed in this file may log in", INIT),
+    Setting("auto-delete", "auto_delete", B, "delete retrieved messages at QUIT; announces EXPIRE 0", U),
+    Setting("bulldb-max-tries", None, I, "bulletin database lock attempts", ignored="bulletins arrive with their own issue"),
+    Setting("bulldb-nonfatal", None, B, "go on when the bulletin database cannot be opened", switch="-B", ignored="bulletins arrive with their own issue"),
+    Setting("bulldir", None, S, "bulletin directory", switch="-b", ignored="bulletins arrive with their own issue"),
+    Setting("cache-dir", None, S, "qpopper's drop cache directory", U, ignored="this server keeps no drop cache file"),
+    Setting("cache-name", None, S, "qpopper's drop cache file name", U, ignored="this server keeps no drop cache file"),
+    Setting("check-hash-dir", None, B, "create missing hashed spool directories", ignored="mbox spool options are wired with the mbox backend"),
+    Setting("check-old-spool-loc", None, B, "look for a temp drop in the pre-hashing place", ignored="mbox spool options are wired with the mbox backend"),
+    Setting("check-password-expired", None, B, "refuse accounts whose password expired", INIT, ignored="system users arrive with their own issue"),
+    Setting("chunky-writes", None, M, "output buffering of the C qpopper", mnemonics=(("default", "always"), ("always", "always"), ("tls", "tls"), ("ssl", "tls"), ("never", "never")), ignored="replies are always batched here"),
+    Setting("clear-text-password", "clear_text_password", M, "where USER/PASS and SASL PLAIN/LOGIN are allowed", U, "-p", mnemonics=_CLEAR_TEXT),
+    Setting("config-file", None, S, "read another config file here", switch="-f"),
+    Setting("debug", "debug", B, "log debug records", switch="-d"),
+    Setting("downcase-user", "downcase_user", B, "lower-case user names before lookup", U, "-c"),
+    Setting("drac-host", None, S, "DRAC server to tell about logins", switch="-D", ignored="DRAC arrives with its own issue"),
+    Setting("fast-update", None, B, "rename instead of copy at UPDATE", switch="-F", ignored="mbox spool options are wired with the mbox backend"),
+    Setting("group-bulletins", None, B, "bulletins per group", U, ignored="bulletins arrive with their own issue"),
+    Setting("group-no-server-mode", None, S, "group whose members never get server mode", U, ignored="mbox spool options are wired with the mbox backend"),
+    Setting("group-server-mode", None, S, "group whose members get server mode", U, ignored="mbox spool options are wired with the mbox backend"),
+    Setting("hash-spool", None, I, "hashed spool directories, method 1 or 2", U, ignored="mbox spool options are wired with the mbox backend"),
+    Setting("home-dir-mail", None, S, "the spool is ~/<this> instead of <spool-dir>/<user>", U, ignored="mbox spool options are wired with the mbox backend"),
+    Setting("keep-temp-drop", None, B, "keep .<user>.pop after the session", U, ignored="mbox spool options are wired with the mbox backend"),
+    Setting("kerberos", None, B, "Kerberos authentication", U, "-k", ignored="Kerberos arrives with its own issue"),
+    Setting("kerberos-service", None, S, "Kerberos service name", U, "-K", ignored="Kerberos arrives with its own issue"),
+    Setting("log-facility", "log_facility", M, "syslog facility", INIT, "-y", mnemonics=_FACILITIES),
+    Setting("log-login", "log_login", S, "template of the login record: %0 version, %1 user, %2 host, %3 address", INIT),
+    Setting("mail-command", None, S, "sendmail for XTND XMIT", U, ignored="XTND arrives with its own issue"),
+    Setting("mail-lock-check", None, I, "refresh the mail lock every n messages while copying", switch="-L", ignored="mbox spool options are wired with the mbox backend"),
+    Setting("max-bulletins", None, I, "bulletins a new user gets", ignored="bulletins arrive with their own issue"),
+    Setting("no-atomic-open", None, B, "do not trust O_EXCL (old NFS)", U, ignored="lock files are made by link(2), which NFS honours"),
+    Setting("nonauth-file", "nonauth_file", S, "users listed in this file may not log in", INIT),
+    Setting("old-style-uid", None, B, "qpopper 2.x hex UIDs", ignored="mbox spool options are wired with the mbox backend"),
+    Setting("reverse-lookup", "reverse_lookup", B, "look up the client's host name (-R turns it off)", U),
+    Setting("server-mode", None, B, "serve the spool in place, no temp copy", switch="-S", ignored="mbox spool options are wired with the mbox backend"),
+    Setting("shy", "shy", B, "hide the version in the greeting and CAPA", INIT),
+    Setting("spool-dir", None, S, "mbox spool directory", U, ignored="mbox spool options are wired with the mbox backend"),
+    Setting("spool-options", "spool_options", B, "read <spool-dir>/.<user>.qpopper-options after login", U, "-U"),
+    Setting("statistics", "statistics", B, "log a statistics record at session end", switch="-s"),
+    Setting("temp-dir", None, S, "directory of the temp drop", U, ignored="mbox spool options are wired with the mbox backend"),
+    Setting("temp-name", None, S, "name of the temp drop", U, ignored="mbox spool options are wired with the mbox backend"),
+    Setting("timeout", "timeout", F, "autologout timer in seconds (RFC 1939: at least 600)", switch="-T"),
+    Setting("timing", "timing", B, "log a timing record at session end"),
+    Setting("tls-cipher-list", "tls_cipher_list", S, "OpenSSL cipher list for TLS 1.2", INIT),
+    Setting("tls-identity-file", None, S, "SSL Plus identity", INIT, ignored=_C_ONLY),
+    Setting("tls-options", None, I, "OpenSSL SSL_OP_* bits", U, ignored=_C_ONLY),
+    Setting("tls-passphrase", None, S, "SSL Plus key passphrase", INIT, ignored=_C_ONLY),
+    Setting("tls-private-key-file", "tls_key_file", S, "private key of the certificate", INIT),
+    Setting("tls-server-cert-file", "tls_cert_file", S, "server certificate (PEM)", INIT),
+    Setting("tls-support", "tls_support", M, "none, stls, or alternate-port (implicit TLS)", INIT, "-l", mnemonics=_TLS_SUPPORT),
+    Setting("tls-version", "tls_version", S, "minimum TLS version: TLSv1.2 or TLSv1.3; older names mean TLSv1.2", INIT),
+    Setting("tls-workarounds", None, B, "OpenSSL SSL_OP_ALL", U, ignored=_C_ONLY),
+    Setting("tracefile", "trace_file", S, "append every command and reply here (passwords masked)", INIT, "-t"),
+    Setting("trim-domain", "trim_domain", B, "drop @domain from user names", U, "-C"),
+    Setting("update-on-abort", "update_on_abort", B, "commit deletions when the connection is lost (off: RFC 1939)"),
+    Setting("update-status-headers", None, B, "write Status:/X-UIDL: back into mbox spools", ignored="mbox spool options are wired with the mbox backend"),
+    Setting("user-options", "user_options", B, "read ~/.qpopper-options after login", U, "-u"),
+    Setting("UW-kluge", None, B, "hide UW-IMAP's folder-data first message", ignored="mbox spool options are wired with the mbox backend"),
+    Setting("xmit-disable", None, B, "refuse XTND XMIT (qpopper 4.1 -x)", U, "-x", ignored="XTND arrives with its own issue"),
+    # ---- this server's own -----------------------------------------------
+    Setting("passwd-file", "passwd_file", S, "virtual users, Dovecot passwd-file format", INIT, qpopper=False),
+    Setting("mail-location", "mail_location", S, "maildrop template, e.g. maildir:~/Maildir", INIT, qpopper=False),
+    Setting("default-password-scheme", "default_password_scheme", S, "scheme of hashes without {SCHEME}", INIT, qpopper=False),
+    Setting("hostname", "hostname", S, "name in the greeting and APOP stamp", INIT, qpopper=False),
+    Setting("auth-fail-delay", "auth_fail_delay", F, "seconds before a failed login is answered", INIT, qpopper=False),
+    Setting("enforce-login-delay", "enforce_login_delay", B, "refuse logins within announce-login-delay of the last one", U, qpopper=False),
+    Setting("max-connections", "max_connections", I, "sessions at once in total", INIT, qpopper=False),
+    Setting("max-connections-per-ip", "max_connections_per_ip", I, "sessions at once per client address", INIT, qpopper=False),
+    Setting("tls-chain-file", "tls_chain_file", S, "intermediate certificates", INIT, qpopper=False),
+    Setting("tls-ciphersuites", "tls_ciphersuites", S, "TLS 1.3 cipher suites", INIT, qpopper=False),
+    Setting("tls-client-ca-file", "tls_client_ca_file", S, "CA of client certificates for SASL EXTERNAL", INIT, qpopper=False),
+    Setting("tls-handshake-timeout", "tls_handshake_timeout", F, "seconds a TLS handshake may take", INIT, qpopper=False),
+    Setting("sasl-mechanisms", "sasl_mechanisms", S, "SASL mechanisms to offer (space separated)", INIT, qpopper=False),
+    Setting("syslog-socket", "syslog_socket", S, "syslog's socket; empty: no syslog", INIT, qpopper=False),
+    Setting("drain-timeout", "drain_timeout", F, "seconds SIGTERM waits for sessions in UPDATE", INIT, qpopper=False),
+    Setting("use-uvloop", "use_uvloop", B, "use uvloop when installed", INIT, qpopper=False),
+)
+
+BY_NAME: dict[str, Setting] = {s.name.lower(): s for s in SETTINGS}
+BY_NAME["uw-kludge"] = BY_NAME["uw-kluge"]
+BY_SWITCH: dict[str, Setting] = {s.switch: s for s in SETTINGS if s.switch}
+# Every setting is also a long option: --name=value, and --name / --no-name
+# for Booleans; the command line is generated from this table.
+BY_LONG: dict[str, Setting] = {s.name.lower(): s for s in SETTINGS}
+
+
+def lookup(name: str) -> Setting | None:
+    return BY_NAME.get(name.lower())
