@@ -79,6 +79,10 @@ def _int(setting: Setting, text: str) -> int:
 
 def _float(setting: Setting, text: str) -> object:
     try:
+        return float(_int(setting, text))
+    except ValueError:
+        pass
+    try:
         value = float(text)
     except ValueError:
         raise ValueError(f"expected a number, not {text!r}") from None
