@@ -120,6 +120,8 @@ class Options:
     auto_delete: bool = False
     user_options: bool = False
     spool_options: bool = False
+    # mbox spools live here; so do qpopper's per-user spool option files.
+    spool_dir: str = "/var/mail"
     # Where each value came from ("default", "file:line", "-T", "--name"),
     # and the settings given that have no effect in this server.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

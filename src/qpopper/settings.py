@@ -175,7 +175,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("reverse-lookup", "reverse_lookup", B, "look up the client's host name (-R turns it off)", U),
     Setting("server-mode", None, B, "serve the spool in place, no temp copy", switch="-S", ignored="mbox spool options are wired with the mbox backend"),
     Setting("shy", "shy", B, "hide the version in the greeting and CAPA", INIT),
-    Setting("spool-dir", None, S, "mbox spool directory", U, ignored="mbox spool options are wired with the mbox backend"),
+    Setting("spool-dir", "spool_dir", S, "mbox spool directory; also holds .<user>.qpopper-options", U),
     Setting("spool-options", "spool_options", B, "read <spool-dir>/.<user>.qpopper-options after login", U, "-U"),
     Setting("statistics", "statistics", B, "log a statistics record at session end", switch="-s"),
     Setting("temp-dir", None, S, "directory of the temp drop", U, ignored="mbox spool options are wired with the mbox backend"),

@@ -97,6 +97,11 @@ class SessionConfig:
     # Bad commands tolerated before the session is closed.
     max_bad_commands_auth: int = 10
     max_bad_commands_trans: int = 20
+    # qpopper's -c and -C: lower-case user names; drop an @domain part.
+    downcase_user: bool = False
+    trim_domain: bool = False
+    # Messages retrieved whole are deleted at UPDATE (EXPIRE 0).
+    auto_delete: bool = False
     # SASL mechanisms offered (filtered per connection by the policy).
     sasl_mechanisms: tuple[str, ...] = sasl.ALL_MECHANISMS
     implementation: str = f"qpopper-python-{__version__}"
@@ -142,6 +147,10 @@ class Session:
         self.timestamp = timestamp  # the APOP challenge "<pid.clock@host>"
         self.security = security or ConnectionSecurity(plaintext_allowed=self.config.allow_user_pass)
         self._sasl: sasl.Mechanism | None = None
+        # The "-no-mime" user-name suffix asks for MIME mangling.
+        self.mangle = False
+        # Called with each command line as received, secrets masked (-t).
+        self.trace: Callable[[str], None] | None = None
         self.state = State.AUTHORIZATION
         self.user: str | None = None  # set by USER, confirmed by login
         self._buffer = LineBuffer(self.config.max_line)
@@ -176,6 +185,8 @@ class Session:
             item = self._buffer.next_line()
             if item is None:
                 return None
+            if self.trace is not None:
+                self.trace(self._masked(item))
             if self._sasl is not None:
                 self._sasl_line(item)
             elif isinstance(item, OverlongLine):
@@ -183,6 +194,35 @@ class Session:
             else:
                 self._dispatch(item)
         return self._effects.popleft()
+
+    def _masked(self, item: Line | OverlongLine) -> str:
+        """The line for a trace record: passwords and SASL data hidden."""
+        if isinstance(item, OverlongLine):
+            return f"<over-long line of {item.discarded} octets>"
+        if self._sasl is not None:
+            return "<SASL response>" if item.data != b"*" else "*"
+        keyword, _, rest = item.data.partition(b" ")
+        word = keyword.upper()
+        if word == b"PASS":
+            return "PASS <password>"
+        if word == b"APOP":
+            return "APOP " + rest.partition(b" ")[0].decode("ascii", "backslashreplace") + " <digest>"
+        if word == b"AUTH" and b" " in rest:
+            return "AUTH " + rest.partition(b" ")[0].decode("ascii", "backslashreplace") + " <initial response>"
+        return item.data.decode("ascii", "backslashreplace")
+
+    def drop_stats(self) -> tuple[int, int, int, int]:
+        """(messages deleted, octets deleted, messages left, octets left)
+        as the UPDATE state would leave them (qpopper's -s record)."""
+        deleted = self._effective_deletions()
+        gone = sum(self._messages[i].size for i in deleted)
+        total = sum(m.size for m in self._messages)
+        return len(deleted), gone, len(self._messages) - len(deleted), total - gone
+
+    def _effective_deletions(self) -> set[int]:
+        if self.config.auto_delete:
+            return self._deleted | self._retrieved
+        return set(self._deleted)
 
     @property
     def waiting(self) -> bool:
@@ -271,7 +311,7 @@ class Session:
         self._expect(_Waiting.COMMIT)
         self._waiting = _Waiting.NOTHING
         if error is None:
-            left = len(self._messages) - len(self._deleted)
+            left = len(self._messages) - len(self._effective_deletions())
             self._emit(Send(_ok(f"Pop server at {self.config.hostname} signing off ({left} messages left).")))
         else:
             self._emit(Send(_err("Some deleted messages not removed.", error)))
@@ -384,13 +424,25 @@ class Session:
             return
         if not self._need_args(args, 1, 1):
             return
-        name = args[0].decode("ascii")
-        if not is_valid_username(name):
+        name = self._login_name(args[0].decode("ascii"))
+        if name is None:
             self.user = None
             self._bad("Invalid user name.")
             return
         self.user = name
         self._emit(Send(_ok(f"Password required for {name}.")))
+
+    def _login_name(self, raw: str) -> str | None:
+        """qpopper's user-name processing, then validation."""
+        name = raw
+        if name.lower().endswith("-no-mime"):
+            name = name[: -len("-no-mime")]
+            self.mangle = True
+        if self.config.downcase_user:
+            name = name.lower()
+        if self.config.trim_domain:
+            name = name.partition("@")[0]
+        return name if is_valid_username(name) else None
 
     def _cmd_pass(self, args: list[bytes], _line: bytes) -> None:
         # PASS takes the rest of the line whole: passwords may hold spaces.
@@ -416,9 +468,9 @@ class Session:
             return
         if not self._need_args(args, 2, 2):
             return
-        name = args[0].decode("ascii")
+        name = self._login_name(args[0].decode("ascii"))
         digest = args[1].decode("ascii").lower()
-        if not is_valid_username(name):
+        if name is None:
             self._bad("Invalid user name.")
             return
         if len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
@@ -434,7 +486,7 @@ class Session:
         if self.state is State.TRANSACTION:
             self.state = State.UPDATE
             self._waiting = _Waiting.COMMIT
-            self._emit(Commit(frozenset(self._deleted), frozenset(self._retrieved)))
+            self._emit(Commit(frozenset(self._effective_deletions()), frozenset(self._retrieved)))
             return
         self._emit(Send(_ok(f"Pop server at {self.config.hostname} signing off.")))
         self._emit(Close("quit"))
@@ -466,7 +518,9 @@ class Session:
             caps.append("STLS")
         if cfg.login_delay is not None:
             caps.append(f"LOGIN-DELAY {cfg.login_delay}")
-        if cfg.expire is not None:
+        if cfg.auto_delete:
+            caps.append("EXPIRE 0")
+        elif cfg.expire is not None:
             caps.append(f"EXPIRE {cfg.expire}")
         caps.extend(cfg.extra_capabilities)
         if self.state is State.TRANSACTION and not cfg.shy:

@@ -4,8 +4,9 @@ It reads bytes into the session, carries out the session's effects and
 writes the replies. Replies accumulate in one buffer and go out in a single
 write when the session needs input or before any slow step, so a pipelined
 burst of commands costs one packet, not one per reply. Slow or blocking
-steps (password checks, opening and committing a maildrop) run in the
-server's thread pool so that no session stalls another.
+steps (password checks, user option files, opening and committing a
+maildrop) run in the server's thread pool so that no session stalls
+another.
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ..access import AccessPolicy, LoginDelays
 from ..auth import Authenticator, Principal
 from ..auth.credentials import Rejected
-from ..errors import AuthUnavailable, MaildropError, ResponseCode
+from ..configfile import Context, read_config
+from ..errors import AuthUnavailable, ConfigError, MaildropError, ResponseCode
+from ..logsetup import TRACE_LOGGER, printable
 from ..maildrop import Maildrop
 from ..maildrop.location import open_maildrop
-from ..options import Options
+from ..options import Options, apply_settings
 from ..policy import plaintext_allowed
 from ..protocol import (
     Authenticate,
@@ -41,15 +45,18 @@ from ..protocol import (
     StartTls,
     StuffingEncoder,
 )
+from ._records import SessionTimes, expand_login_template, reverse_lookup, statistics_record
 from ._tls import certificate_identity
 
 log = logging.getLogger("qpopper.session")
+trace_log = logging.getLogger(TRACE_LOGGER)
 
 T = TypeVar("T")
 READ_SIZE = 65536
 # Messages are written in chunks of about this size, waiting for the
 # client to take each before reading the next from disk.
 WRITE_CHUNK = 256 * 1024
+_CRLF = b"\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +70,30 @@ class Peer:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+@dataclass(slots=True)
+class TlsState:
+    """The server's live TLS context and channel binding (reloaded on HUP)."""
+
+    context: ssl.SSLContext | None = None
+    channel_binding: bytes | None = None
+
+
+@dataclass(slots=True)
+class Services:
+    """What every connection of one server shares."""
+
+    options: Options
+    authenticator: Authenticator
+    run_blocking: Callable[..., Any]
+    tls: TlsState = field(default_factory=TlsState)
+    access: AccessPolicy | None = None
+    login_delays: LoginDelays = field(default_factory=LoginDelays)
+
+    def __post_init__(self) -> None:
+        if self.access is None:
+            self.access = AccessPolicy(self.options.nonauth_file, self.options.auth_file)
+
+
 def session_config(options: Options) -> SessionConfig:
     return SessionConfig(
         hostname=options.hostname,
@@ -71,6 +102,9 @@ def session_config(options: Options) -> SessionConfig:
         apop=options.apop,
         login_delay=options.announce_login_delay,
         expire=options.announce_expire,
+        downcase_user=options.downcase_user,
+        trim_domain=options.trim_domain,
+        auto_delete=options.auto_delete,
         sasl_mechanisms=options.sasl_mechanisms,
     )
 
@@ -86,16 +120,40 @@ def new_timestamp(hostname: str) -> str:
     return f"<{os.getpid()}.{clock}@{hostname}>"
 
 
+def user_option_files(options: Options, principal: Principal) -> list[tuple[str, Context]]:
+    """qpopper's -u and -U files, home first so the spool file wins."""
+    files = []
+    if options.user_options and principal.home:
+        files.append((os.path.join(principal.home, ".qpopper-options"), Context.USER))
+    if options.spool_options:
+        files.append((os.path.join(options.spool_dir, f".{principal.user}.qpopper-options"), Context.SPOOL))
+    return files
+
+
+def read_user_options(options: Options, principal: Principal) -> Options:
+    """Apply the user's option files; unreadable or broken ones are logged
+    and skipped, never a failed login."""
+    assignments = []
+    for path, context in user_option_files(options, principal):
+        if not os.path.isfile(path):
+            continue
+        try:
+            found = read_config(path, context)
+        except ConfigError as exc:
+            log.warning("%s: %s", context.value, exc)
+            continue
+        assignments += [(a.setting.name, a.value, a.source) for a in found]
+    if not assignments:
+        return options
+    try:
+        return apply_settings(options, assignments)
+    except ConfigError as exc:
+        log.warning("user options of %s ignored: %s", principal.user, exc)
+        return options
+
+
 class _Abort(Exception):
     """End the connection at once, without a reply."""
-
-
-@dataclass(slots=True)
-class TlsState:
-    """The server's live TLS context and channel binding (reloaded on HUP)."""
-
-    context: ssl.SSLContext | None = None
-    channel_binding: bytes | None = None
 
 
 class Connection:
@@ -106,21 +164,16 @@ class Connection:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: Peer,
-        options: Options,
-        authenticator: Authenticator,
-        run_blocking: Callable[..., Any],
-        tls: TlsState | None = None,
+        services: Services,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.peer = peer
-        self.options = options
-        self.authenticator = authenticator
-        self._run_blocking = run_blocking
-        self._tls = tls or TlsState()
+        self.services = services
+        self.options = services.options  # per session: user option files may change it
         self.session = Session(
-            session_config(options),
-            timestamp=new_timestamp(options.hostname),
+            session_config(self.options),
+            timestamp=new_timestamp(self.options.hostname),
             security=self._security(tls_active=writer.get_extra_info("ssl_object") is not None),
         )
         self.maildrop: Maildrop | None = None
@@ -128,8 +181,18 @@ class Connection:
         self._out = bytearray()
         # True while UPDATE runs: a draining server waits for it.
         self.updating = False
+        self._committed = False
+        self._times = SessionTimes()
+        self._host_name: asyncio.Task[str] | None = None
+        if self.options.reverse_lookup and peer.host != "local":
+            self._host_name = asyncio.get_running_loop().create_task(reverse_lookup(peer.host))
+        if trace_log.isEnabledFor(logging.DEBUG) and trace_log.handlers:
+            self.session.trace = self._trace_in
+
+    # ---- helpers ------------------------------------------------------------
 
     def _security(self, tls_active: bool) -> ConnectionSecurity:
+        tls = self.services.tls
         can_upgrade = self.writer.get_extra_info("socket") is not None
         return ConnectionSecurity(
             tls=tls_active,
@@ -137,20 +200,20 @@ class Connection:
                 self.options.clear_text_password,
                 tls_active=tls_active,
                 peer=self.peer.host,
-                tls_configured=self._tls.context is not None,
+                tls_configured=tls.context is not None,
             ),
             stls_available=(
                 not tls_active
                 and can_upgrade
-                and self._tls.context is not None
+                and tls.context is not None
                 and self.options.effective_tls_support == "stls"
             ),
-            channel_binding=self._tls.channel_binding if tls_active else None,
+            channel_binding=tls.channel_binding if tls_active else None,
             certificate_user=certificate_identity(self.writer.get_extra_info("ssl_object")) if tls_active else None,
         )
 
     async def _blocking(self, func: Callable[..., T], *args: Any) -> T:
-        result: T = await self._run_blocking(func, *args)
+        result: T = await self.services.run_blocking(func, *args)
         return result
 
     async def _flush(self) -> None:
@@ -158,6 +221,27 @@ class Connection:
             self.writer.write(bytes(self._out))
             self._out.clear()
         await self.writer.drain()
+
+    def _trace_in(self, line: str) -> None:
+        trace_log.debug("%s %s < %s", self.peer, self.session.user or "-", printable(line))
+
+    def _trace_out(self, data: bytes) -> None:
+        if self.session.trace is None:
+            return
+        first, _, rest = data.partition(b"\r\n")
+        more = f" (+{rest.count(_CRLF)} lines)" if rest else ""
+        trace_log.debug("%s %s > %s%s", self.peer, self.session.user or "-", printable(first), more)
+
+    async def host_name(self) -> str:
+        """The client's name if the reverse lookup confirmed one."""
+        if self._host_name is None:
+            return self.peer.host
+        try:
+            return await self._host_name
+        except Exception:  # a resolver failure only costs us the name
+            return self.peer.host
+
+    # ---- the session --------------------------------------------------------
 
     async def run(self) -> None:
         try:
@@ -192,19 +276,38 @@ class Connection:
                 if self.options.update_on_abort and self.session.in_transaction:
                     # qpopper's update-on-abort: commit marks on a lost connection.
                     self.updating = True
-                    await asyncio.shield(
-                        self._blocking(maildrop.commit, self.session.marked_deleted, self.session.retrieved)
-                    )
+                    await asyncio.shield(self._commit_maildrop(maildrop, Commit(
+                        frozenset(self.session.marked_deleted), self.session.retrieved
+                    )))
             except Exception:
                 log.exception("%s: update on abort failed for %s", self.peer, self.session.user)
             finally:
                 self.updating = False
                 maildrop.close()
+        try:
+            await self._session_records()
+        except Exception:  # records are a courtesy; never fail the close on them
+            log.exception("%s: cannot write the session records", self.peer)
+        if self._host_name is not None and not self._host_name.done():
+            self._host_name.cancel()
         self.writer.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 5)
         except Exception:
             pass
+
+    async def _session_records(self) -> None:
+        if self.principal is None or not (self.options.statistics or self.options.timing):
+            return
+        self._times.finished = time.monotonic()
+        host = await self.host_name()
+        if self.options.statistics:
+            deleted, octets, left, left_octets = self.session.drop_stats()
+            if not self._committed:  # nothing was removed after all
+                left, left_octets, deleted, octets = left + deleted, left_octets + octets, 0, 0
+            log.info("%s", statistics_record(self.principal.user, (deleted, octets, left, left_octets), host, self.peer.host))
+        if self.options.timing:
+            log.info("%s", self._times.record(self.principal.user, host, self._committed))
 
     async def _loop(self) -> None:
         session = self.session
@@ -223,6 +326,7 @@ class Connection:
                     return
                 session.receive_data(data)
             elif isinstance(effect, Send):
+                self._trace_out(effect.data)
                 self._out += effect.data
             elif isinstance(effect, SendMessage):
                 await self._send_message(effect)
@@ -246,16 +350,15 @@ class Connection:
 
     async def _start_tls(self) -> bool:
         """STLS: flush "+OK", drop buffered plaintext, shake hands."""
-        assert self._tls.context is not None
+        context = self.services.tls.context
+        assert context is not None
         await self._flush()
         buffered = getattr(self.reader, "_buffer", None)
         if buffered:
             log.warning("%s: discarding %d bytes sent in clear after STLS", self.peer, len(buffered))
             buffered.clear()
         try:
-            await self.writer.start_tls(
-                self._tls.context, ssl_handshake_timeout=self.options.tls_handshake_timeout
-            )
+            await self.writer.start_tls(context, ssl_handshake_timeout=self.options.tls_handshake_timeout)
         except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
             log.info("%s: STLS handshake failed: %s", self.peer, exc)
             return False
@@ -263,7 +366,7 @@ class Connection:
         return True
 
     async def _lookup_scram_secret(self, effect: LookupScramSecret) -> None:
-        lookup = getattr(self.authenticator, "scram_secret", None)
+        lookup = getattr(self.services.authenticator, "scram_secret", None)
         secret = None
         if lookup is not None:
             try:
@@ -274,37 +377,61 @@ class Connection:
 
     async def _authenticate(self, effect: Authenticate) -> None:
         started = time.monotonic()
+        user = effect.credentials.user
         try:
             if isinstance(effect.credentials, Rejected):
                 principal = None
             else:
-                principal = await self._blocking(self.authenticator.authenticate, effect.credentials)
+                principal = await self._blocking(self.services.authenticator.authenticate, effect.credentials)
         except (AuthUnavailable, MaildropError) as exc:
             log.error("%s: authentication backend failed: %s", self.peer, exc)
             self.session.auth_failed(ResponseCode.SYS_TEMP)
             return
+        if principal is not None:
+            assert self.services.access is not None
+            refusal = self.services.access.refusal(principal.user)
+            if refusal is not None:
+                log.warning("%s: login of %s refused: %s", self.peer, printable(principal.user), refusal)
+                principal = None
         if principal is None:
-            # Unknown user and wrong password: one answer, at one time.
+            # Unknown user, wrong password, refused user: one answer, at one time.
             delay = self.options.auth_fail_delay - (time.monotonic() - started)
             if delay > 0:
                 await asyncio.sleep(delay)
-            log.info("%s: authentication failed for %s", self.peer, effect.credentials.user)
+            log.info("%s: authentication failed for %s", self.peer, printable(user))
             self.session.auth_failed(ResponseCode.AUTH)
             return
         self.principal = principal
+        self._times.authenticated = time.monotonic()
         self.session.auth_succeeded(principal.user)
 
     async def _open_maildrop(self) -> None:
-        assert self.principal is not None
+        principal = self.principal
+        assert principal is not None
+        if self.options.user_options or self.options.spool_options:
+            self.options = await self._blocking(read_user_options, self.options, principal)
+            self.session.config = session_config(self.options)
+        delay = self.options.announce_login_delay
+        if self.options.enforce_login_delay and delay and self.services.login_delays.too_soon(principal.user, delay):
+            log.info("%s: %s logged in again within %d s", self.peer, principal.user, delay)
+            self.principal = None
+            self.session.maildrop_failed(ResponseCode.LOGIN_DELAY)
+            return
         try:
-            maildrop = await self._blocking(open_maildrop, self.principal.mail)
+            maildrop = await self._blocking(open_maildrop, principal.mail)
         except MaildropError as exc:
-            log.warning("%s: cannot open maildrop of %s: %s", self.peer, self.principal.user, exc)
+            log.warning("%s: cannot open maildrop of %s: %s", self.peer, principal.user, exc)
+            self.principal = None
             self.session.maildrop_failed(exc.code)
             return
         self.maildrop = maildrop
+        self._times.opened = time.monotonic()
+        self.services.login_delays.record(principal.user)
         messages = maildrop.messages()
-        log.info("%s: %s logged in, %d messages", self.peer, self.principal.user, len(messages))
+        log.info("%s: %s logged in, %d messages", self.peer, principal.user, len(messages))
+        if self.options.log_login:
+            host = await self.host_name()
+            log.info("%s", expand_login_template(self.options.log_login, principal.user, host, self.peer.host))
         self.session.maildrop_opened(messages)
 
     async def _send_message(self, effect: SendMessage) -> None:
@@ -318,6 +445,7 @@ class Connection:
             return
         encoder = StuffingEncoder(effect.body_lines)
         out = self._out
+        self._trace_out(effect.status)
         out += effect.status
         out += encoder.encode(first)
         try:
@@ -338,23 +466,23 @@ class Connection:
         out += encoder.finish()
         out += b".\r\n"
 
+    async def _commit_maildrop(self, maildrop: Maildrop, effect: Commit) -> None:
+        await self._blocking(maildrop.commit, effect.deleted, effect.retrieved)
+        self._committed = True
+
     async def _commit(self, effect: Commit) -> None:
-        assert self.maildrop is not None
+        maildrop = self.maildrop
+        assert maildrop is not None
         self.updating = True
         try:
-            await asyncio.shield(self._blocking(self.maildrop.commit, effect.deleted, effect.retrieved))
+            await asyncio.shield(self._commit_maildrop(maildrop, effect))
         except MaildropError as exc:
             log.error("%s: update failed for %s: %s", self.peer, self.session.user, exc)
             self.session.commit_done(exc.code)
         else:
-            log.info(
-                "%s: %s quit, %d deleted",
-                self.peer,
-                self.session.user,
-                len(effect.deleted),
-            )
+            log.info("%s: %s quit, %d deleted", self.peer, self.session.user, len(effect.deleted))
             self.session.commit_done()
         finally:
             self.updating = False
-            maildrop, self.maildrop = self.maildrop, None
+            self.maildrop = None
             maildrop.close()

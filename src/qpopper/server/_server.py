@@ -23,7 +23,7 @@ from ..auth import Authenticator
 from ..auth.passwdfile import PasswdFileAuthenticator
 from ..errors import ConfigError
 from ..options import ListenAddress, Options
-from ._connection import Connection, Peer, TlsState
+from ._connection import Connection, Peer, Services, TlsState
 from ._tls import build_context, reload_certificates, server_end_point
 
 log = logging.getLogger("qpopper.server")
@@ -112,6 +112,7 @@ class Server:
             max_workers=min(32, (os.cpu_count() or 1) * 4 + 4), thread_name_prefix="qpopper-blocking"
         )
         self._closed = asyncio.Event()
+        self.services = Services(options, self.authenticator, self._run_blocking, self.tls)
 
     # ---- life cycle -------------------------------------------------------
 
@@ -244,7 +245,7 @@ class Server:
         self._connections[task] = None
         self._per_ip[peer.host] += 1
         try:
-            conn = Connection(reader, writer, peer, self.options, self.authenticator, self._run_blocking, self.tls)
+            conn = Connection(reader, writer, peer, self.services)
             self._connections[task] = conn
             await conn.run()
         finally:

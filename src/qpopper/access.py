@@ -1,0 +1,89 @@
+"""Who may log in beyond their password: qpopper's nonauth-file (default
+/etc/ftpusers) and auth-file, and the LOGIN-DELAY a site may enforce.
+
+The lists are plain files of user names, one per line, `#` comments; they
+are re-read when they change. A missing nonauth-file refuses nobody; a
+missing auth-file (when one is configured) admits nobody, because an
+allow-list that cannot be read must not open the door.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+log = logging.getLogger("qpopper.access")
+
+
+class UserList:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._names: frozenset[str] | None = None
+        self._lock = threading.Lock()
+
+    def names(self) -> frozenset[str] | None:
+        """The names listed, or None if the file cannot be read."""
+        with self._lock:
+            try:
+                st = os.stat(self.path)
+            except OSError:
+                self._stamp, self._names = None, None
+                return None
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                try:
+                    with open(self.path, encoding="utf-8", errors="replace") as f:
+                        lines = f.read().splitlines()
+                except OSError as exc:
+                    log.error("cannot read %s: %s", self.path, exc.strerror)
+                    return None
+                self._names = frozenset(
+                    line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()
+                )
+                self._stamp = stamp
+            return self._names
+
+
+class AccessPolicy:
+    def __init__(self, nonauth_file: str | None, auth_file: str | None) -> None:
+        self._deny = UserList(nonauth_file) if nonauth_file else None
+        self._allow = UserList(auth_file) if auth_file else None
+
+    def refusal(self, user: str) -> str | None:
+        """Why `user` may not log in, or None if they may."""
+        if self._deny is not None:
+            denied = self._deny.names()
+            if denied is not None and user in denied:
+                return f"listed in {self._deny.path}"
+        if self._allow is not None:
+            allowed = self._allow.names()
+            if allowed is None:
+                return f"{self._allow.path} cannot be read"
+            if user not in allowed:
+                return f"not listed in {self._allow.path}"
+        return None
+
+
+class LoginDelays:
+    """When each user last logged in, for LOGIN-DELAY enforcement.
+
+    Kept in the serving process: several worker processes or hosts each
+    enforce it for the logins they see."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+
+    def too_soon(self, user: str, delay: int, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        last = self._last.get(user)
+        return last is not None and now - last < delay
+
+    def record(self, user: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._last[user] = now
+        if len(self._last) > 100_000:  # forget the oldest half
+            for name, _ in sorted(self._last.items(), key=lambda item: item[1])[:50_000]:
+                del self._last[name]
