@@ -244,6 +244,7 @@ class Connection:
     # ---- the session --------------------------------------------------------
 
     async def run(self) -> None:
+        log.debug("%s: connected (%s)", self.peer, "TLS" if self.session.security.tls else "plain")
         try:
             await self._loop()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -403,6 +404,7 @@ class Connection:
             return
         self.principal = principal
         self._times.authenticated = time.monotonic()
+        log.debug("%s: authenticated %s (%s)", self.peer, principal.user, type(effect.credentials).__name__)
         self.session.auth_succeeded(principal.user)
 
     async def _open_maildrop(self) -> None:
@@ -426,6 +428,7 @@ class Connection:
             return
         self.maildrop = maildrop
         self._times.opened = time.monotonic()
+        log.debug("%s: opened %s in %.3f s", self.peer, principal.mail, self._times.opened - (self._times.authenticated or 0))
         self.services.login_delays.record(principal.user)
         messages = maildrop.messages()
         log.info("%s: %s logged in, %d messages", self.peer, principal.user, len(messages))
