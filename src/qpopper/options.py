@@ -120,6 +120,8 @@ class Options:
     auto_delete: bool = False
     user_options: bool = False
     spool_options: bool = False
+    # The APOP database (popauth); a missing file means no APOP secrets.
+    apop_file: str | None = "/etc/qpopper/pop.auth"
     # mbox spools live here; so do qpopper's per-user spool option files.
     spool_dir: str = "/var/mail"
     # Where each value came from ("default", "file:line", "-T", "--name"),

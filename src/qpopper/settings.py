@@ -199,6 +199,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("UW-kluge", None, B, "hide UW-IMAP's folder-data first message", ignored="mbox spool options are wired with the mbox backend"),
     Setting("xmit-disable", None, B, "refuse XTND XMIT (qpopper 4.1 -x)", U, "-x", ignored="XTND arrives with its own issue"),
     # ---- this server's own -----------------------------------------------
+    Setting("apop-file", "apop_file", S, "the APOP database managed with popauth (qpopper: --enable-apop=path)", INIT, qpopper=False),
     Setting("passwd-file", "passwd_file", S, "virtual users, Dovecot passwd-file format", INIT, qpopper=False),
     Setting("mail-location", "mail_location", S, "maildrop template, e.g. maildir:~/Maildir", INIT, qpopper=False),
     Setting("default-password-scheme", "default_password_scheme", S, "scheme of hashes without {SCHEME}", INIT, qpopper=False),

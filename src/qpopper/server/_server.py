@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..auth import Authenticator
+from ..auth.apopdb import ApopAuthenticator, ApopDatabase
 from ..auth.passwdfile import PasswdFileAuthenticator
 from ..errors import ConfigError
 from ..options import ListenAddress, Options
@@ -95,7 +96,10 @@ class Server:
         """`sockets`: already listening sockets (systemd), each with
         whether it speaks implicit TLS; otherwise options.listen is bound."""
         self.options = options
-        self.authenticator = authenticator if authenticator is not None else make_authenticator(options)
+        base = authenticator if authenticator is not None else make_authenticator(options)
+        if options.apop_file:
+            base = ApopAuthenticator(base, ApopDatabase(options.apop_file), options.clear_text_password)
+        self.authenticator: Authenticator = base
         self._given_sockets = list(sockets)
         self.tls = TlsState()
         if options.tls_configured:

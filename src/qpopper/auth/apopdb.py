@@ -1,0 +1,183 @@
+"""The APOP database: per-user shared secrets, managed with `popauth`.
+
+qpopper kept these in a dbm file; this server keeps a text file an
+administrator can read and back up, one `user:{PLAIN}secret` line per user
+(Dovecot's passwd-file syntax for the first two fields), mode 0600. Every
+change is written to a temporary file in the same directory, synced and
+renamed over the old one, under an exclusive lock, so a crash or two
+`popauth` runs at once never leave a half-written database.
+
+APOP, CRAM-MD5 and SCRAM are checked against this secret for users listed
+here; under qpopper's default clear-text policy (`-p 0`) such users may not
+log in with USER/PASS at all (RFC 1939 section 13: not both for one user).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ..errors import ConfigError
+from ..usernames import is_valid_username
+from . import Authenticator, Principal
+from .credentials import ApopDigest, CramMD5, Credentials, ScramSecret, UserPass, Verified
+from .sasl import scram_secret_from_password
+from .secrets import matches_secret
+
+DEFAULT_APOP_FILE = "/etc/qpopper/pop.auth"
+SECRET_MAX = 255
+
+
+def validate_secret(secret: str) -> None:
+    if not secret or len(secret.encode("utf-8")) > SECRET_MAX:
+        raise ConfigError(f"a secret must be 1 to {SECRET_MAX} bytes")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in secret):
+        raise ConfigError("a secret may not contain control characters")
+
+
+class ApopDatabase:
+    def __init__(self, path: str = DEFAULT_APOP_FILE) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._secrets: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # ---- reading ------------------------------------------------------------
+
+    def _parse(self, text: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            user, sep, secret = line.partition(":")
+            if not sep or not is_valid_username(user) or not secret.startswith("{PLAIN}"):
+                raise ConfigError(f"{self.path}:{lineno}: expected user:{{PLAIN}}secret")
+            out[user] = secret[len("{PLAIN}") :]
+        return out
+
+    def load(self) -> dict[str, str]:
+        """All secrets; re-read when the file changed. Missing file: none."""
+        with self._lock:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                self._stamp, self._secrets = None, {}
+                return {}
+            except OSError as exc:
+                raise ConfigError(f"cannot read APOP database {self.path}: {exc.strerror}") from None
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                try:
+                    with open(self.path, encoding="utf-8") as f:
+                        self._secrets = self._parse(f.read())
+                except OSError as exc:
+                    raise ConfigError(f"cannot read APOP database {self.path}: {exc.strerror}") from None
+                except UnicodeDecodeError:
+                    raise ConfigError(f"{self.path}: not UTF-8 text") from None
+                self._stamp = stamp
+            return dict(self._secrets)
+
+    def secret(self, user: str) -> str | None:
+        return self.load().get(user)
+
+    # ---- writing (popauth) ----------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd = os.open(os.path.join(directory, "." + os.path.basename(self.path) + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _write(self, secrets: dict[str, str]) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("# APOP secrets, managed with popauth(8)\n")
+                for user in sorted(secrets):
+                    f.write(f"{user}:{{PLAIN}}{secrets[user]}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                st = os.stat(self.path)
+                os.chown(tmp, st.st_uid, st.st_gid)
+            except (FileNotFoundError, PermissionError):
+                pass
+            os.chmod(tmp, 0o600)
+            os.rename(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def initialise(self, force: bool = False) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        with self._locked():
+            if os.path.exists(self.path) and not force:
+                raise ConfigError(f"{self.path} exists already (use -force to empty it)")
+            self._write({})
+
+    def set_secret(self, user: str, secret: str) -> None:
+        if not is_valid_username(user):
+            raise ConfigError(f"invalid user name {user!r}")
+        validate_secret(secret)
+        with self._locked():
+            if not os.path.exists(self.path):
+                raise ConfigError(f"{self.path} does not exist (run popauth -init first)")
+            secrets = self.load()
+            secrets[user] = secret
+            self._write(secrets)
+
+    def delete(self, user: str) -> None:
+        with self._locked():
+            secrets = self.load()
+            if user not in secrets:
+                raise ConfigError(f"{user} is not in {self.path}")
+            del secrets[user]
+            self._write(secrets)
+
+
+class ApopAuthenticator:
+    """Puts the APOP database in front of another authenticator.
+
+    The inner authenticator still says who exists and where their mail is;
+    the database supplies the shared secret for APOP-style checks.
+    """
+
+    def __init__(self, inner: Authenticator, database: ApopDatabase, clear_text_policy: str | None) -> None:
+        self.inner = inner
+        self.database = database
+        self.policy = clear_text_policy
+
+    def authenticate(self, credentials: Credentials) -> Principal | None:
+        secret = self.database.secret(credentials.user)
+        if secret is None:
+            return self.inner.authenticate(credentials)
+        if isinstance(credentials, UserPass):
+            if self.policy in (None, "default"):
+                return None  # qpopper -p 0: APOP users never send clear passwords
+            return self.inner.authenticate(credentials)
+        if isinstance(credentials, (ApopDigest, CramMD5)):
+            if not matches_secret(secret.encode("utf-8"), credentials):
+                return None
+            return self.inner.authenticate(Verified(credentials.user, "APOP database"))
+        return self.inner.authenticate(credentials)
+
+    def scram_secret(self, user: str, mechanism: str) -> ScramSecret | None:
+        secret = self.database.secret(user)
+        if secret is not None:
+            return scram_secret_from_password(secret.encode("utf-8"), mechanism)
+        lookup = getattr(self.inner, "scram_secret", None)
+        return lookup(user, mechanism) if lookup is not None else None
