@@ -59,3 +59,26 @@ class Maildrop(Protocol):
     def close(self) -> None:
         """Release the session lock without changing anything. Idempotent."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class MaildropSettings:
+    """Site settings the backends need, taken from Options by the server.
+
+    mbox: lock timing, Content-Length trust, and qpopper's spool modes
+    (server mode serves the spool in place; otherwise a temp drop
+    `.<user>.pop` is used as qpopper did by default).
+    """
+
+    lock_timeout: float = 30.0
+    stale_age: float = 300.0
+    check_pid: bool = True
+    use_content_length: bool = True
+    server_mode: bool = True
+    fast_update: bool = False
+    keep_temp_drop: bool = False
+    temp_dir: str | None = None  # None: beside the spool
+    temp_name: str = ".%s.pop"  # %s is the spool's file name
+    update_status_headers: bool = False
+    uw_kluge: bool = False
+    mail_lock_check: int = 5000

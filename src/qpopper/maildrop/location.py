@@ -14,7 +14,7 @@ import os
 
 from ..errors import MaildropError, ResponseCode
 from ..usernames import is_valid_username
-from ._base import Maildrop
+from ._base import Maildrop, MaildropSettings
 
 DEFAULT_LOCATION = "maildir:~/Maildir"
 FORMATS = ("maildir", "mbox")
@@ -53,8 +53,9 @@ def expand_location(template: str, user: str, home: str | None) -> str:
     return f"{fmt}:{os.path.normpath(expanded)}"
 
 
-def open_maildrop(location: str) -> Maildrop:
+def open_maildrop(location: str, settings: MaildropSettings | None = None) -> Maildrop:
     """Open and POP-lock the maildrop at an expanded location."""
+    settings = settings or MaildropSettings()
     fmt, _, path = location.partition(":")
     if fmt == "maildir":
         from .maildir import MaildirMaildrop
@@ -63,5 +64,11 @@ def open_maildrop(location: str) -> Maildrop:
     if fmt == "mbox":
         from .mbox import MboxMaildrop
 
-        return MboxMaildrop(path)
+        return MboxMaildrop(
+            path,
+            lock_timeout=settings.lock_timeout,
+            stale_age=settings.stale_age,
+            check_pid=settings.check_pid,
+            use_content_length=settings.use_content_length,
+        )
     raise MaildropError(f"unknown maildrop format {fmt!r}", ResponseCode.SYS_PERM)

@@ -59,7 +59,18 @@ class SessionLock:
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            os.close(fd)  # closing the description drops the OFD lock
+            # Unlock explicitly: a child forked meanwhile shares the open
+            # file description, and a mere close would leave it locked
+            # until that child exits or execs.
+            try:
+                if hasattr(fcntl, "F_OFD_SETLK"):
+                    request = struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
+                    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+                else:  # pragma: no cover - non-Linux fallback
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+            os.close(fd)
 
     def __enter__(self) -> SessionLock:
         self.acquire()
