@@ -64,11 +64,5 @@ def open_maildrop(location: str, settings: MaildropSettings | None = None) -> Ma
     if fmt == "mbox":
         from .mbox import MboxMaildrop
 
-        return MboxMaildrop(
-            path,
-            lock_timeout=settings.lock_timeout,
-            stale_age=settings.stale_age,
-            check_pid=settings.check_pid,
-            use_content_length=settings.use_content_length,
-        )
+        return MboxMaildrop(path, settings)
     raise MaildropError(f"unknown maildrop format {fmt!r}", ResponseCode.SYS_PERM)

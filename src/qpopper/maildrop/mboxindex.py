@@ -198,6 +198,8 @@ class MboxIndex:
     sizes: list[int] = field(default_factory=list)
     uids: list[str] = field(default_factory=list)
     seen: list[bool] = field(default_factory=list)
+    has_xuidl: list[bool] = field(default_factory=list)  # UID read from an X-UIDL header
+    crlf: list[bool] = field(default_factory=list)  # From_ line ends in CRLF
     fingerprint: bytes = b""
 
     def __len__(self) -> int:
@@ -361,6 +363,8 @@ def _add(index: MboxIndex, buf: bytes | mmap.mmap, from_start: int, start: int, 
     index.sizes.append(wire_size_of(buf, start, end))
     index.uids.append(uid)
     index.seen.append(facts.seen)
+    index.has_xuidl.append(facts.xuidl is not None)
+    index.crlf.append(from_line.endswith(b"\r\n"))
     return facts
 
 
@@ -370,6 +374,8 @@ def _drop_last(index: MboxIndex) -> None:
     index.sizes.pop()
     index.uids.pop()
     index.seen.pop()
+    index.has_xuidl.pop()
+    index.crlf.pop()
 
 
 def _make_unique(uids: list[str]) -> None:
