@@ -65,7 +65,7 @@ def test_version_flag() -> None:
         (["--sasl-mechanisms=FOO"], b"unknown SASL mechanism FOO"),
         (["--passwd-file", "/nonexistent/passwd", "127.0.0.1:0"], b"cannot read passwd-file"),
         (["127.0.0.1:99999"], b"bad port"),
-        (["127.0.0.1:0"], b"no user database"),
+        (["--auth-backend=passwd-file", "127.0.0.1:0"], b"no user database"),
     ],
 )
 def test_bad_invocations_exit_2_with_a_reason(args: list[str], message: bytes) -> None:

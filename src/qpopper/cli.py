@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import getopt
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from .errors import ConfigError
 from .logsetup import configure_logging
 from .options import ListenAddress, Options, apply_settings, parse_listen_address
 from .server import Server, listen_fds, notify, serve_inetd
+from .server._forking import ForkingServer
 from .settings import BY_LONG, BY_SWITCH, SETTINGS, Kind, Setting
 
 log = logging.getLogger("qpopper")
@@ -251,6 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(options, foreground=not inv.inetd)
         for name in options.ignored:
             log.warning("setting %s is accepted for compatibility but has no effect here", name)
+        if options.system_users and os.geteuid() != 0:
+            raise ConfigError(
+                "system users (PAM, a process per session that switches to the user) need root; "
+                "run as root, or serve virtual users with --passwd-file"
+            )
         if inv.inetd:
             server = Server(options)
             loop = _new_loop(options)
@@ -259,6 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 loop.run_until_complete(server.stop())
             finally:
                 loop.close()
+            return 0
+        if options.system_users:
+            forking = ForkingServer(Server(options), listen_fds())
+            forking.bind()
+            forking.serve_forever()
             return 0
         server = Server(options, sockets=listen_fds())
         loop = _new_loop(options)

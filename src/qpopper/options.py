@@ -124,10 +124,29 @@ class Options:
     apop_file: str | None = "/etc/qpopper/pop.auth"
     # mbox spools live here; so do qpopper's per-user spool option files.
     spool_dir: str = "/var/mail"
+    # System users (Unix accounts through PAM, a process per session that
+    # drops to the user) unless a passwd-file of virtual users is given.
+    auth_backend: str = "auto"  # "auto" | "pam" | "passwd-file"
+    pam_service: str = "pop3"
+    min_uid: int = 1000
     # Where each value came from ("default", "file:line", "-T", "--name"),
     # and the settings given that have no effect in this server.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     ignored: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def system_users(self) -> bool:
+        if self.auth_backend == "auto":
+            return self.passwd_file is None
+        return self.auth_backend == "pam"
+
+    @property
+    def effective_mail_location(self) -> str:
+        """Where system users' mail is: qpopper's <spool-dir>/<user> mbox
+        unless mail-location was set."""
+        if self.system_users and "mail_location" not in self.sources:
+            return f"mbox:{self.spool_dir.rstrip('/')}/%u"
+        return self.mail_location
 
     @property
     def tls_configured(self) -> bool:

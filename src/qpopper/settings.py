@@ -200,6 +200,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("xmit-disable", None, B, "refuse XTND XMIT (qpopper 4.1 -x)", U, "-x", ignored="XTND arrives with its own issue"),
     # ---- this server's own -----------------------------------------------
     Setting("apop-file", "apop_file", S, "the APOP database managed with popauth (qpopper: --enable-apop=path)", INIT, qpopper=False),
+    Setting("auth-backend", "auth_backend", M, "pam: system users, a process per session; passwd-file: virtual users; auto: pam unless passwd-file is set", INIT, mnemonics=(("auto", "auto"), ("pam", "pam"), ("passwd-file", "passwd-file")), qpopper=False),
+    Setting("pam-service", "pam_service", S, "PAM service name for system users", INIT, qpopper=False),
+    Setting("min-uid", "min_uid", I, "lowest uid that may log in (root never may)", INIT, qpopper=False),
     Setting("passwd-file", "passwd_file", S, "virtual users, Dovecot passwd-file format", INIT, qpopper=False),
     Setting("mail-location", "mail_location", S, "maildrop template, e.g. maildir:~/Maildir", INIT, qpopper=False),
     Setting("default-password-scheme", "default_password_scheme", S, "scheme of hashes without {SCHEME}", INIT, qpopper=False),

@@ -27,7 +27,7 @@ from ..auth.credentials import Rejected
 from ..configfile import Context, read_config
 from ..errors import AuthUnavailable, ConfigError, MaildropError, ResponseCode
 from ..logsetup import TRACE_LOGGER, printable
-from ..maildrop import Maildrop
+from ..maildrop import Maildrop, MaildropSettings
 from ..maildrop.location import open_maildrop
 from ..options import Options, apply_settings
 from ..policy import plaintext_allowed
@@ -45,6 +45,7 @@ from ..protocol import (
     StartTls,
     StuffingEncoder,
 )
+from ._privileges import SpoolPrivilege, drop_to_user
 from ._records import SessionTimes, expand_login_template, reverse_lookup, statistics_record
 from ._tls import certificate_identity
 
@@ -88,6 +89,9 @@ class Services:
     tls: TlsState = field(default_factory=TlsState)
     access: AccessPolicy | None = None
     login_delays: LoginDelays = field(default_factory=LoginDelays)
+    # System users: become the user before opening anything of theirs.
+    drop_privileges: bool = False
+    maildrop_settings: MaildropSettings = field(default_factory=MaildropSettings)
 
     def __post_init__(self) -> None:
         if self.access is None:
@@ -183,9 +187,10 @@ class Connection:
         self.updating = False
         self._committed = False
         self._times = SessionTimes()
+        self._spool_privilege: SpoolPrivilege | None = None
         self._host_name: asyncio.Task[str] | None = None
         if self.options.reverse_lookup and peer.host != "local":
-            self._host_name = asyncio.get_running_loop().create_task(reverse_lookup(peer.host))
+            self._host_name = asyncio.get_running_loop().create_task(reverse_lookup(peer.host, services.run_blocking))
         if trace_log.isEnabledFor(logging.DEBUG) and trace_log.handlers:
             self.session.trace = self._trace_in
 
@@ -410,6 +415,17 @@ class Connection:
     async def _open_maildrop(self) -> None:
         principal = self.principal
         assert principal is not None
+        if self.services.drop_privileges:
+            try:
+                # In this process's own thread: the switch is for the whole
+                # process, and no worker thread may still run as root.
+                self._spool_privilege = drop_to_user(principal)
+            except MaildropError as exc:
+                log.error("%s: %s", self.peer, exc)
+                self.principal = None
+                self.session.maildrop_failed(exc.code)
+                return
+            log.debug("%s: now running as uid %d gid %d", self.peer, os.getuid(), os.getgid())
         if self.options.user_options or self.options.spool_options:
             self.options = await self._blocking(read_user_options, self.options, principal)
             self.session.config = session_config(self.options)
@@ -420,7 +436,7 @@ class Connection:
             self.session.maildrop_failed(ResponseCode.LOGIN_DELAY)
             return
         try:
-            maildrop = await self._blocking(open_maildrop, principal.mail)
+            maildrop = await self._blocking(self._privileged, open_maildrop, principal.mail, self.services.maildrop_settings)
         except MaildropError as exc:
             log.warning("%s: cannot open maildrop of %s: %s", self.peer, principal.user, exc)
             self.principal = None
@@ -469,8 +485,16 @@ class Connection:
         out += encoder.finish()
         out += b".\r\n"
 
+    def _privileged(self, func: Callable[..., T], *args: Any) -> T:
+        """Run `func` with the spool directory's group effective (system
+        users on a group-writable spool directory); plainly otherwise."""
+        if self._spool_privilege is None:
+            return func(*args)
+        with self._spool_privilege.effective():
+            return func(*args)
+
     async def _commit_maildrop(self, maildrop: Maildrop, effect: Commit) -> None:
-        await self._blocking(maildrop.commit, effect.deleted, effect.retrieved)
+        await self._blocking(self._privileged, maildrop.commit, effect.deleted, effect.retrieved)
         self._committed = True
 
     async def _commit(self, effect: Commit) -> None:

@@ -10,7 +10,7 @@ import socket
 import stat
 import sys
 
-from ._server import Server
+from ._server import Server, accepted_socket_streams
 
 
 async def _pipe_streams() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -24,20 +24,6 @@ async def _pipe_streams() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return reader, writer
 
 
-async def _socket_streams(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Streams for an accepted socket, marked as the server side so that
-    STLS can start TLS on them."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = loop.create_future()
-
-    def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        ready.set_result((reader, writer))
-
-    reader = asyncio.StreamReader(limit=65536)
-    await loop.connect_accepted_socket(lambda: asyncio.StreamReaderProtocol(reader, connected), sock)
-    return await ready
-
-
 async def serve_inetd(server: Server) -> None:
     """Serve the single connection on fd 0/1, then return."""
     if stat.S_ISSOCK(os.fstat(0).st_mode):
@@ -49,7 +35,7 @@ async def serve_inetd(server: Server) -> None:
         os.dup2(devnull, 1)
         os.close(devnull)
         sys.stdout = sys.stderr
-        reader, writer = await _socket_streams(sock)
+        reader, writer = await accepted_socket_streams(sock)
     else:
         reader, writer = await _pipe_streams()
     await server.serve_stream(reader, writer)

@@ -13,7 +13,9 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._version import __version__
 from ..logsetup import printable
@@ -38,20 +40,21 @@ def expand_login_template(template: str, user: str, host: str, address: str) -> 
     return "".join(out)
 
 
-async def reverse_lookup(address: str) -> str:
+def _resolve(address: str) -> tuple[str, set[str]]:
+    name = socket.getnameinfo((address, 0), socket.NI_NAMEREQD)[0]
+    return name, {str(info[4][0]) for info in socket.getaddrinfo(name, None)}
+
+
+async def reverse_lookup(address: str, run_blocking: Callable[..., Any]) -> str:
     """The client's host name, forward-confirmed; its address otherwise.
 
-    Bounded in time and run beside the session, so a slow resolver never
-    holds up the greeting."""
-    loop = asyncio.get_running_loop()
+    Bounded in time and run beside the session in a worker thread (the
+    system resolver blocks), so a slow resolver never holds up the greeting."""
     try:
-        name, _ = await asyncio.wait_for(
-            loop.getnameinfo((address, 0), socket.NI_NAMEREQD), REVERSE_LOOKUP_TIMEOUT
-        )
-        infos = await asyncio.wait_for(loop.getaddrinfo(name, None), REVERSE_LOOKUP_TIMEOUT)
+        name, addresses = await asyncio.wait_for(run_blocking(_resolve, address), REVERSE_LOOKUP_TIMEOUT)
     except (OSError, TimeoutError, UnicodeError):
         return address
-    if address not in {str(info[4][0]) for info in infos}:
+    if address not in addresses:
         log.warning(
             "client address %s is not listed for its host name %s", printable(address), printable(name)
         )

@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -78,7 +79,36 @@ def bind_socket(address: ListenAddress) -> socket.socket:
     raise ConfigError(f"cannot listen on {address}: {last_error.strerror if last_error else 'unknown error'}")
 
 
+async def accepted_socket_streams(
+    sock: socket.socket, ssl_context: ssl.SSLContext | None = None, handshake_timeout: float | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams for an already accepted socket (inetd, a forked session),
+    marked as the server side so that STLS can start TLS on them; with
+    `ssl_context` the implicit-TLS handshake runs first."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = loop.create_future()
+
+    def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ready.set_result((reader, writer))
+
+    reader = asyncio.StreamReader(limit=65536)
+    tls_args: dict[str, Any] = {}
+    if ssl_context is not None:
+        tls_args = {"ssl": ssl_context, "ssl_handshake_timeout": handshake_timeout}
+    await loop.connect_accepted_socket(lambda: asyncio.StreamReaderProtocol(reader, connected), sock, **tls_args)
+    return await ready
+
+
 def make_authenticator(options: Options) -> Authenticator:
+    if options.system_users:
+        from ..auth.system import SystemAuthenticator
+
+        try:
+            return SystemAuthenticator(
+                options.effective_mail_location, service=options.pam_service, min_uid=options.min_uid
+            )
+        except ImportError as exc:
+            raise ConfigError(f"system users need python-pam and libpam: {exc}") from None
     if options.passwd_file is None:
         raise ConfigError("no user database: give --passwd-file (or run --demo)")
     return PasswdFileAuthenticator(options.passwd_file, options.mail_location, options.default_password_scheme)
@@ -116,7 +146,15 @@ class Server:
             max_workers=min(32, (os.cpu_count() or 1) * 4 + 4), thread_name_prefix="qpopper-blocking"
         )
         self._closed = asyncio.Event()
-        self.services = Services(options, self.authenticator, self._run_blocking, self.tls)
+        # Only a server that authenticates Unix accounts itself switches to
+        # them; an embedding caller's authenticator keeps the process as is.
+        self.services = Services(
+            options,
+            self.authenticator,
+            self._run_blocking,
+            self.tls,
+            drop_privileges=options.system_users and authenticator is None,
+        )
 
     # ---- life cycle -------------------------------------------------------
 
@@ -226,6 +264,17 @@ class Server:
         return await loop.run_in_executor(self._executor, functools.partial(func, *args))
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.serve_stream(reader, writer)
+
+    async def serve_socket(self, sock: socket.socket, implicit_tls: bool = False) -> None:
+        """Serve one accepted connection (a forked session process)."""
+        context = self.tls.context if implicit_tls else None
+        try:
+            reader, writer = await accepted_socket_streams(sock, context, self.options.tls_handshake_timeout)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            log.info("TLS handshake failed: %s", exc)
+            sock.close()
+            return
         await self.serve_stream(reader, writer)
 
     async def serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
