@@ -139,7 +139,7 @@ def read_user_options(options: Options, principal: Principal) -> Options:
     and skipped, never a failed login."""
     assignments = []
     for path, context in user_option_files(options, principal):
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             continue
         try:
             found = read_config(path, context)

@@ -211,3 +211,7 @@ class ForkingServer:
             await task
         except asyncio.CancelledError:
             pass
+        finally:
+            # The session is over: a late SIGTERM may simply end the process.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)

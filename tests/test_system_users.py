@@ -1,0 +1,342 @@
+"""System users as qpopper served them: real Unix accounts made with
+useradd, real PAM (pam_unix), a real forking daemon that drops to the user,
+/var/mail spools written by real procmail. Runs as root (CI does)."""
+
+from __future__ import annotations
+
+import os
+import poplib
+import random
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="system users need root")
+
+REPO = Path(__file__).resolve().parent.parent
+QPOPPER = [sys.executable, "-m", "qpopper"]
+SPOOL = Path("/var/mail")
+
+
+@dataclass
+class Account:
+    name: str
+    password: str
+    uid: int
+    gid: int
+    home: Path
+
+    @property
+    def spool(self) -> Path:
+        return SPOOL / self.name
+
+
+def _make_account(tag: str, uid: int) -> Account:
+    name = f"qp{tag}{uid % 1000:03d}"
+    password = f"pw-{uuid.uuid4().hex[:12]}"
+    subprocess.run(["userdel", "-r", name], capture_output=True)
+    subprocess.run(["useradd", "-m", "-u", str(uid), "-U", name], check=True, capture_output=True)
+    subprocess.run(["chpasswd"], input=f"{name}:{password}\n".encode(), check=True)
+    entry = subprocess.run(["getent", "passwd", name], capture_output=True, check=True, text=True).stdout.split(":")
+    return Account(name, password, int(entry[2]), int(entry[3]), Path(entry[5]))
+
+
+@pytest.fixture(scope="module")
+def accounts(worker_id: str) -> Iterator[list[Account]]:
+    if shutil.which("useradd") is None:
+        pytest.skip("useradd is not installed")
+    base = 23000 + (0 if worker_id == "master" else int(worker_id.removeprefix("gw")) * 100) + random.randrange(0, 50)
+    made = [_make_account("u", base + i) for i in range(3)]
+    yield made
+    for account in made:
+        subprocess.run(["userdel", "-r", account.name], capture_output=True)
+        for leftover in SPOOL.glob(f"*{account.name}*"):
+            leftover.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def pam_service() -> Iterator[str]:
+    name = f"qpopper-test-{uuid.uuid4().hex[:8]}"
+    target = Path("/etc/pam.d") / name
+    shutil.copy(REPO / "packaging" / "pam.d" / "pop3", target)
+    yield name
+    target.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def worker_id(request: pytest.FixtureRequest) -> str:
+    return getattr(request.config, "workerinput", {}).get("workerid", "master")
+
+
+class Daemon:
+    def __init__(self, tmp: Path, pam_service: str, *args: str) -> None:
+        self.log = tmp / f"daemon-{uuid.uuid4().hex[:6]}.log"
+        self._log = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            QPOPPER
+            + [f"--pam-service={pam_service}", "--min-uid=1000", "--syslog-socket=", "--nonauth-file=",
+               "--auth-fail-delay=0", "-d", *args, "127.0.0.1:0"],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+        deadline = time.monotonic() + 20
+        self.port = 0
+        while not self.port:
+            m = re.search(rb"listening on 127\.0\.0\.1:(\d+)", self.log.read_bytes())
+            if m:
+                self.port = int(m.group(1))
+            else:
+                assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
+                time.sleep(0.02)
+
+    def login(self, account: Account, password: str | None = None) -> poplib.POP3:
+        c = poplib.POP3("127.0.0.1", self.port, timeout=20)
+        try:
+            c.user(account.name)
+            c.pass_(account.password if password is None else password)
+        except BaseException:
+            c.close()
+            raise
+        return c
+
+    def children(self) -> list[int]:
+        out = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    status = (entry / "status").read_text()
+                except OSError:
+                    continue
+                if re.search(rf"^PPid:\s+{self.proc.pid}$", status, re.M):
+                    out.append(int(entry.name))
+        return out
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=40)
+        self._log.close()
+        return self.log.read_text()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, pam_service: str, accounts: list[Account]) -> Iterator[Daemon]:
+    for account in accounts:
+        account.spool.unlink(missing_ok=True)
+    d = Daemon(tmp_path, pam_service)
+    yield d
+    d.stop()
+
+
+def procmail_deliver(account: Account, subject: str, body: str = "body line\n") -> None:
+    message = f"From sender@example.org  Wed Nov 25 10:00:00 2026\nFrom: sender@example.org\nTo: {account.name}\nSubject: {subject}\n\n{body}"
+    subprocess.run(["procmail", "-d", account.name], input=message.encode(), check=True, timeout=60)
+
+
+def subjects(client: poplib.POP3) -> list[str]:
+    out = []
+    for i in range(1, client.stat()[0] + 1):
+        for line in client.top(i, 0)[1]:
+            if line.startswith(b"Subject: "):
+                out.append(line[9:].decode())
+    return out
+
+
+def proc_ids(pid: int) -> tuple[list[int], list[int], list[int]]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    uids = [int(x) for x in re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()]  # type: ignore[union-attr]
+    gids = [int(x) for x in re.search(r"^Gid:\s+(.*)$", status, re.M).group(1).split()]  # type: ignore[union-attr]
+    groups = [int(x) for x in re.search(r"^Groups:\s*(.*)$", status, re.M).group(1).split()]  # type: ignore[union-attr]
+    return uids, gids, groups
+
+
+def test_pam_login_fetch_and_delete_keeps_owner_group_mode(daemon: Daemon, accounts: list[Account]) -> None:
+    alice = accounts[0]
+    for i in range(3):
+        procmail_deliver(alice, f"message {i}")
+    before = alice.spool.stat()
+    c = daemon.login(alice)
+    assert subjects(c) == ["message 0", "message 1", "message 2"]
+    c.dele(2)
+    c.quit()
+    after = alice.spool.stat()
+    assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (before.st_uid, before.st_gid, stat.S_IMODE(before.st_mode))
+    c = daemon.login(alice)
+    assert subjects(c) == ["message 0", "message 2"]
+    c.quit()
+
+
+def test_wrong_password_unknown_and_system_accounts_refused(daemon: Daemon, accounts: list[Account]) -> None:
+    with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+        daemon.login(accounts[0], password="wrong")
+    ghost = Account("qpnosuchuser", "x", 0, 0, Path("/nonexistent"))
+    with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+        daemon.login(ghost)
+    root = Account("root", "anything", 0, 0, Path("/root"))
+    with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+        daemon.login(root)
+    log = daemon.stop()
+    assert "login of root refused: uid 0 is below min-uid" in log
+
+
+def test_locked_and_expired_accounts_refused(daemon: Daemon, accounts: list[Account]) -> None:
+    bob = accounts[1]
+    subprocess.run(["usermod", "-L", bob.name], check=True)
+    try:
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            daemon.login(bob)
+    finally:
+        subprocess.run(["usermod", "-U", bob.name], check=True)
+    subprocess.run(["chage", "-E", "2000-01-01", bob.name], check=True)
+    try:
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            daemon.login(bob)
+    finally:
+        subprocess.run(["chage", "-E", "-1", bob.name], check=True)
+    daemon.login(bob).quit()
+
+
+def test_session_process_runs_as_the_user_and_cannot_reach_other_spools(daemon: Daemon, accounts: list[Account]) -> None:
+    alice, bob = accounts[0], accounts[1]
+    procmail_deliver(alice, "for alice")
+    procmail_deliver(bob, "for bob")
+    c = daemon.login(alice)
+    (child,) = daemon.children()
+    uids, gids, groups = proc_ids(child)
+    assert uids == [alice.uid] * 4
+    assert gids[:2] == [alice.gid, alice.gid] and gids[3] == alice.gid
+    mail_gid = SPOOL.stat().st_gid
+    assert mail_gid not in groups and 0 not in groups  # the spool group is never held while serving
+    # What that process could do with another user's spool: nothing.
+    probe = subprocess.run(
+        ["setpriv", f"--reuid={alice.uid}", f"--regid={alice.gid}", f"--groups={','.join(map(str, groups)) or alice.gid}",
+         "cat", str(bob.spool)],
+        capture_output=True,
+    )
+    assert probe.returncode != 0 and b"Permission denied" in probe.stderr
+    assert subjects(c) == ["for alice"]
+    c.quit()
+    log = daemon.stop()
+    assert f"now running as uid {alice.uid} gid {alice.gid}" in log
+
+
+def test_home_files_are_read_as_the_user(tmp_path: Path, pam_service: str, accounts: list[Account]) -> None:
+    carol = accounts[2]
+    carol.spool.unlink(missing_ok=True)
+    options = carol.home / ".qpopper-options"
+    secret = tmp_path / "root-only.conf"
+    secret.write_text("set announce-expire = 999\n")
+    secret.chmod(0o600)
+    # A symlink to a root-only file: followed as root it would apply.
+    options.unlink(missing_ok=True)
+    options.symlink_to(secret)
+    d = Daemon(tmp_path, pam_service, "-u", "-e", "expire=30")
+    try:
+        c = d.login(carol)
+        assert c.capa()["EXPIRE"] == ["30"]
+        c.quit()
+    finally:
+        log = d.stop()
+        options.unlink()
+    assert "Permission denied" in log or "cannot read config file" in log
+
+
+def test_mda_delivers_while_sessions_run_nothing_lost_or_merged(daemon: Daemon, accounts: list[Account]) -> None:
+    alice = accounts[0]
+    expected: list[str] = []
+    procmail_deliver(alice, "seed 0")
+    expected.append("seed 0")
+    stop = threading.Event()
+    delivered: list[str] = []
+    errors: list[BaseException] = []
+
+    def deliver() -> None:
+        n = 0
+        try:
+            while not stop.is_set():
+                subject = f"live {n}"
+                started = time.monotonic()
+                procmail_deliver(alice, subject, body=f"{subject}\nFrom the body\n.\n")
+                assert time.monotonic() - started < 60  # never held off longer than a lock refresh
+                delivered.append(subject)
+                n += 1
+                time.sleep(random.uniform(0, 0.05))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=deliver)
+    thread.start()
+    seen: list[str] = []
+    try:
+        for _ in range(12):
+            c = daemon.login(alice)
+            listing = subjects(c)
+            # Delete a random half of what this session sees.
+            for number, subject in enumerate(listing, 1):
+                if random.random() < 0.5:
+                    c.dele(number)
+                    seen.append(subject)
+            time.sleep(random.uniform(0, 0.1))
+            c.quit()
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    c = daemon.login(alice)
+    remaining = subjects(c)
+    c.quit()
+    everything = ["seed 0", *delivered]
+    assert sorted(remaining + seen) == sorted(everything)  # none lost, none twice
+    assert len(set(remaining)) == len(remaining)
+    raw = alice.spool.read_bytes()
+    assert raw.count(b"\nSubject: ") + raw.startswith(b"Subject: ") == len(remaining)  # none merged
+
+
+def test_refuses_to_start_without_root() -> None:
+    from qpopper import cli
+
+    original = os.geteuid
+    os.geteuid = lambda: 1000  # type: ignore[assignment]
+    try:
+        code = cli.main(["--syslog-socket=", "127.0.0.1:0"])
+    finally:
+        os.geteuid = original  # type: ignore[assignment]
+    assert code == 2
+
+
+def test_inetd_mode_serves_system_users(pam_service: str, accounts: list[Account]) -> None:
+    bob = accounts[1]
+    bob.spool.unlink(missing_ok=True)
+    procmail_deliver(bob, "via inetd")
+    import socket
+
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        QPOPPER + ["-i", f"--pam-service={pam_service}", "--syslog-socket=", "--nonauth-file="],
+        stdin=theirs,
+        stdout=theirs,
+        stderr=subprocess.DEVNULL,
+    )
+    theirs.close()
+    ours.settimeout(20)
+    ours.sendall(f"USER {bob.name}\r\nPASS {bob.password}\r\nSTAT\r\nQUIT\r\n".encode())
+    data = b""
+    while b"signing off" not in data:
+        chunk = ours.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    ours.close()
+    assert proc.wait(timeout=30) == 0
+    assert b"\r\n+OK 1 " in data
