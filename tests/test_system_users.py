@@ -340,3 +340,24 @@ def test_inetd_mode_serves_system_users(pam_service: str, accounts: list[Account
     ours.close()
     assert proc.wait(timeout=30) == 0
     assert b"\r\n+OK 1 " in data
+
+
+def test_planted_links_in_place_of_a_spool_are_refused(daemon: Daemon, accounts: list[Account], tmp_path: Path) -> None:
+    alice, bob = accounts[0], accounts[1]
+    procmail_deliver(bob, "bob's mail")
+    bob_before = bob.spool.read_bytes()
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    for plant in ("symlink-to-other", "hardlink-to-other", "symlink-to-root-file"):
+        alice.spool.unlink(missing_ok=True)
+        if plant == "symlink-to-other":
+            alice.spool.symlink_to(bob.spool)
+        elif plant == "hardlink-to-other":
+            os.link(bob.spool, alice.spool)
+        else:
+            alice.spool.symlink_to(target)
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/PERM\]"):
+            daemon.login(alice)
+    alice.spool.unlink()
+    assert bob.spool.read_bytes() == bob_before and target.read_text() == ""
+    assert bob.spool.stat().st_nlink == 1

@@ -45,7 +45,7 @@ from ..protocol import (
     StartTls,
     StuffingEncoder,
 )
-from ._privileges import SpoolPrivilege, drop_to_user
+from ._privileges import SpoolPrivilege, check_spool, drop_to_user
 from ._records import SessionTimes, expand_login_template, reverse_lookup, statistics_record
 from ._tls import certificate_identity
 
@@ -420,6 +420,7 @@ class Connection:
                 # In this process's own thread: the switch is for the whole
                 # process, and no worker thread may still run as root.
                 self._spool_privilege = drop_to_user(principal)
+                check_spool(principal)
             except MaildropError as exc:
                 log.error("%s: %s", self.peer, exc)
                 self.principal = None

@@ -113,3 +113,24 @@ def _group_name(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
+
+
+def check_spool(principal: Principal) -> None:
+    """Refuse an mbox spool that is not plainly the user's own file: a
+    symlink, a hard link (a second name for someone else's file), or a file
+    of another owner. A missing spool is fine (nothing has arrived yet)."""
+    fmt, _, path = principal.mail.partition(":")
+    if fmt != "mbox":
+        return
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise MaildropError(f"cannot check {path}: {exc.strerror}", ResponseCode.SYS_TEMP) from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        raise MaildropError(f"{path} is not a regular file", ResponseCode.SYS_PERM)
+    if st.st_nlink != 1:
+        raise MaildropError(f"{path} has {st.st_nlink} links", ResponseCode.SYS_PERM)
+    if principal.uid is not None and st.st_uid != principal.uid:
+        raise MaildropError(f"{path} belongs to uid {st.st_uid}, not {principal.user}", ResponseCode.SYS_PERM)
