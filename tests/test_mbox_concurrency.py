@@ -13,16 +13,20 @@ from pathlib import Path
 import pytest
 
 from qpopper.errors import MaildropBusy, MaildropError
+from qpopper.maildrop import MaildropSettings
 from qpopper.maildrop.mbox import MboxMaildrop
 
 from mbox_helpers import mbox, numbered, number_of
 
 HELPERS = str(Path(__file__).with_name("mbox_helpers.py"))
+MODES = pytest.mark.parametrize(
+    "settings", [MaildropSettings(server_mode=True), MaildropSettings(server_mode=False)], ids=["server", "tempdrop"]
+)
 
 
-def session_deleting(spool: str, doomed: set[int]) -> list[int]:
+def session_deleting(spool: str, doomed: set[int], settings: MaildropSettings) -> list[int]:
     """One POP session: list, delete the messages whose number is doomed, QUIT."""
-    md = MboxMaildrop(spool, lock_timeout=20)
+    md = MboxMaildrop(spool, settings, lock_timeout=20)
     try:
         numbers = [number_of(b"".join(md.read(i))) for i in range(len(md.messages()))]
         md.commit({i for i, n in enumerate(numbers) if n in doomed}, set())
@@ -39,7 +43,8 @@ def final_numbers(spool: str) -> list[int]:
         md.close()
 
 
-def test_appender_in_a_tight_loop_while_sessions_delete(tmp_path: Path) -> None:
+@MODES
+def test_appender_in_a_tight_loop_while_sessions_delete(tmp_path: Path, settings: MaildropSettings) -> None:
     spool = str(tmp_path / "alice")
     Path(spool).write_bytes(mbox([numbered(k) for k in range(100)]))
     total = 400
@@ -48,20 +53,21 @@ def test_appender_in_a_tight_loop_while_sessions_delete(tmp_path: Path) -> None:
     sessions = 0
     try:
         while appender.poll() is None or sessions < 3:
-            seen = session_deleting(spool, doomed)
+            seen = session_deleting(spool, doomed, settings)
             assert seen == sorted(seen) and len(seen) == len(set(seen))
             sessions += 1
     finally:
         appender.wait(timeout=60)
     assert appender.returncode == 0
-    session_deleting(spool, doomed)
+    session_deleting(spool, doomed, settings)
     assert final_numbers(spool) == [k for k in range(100 + total) if k % 3]
     assert sessions >= 3
     print(f"{sessions} sessions raced the appender")
 
 
 @pytest.mark.skipif(shutil.which("procmail") is None, reason="procmail is not installed")
-def test_real_procmail_delivering_while_sessions_delete(tmp_path: Path) -> None:
+@MODES
+def test_real_procmail_delivering_while_sessions_delete(tmp_path: Path, settings: MaildropSettings) -> None:
     spool = str(tmp_path / "alice")
     Path(spool).write_bytes(mbox([numbered(k) for k in range(50)]))
     rc = tmp_path / "procmailrc"
@@ -84,7 +90,7 @@ def test_real_procmail_delivering_while_sessions_delete(tmp_path: Path) -> None:
     try:
         while mda.is_alive():
             try:
-                session_deleting(spool, doomed)
+                session_deleting(spool, doomed, settings)
             except MaildropBusy:
                 # The thread forking procmail briefly shares our closed session
                 # lock's file description until exec (see the report on
@@ -95,6 +101,6 @@ def test_real_procmail_delivering_while_sessions_delete(tmp_path: Path) -> None:
     finally:
         mda.join()
     assert not failures
-    session_deleting(spool, doomed)
+    session_deleting(spool, doomed, settings)
     assert final_numbers(spool) == [k for k in range(50 + total) if k % 2]
     assert not os.path.exists(spool + ".lock")

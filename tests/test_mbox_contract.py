@@ -30,3 +30,17 @@ class TestMboxContract(MaildropContract):
             deliver_locked(location.partition(":")[2], message, next(counter))
 
         return deliver
+
+
+class TestMboxTempDropContract(TestMboxContract):
+    """The same contract in qpopper's temp-drop mode (with fast_update off and on)."""
+
+    @pytest.fixture(autouse=True, params=[False, True], ids=["copy", "fast"])
+    def temp_drop_mode(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+        import maildrop_contract
+
+        from qpopper.maildrop import MaildropSettings
+        from qpopper.maildrop.location import open_maildrop
+
+        settings = MaildropSettings(server_mode=False, fast_update=request.param)
+        monkeypatch.setattr(maildrop_contract, "open_maildrop", lambda location: open_maildrop(location, settings))

@@ -89,7 +89,8 @@ Status and X-UIDL write-back (`update_status_headers`, qpopper's default
 on). UIDs stay qpopper's deterministic ones (reference 4.4, computed as
 with the option off), so a UID never depends on whether a write-back
 happened; a message without an X-UIDL header is listed with the size it
-has with `X-UIDL: <uid>` as its first header line, RETR and TOP send it
+has with `X-UIDL: <uid>` as its first header line (so is a copy whose
+copied X-UIDL had to get a suffix to be unique), RETR and TOP send it
 so, and UPDATE writes it there whenever the spool is written anyway (then
 the UID survives any later change to the hashed headers or to the order
 of twin copies, and LIST sizes stay the same across sessions). A message
@@ -624,7 +625,9 @@ class MboxMaildrop:
         for i in range(self._hidden, len(idx)):
             size = idx.sizes[i]
             uid = idx.uids[i]
-            if s.update_status_headers and not idx.has_xuidl[i] and XUIDL_MIN <= len(uid) + 1 <= XUIDL_MAX:
+            # A twin whose copied X-UIDL had to get a suffix gets its own line too.
+            needs = not idx.has_xuidl[i] or i in idx.renamed
+            if s.update_status_headers and needs and XUIDL_MIN <= len(uid) + 1 <= XUIDL_MAX:
                 text = b"X-UIDL: " + uid.encode("ascii")
                 self._xuidl[i] = text + (b"\r\n" if idx.crlf[i] else b"\n")
                 size += len(text) + 2

@@ -200,6 +200,7 @@ class MboxIndex:
     seen: list[bool] = field(default_factory=list)
     has_xuidl: list[bool] = field(default_factory=list)  # UID read from an X-UIDL header
     crlf: list[bool] = field(default_factory=list)  # From_ line ends in CRLF
+    renamed: set[int] = field(default_factory=set)  # UIDs given a suffix to be unique
     fingerprint: bytes = b""
 
     def __len__(self) -> int:
@@ -322,7 +323,7 @@ def index_buffer(
                 _add(index, buf, positions[k], line_ends[k], seg_end)
         k = nxt
     index.fingerprint = fingerprint(lambda a, n: bytes(buf[a : a + n]), index)
-    _make_unique(index.uids)
+    index.renamed = _make_unique(index.uids)
     return index
 
 
@@ -378,7 +379,7 @@ def _drop_last(index: MboxIndex) -> None:
     index.crlf.pop()
 
 
-def _make_unique(uids: list[str]) -> None:
+def _make_unique(uids: list[str]) -> set[int]:
     """Give repeated UIDs a counter suffix, in file order.
 
     Copies of one message (same From_ line and headers, or one X-UIDL
@@ -387,8 +388,9 @@ def _make_unique(uids: list[str]) -> None:
     other UID.
     """
     seen: set[str] = set(uids)
+    renamed: set[int] = set()
     if len(seen) == len(uids):
-        return
+        return renamed
     used: set[str] = set()
     for i, uid in enumerate(uids):
         if uid not in used:
@@ -402,6 +404,8 @@ def _make_unique(uids: list[str]) -> None:
             n += 1
         uids[i] = candidate
         used.add(candidate)
+        renamed.add(i)
+    return renamed
 
 
 def index_file(
