@@ -283,9 +283,7 @@ def check_prerequisites(args: argparse.Namespace) -> Env:
          "import importlib.util, sys, qpopper\n"
          "assert qpopper.__file__.startswith(sys.argv[1]), qpopper.__file__\n"
          "print(importlib.util.find_spec('qpopper.maildrop.mbox') is not None)\n"
-         "print(importlib.util.find_spec('uvloop') is not None)\n"
-         "import qpopper.cli as c; p = c.build_parser()\n"
-         "print(any('--tls-listen' in act.option_strings for act in p._actions))\n",
+         "print(importlib.util.find_spec('uvloop') is not None)\n",
          str(args.src_dir)],
         env=env, cwd=REPO,
     )
@@ -296,10 +294,14 @@ def check_prerequisites(args: argparse.Namespace) -> Env:
             f"or give --python. ({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else ''})"
         )
     else:
-        mbox_s, uvloop_s, tls_s = probe.stdout.split()
-        mbox_backend, tls = mbox_s == "True", tls_s == "True"
+        mbox_s, uvloop_s = probe.stdout.split()
+        mbox_backend = mbox_s == "True"
         if uvloop_s != "True":
             notes.append(f"uvloop is not importable by {python}: both the server and the client run plain asyncio.")
+    # Features of the measured revision, found in its source (its command line changes shape).
+    source = "".join(p.read_text(errors="replace") for p in Path(args.src_dir, "qpopper").rglob("*.py"))
+    tls = "tls-listen" in source
+    args.no_syslog = ["--syslog-socket", ""] if "syslog-socket" in source else []
     mpl = importlib.util.find_spec("matplotlib") is not None
     if not mpl:
         if args.no_chart:
@@ -351,6 +353,7 @@ class Qpopper:
                  tls_port: int | None = None, cert: Path | None = None, key: Path | None = None) -> None:
         self.env, self.dir, self.fmt, self.port, self.src_dir = env, dir, fmt, port, src_dir
         self.tls_port, self.cert, self.key = tls_port, cert, key
+        self.no_syslog: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = dir / "qpopper.log"
 
@@ -371,6 +374,8 @@ class Qpopper:
             "--mail-location", f"{self.fmt}:{where}",
             "--auth-fail-delay", "0",
             "--max-connections", "20000", "--max-connections-per-ip", "20000",
+            # records go to stderr (a file); no syslog, which may be absent on a test host
+            *self.no_syslog,
             f"127.0.0.1:{self.port}",
         ]
         if self.tls_port:
@@ -508,6 +513,7 @@ class Bench:
         tls = self.env.tls
         ours = Qpopper(self.env, our_dir, fmt, pb + 10, self.args.src_dir, pb + 11 if tls else None,
                        dov_dir / "etc" / "cert.pem", dov_dir / "etc" / "key.pem")
+        ours.no_syslog = self.args.no_syslog
         selected = [s for s in scenarios(self.args.quick, str(dov_dir / "mail"))
                     if not self.args.scenarios or s.name in self.args.scenarios]
         try:
