@@ -120,6 +120,10 @@ class Options:
     auto_delete: bool = False
     user_options: bool = False
     spool_options: bool = False
+    # XTND XMIT: the sendmail-compatible command (no shell), -x, size limit.
+    mail_command: str = "/usr/sbin/sendmail"
+    xmit_disable: bool = False
+    xmit_max_size: int = 10 * 1024 * 1024
     # The APOP database (popauth); a missing file means no APOP secrets.
     apop_file: str | None = "/etc/qpopper/pop.auth"
     # mbox spools live here; so do qpopper's per-user spool option files.

@@ -166,7 +166,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kerberos-service", None, S, "Kerberos service name", U, "-K", ignored="Kerberos arrives with its own issue"),
     Setting("log-facility", "log_facility", M, "syslog facility", INIT, "-y", mnemonics=_FACILITIES),
     Setting("log-login", "log_login", S, "template of the login record: %0 version, %1 user, %2 host, %3 address", INIT),
-    Setting("mail-command", None, S, "sendmail for XTND XMIT", U, ignored="XTND arrives with its own issue"),
+    Setting("mail-command", "mail_command", S, "sendmail-compatible command for XTND XMIT (run without a shell)", U),
     Setting("mail-lock-check", None, I, "refresh the mail lock every n messages while copying", switch="-L", ignored="mbox spool options are wired with the mbox backend"),
     Setting("max-bulletins", None, I, "bulletins a new user gets", ignored="bulletins arrive with their own issue"),
     Setting("no-atomic-open", None, B, "do not trust O_EXCL (old NFS)", U, ignored="lock files are made by link(2), which NFS honours"),
@@ -197,7 +197,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("update-status-headers", None, B, "write Status:/X-UIDL: back into mbox spools", ignored="mbox spool options are wired with the mbox backend"),
     Setting("user-options", "user_options", B, "read ~/.qpopper-options after login", U, "-u"),
     Setting("UW-kluge", None, B, "hide UW-IMAP's folder-data first message", ignored="mbox spool options are wired with the mbox backend"),
-    Setting("xmit-disable", None, B, "refuse XTND XMIT (qpopper 4.1 -x)", U, "-x", ignored="XTND arrives with its own issue"),
+    Setting("xmit-disable", "xmit_disable", B, "refuse XTND XMIT (qpopper 4.1 -x)", U, "-x"),
+    Setting("xmit-max-size", "xmit_max_size", I, "largest message XTND XMIT accepts, in octets", U, qpopper=False),
     # ---- this server's own -----------------------------------------------
     Setting("apop-file", "apop_file", S, "the APOP database managed with popauth (qpopper: --enable-apop=path)", INIT, qpopper=False),
     Setting("auth-backend", "auth_backend", M, "pam: system users, a process per session; passwd-file: virtual users; auto: pam unless passwd-file is set", INIT, mnemonics=(("auto", "auto"), ("pam", "pam"), ("passwd-file", "passwd-file")), qpopper=False),

@@ -9,11 +9,13 @@ from ._effects import (
     Close,
     Commit,
     Effect,
+    ListHeaders,
     LookupScramSecret,
     OpenMaildrop,
     Send,
     SendMessage,
     StartTls,
+    SubmitMessage,
 )
 from ._framing import LineBuffer
 from ._session import COMMAND_LINE_MAX, ConnectionSecurity, Session, SessionConfig, State, apop_digest
@@ -25,6 +27,8 @@ __all__ = [
     "Commit",
     "Effect",
     "LookupScramSecret",
+    "ListHeaders",
+    "SubmitMessage",
     "StartTls",
     "ConnectionSecurity",
     "OpenMaildrop",

@@ -75,10 +75,48 @@ class LookupScramSecret:
 
 
 @dataclass(frozen=True, slots=True)
+class ListHeaders:
+    """qpopper's XTND XLST and EUIDL: send `status`, then one line per
+    entry built from a header of that message, then ".".
+
+    `entries` are (index, size, uid). With style "xlst" each line is the
+    message number and the first header line starting with `header`, with
+    its continuation lines; with "euidl" it is "n uid size value" where
+    value is the header's unfolded value cut to 128 characters. With
+    `single` the one entry's line is the status line itself (EUIDL n)."""
+
+    status: bytes
+    entries: tuple[tuple[int, int, str], ...]
+    header: str
+    style: str
+    single: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitMessage:
+    """XTND XMIT: hand the message to the mail system with `sender` as the
+    envelope sender; answer with submit_done."""
+
+    data: bytes = field(repr=False)
+    sender: str
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Close the connection after everything before it has been written."""
 
     reason: str
 
 
-Effect = Send | Authenticate | OpenMaildrop | SendMessage | Commit | StartTls | LookupScramSecret | Close
+Effect = (
+    Send
+    | Authenticate
+    | OpenMaildrop
+    | SendMessage
+    | Commit
+    | StartTls
+    | LookupScramSecret
+    | ListHeaders
+    | SubmitMessage
+    | Close
+)

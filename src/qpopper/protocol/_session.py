@@ -36,6 +36,7 @@ from ._effects import (
     SendMessage,
     StartTls,
 )
+from ._extensions import ExtensionCommands
 from ._framing import Line, LineBuffer, OverlongLine
 from ..usernames import is_valid_username
 
@@ -57,6 +58,7 @@ class State(enum.Enum):
 
 class _Waiting(enum.Enum):
     NOTHING = enum.auto()
+    SUBMIT = enum.auto()
     AUTH = enum.auto()
     MAILDROP = enum.auto()
     COMMIT = enum.auto()
@@ -102,6 +104,9 @@ class SessionConfig:
     trim_domain: bool = False
     # Messages retrieved whole are deleted at UPDATE (EXPIRE 0).
     auto_delete: bool = False
+    # XTND XMIT (qpopper -x turns it off) and its size limit in octets.
+    xmit: bool = True
+    xmit_max_size: int = 10 * 1024 * 1024
     # SASL mechanisms offered (filtered per connection by the policy).
     sasl_mechanisms: tuple[str, ...] = sasl.ALL_MECHANISMS
     implementation: str = f"qpopper-python-{__version__}"
@@ -133,7 +138,7 @@ _PASSWORD_BYTES = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
 _Handler = Callable[["Session", list[bytes], bytes], None]
 
 
-class Session:
+class Session(ExtensionCommands):
     """One POP3 conversation from greeting to close."""
 
     def __init__(
@@ -151,6 +156,9 @@ class Session:
         self.mangle = False
         # Called with each command line as received, secrets masked (-t).
         self.trace: Callable[[str], None] | None = None
+        self._macros: dict[bytes, bytes] = {}
+        self._xmit: bytearray | None = None  # an XTND XMIT message being received
+        self._xmit_overflow = False
         self.state = State.AUTHORIZATION
         self.user: str | None = None  # set by USER, confirmed by login
         self._buffer = LineBuffer(self.config.max_line)
@@ -185,6 +193,9 @@ class Session:
             item = self._buffer.next_line()
             if item is None:
                 return None
+            if self._xmit is not None:
+                self._xmit_line(item.data if isinstance(item, Line) else None)
+                continue
             if self.trace is not None:
                 self.trace(self._masked(item))
             if self._sasl is not None:
@@ -264,6 +275,18 @@ class Session:
         self._waiting = _Waiting.NOTHING
         assert self._sasl is not None
         self._sasl_step(self._sasl.secret(secret))
+
+    def _waiting_xmit(self) -> None:
+        self._waiting = _Waiting.SUBMIT
+
+    def submit_done(self, error: ResponseCode | None, text: str = "") -> None:
+        """XTND XMIT's message was accepted (error None) or refused."""
+        self._expect(_Waiting.SUBMIT)
+        self._waiting = _Waiting.NOTHING
+        if error is None:
+            self._emit(Send(_ok("Message sent successfully.")))
+        else:
+            self._emit(Send(_err(text or "The mail system did not accept the message.", error)))
 
     def auth_succeeded(self, user: str) -> None:
         """The credentials were good; `user` is the canonical login name."""
@@ -371,12 +394,14 @@ class Session:
             return
         self._emit(Send(_err(text)))
 
-    def _dispatch(self, line: Line) -> None:
+    def _dispatch(self, line: Line, macros: bool = True) -> None:
         data = line.data
         keyword, _, rest = data.partition(b" ")
         keyword = keyword.upper()
         entry = _COMMANDS.get(keyword)
         if entry is None:
+            if macros and self.state is State.TRANSACTION and self._run_macro(keyword, rest):
+                return
             self._bad("Unknown command.")
             return
         handler, states, takes_rest = entry
@@ -522,6 +547,8 @@ class Session:
             caps.append("EXPIRE 0")
         elif cfg.expire is not None:
             caps.append(f"EXPIRE {cfg.expire}")
+        caps.append("XTND XMIT XLST" if cfg.xmit else "XTND XLST")
+        caps.append("X-MACRO")
         caps.extend(cfg.extra_capabilities)
         if self.state is State.TRANSACTION and not cfg.shy:
             caps.append(f"IMPLEMENTATION {cfg.implementation}")
@@ -733,6 +760,9 @@ _COMMANDS: dict[bytes, tuple[_Handler, frozenset[State], bool]] = {
     b"NOOP": (Session._cmd_noop, _TRANS, False),
     b"RSET": (Session._cmd_rset, _TRANS, False),
     b"LAST": (Session._cmd_last, _TRANS, False),
+    b"XTND": (Session._cmd_xtnd, _TRANS, False),
+    b"EUIDL": (Session._cmd_euidl, _TRANS, False),
+    b"MDEF": (Session._cmd_mdef, _TRANS, True),
 }
 
 

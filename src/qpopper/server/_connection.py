@@ -36,6 +36,7 @@ from ..protocol import (
     Close,
     Commit,
     ConnectionSecurity,
+    ListHeaders,
     LookupScramSecret,
     OpenMaildrop,
     Send,
@@ -44,10 +45,12 @@ from ..protocol import (
     SessionConfig,
     StartTls,
     StuffingEncoder,
+    SubmitMessage,
 )
 from ._privileges import SpoolPrivilege, check_spool, drop_to_user
 from ._records import SessionTimes, expand_login_template, reverse_lookup, statistics_record
 from ._tls import certificate_identity
+from ._xtnd import euidl_value, find_header, header_lines, submit, xlst_lines
 
 log = logging.getLogger("qpopper.session")
 trace_log = logging.getLogger(TRACE_LOGGER)
@@ -109,6 +112,8 @@ def session_config(options: Options) -> SessionConfig:
         downcase_user=options.downcase_user,
         trim_domain=options.trim_domain,
         auto_delete=options.auto_delete,
+        xmit=not options.xmit_disable,
+        xmit_max_size=options.xmit_max_size,
         sasl_mechanisms=options.sasl_mechanisms,
     )
 
@@ -350,6 +355,12 @@ class Connection:
             elif isinstance(effect, LookupScramSecret):
                 await self._flush()
                 await self._lookup_scram_secret(effect)
+            elif isinstance(effect, ListHeaders):
+                await self._list_headers(effect)
+            elif isinstance(effect, SubmitMessage):
+                await self._flush()
+                error, text = await self._blocking(submit, self.options.mail_command, effect.sender, effect.data)
+                self.session.submit_done(error, text)
             elif isinstance(effect, Close):
                 await self._flush()
                 return
@@ -453,6 +464,26 @@ class Connection:
             host = await self.host_name()
             log.info("%s", expand_login_template(self.options.log_login, principal.user, host, self.peer.host))
         self.session.maildrop_opened(messages)
+
+    async def _list_headers(self, effect: ListHeaders) -> None:
+        assert self.maildrop is not None
+        out = bytearray() if effect.single else bytearray(effect.status)
+        for index, size, uid in effect.entries:
+            try:
+                lines = await self._blocking(header_lines, self.maildrop, index)
+            except (MaildropError, OSError) as exc:
+                log.error("%s: cannot read message %d: %s", self.peer, index + 1, exc)
+                lines = []
+            field = find_header(lines, effect.header)
+            if effect.style == "xlst":
+                for line in xlst_lines(index + 1, field):
+                    out += line
+            else:
+                out += b"%d %s %d " % (index + 1, uid.encode("ascii"), size) + euidl_value(field) + b"\r\n"
+        if effect.single:
+            self._out += effect.status + bytes(out)
+        else:
+            self._out += out + b".\r\n"
 
     async def _send_message(self, effect: SendMessage) -> None:
         assert self.maildrop is not None
