@@ -128,6 +128,21 @@ class Options:
     apop_file: str | None = "/etc/qpopper/pop.auth"
     # mbox spools live here; so do qpopper's per-user spool option files.
     spool_dir: str = "/var/mail"
+    hash_spool: int = 0
+    home_dir_mail: str | None = None
+    check_hash_dir: bool = True
+    # qpopper's spool handling (-S, -F, temp drop, write-back, UW kluge).
+    # Server mode is the default here: the spool is locked only while it is
+    # indexed and committed, so the temp copy buys nothing and costs I/O.
+    server_mode: bool = True
+    group_server_mode: str | None = None
+    group_no_server_mode: str | None = None
+    fast_update: bool = False
+    keep_temp_drop: bool = False
+    temp_dir: str | None = None
+    temp_name: str = ".%s.pop"
+    update_status_headers: bool = True
+    uw_kluge: bool = False
     # System users (Unix accounts through PAM, a process per session that
     # drops to the user) unless a passwd-file of virtual users is given.
     auth_backend: str = "auto"  # "auto" | "pam" | "passwd-file"
@@ -193,8 +208,12 @@ def _convert(name: str, value: object, where: str) -> object:
         if unknown:
             raise ConfigError(f"{where}: unknown SASL mechanism {unknown[0]} (known: {' '.join(ALL_MECHANISMS)})", where)
         return names
-    if name in ("nonauth_file", "auth_file", "trace_file", "log_login") and value == "":
+    if name in ("nonauth_file", "auth_file", "trace_file", "log_login", "home_dir_mail", "temp_dir", "group_server_mode", "group_no_server_mode") and value == "":
         return None
+    if name == "hash_spool" and value not in (0, 1, 2):
+        raise ConfigError(f"{where}: hash-spool must be 0, 1 or 2", where)
+    if name == "temp_name" and (str(value).count("%s") != 1 or "/" in str(value)):
+        raise ConfigError(f"{where}: temp-name must hold one %s and no slash", where)
     return value
 
 
