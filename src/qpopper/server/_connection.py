@@ -27,7 +27,7 @@ from ..auth.credentials import Rejected
 from ..configfile import Context, read_config
 from ..errors import AuthUnavailable, ConfigError, MaildropError, ResponseCode
 from ..logsetup import TRACE_LOGGER, printable
-from ..maildrop import Maildrop, MaildropSettings
+from ..maildrop import Maildrop
 from ..maildrop.location import open_maildrop
 from ..options import Options, apply_settings
 from ..policy import plaintext_allowed
@@ -48,6 +48,7 @@ from ..protocol import (
     SubmitMessage,
 )
 from ._privileges import SpoolPrivilege, check_spool, drop_to_user
+from ._spool import maildrop_settings, resolve_spool
 from ._records import SessionTimes, expand_login_template, reverse_lookup, statistics_record
 from ._tls import certificate_identity
 from ._xtnd import euidl_value, find_header, header_lines, submit, xlst_lines
@@ -94,7 +95,6 @@ class Services:
     login_delays: LoginDelays = field(default_factory=LoginDelays)
     # System users: become the user before opening anything of theirs.
     drop_privileges: bool = False
-    maildrop_settings: MaildropSettings = field(default_factory=MaildropSettings)
 
     def __post_init__(self) -> None:
         if self.access is None:
@@ -294,7 +294,7 @@ class Connection:
                 log.exception("%s: update on abort failed for %s", self.peer, self.session.user)
             finally:
                 self.updating = False
-                maildrop.close()
+                await self._close_maildrop(maildrop)
         try:
             await self._session_records()
         except Exception:  # records are a courtesy; never fail the close on them
@@ -431,6 +431,9 @@ class Connection:
                 # In this process's own thread: the switch is for the whole
                 # process, and no worker thread may still run as root.
                 self._spool_privilege = drop_to_user(principal)
+                principal = self.principal = await self._blocking(
+                    self._privileged, resolve_spool, self.options, principal
+                )
                 check_spool(principal)
             except MaildropError as exc:
                 log.error("%s: %s", self.peer, exc)
@@ -448,7 +451,8 @@ class Connection:
             self.session.maildrop_failed(ResponseCode.LOGIN_DELAY)
             return
         try:
-            maildrop = await self._blocking(self._privileged, open_maildrop, principal.mail, self.services.maildrop_settings)
+            settings = maildrop_settings(self.options, principal)
+            maildrop = await self._blocking(self._privileged, open_maildrop, principal.mail, settings)
         except MaildropError as exc:
             log.warning("%s: cannot open maildrop of %s: %s", self.peer, principal.user, exc)
             self.principal = None
@@ -544,4 +548,12 @@ class Connection:
         finally:
             self.updating = False
             self.maildrop = None
-            maildrop.close()
+            await self._close_maildrop(maildrop)
+
+    async def _close_maildrop(self, maildrop: Maildrop) -> None:
+        """Release it off the loop: in temp-drop mode a session that ends
+        without QUIT copies its temp drop back, which takes time."""
+        try:
+            await asyncio.shield(self._blocking(self._privileged, maildrop.close))
+        except Exception:
+            log.exception("%s: closing the maildrop of %s failed", self.peer, self.session.user)
