@@ -56,6 +56,19 @@ def _stderr_is_socket() -> bool:
         return False
 
 
+def _reachable(address: str) -> bool:
+    """Whether a syslog daemon listens there; without one, every record
+    would cost a failed send and a printed error."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(address)
+        except OSError:
+            return False
+    return True
+
+
 def configure_logging(options: Options, *, foreground: bool) -> None:
     root = logging.getLogger("qpopper")
     root.setLevel(logging.DEBUG if options.debug else logging.INFO)
@@ -65,16 +78,15 @@ def configure_logging(options: Options, *, foreground: bool) -> None:
         handler.close()
     formatter = logging.Formatter(RECORD_FORMAT)
     address = options.syslog_socket
-    if address:
+    if address and _reachable(address):
         try:
-            handler: logging.Handler = QpopperSyslogHandler(
-                address=address, facility=_FACILITIES[options.log_facility]
-            )
+            syslog = QpopperSyslogHandler(address=address, facility=_FACILITIES[options.log_facility])
         except OSError:
-            handler = logging.NullHandler()  # no syslog daemon on this host
-        handler.ident = "qpopper[%d]: " % os.getpid()  # type: ignore[attr-defined]
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
+            syslog = None  # the daemon went away between the probe and now
+        if syslog is not None:
+            syslog.ident = "qpopper[%d]: " % os.getpid()
+            syslog.setFormatter(formatter)
+            root.addHandler(syslog)
     # In inetd mode stderr is usually the client's socket: never write there.
     if (foreground and not _stderr_is_socket()) or _stderr_is_journal():
         stream = logging.StreamHandler(sys.stderr)

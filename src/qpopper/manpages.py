@@ -51,7 +51,7 @@ def _value_word(setting: Setting) -> str:
         return ""
     if setting.mnemonics:
         return "|".join(dict.fromkeys(w for w, _ in setting.mnemonics))
-    return setting.kind.value
+    return str(setting.kind.value)
 
 
 def qpopper_8() -> str:
@@ -72,7 +72,7 @@ def qpopper_8() -> str:
         "sockets passed by systemd (LISTEN_FDS) are used instead of binding.",
         ".SH SWITCHES",
     ]
-    switches = sorted((s for s in SETTINGS if s.switch), key=lambda s: s.switch.lower() + s.switch)  # type: ignore[union-attr]
+    switches = sorted((s for s in SETTINGS if s.switch), key=lambda s: (s.switch or "").lower() + (s.switch or ""))
     extra = [
         ("-e", "login_delay=N,expire=N", "announce LOGIN-DELAY and EXPIRE in CAPA (announce-login-delay, announce-expire)"),
         ("-f", "file", "read a configuration file at this point of the command line"),

@@ -21,14 +21,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from passlib.hash import (
-    argon2,
-    bcrypt,
-    des_crypt,
-    md5_crypt,
-    sha256_crypt,
-    sha512_crypt,
-)
+from typing import Any
 
 from ..errors import AuthUnavailable, ConfigError
 from ..maildrop.location import DEFAULT_LOCATION, expand_location
@@ -40,15 +33,23 @@ from .secrets import matches_secret
 
 log = logging.getLogger("qpopper.auth")
 
+# Scheme -> passlib handler name; passlib is imported on first use (it is
+# a few MB that a server with only plain or SCRAM secrets need not load).
 _CRYPT_HANDLERS = {
-    "SHA512-CRYPT": sha512_crypt,
-    "SHA256-CRYPT": sha256_crypt,
-    "BLF-CRYPT": bcrypt,
-    "BCRYPT": bcrypt,
-    "MD5-CRYPT": md5_crypt,
-    "ARGON2ID": argon2,
-    "ARGON2I": argon2,
+    "SHA512-CRYPT": "sha512_crypt",
+    "SHA256-CRYPT": "sha256_crypt",
+    "BLF-CRYPT": "bcrypt",
+    "BCRYPT": "bcrypt",
+    "MD5-CRYPT": "md5_crypt",
+    "ARGON2ID": "argon2",
+    "ARGON2I": "argon2",
 }
+
+
+def _handler(name: str) -> Any:
+    import passlib.hash
+
+    return getattr(passlib.hash, name)
 # Salted and plain digests: scheme -> (hashlib name, digest length).
 _DIGESTS = {
     "SSHA": ("sha1", 20),
@@ -65,8 +66,16 @@ _PLAINTEXT = {"PLAIN", "CLEARTEXT", "CLEAR"}
 _SCRAM = {"SCRAM-SHA-1": "SCRAM-SHA-1", "SCRAM-SHA-256": "SCRAM-SHA-256"}
 SCHEMES = sorted(set(_CRYPT_HANDLERS) | set(_DIGESTS) | _PLAINTEXT | set(_SCRAM) | {"CRYPT"})
 
-# Verified for unknown users so that they cost what a real check costs.
-_DUMMY_HASH = sha512_crypt.using(rounds=5000).hash("qpopper dummy password")
+_dummy_hash: str | None = None
+
+
+def _verify_dummy(password: bytes) -> None:
+    """Unknown users cost what a real check of the default strength costs."""
+    global _dummy_hash
+    handler = _handler("sha512_crypt")
+    if _dummy_hash is None:
+        _dummy_hash = handler.using(rounds=5000).hash("qpopper dummy password")
+    handler.verify(password, _dummy_hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +130,10 @@ def verify_password(scheme: str, hashed: str, password: bytes) -> bool:
         derived = scram_secret_from_password(password, base, secret.salt, secret.iterations)
         return hmac.compare_digest(derived.stored_key, secret.stored_key)
     if base in _CRYPT_HANDLERS:
-        return bool(_CRYPT_HANDLERS[base].verify(password, hashed))
+        return bool(_handler(_CRYPT_HANDLERS[base]).verify(password, hashed))
     if base == "CRYPT":
-        for handler in (sha512_crypt, sha256_crypt, bcrypt, md5_crypt, des_crypt):
+        for name in ("sha512_crypt", "sha256_crypt", "bcrypt", "md5_crypt", "des_crypt"):
+            handler = _handler(name)
             if handler.identify(hashed):
                 return bool(handler.verify(password, hashed))
         return False
@@ -234,7 +244,7 @@ class PasswdFileAuthenticator:
         entry = self.lookup(credentials.user)
         if isinstance(credentials, UserPass):
             if entry is None:
-                sha512_crypt.verify(credentials.password, _DUMMY_HASH)
+                _verify_dummy(credentials.password)
                 return None
             try:
                 ok = verify_password(entry.scheme, entry.hashed, credentials.password)

@@ -15,7 +15,10 @@ import os
 import secrets
 from dataclasses import dataclass, field
 
-import scramp
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import scramp
 
 from ..usernames import is_valid_username
 from .credentials import CramMD5, Credentials, Rejected, ScramSecret, UserPass, Verified
@@ -165,6 +168,9 @@ class Scram(Mechanism):
     """
 
     def __init__(self, name: str, channel_binding: bytes | None) -> None:
+        import scramp  # loaded on first use: it weighs ~15 MB per process
+
+        self._scramp = scramp
         self.name = name
         base = name.removesuffix("-PLUS")
         self._mechanism = scramp.ScramMechanism(name)
@@ -193,7 +199,7 @@ class Scram(Mechanism):
             assert self._server is not None
             try:
                 self._server.set_client_final(text)
-            except scramp.ScramException:
+            except self._scramp.ScramException:
                 self._stage = 4
                 return Finish(Rejected(self._user, self.name))
             self._stage = 3
@@ -214,7 +220,7 @@ class Scram(Mechanism):
             self._server = self._mechanism.make_server(lambda _user: info, channel_binding=self._cb)
             self._server.set_client_first(self._client_first)
             server_first = self._server.get_server_first()
-        except scramp.ScramException as exc:
+        except self._scramp.ScramException as exc:
             return Fail(f"SCRAM client-first refused: {exc}")
         self._stage = 2
         return Challenge(server_first.encode("utf-8"))
@@ -257,6 +263,8 @@ def make_mechanism(
 
 def scram_secret_from_password(password: bytes, mechanism: str, salt: bytes | None = None, iterations: int = 4096) -> ScramSecret:
     """Derive a SCRAM secret from a clear one (PLAIN passwd-file entries)."""
+    import scramp
+
     m = scramp.ScramMechanism(mechanism)
     salt_, stored, server, i = m.make_auth_info(password.decode("utf-8"), iteration_count=iterations, salt=salt)
     return ScramSecret(salt_, stored, server, i)

@@ -9,6 +9,8 @@ synchronous calls.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -17,9 +19,12 @@ from typing import Protocol, runtime_checkable
 UID_MAX_LEN = 70
 
 
+_UID = re.compile(r"[\x21-\x7e]{1,%d}" % UID_MAX_LEN)
+
+
 def is_valid_uid(uid: str) -> bool:
     """True if `uid` may be sent in a UIDL listing as it is."""
-    return 0 < len(uid) <= UID_MAX_LEN and all("\x21" <= c <= "\x7e" for c in uid)
+    return _UID.fullmatch(uid) is not None
 
 
 @dataclass(frozen=True, slots=True)

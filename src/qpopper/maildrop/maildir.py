@@ -52,6 +52,8 @@ def uid_from_name(name: str) -> str:
 
 
 def _hinted_size(name: str, real_size: int) -> int | None:
+    if "," not in name:
+        return None
     base = name.split(":", 1)[0]
     s_hint = w_hint = None
     for match in _SIZE_HINTS.finditer(base):
@@ -102,7 +104,7 @@ class MaildirMaildrop:
     def _scan(self) -> tuple[list[_Entry], list[MessageInfo]]:
         entries: list[_Entry] = []
         infos: list[MessageInfo] = []
-        found: list[tuple[float, str, str, os.stat_result]] = []
+        found: list[tuple[float, str, str, int]] = []
         for sub in ("cur", "new"):
             directory = os.path.join(self.path, sub)
             try:
@@ -116,18 +118,19 @@ class MaildirMaildrop:
                             continue
                         if not (st.st_mode & 0o170000) == 0o100000:
                             continue  # only regular files; symlinks are never served
-                        found.append((st.st_mtime, de.name, sub, st))
+                        found.append((st.st_mtime, de.name, sub, st.st_size))
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 raise MaildropError(f"cannot list {directory}: {exc}") from exc
         # Delivery order: modification time, then name (names start with
         # the delivery time in seconds, then finer parts).
-        found.sort(key=lambda item: (item[0], item[1]))
+        found.sort()
         seen_uids: set[str] = set()
-        for mtime, name, sub, st in found:
-            path = os.path.join(self.path, sub, name)
-            size = _hinted_size(name, st.st_size)
+        prefixes = {sub: os.path.join(self.path, sub) + os.sep for sub in ("cur", "new")}
+        for mtime, name, sub, file_size in found:
+            path = prefixes[sub] + name
+            size = _hinted_size(name, file_size)
             if size is None:
                 try:
                     size = _counted_size(path)

@@ -1,6 +1,7 @@
 """qpopper's own commands: XTND XMIT and XLST, EUIDL, and MDEF macros.
 
-Kept apart from the RFC 1939 commands; `Session` mixes these in. Each one
+Kept apart from the RFC 1939 commands as functions of the session that
+the command table of `_session` names. Each one
 was the scene of a qpopper CVE, so each has a hard bound: XMIT messages a
 size limit, MDEF at most 10 macros of at most 100-character names that
 never expand recursively, and header values from mail never reach a
@@ -31,119 +32,121 @@ _HEADER_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]{1,76}:?")
 XMIT_LINE_MAX = 4096
 
 
-class ExtensionCommands:
-    """Mixin for `Session` with qpopper's extension commands."""
+def cmd_xtnd(session: Session, args: list[bytes], _line: bytes) -> None:
+    if not args:
+        session._bad("XTND needs a sub-command: XMIT or XLST.")
+        return
+    sub = args[0].upper()
+    if sub == b"XMIT":
+        if not session.config.xmit:
+            session._bad("XTND XMIT is disabled.")
+            return
+        if not session._need_args(args, 1, 1):
+            return
+        session._xmit = bytearray()
+        session._xmit_overflow = False
+        session._buffer.max_line = XMIT_LINE_MAX
+        session._emit(Send(b"+OK Start sending message.\r\n"))
+        return
+    if sub in (b"XLST", b"XLIST"):
+        xlst(session, args[1:])
+        return
+    session._bad("Unknown XTND sub-command.")
 
-    def _cmd_xtnd(self: Session, args: list[bytes], _line: bytes) -> None:
-        if not args:
-            self._bad("XTND needs a sub-command: XMIT or XLST.")
-            return
-        sub = args[0].upper()
-        if sub == b"XMIT":
-            if not self.config.xmit:
-                self._bad("XTND XMIT is disabled.")
-                return
-            if not self._need_args(args, 1, 1):
-                return
-            self._xmit = bytearray()
-            self._xmit_overflow = False
-            self._buffer.max_line = XMIT_LINE_MAX
-            self._emit(Send(b"+OK Start sending message.\r\n"))
-            return
-        if sub in (b"XLST", b"XLIST"):
-            self._xlst(args[1:])
-            return
-        self._bad("Unknown XTND sub-command.")
 
-    def _xlst(self: Session, args: list[bytes]) -> None:
-        if not 1 <= len(args) <= 2:
-            self._bad("Usage: XTND XLST header [message].")
+def xlst(session: Session, args: list[bytes]) -> None:
+    if not 1 <= len(args) <= 2:
+        session._bad("Usage: XTND XLST header [message].")
+        return
+    if not _HEADER_NAME.fullmatch(args[0]):
+        session._bad("Invalid header name.")
+        return
+    header = args[0].decode("ascii").rstrip(":")
+    if len(args) == 2:
+        index = session._message_index(args[1])
+        if index is None:
             return
-        if not _HEADER_NAME.fullmatch(args[0]):
-            self._bad("Invalid header name.")
-            return
-        header = args[0].decode("ascii").rstrip(":")
-        if len(args) == 2:
-            index = self._message_index(args[1])
-            if index is None:
-                return
-            indices = [index]
-        else:
-            indices = self._visible()
-        entries = tuple((i, self._messages[i].size, self._messages[i].uid) for i in indices)
-        self._emit(ListHeaders(b"+OK xlst command accepted; headers coming.\r\n", entries, header, "xlst"))
+        indices = [index]
+    else:
+        indices = session._visible()
+    entries = tuple((i, session._messages[i].size, session._messages[i].uid) for i in indices)
+    session._emit(ListHeaders(b"+OK xlst command accepted; headers coming.\r\n", entries, header, "xlst"))
 
-    def _cmd_euidl(self: Session, args: list[bytes], _line: bytes) -> None:
-        if not self._need_args(args, 0, 1):
-            return
-        if args:
-            index = self._message_index(args[0])
-            if index is None:
-                return
-            info = self._messages[index]
-            self._emit(ListHeaders(b"+OK ", ((index, info.size, info.uid),), "From", "euidl", single=True))
-            return
-        entries = tuple((i, self._messages[i].size, self._messages[i].uid) for i in self._visible())
-        self._emit(ListHeaders(b"+OK uidl command accepted.\r\n", entries, "From", "euidl"))
 
-    def _cmd_mdef(self: Session, args: list[bytes], line: bytes) -> None:
-        text = args[0] if args else b""
-        match = _MACRO.fullmatch(text)
-        if match is None:
-            self._bad("Usage: MDEF name(command).")
+def cmd_euidl(session: Session, args: list[bytes], _line: bytes) -> None:
+    if not session._need_args(args, 0, 1):
+        return
+    if args:
+        index = session._message_index(args[0])
+        if index is None:
             return
-        name, body = match.group(1).upper(), match.group(2)
-        if len(name) > MAX_MACRO_NAME:
-            self._bad(f"Macro names are at most {MAX_MACRO_NAME} characters.")
-            return
-        if body.translate(None, bytes(range(0x20, 0x7F))) or not body.strip():
-            self._bad("A macro must be a command line of printable characters.")
-            return
-        if name not in self._macros and len(self._macros) >= MAX_MACROS:
-            self._bad(f"At most {MAX_MACROS} macros.")
-            return
-        self._macros[name] = body
-        self._emit(Send(b"+OK Macro " + name + b" defined.\r\n"))
+        info = session._messages[index]
+        session._emit(ListHeaders(b"+OK ", ((index, info.size, info.uid),), "From", "euidl", single=True))
+        return
+    entries = tuple((i, session._messages[i].size, session._messages[i].uid) for i in session._visible())
+    session._emit(ListHeaders(b"+OK uidl command accepted.\r\n", entries, "From", "euidl"))
 
-    def _run_macro(self: Session, name: bytes, rest: bytes) -> bool:
-        """Expand a macro once (never recursively); False if none."""
-        body = self._macros.get(name)
-        if body is None:
-            return False
-        from ._framing import Line
 
-        expanded = body + (b" " + rest if rest else b"")
-        keyword = expanded.partition(b" ")[0].upper()
-        if keyword in self._macros or keyword == b"MDEF":
-            self._bad("A macro may not run a macro.")
-            return True
-        if len(expanded) + 2 > self.config.max_line:
-            self._bad("Expanded command line too long.")
-            return True
-        self._dispatch(Line(expanded), macros=False)
+def cmd_mdef(session: Session, args: list[bytes], line: bytes) -> None:
+    text = args[0] if args else b""
+    match = _MACRO.fullmatch(text)
+    if match is None:
+        session._bad("Usage: MDEF name(command).")
+        return
+    name, body = match.group(1).upper(), match.group(2)
+    if len(name) > MAX_MACRO_NAME:
+        session._bad(f"Macro names are at most {MAX_MACRO_NAME} characters.")
+        return
+    if body.translate(None, bytes(range(0x20, 0x7F))) or not body.strip():
+        session._bad("A macro must be a command line of printable characters.")
+        return
+    if name not in session._macros and len(session._macros) >= MAX_MACROS:
+        session._bad(f"At most {MAX_MACROS} macros.")
+        return
+    session._macros[name] = body
+    session._emit(Send(b"+OK Macro " + name + b" defined.\r\n"))
+
+
+def run_macro(session: Session, name: bytes, rest: bytes) -> bool:
+    """Expand a macro once (never recursively); False if none."""
+    body = session._macros.get(name)
+    if body is None:
+        return False
+    from ._framing import Line
+
+    expanded = body + (b" " + rest if rest else b"")
+    keyword = expanded.partition(b" ")[0].upper()
+    if keyword in session._macros or keyword == b"MDEF":
+        session._bad("A macro may not run a macro.")
         return True
+    if len(expanded) + 2 > session.config.max_line:
+        session._bad("Expanded command line too long.")
+        return True
+    session._dispatch(Line(expanded), macros=False)
+    return True
 
-    def _xmit_line(self: Session, data: bytes | None) -> None:
-        """One line of an XMIT message; None for an over-long line."""
-        assert self._xmit is not None
-        if data == b".":
-            message, overflow = bytes(self._xmit), self._xmit_overflow
-            self._xmit = None
-            self._buffer.max_line = self.config.max_line
-            if overflow:
-                self._emit(Send(b"-ERR Message too large or with over-long lines; not sent.\r\n"))
-                return
-            assert self.user is not None
-            self._waiting_xmit()
-            self._emit(SubmitMessage(message, self.user))
+
+def xmit_line(session: Session, data: bytes | None) -> None:
+    """One line of an XMIT message; None for an over-long line."""
+    assert session._xmit is not None
+    if data == b".":
+        message, overflow = bytes(session._xmit), session._xmit_overflow
+        session._xmit = None
+        session._buffer.max_line = session.config.max_line
+        if overflow:
+            session._emit(Send(b"-ERR Message too large or with over-long lines; not sent.\r\n"))
             return
-        if data is None:
-            self._xmit_overflow = True
-            return
-        if data.startswith(b"."):
-            data = data[1:]  # undo the client's dot-stuffing
-        if len(self._xmit) + len(data) + 1 > self.config.xmit_max_size:
-            self._xmit_overflow = True
-            return
-        if not self._xmit_overflow:
-            self._xmit += data + b"\n"
+        assert session.user is not None
+        session._waiting_xmit()
+        session._emit(SubmitMessage(message, session.user))
+        return
+    if data is None:
+        session._xmit_overflow = True
+        return
+    if data.startswith(b"."):
+        data = data[1:]  # undo the client's dot-stuffing
+    if len(session._xmit) + len(data) + 1 > session.config.xmit_max_size:
+        session._xmit_overflow = True
+        return
+    if not session._xmit_overflow:
+        session._xmit += data + b"\n"

@@ -36,7 +36,7 @@ from ._effects import (
     SendMessage,
     StartTls,
 )
-from ._extensions import ExtensionCommands
+from . import _extensions
 from ._framing import Line, LineBuffer, OverlongLine
 from ..usernames import is_valid_username
 
@@ -138,7 +138,7 @@ _PASSWORD_BYTES = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
 _Handler = Callable[["Session", list[bytes], bytes], None]
 
 
-class Session(ExtensionCommands):
+class Session:
     """One POP3 conversation from greeting to close."""
 
     def __init__(
@@ -194,7 +194,7 @@ class Session(ExtensionCommands):
             if item is None:
                 return None
             if self._xmit is not None:
-                self._xmit_line(item.data if isinstance(item, Line) else None)
+                _extensions.xmit_line(self, item.data if isinstance(item, Line) else None)
                 continue
             if self.trace is not None:
                 self.trace(self._masked(item))
@@ -400,7 +400,7 @@ class Session(ExtensionCommands):
         keyword = keyword.upper()
         entry = _COMMANDS.get(keyword)
         if entry is None:
-            if macros and self.state is State.TRANSACTION and self._run_macro(keyword, rest):
+            if macros and self.state is State.TRANSACTION and _extensions.run_macro(self, keyword, rest):
                 return
             self._bad("Unknown command.")
             return
@@ -760,9 +760,9 @@ _COMMANDS: dict[bytes, tuple[_Handler, frozenset[State], bool]] = {
     b"NOOP": (Session._cmd_noop, _TRANS, False),
     b"RSET": (Session._cmd_rset, _TRANS, False),
     b"LAST": (Session._cmd_last, _TRANS, False),
-    b"XTND": (Session._cmd_xtnd, _TRANS, False),
-    b"EUIDL": (Session._cmd_euidl, _TRANS, False),
-    b"MDEF": (Session._cmd_mdef, _TRANS, True),
+    b"XTND": (_extensions.cmd_xtnd, _TRANS, False),
+    b"EUIDL": (_extensions.cmd_euidl, _TRANS, False),
+    b"MDEF": (_extensions.cmd_mdef, _TRANS, True),
 }
 
 

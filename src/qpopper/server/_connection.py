@@ -424,16 +424,15 @@ class Connection:
         self.session.auth_succeeded(principal.user)
 
     async def _open_maildrop(self) -> None:
-        principal = self.principal
-        assert principal is not None
+        assert self.principal is not None
+        principal: Principal = self.principal
         if self.services.drop_privileges:
             try:
                 # In this process's own thread: the switch is for the whole
                 # process, and no worker thread may still run as root.
                 self._spool_privilege = drop_to_user(principal)
-                principal = self.principal = await self._blocking(
-                    self._privileged, resolve_spool, self.options, principal
-                )
+                resolved: Principal = await self._blocking(self._privileged, resolve_spool, self.options, principal)
+                principal = self.principal = resolved
                 check_spool(principal)
             except MaildropError as exc:
                 log.error("%s: %s", self.peer, exc)

@@ -16,9 +16,6 @@ import os
 import ssl
 import tempfile
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..errors import ConfigError
 from ..options import Options
@@ -131,7 +128,8 @@ def certificate_identity(ssl_object: ssl.SSLObject | None) -> str | None:
     cert = ssl_object.getpeercert()
     if not cert:
         return None
-    for rdn in cert.get("subject", ()):
+    subject: tuple[tuple[tuple[str, str], ...], ...] = cert.get("subject", ())  # type: ignore[assignment]
+    for rdn in subject:
         for key, value in rdn:
             if key == "commonName":
                 return str(value)
@@ -148,6 +146,11 @@ def reload_certificates(ctx: ssl.SSLContext, options: Options) -> None:
 def server_end_point(cert_file: str) -> bytes:
     """RFC 5929 tls-server-end-point: the certificate's hash, with SHA-256
     standing in for MD5 and SHA-1."""
+    # Imported here: cryptography costs ~15 MB that servers without TLS need not pay.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.serialization import Encoding
+
     with open(cert_file, "rb") as f:
         cert = x509.load_pem_x509_certificate(f.read())
     algorithm = cert.signature_hash_algorithm
