@@ -120,6 +120,13 @@ class Options:
     auto_delete: bool = False
     user_options: bool = False
     spool_options: bool = False
+    # Bulletins (-b, -B): directory, mark database, first-contact count.
+    bulldir: str | None = None
+    bulldb: bool = False
+    bulldb_nonfatal: bool = False
+    bulldb_max_tries: int = 75
+    max_bulletins: int = 1
+    group_bulletins: bool = False
     # XTND XMIT: the sendmail-compatible command (no shell), -x, size limit.
     mail_command: str = "/usr/sbin/sendmail"
     xmit_disable: bool = False
@@ -208,7 +215,7 @@ def _convert(name: str, value: object, where: str) -> object:
         if unknown:
             raise ConfigError(f"{where}: unknown SASL mechanism {unknown[0]} (known: {' '.join(ALL_MECHANISMS)})", where)
         return names
-    if name in ("nonauth_file", "auth_file", "trace_file", "log_login", "home_dir_mail", "temp_dir", "group_server_mode", "group_no_server_mode") and value == "":
+    if name in ("nonauth_file", "auth_file", "trace_file", "log_login", "home_dir_mail", "temp_dir", "group_server_mode", "group_no_server_mode", "bulldir") and value == "":
         return None
     if name == "hash_spool" and value not in (0, 1, 2):
         raise ConfigError(f"{where}: hash-spool must be 0, 1 or 2", where)

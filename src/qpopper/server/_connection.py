@@ -27,7 +27,8 @@ from ..auth.credentials import Rejected
 from ..configfile import Context, read_config
 from ..errors import AuthUnavailable, ConfigError, MaildropError, ResponseCode
 from ..logsetup import TRACE_LOGGER, printable
-from ..maildrop import Maildrop
+from .. import bulletins
+from ..maildrop import Maildrop, MaildropSettings
 from ..maildrop.location import open_maildrop
 from ..options import Options, apply_settings
 from ..policy import plaintext_allowed
@@ -457,6 +458,16 @@ class Connection:
             self.principal = None
             self.session.maildrop_failed(exc.code)
             return
+        if self.options.bulldir:
+            try:
+                reopened = await self._deliver_bulletins(principal, maildrop, settings)
+            except MaildropError as exc:
+                await self._close_maildrop(maildrop)
+                self.principal = None
+                self.session.maildrop_failed(exc.code)
+                return
+            if reopened is not None:
+                maildrop = reopened
         self.maildrop = maildrop
         self._times.opened = time.monotonic()
         log.debug("%s: opened %s in %.3f s", self.peer, principal.mail, self._times.opened - (self._times.authenticated or 0))
@@ -487,6 +498,57 @@ class Connection:
             self._out += effect.status + bytes(out)
         else:
             self._out += out + b".\r\n"
+
+    async def _deliver_bulletins(
+        self, principal: Principal, maildrop: Maildrop, settings: MaildropSettings
+    ) -> Maildrop | None:
+        """Deliver new bulletins while the POP lock is held; if any arrived,
+        list the maildrop again so they are in this session. Returns the
+        reopened maildrop, or None if nothing changed."""
+        options = self.options
+        bulldir = options.bulldir
+        assert bulldir is not None
+        candidates = bulletins.for_user(bulletins.scan(bulldir), principal, options.group_bulletins)
+        host = options.hostname
+        delivered = 0
+        if options.bulldb:
+            db = bulletins.BulletinDatabase(bulldir, options.bulldb_max_tries)
+
+            def change(mark: int | None) -> int | None:
+                nonlocal delivered
+                if mark is None:
+                    mark = bulletins.read_popbull(principal.home)  # import the old file once
+                todo, newest = bulletins.pending(candidates, mark, options.max_bulletins)
+                delivered = len(todo)
+                bulletins.deliver(principal.mail, todo, principal.user, host)
+                return newest if candidates else mark
+
+            try:
+                await self._blocking(self._privileged, db.update, principal.user, change)
+            except (OSError, TimeoutError) as exc:
+                log.error("%s: bulletin database %s: %s", self.peer, db.path, exc)
+                if not options.bulldb_nonfatal:
+                    raise MaildropError("bulletin database unavailable", ResponseCode.SYS_TEMP) from exc
+                return None
+        else:
+            if not principal.home:
+                log.warning("%s: %s has no home for .popbull; bulletins need bulldb", self.peer, principal.user)
+                return None
+            mark = await self._blocking(bulletins.read_popbull, principal.home)
+            todo, newest = bulletins.pending(candidates, mark, options.max_bulletins)
+            try:
+                await self._blocking(self._privileged, bulletins.deliver, principal.mail, todo, principal.user, host)
+                if candidates and newest != mark:
+                    await self._blocking(bulletins.write_popbull, principal.home, newest)
+            except OSError as exc:
+                log.error("%s: [SYS/TEMP] bulletins for %s not delivered: %s", self.peer, principal.user, exc)
+                return None
+            delivered = len(todo)
+        if not delivered:
+            return None
+        await self._close_maildrop(maildrop)
+        reopened: Maildrop = await self._blocking(self._privileged, open_maildrop, principal.mail, settings)
+        return reopened
 
     async def _send_message(self, effect: SendMessage) -> None:
         assert self.maildrop is not None
