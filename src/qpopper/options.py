@@ -127,6 +127,10 @@ class Options:
     bulldb_max_tries: int = 75
     max_bulletins: int = 1
     group_bulletins: bool = False
+    # After each login: DRAC (-D), a hook command (no shell), a hook file.
+    drac_host: str | None = None
+    post_login_command: str | None = None
+    post_login_file: str | None = None
     # XTND XMIT: the sendmail-compatible command (no shell), -x, size limit.
     mail_command: str = "/usr/sbin/sendmail"
     xmit_disable: bool = False
@@ -215,7 +219,7 @@ def _convert(name: str, value: object, where: str) -> object:
         if unknown:
             raise ConfigError(f"{where}: unknown SASL mechanism {unknown[0]} (known: {' '.join(ALL_MECHANISMS)})", where)
         return names
-    if name in ("nonauth_file", "auth_file", "trace_file", "log_login", "home_dir_mail", "temp_dir", "group_server_mode", "group_no_server_mode", "bulldir") and value == "":
+    if name in ("nonauth_file", "auth_file", "trace_file", "log_login", "home_dir_mail", "temp_dir", "group_server_mode", "group_no_server_mode", "bulldir", "drac_host", "post_login_command", "post_login_file") and value == "":
         return None
     if name == "hash_spool" and value not in (0, 1, 2):
         raise ConfigError(f"{where}: hash-spool must be 0, 1 or 2", where)

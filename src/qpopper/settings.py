@@ -154,7 +154,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("config-file", None, S, "read another config file here", switch="-f"),
     Setting("debug", "debug", B, "log debug records", switch="-d"),
     Setting("downcase-user", "downcase_user", B, "lower-case user names before lookup", U, "-c"),
-    Setting("drac-host", None, S, "DRAC server to tell about logins", switch="-D", ignored="DRAC arrives with its own issue"),
+    Setting("drac-host", "drac_host", S, "DRAC server told the address of each client that logs in", switch="-D"),
     Setting("fast-update", "fast_update", B, "rename instead of copy where the temp drop allows it", switch="-F"),
     Setting("group-bulletins", "group_bulletins", B, "NUMBER.GROUP bulletin files go to that group only", U),
     Setting("group-no-server-mode", "group_no_server_mode", S, "group whose members never get server mode", U),
@@ -201,6 +201,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("xmit-max-size", "xmit_max_size", I, "largest message XTND XMIT accepts, in octets", U, qpopper=False),
     # ---- this server's own -----------------------------------------------
     Setting("bulldb", "bulldb", B, "keep bulletin marks in <bulldir>/bulldb instead of ~/.popbull (qpopper: --enable-bulldb)", qpopper=False),
+    Setting("post-login-command", "post_login_command", S, "run after each login (no shell) with arguments: user, address, time", INIT, qpopper=False),
+    Setting("post-login-file", "post_login_file", S, "append \"TIME USER ADDRESS\" to this file after each login", INIT, qpopper=False),
     Setting("apop-file", "apop_file", S, "the APOP database managed with popauth (qpopper: --enable-apop=path)", INIT, qpopper=False),
     Setting("auth-backend", "auth_backend", M, "pam: system users, a process per session; passwd-file: virtual users; auto: pam unless passwd-file is set", INIT, mnemonics=(("auto", "auto"), ("pam", "pam"), ("passwd-file", "passwd-file")), qpopper=False),
     Setting("pam-service", "pam_service", S, "PAM service name for system users", INIT, qpopper=False),

@@ -12,6 +12,7 @@ another.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -49,6 +50,7 @@ from ..protocol import (
     SubmitMessage,
 )
 from ._privileges import SpoolPrivilege, check_spool, drop_to_user
+from ..postlogin import after_login
 from ._spool import maildrop_settings, resolve_spool
 from ._records import SessionTimes, expand_login_template, reverse_lookup, statistics_record
 from ._tls import certificate_identity
@@ -194,6 +196,7 @@ class Connection:
         self._committed = False
         self._times = SessionTimes()
         self._spool_privilege: SpoolPrivilege | None = None
+        self._background: set[asyncio.Task[Any]] = set()
         self._host_name: asyncio.Task[str] | None = None
         if self.options.reverse_lookup and peer.host != "local":
             self._host_name = asyncio.get_running_loop().create_task(reverse_lookup(peer.host, services.run_blocking))
@@ -282,27 +285,32 @@ class Connection:
             pass
 
     async def _finish(self) -> None:
-        maildrop, self.maildrop = self.maildrop, None
-        if maildrop is not None:
-            try:
-                if self.options.update_on_abort and self.session.in_transaction:
-                    # qpopper's update-on-abort: commit marks on a lost connection.
-                    self.updating = True
-                    await asyncio.shield(self._commit_maildrop(maildrop, Commit(
-                        frozenset(self.session.marked_deleted), self.session.retrieved
-                    )))
-            except Exception:
-                log.exception("%s: update on abort failed for %s", self.peer, self.session.user)
-            finally:
-                self.updating = False
-                await self._close_maildrop(maildrop)
         try:
-            await self._session_records()
-        except Exception:  # records are a courtesy; never fail the close on them
-            log.exception("%s: cannot write the session records", self.peer)
-        if self._host_name is not None and not self._host_name.done():
-            self._host_name.cancel()
-        self.writer.close()
+            maildrop, self.maildrop = self.maildrop, None
+            if maildrop is not None:
+                try:
+                    if self.options.update_on_abort and self.session.in_transaction:
+                        # qpopper's update-on-abort: commit marks on a lost connection.
+                        self.updating = True
+                        marks = Commit(frozenset(self.session.marked_deleted), self.session.retrieved)
+                        await asyncio.shield(self._commit_maildrop(maildrop, marks))
+                except Exception:
+                    log.exception("%s: update on abort failed for %s", self.peer, self.session.user)
+                finally:
+                    self.updating = False
+                    await self._close_maildrop(maildrop)
+            try:
+                await self._session_records()
+            except Exception:  # records are a courtesy; never fail the close on them
+                log.exception("%s: cannot write the session records", self.peer)
+        finally:
+            # Whatever happened above, even a cancellation: the socket closes.
+            self.writer.close()
+            if self._host_name is not None and not self._host_name.done():
+                self._host_name.cancel()
+        if self._background:
+            # Let post-login work finish (a session process exits after this).
+            await asyncio.wait(self._background, timeout=10)
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 5)
         except Exception:
@@ -421,8 +429,31 @@ class Connection:
             return
         self.principal = principal
         self._times.authenticated = time.monotonic()
+        self._after_login(principal.user)
         log.debug("%s: authenticated %s (%s)", self.peer, principal.user, type(effect.credentials).__name__)
         self.session.auth_succeeded(principal.user)
+
+    def _after_login(self, user: str) -> None:
+        """DRAC and the post-login hook, beside the session: never a delay,
+        never a failed login. Runs before any privilege drop, so the hook
+        file and command need not be the user's."""
+        options = self.options
+        if not (options.drac_host or options.post_login_command or options.post_login_file):
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._blocking(
+                functools.partial(
+                    after_login,
+                    drac_host=options.drac_host,
+                    command=options.post_login_command,
+                    file=options.post_login_file,
+                ),
+                user,
+                self.peer.host,
+            )
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _open_maildrop(self) -> None:
         assert self.principal is not None
