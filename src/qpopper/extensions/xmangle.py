@@ -100,13 +100,14 @@ Charsets
   when they all share one and it can write the whole result (notes included);
   otherwise UTF-8.  Characters the asked-for charset cannot hold become ``?``
   in plain text and character references in HTML.
-* Decoding never raises: the declared charset strictly, then UTF-8, then
-  windows-1252, then ISO-8859-1 (which takes any byte); a declared
-  ISO-8859-1 part with bytes 0x80-0x9F is read as windows-1252 (what browsers
-  do); a known multibyte charset with a few bad bytes keeps its text with
-  U+FFFD.  Unknown or absent charset: US-ASCII if it is, else UTF-8 if it
-  decodes, else windows-1252/ISO-8859-1, and the output is labelled with that
-  guess.  A few common aliases Python lacks are mapped (``windows-874``,
+* Decoding never raises.  The declared charset is tried strictly; a
+  declared ISO-8859-1 part with bytes 0x80-0x9F is read as windows-1252
+  (what browsers do); a declared UTF-8 part that is not UTF-8 is guessed as
+  below; any other charset that fails is tried as UTF-8, then decoded with
+  U+FFFD for the bad bytes.  Unknown or absent charset (the guess): US-ASCII
+  if it is, else UTF-8 if it decodes, else ISO-8859-1 when there are no bytes
+  0x80-0x9F, else windows-1252, else ISO-8859-1 (which takes any byte); the
+  output is labelled with what was actually used.  A few common aliases Python lacks are mapped (``windows-874``,
   ``x-mac-roman``, ``iso-8859-8-i``, ``gb2312`` as GB18030, ``shift_jis`` as
   cp932, ...).
 
