@@ -61,8 +61,12 @@ def server_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[C
 
 def fetch_subjects(server: Controller, user: str = "alice") -> list[bytes]:
     c = poplib.POP3(server.host, server.port, timeout=10)
-    c.user(user)
-    c.pass_(PASSWORD)
+    try:
+        c.user(user)
+        c.pass_(PASSWORD)
+    except BaseException:
+        c.close()
+        raise
     out = []
     for i in range(1, c.stat()[0] + 1):
         lines = c.retr(i)[1]

@@ -197,6 +197,7 @@ class Connection:
         self._times = SessionTimes()
         self._spool_privilege: SpoolPrivilege | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._idle = False  # waiting for the client's next command
         self._host_name: asyncio.Task[str] | None = None
         if self.options.reverse_lookup and peer.host != "local":
             self._host_name = asyncio.get_running_loop().create_task(reverse_lookup(peer.host, services.run_blocking))
@@ -235,6 +236,15 @@ class Connection:
             self.writer.write(bytes(self._out))
             self._out.clear()
         await self.writer.drain()
+
+    def shutdown(self) -> None:
+        """The server is stopping: tell an idle client and close."""
+        if self._idle:
+            try:
+                self.writer.write(b"-ERR [SYS/TEMP] Server shutting down.\r\n")
+            except Exception:  # the peer may be gone already
+                pass
+        self.writer.close()
 
     def _trace_in(self, line: str) -> None:
         trace_log.debug("%s %s < %s", self.peer, self.session.user or "-", printable(line))
@@ -335,14 +345,17 @@ class Connection:
             effect = session.next_effect()
             if effect is None:
                 await self._flush()
+                self._idle = True
                 try:
                     data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.options.timeout)
                 except TimeoutError:
                     # RFC 1939 autologout: close without a reply, commit nothing.
                     log.info("%s: timeout (%.0f s) for %s", self.peer, self.options.timeout, session.user)
                     return
+                finally:
+                    self._idle = False
                 if not data:
-                    log.info("%s: client closed the connection", self.peer)
+                    log.info("%s: connection closed", self.peer)
                     return
                 session.receive_data(data)
             elif isinstance(effect, Send):

@@ -220,11 +220,20 @@ class Server:
         for server in self._servers:
             server.close()
         for task, conn in list(self._connections.items()):
-            if not (drain and conn is not None and conn.updating):
+            if conn is None:
                 task.cancel()
+            elif not (drain and conn.updating):
+                # Closing the socket ends the session the normal way (as a
+                # lost connection: nothing is deleted); cancelling a stream
+                # task would trip asyncio 3.11's connection callback.
+                conn.shutdown()
         pending = list(self._connections)
         if pending:
-            await asyncio.wait(pending, timeout=self.options.drain_timeout if drain else 5)
+            _, late = await asyncio.wait(pending, timeout=self.options.drain_timeout if drain else 5)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=5)
         for server in self._servers:
             await server.wait_closed()
         self._executor.shutdown(wait=drain, cancel_futures=True)
