@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..auth.credentials import Credentials
+from ..extensions.xmangle import MangleSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,8 @@ class SendMessage:
     index: int
     body_lines: int | None
     status: bytes
+    # XMANGLE: condense the message into one text part before sending.
+    mangle: MangleSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,15 @@ class ListHeaders:
 
 
 @dataclass(frozen=True, slots=True)
+class ComputeSizes:
+    """The sizes these messages have once mangled by `spec` (XMANGLE,
+    -no-mime); answer with sizes_computed."""
+
+    spec: MangleSpec
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SubmitMessage:
     """XTND XMIT: hand the message to the mail system with `sender` as the
     envelope sender; answer with submit_done."""
@@ -117,6 +129,7 @@ Effect = (
     | StartTls
     | LookupScramSecret
     | ListHeaders
+    | ComputeSizes
     | SubmitMessage
     | Close
 )

@@ -24,11 +24,13 @@ from .._version import __version__
 from ..auth import sasl
 from ..auth.credentials import ApopDigest, ScramSecret, UserPass
 from ..errors import ResponseCode
+from ..extensions import xmangle
 from ..maildrop import MessageInfo
 from ._effects import (
     Authenticate,
     Close,
     Commit,
+    ComputeSizes,
     Effect,
     LookupScramSecret,
     OpenMaildrop,
@@ -64,6 +66,7 @@ class _Waiting(enum.Enum):
     COMMIT = enum.auto()
     TLS = enum.auto()
     SCRAM_SECRET = enum.auto()
+    SIZES = enum.auto()
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +160,9 @@ class Session:
         # Called with each command line as received, secrets masked (-t).
         self.trace: Callable[[str], None] | None = None
         self._macros: dict[bytes, bytes] = {}
+        # XMANGLE sizes learnt so far, and the command waiting for some.
+        self._mangled_sizes: dict[tuple[xmangle.MangleSpec, int], int] = {}
+        self._pending_line: bytes | None = None
         self._xmit: bytearray | None = None  # an XTND XMIT message being received
         self._xmit_overflow = False
         self.state = State.AUTHORIZATION
@@ -278,6 +284,42 @@ class Session:
 
     def _waiting_xmit(self) -> None:
         self._waiting = _Waiting.SUBMIT
+
+    def sizes_computed(self, spec: xmangle.MangleSpec, sizes: dict[int, int]) -> None:
+        """Answer to ComputeSizes; the command that asked runs again."""
+        self._expect(_Waiting.SIZES)
+        self._waiting = _Waiting.NOTHING
+        for index, size in sizes.items():
+            self._mangled_sizes[(spec, index)] = size
+        line, self._pending_line = self._pending_line, None
+        if line is not None:
+            self._dispatch(Line(line), macros=False)
+
+    def _mangle_spec(self, args: list[bytes]) -> tuple[list[bytes], xmangle.MangleSpec | None] | None:
+        """Split an XMANGLE(...) modifier off the arguments (it may hold
+        spaces); without one, -no-mime's spec applies. None: refused."""
+        for i, arg in enumerate(args):
+            if arg[:7].upper() == b"XMANGLE":
+                try:
+                    spec = xmangle.parse_modifier(b" ".join(args[i:]).decode("ascii"))
+                except ValueError as exc:
+                    self._bad(f"Bad XMANGLE modifier: {exc}"[:200])
+                    return None
+                return args[:i], spec
+        return args, (xmangle.NO_MIME if self.mangle else None)
+
+    def _sizes(self, indices: list[int], spec: xmangle.MangleSpec | None, line: bytes) -> dict[int, int] | None:
+        """Sizes of these messages as they will be sent; None if some must
+        be computed first (the command is then run again)."""
+        if spec is None:
+            return {i: self._messages[i].size for i in indices}
+        missing = tuple(i for i in indices if (spec, i) not in self._mangled_sizes)
+        if missing:
+            self._pending_line = line
+            self._waiting = _Waiting.SIZES
+            self._emit(ComputeSizes(spec, missing))
+            return None
+        return {i: self._mangled_sizes[(spec, i)] for i in indices}
 
     def submit_done(self, error: ResponseCode | None, text: str = "") -> None:
         """XTND XMIT's message was accepted (error None) or refused."""
@@ -549,6 +591,7 @@ class Session:
             caps.append(f"EXPIRE {cfg.expire}")
         caps.append("XTND XMIT XLST" if cfg.xmit else "XTND XLST")
         caps.append("X-MACRO")
+        caps.append(xmangle.CAPABILITY)
         caps.extend(cfg.extra_capabilities)
         if self.state is State.TRANSACTION and not cfg.shy:
             caps.append(f"IMPLEMENTATION {cfg.implementation}")
@@ -653,25 +696,34 @@ class Session:
 
     # ---- TRANSACTION ------------------------------------------------------
 
-    def _cmd_stat(self, args: list[bytes], _line: bytes) -> None:
+    def _cmd_stat(self, args: list[bytes], line: bytes) -> None:
         if not self._need_args(args, 0, 0):
             return
         visible = self._visible()
-        octets = sum(self._messages[i].size for i in visible)
-        self._emit(Send(_ok(f"{len(visible)} {octets}")))
+        sizes = self._sizes(visible, xmangle.NO_MIME if self.mangle else None, line)
+        if sizes is not None:
+            self._emit(Send(_ok(f"{len(visible)} {sum(sizes.values())}")))
 
-    def _cmd_list(self, args: list[bytes], _line: bytes) -> None:
+    def _cmd_list(self, args: list[bytes], line: bytes) -> None:
+        split = self._mangle_spec(args)
+        if split is None:
+            return
+        args, spec = split
         if not self._need_args(args, 0, 1):
             return
         if args:
             index = self._message_index(args[0])
             if index is not None:
-                self._emit(Send(_ok(f"{index + 1} {self._messages[index].size}")))
+                sizes = self._sizes([index], spec, line)
+                if sizes is not None:
+                    self._emit(Send(_ok(f"{index + 1} {sizes[index]}")))
             return
         visible = self._visible()
-        octets = sum(self._messages[i].size for i in visible)
-        head = _ok(f"{len(visible)} visible messages ({octets} octets)")
-        body = "".join(f"{i + 1} {self._messages[i].size}\r\n" for i in visible)
+        sizes = self._sizes(visible, spec, line)
+        if sizes is None:
+            return
+        head = _ok(f"{len(visible)} visible messages ({sum(sizes.values())} octets)")
+        body = "".join(f"{i + 1} {sizes[i]}\r\n" for i in visible)
         self._emit(Send(head + body.encode("ascii") + b".\r\n"))
 
     def _cmd_uidl(self, args: list[bytes], _line: bytes) -> None:
@@ -685,17 +737,28 @@ class Session:
         body = "".join(f"{i + 1} {self._messages[i].uid}\r\n" for i in self._visible())
         self._emit(Send(b"+OK uidl command accepted.\r\n" + body.encode("ascii") + b".\r\n"))
 
-    def _cmd_retr(self, args: list[bytes], _line: bytes) -> None:
+    def _cmd_retr(self, args: list[bytes], line: bytes) -> None:
+        split = self._mangle_spec(args)
+        if split is None:
+            return
+        args, spec = split
         if not self._need_args(args, 1, 1):
             return
         index = self._message_index(args[0])
         if index is None:
             return
+        sizes = self._sizes([index], spec, line)
+        if sizes is None:
+            return
         self._retrieved.add(index)
         self._last = max(self._last, index + 1)
-        self._emit(SendMessage(index, None, _ok(f"{self._messages[index].size} octets")))
+        self._emit(SendMessage(index, None, _ok(f"{sizes[index]} octets"), spec))
 
     def _cmd_top(self, args: list[bytes], _line: bytes) -> None:
+        split = self._mangle_spec(args)
+        if split is None:
+            return
+        args, spec = split
         if not self._need_args(args, 2, 2):
             return
         lines = _parse_number(args[1])
@@ -706,7 +769,7 @@ class Session:
         if index is None:
             return
         self._last = max(self._last, index + 1)
-        self._emit(SendMessage(index, lines, _ok("Message follows.")))
+        self._emit(SendMessage(index, lines, _ok("Message follows."), spec))
 
     def _cmd_dele(self, args: list[bytes], _line: bytes) -> None:
         if not self._need_args(args, 1, 1):

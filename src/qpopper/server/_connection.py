@@ -37,6 +37,7 @@ from ..protocol import (
     Authenticate,
     Close,
     Commit,
+    ComputeSizes,
     ConnectionSecurity,
     ListHeaders,
     LookupScramSecret,
@@ -48,9 +49,12 @@ from ..protocol import (
     StartTls,
     StuffingEncoder,
     SubmitMessage,
+    wire_size,
 )
 from ._privileges import SpoolPrivilege, check_spool, drop_to_user
+from ..extensions.xmangle import MangleSpec
 from ..postlogin import after_login
+from ._mangling import mangle_message, too_big_to_mangle
 from ._spool import maildrop_settings, resolve_spool
 from ._records import SessionTimes, expand_login_template, reverse_lookup, statistics_record
 from ._tls import certificate_identity
@@ -198,6 +202,7 @@ class Connection:
         self._spool_privilege: SpoolPrivilege | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._idle = False  # waiting for the client's next command
+        self._last_mangled: tuple[tuple[int, MangleSpec], bytes] | None = None
         self._host_name: asyncio.Task[str] | None = None
         if self.options.reverse_lookup and peer.host != "local":
             self._host_name = asyncio.get_running_loop().create_task(reverse_lookup(peer.host, services.run_blocking))
@@ -379,6 +384,16 @@ class Connection:
                 await self._lookup_scram_secret(effect)
             elif isinstance(effect, ListHeaders):
                 await self._list_headers(effect)
+            elif isinstance(effect, ComputeSizes):
+                await self._flush()
+                assert self.maildrop is not None
+                sizes = {}
+                for index in effect.indices:
+                    if too_big_to_mangle(self.maildrop, index):
+                        sizes[index] = self.maildrop.messages()[index].size  # sent as stored
+                    else:
+                        sizes[index] = wire_size(await self._mangled(index, effect.spec))
+                self.session.sizes_computed(effect.spec, sizes)
             elif isinstance(effect, SubmitMessage):
                 await self._flush()
                 error, text = await self._blocking(submit, self.options.mail_command, effect.sender, effect.data)
@@ -594,8 +609,30 @@ class Connection:
         reopened: Maildrop = await self._blocking(self._privileged, open_maildrop, principal.mail, settings)
         return reopened
 
+    async def _mangled(self, index: int, spec: MangleSpec) -> bytes:
+        """Message `index` condensed by XMANGLE; the last one is kept, so
+        LIST n and RETR n in a row mangle once."""
+        key = (index, spec)
+        if self._last_mangled is not None and self._last_mangled[0] == key:
+            return self._last_mangled[1]
+        assert self.maildrop is not None
+        result: bytes = await self._blocking(mangle_message, self.maildrop, index, spec)
+        self._last_mangled = (key, result)
+        return result
+
     async def _send_message(self, effect: SendMessage) -> None:
         assert self.maildrop is not None
+        if effect.mangle is not None and not too_big_to_mangle(self.maildrop, effect.index):
+            try:
+                mangled = await self._mangled(effect.index, effect.mangle)
+            except (MaildropError, OSError) as exc:
+                log.error("%s: cannot read message %d of %s: %s", self.peer, effect.index + 1, self.session.user, exc)
+                self.session.message_unavailable()
+                return
+            encoder = StuffingEncoder(effect.body_lines)
+            self._trace_out(effect.status)
+            self._out += effect.status + encoder.encode(mangled) + encoder.finish() + b".\r\n"
+            return
         chunks = self.maildrop.read(effect.index)
         try:
             first = next(chunks, b"")

@@ -1,0 +1,21 @@
+"""Reading a stored message whole for XMANGLE, within a bound.
+
+Condensing MIME needs the whole message in memory; messages larger than
+MANGLE_MAX_SIZE are sent as stored instead, which keeps memory bounded
+and, being decided by the stored size, keeps LIST and RETR consistent.
+"""
+
+from __future__ import annotations
+
+from ..extensions.xmangle import MangleSpec, mangle
+from ..maildrop import Maildrop
+
+MANGLE_MAX_SIZE = 32 * 1024 * 1024
+
+
+def too_big_to_mangle(maildrop: Maildrop, index: int) -> bool:
+    return maildrop.messages()[index].size > MANGLE_MAX_SIZE
+
+
+def mangle_message(maildrop: Maildrop, index: int, spec: MangleSpec) -> bytes:
+    return mangle(b"".join(maildrop.read(index)), spec)
