@@ -127,6 +127,11 @@ class Options:
     bulldb_max_tries: int = 75
     max_bulletins: int = 1
     group_bulletins: bool = False
+    # Kerberos 5 through SASL GSSAPI (-k, -K): service, keytab, realms.
+    kerberos: bool = False
+    kerberos_service: str = "pop"
+    kerberos_keytab: str | None = None
+    kerberos_realms: str | None = None  # space separated; default realm if unset
     # After each login: DRAC (-D), a hook command (no shell), a hook file.
     drac_host: str | None = None
     post_login_command: str | None = None
@@ -219,7 +224,7 @@ def _convert(name: str, value: object, where: str) -> object:
         if unknown:
             raise ConfigError(f"{where}: unknown SASL mechanism {unknown[0]} (known: {' '.join(ALL_MECHANISMS)})", where)
         return names
-    if name in ("nonauth_file", "auth_file", "trace_file", "log_login", "home_dir_mail", "temp_dir", "group_server_mode", "group_no_server_mode", "bulldir", "drac_host", "post_login_command", "post_login_file") and value == "":
+    if name in ("nonauth_file", "auth_file", "trace_file", "log_login", "home_dir_mail", "temp_dir", "group_server_mode", "group_no_server_mode", "bulldir", "drac_host", "post_login_command", "post_login_file", "kerberos_keytab", "kerberos_realms") and value == "":
         return None
     if name == "hash_spool" and value not in (0, 1, 2):
         raise ConfigError(f"{where}: hash-spool must be 0, 1 or 2", where)

@@ -26,7 +26,7 @@ from .credentials import CramMD5, Credentials, Rejected, ScramSecret, UserPass, 
 # RFC 4616: implementations must accept 255 octets for each PLAIN field.
 PLAIN_FIELD_MAX = 255
 SCRAM_MECHANISMS = ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-1")
-ALL_MECHANISMS = ("EXTERNAL",) + SCRAM_MECHANISMS + ("CRAM-MD5", "PLAIN", "LOGIN")
+ALL_MECHANISMS = ("GSSAPI", "EXTERNAL") + SCRAM_MECHANISMS + ("CRAM-MD5", "PLAIN", "LOGIN")
 # Mechanisms that send the password itself: subject to the clear-text policy.
 CLEARTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
 # Channel binding type this server offers for the -PLUS variants.
@@ -71,6 +71,9 @@ class Mechanism:
     name = ""
     # Server-first mechanisms must not get an initial response (RFC 5034).
     server_first = False
+    # Steps that do I/O (GSSAPI reads a keytab) run in the server's worker
+    # threads, not inside the protocol core.
+    offload = False
 
     def start(self, initial: bytes | None) -> Step:
         if initial is None:
@@ -244,8 +247,19 @@ class External(Mechanism):
 
 
 def make_mechanism(
-    name: str, hostname: str, channel_binding: bytes | None, certificate_user: str | None = None
+    name: str,
+    hostname: str,
+    channel_binding: bytes | None,
+    certificate_user: str | None = None,
+    kerberos: object | None = None,
 ) -> Mechanism | None:
+    if name == "GSSAPI":
+        if kerberos is None:
+            return None
+        from .gssapi_mech import Gssapi, KerberosAcceptor
+
+        assert isinstance(kerberos, KerberosAcceptor)
+        return Gssapi(kerberos)
     if name == "EXTERNAL":
         return External(certificate_user) if certificate_user is not None else None
     if name == "PLAIN":

@@ -15,6 +15,7 @@ from ._effects import (
     OpenMaildrop,
     Send,
     SendMessage,
+    SaslStep,
     StartTls,
     SubmitMessage,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "LookupScramSecret",
     "ListHeaders",
     "SubmitMessage",
+    "SaslStep",
     "StartTls",
     "ConnectionSecurity",
     "OpenMaildrop",

@@ -9,6 +9,7 @@ Session method.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..auth.credentials import Credentials
 from ..extensions.xmangle import MangleSpec
@@ -96,6 +97,17 @@ class ListHeaders:
 
 
 @dataclass(frozen=True, slots=True)
+class SaslStep:
+    """Run one step of a SASL mechanism whose steps do I/O (GSSAPI):
+    `mechanism.start(data)` when `initial`, else `mechanism.step(data)`;
+    answer with sasl_step_done."""
+
+    mechanism: Any = field(repr=False)
+    data: bytes | None = field(repr=False)
+    initial: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ComputeSizes:
     """The sizes these messages have once mangled by `spec` (XMANGLE,
     -no-mime); answer with sizes_computed."""
@@ -130,6 +142,7 @@ Effect = (
     | LookupScramSecret
     | ListHeaders
     | ComputeSizes
+    | SaslStep
     | SubmitMessage
     | Close
 )

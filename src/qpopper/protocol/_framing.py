@@ -33,8 +33,12 @@ class LineBuffer:
     line a byte at a time stays linear.
     """
 
-    def __init__(self, max_line: int = 255) -> None:
+    def __init__(self, max_line: int = 255, long_prefix: bytes | None = None, long_max: int = 0) -> None:
         self.max_line = max_line
+        # Lines starting with `long_prefix` (case-insensitive) may reach
+        # `long_max`: AUTH with a large initial response (GSSAPI tickets).
+        self.long_prefix = long_prefix
+        self.long_max = long_max
         self._buf = bytearray()
         self._searched = 0
         self._discarding = False
@@ -53,6 +57,12 @@ class LineBuffer:
     def __len__(self) -> int:
         return len(self._buf)
 
+    def _limit(self) -> int:
+        prefix = self.long_prefix
+        if prefix is not None and self._buf[: len(prefix)].upper() == prefix:
+            return max(self.max_line, self.long_max)
+        return self.max_line
+
     def next_line(self) -> Line | OverlongLine | None:
         """Return the next complete line, an overlong marker, or None."""
         while True:
@@ -63,7 +73,7 @@ class LineBuffer:
                     self._buf.clear()
                     self._searched = 0
                     return None
-                if len(self._buf) >= self.max_line:
+                if len(self._buf) >= self._limit():
                     # The line is already too long; drop what we hold and
                     # keep dropping until its end arrives.
                     self._discarding = True
@@ -73,6 +83,7 @@ class LineBuffer:
                     return None
                 self._searched = len(self._buf)
                 return None
+            limit = self._limit()
             raw = bytes(self._buf[:end])
             del self._buf[: end + 1]
             self._searched = 0
@@ -81,7 +92,7 @@ class LineBuffer:
                 discarded = self._discarded + end + 1
                 self._discarded = 0
                 return OverlongLine(discarded)
-            if end + 1 > self.max_line:
+            if end + 1 > limit:
                 return OverlongLine(end + 1)
             if raw.endswith(b"\r"):
                 raw = raw[:-1]

@@ -32,6 +32,7 @@ from ._effects import (
     Commit,
     ComputeSizes,
     Effect,
+    SaslStep,
     LookupScramSecret,
     OpenMaildrop,
     Send,
@@ -67,6 +68,7 @@ class _Waiting(enum.Enum):
     TLS = enum.auto()
     SCRAM_SECRET = enum.auto()
     SIZES = enum.auto()
+    SASL_STEP = enum.auto()
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,8 @@ class Session:
         self.timestamp = timestamp  # the APOP challenge "<pid.clock@host>"
         self.security = security or ConnectionSecurity(plaintext_allowed=self.config.allow_user_pass)
         self._sasl: sasl.Mechanism | None = None
+        # The server's Kerberos acceptor when GSSAPI is on (qpopper -k).
+        self.kerberos: object | None = None
         # The "-no-mime" user-name suffix asks for MIME mangling.
         self.mangle = False
         # Called with each command line as received, secrets masked (-t).
@@ -167,7 +171,9 @@ class Session:
         self._xmit_overflow = False
         self.state = State.AUTHORIZATION
         self.user: str | None = None  # set by USER, confirmed by login
-        self._buffer = LineBuffer(self.config.max_line)
+        # AUTH may carry an initial response longer than a command line
+        # (a Kerberos ticket); clients send them although RFC 5034 asks not to.
+        self._buffer = LineBuffer(self.config.max_line, long_prefix=b"AUTH ", long_max=SASL_LINE_MAX)
         self._effects: deque[Effect] = deque()
         self._waiting = _Waiting.NOTHING
         self._messages: Sequence[MessageInfo] = ()
@@ -275,6 +281,12 @@ class Session:
         self._buffer.clear()
         self.security = security
         self.user = None
+
+    def sasl_step_done(self, step: sasl.Step) -> None:
+        """Answer to SaslStep: what the mechanism decided."""
+        self._expect(_Waiting.SASL_STEP)
+        self._waiting = _Waiting.NOTHING
+        self._sasl_step(step)
 
     def scram_secret(self, secret: ScramSecret | None) -> None:
         self._expect(_Waiting.SCRAM_SECRET)
@@ -607,6 +619,8 @@ class Session:
                 continue
             if name == "EXTERNAL" and self.security.certificate_user is None:
                 continue
+            if name == "GSSAPI" and self.kerberos is None:
+                continue
             out.append(name)
         return out
 
@@ -639,7 +653,11 @@ class Session:
         mechanism = None
         if name in self.sasl_mechanisms():
             mechanism = sasl.make_mechanism(
-                name, self.config.hostname, self.security.channel_binding, self.security.certificate_user
+                name,
+                self.config.hostname,
+                self.security.channel_binding,
+                self.security.certificate_user,
+                self.kerberos,
             )
         if mechanism is None:
             self._bad("Unsupported authentication mechanism.")
@@ -656,6 +674,10 @@ class Session:
             initial = decoded
         self._sasl = mechanism
         self._buffer.max_line = SASL_LINE_MAX
+        if mechanism.offload:
+            self._waiting = _Waiting.SASL_STEP
+            self._emit(SaslStep(mechanism, initial, initial=True))
+            return
         self._sasl_step(mechanism.start(initial))
 
     def _sasl_line(self, item: Line | OverlongLine) -> None:
@@ -673,6 +695,10 @@ class Session:
             self._bad("Invalid base64 in authentication response.")
             return
         assert self._sasl is not None
+        if self._sasl.offload:
+            self._waiting = _Waiting.SASL_STEP
+            self._emit(SaslStep(self._sasl, decoded, initial=False))
+            return
         self._sasl_step(self._sasl.step(decoded))
 
     def _sasl_step(self, step: sasl.Step) -> None:

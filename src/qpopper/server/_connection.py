@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from ..access import AccessPolicy, LoginDelays
 from ..auth import Authenticator, Principal
 from ..auth.credentials import Rejected
+from ..auth.sasl import Fail
 from ..configfile import Context, read_config
 from ..errors import AuthUnavailable, ConfigError, MaildropError, ResponseCode
 from ..logsetup import TRACE_LOGGER, printable
@@ -43,6 +44,7 @@ from ..protocol import (
     LookupScramSecret,
     OpenMaildrop,
     Send,
+    SaslStep,
     SendMessage,
     Session,
     SessionConfig,
@@ -102,6 +104,8 @@ class Services:
     login_delays: LoginDelays = field(default_factory=LoginDelays)
     # System users: become the user before opening anything of theirs.
     drop_privileges: bool = False
+    # The Kerberos acceptor when GSSAPI logins are on.
+    kerberos: object | None = None
 
     def __post_init__(self) -> None:
         if self.access is None:
@@ -206,6 +210,7 @@ class Connection:
         self._host_name: asyncio.Task[str] | None = None
         if self.options.reverse_lookup and peer.host != "local":
             self._host_name = asyncio.get_running_loop().create_task(reverse_lookup(peer.host, services.run_blocking))
+        self.session.kerberos = services.kerberos
         if trace_log.isEnabledFor(logging.DEBUG) and trace_log.handlers:
             self.session.trace = self._trace_in
 
@@ -384,6 +389,15 @@ class Connection:
                 await self._lookup_scram_secret(effect)
             elif isinstance(effect, ListHeaders):
                 await self._list_headers(effect)
+            elif isinstance(effect, SaslStep):
+                await self._flush()
+                run = effect.mechanism.start if effect.initial else effect.mechanism.step
+                try:
+                    step = await self._blocking(run, effect.data)
+                except Exception:
+                    log.exception("%s: SASL %s step failed", self.peer, effect.mechanism.name)
+                    step = Fail("mechanism failed")
+                self.session.sasl_step_done(step)
             elif isinstance(effect, ComputeSizes):
                 await self._flush()
                 assert self.maildrop is not None

@@ -146,6 +146,20 @@ class Server:
             max_workers=min(32, (os.cpu_count() or 1) * 4 + 4), thread_name_prefix="qpopper-blocking"
         )
         self._closed = asyncio.Event()
+        kerberos = None
+        if options.kerberos:
+            from ..auth.gssapi_mech import KerberosAcceptor
+
+            kerberos = KerberosAcceptor(
+                service=options.kerberos_service,
+                hostname=options.hostname,
+                keytab=options.kerberos_keytab,
+                realms=tuple((options.kerberos_realms or "").split()),
+            )
+            try:
+                kerberos.credentials()
+            except Exception as exc:  # gssapi's errors carry the reason
+                raise ConfigError(f"Kerberos: cannot use the key of {options.kerberos_service}@{options.hostname}: {exc}") from None
         # Only a server that authenticates Unix accounts itself switches to
         # them; an embedding caller's authenticator keeps the process as is.
         self.services = Services(
@@ -154,6 +168,7 @@ class Server:
             self._run_blocking,
             self.tls,
             drop_privileges=options.system_users and authenticator is None,
+            kerberos=kerberos,
         )
 
     # ---- life cycle -------------------------------------------------------
