@@ -87,3 +87,36 @@ class LoginDelays:
         if len(self._last) > 100_000:  # forget the oldest half
             for name, _ in sorted(self._last.items(), key=lambda item: item[1])[:50_000]:
                 del self._last[name]
+
+
+class FailureDelays:
+    """Failed logins per client address, for a delay that grows with them.
+
+    Each recent failure from an address doubles the delay before the next
+    failure is answered, up to `maximum`; an address quiet for `forget`
+    seconds starts over. Nothing is ever locked out."""
+
+    def __init__(self, base: float, maximum: float, forget: float = 600.0) -> None:
+        self.base = base
+        self.maximum = max(base, maximum)
+        self.forget = forget
+        self._recent: dict[str, tuple[int, float]] = {}
+
+    def delay(self, address: str, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        count, last = self._recent.get(address, (0, now))
+        if now - last > self.forget:
+            count = 0
+        if self.base <= 0:
+            return 0.0
+        return float(min(self.maximum, self.base * (2 ** min(count, 30))))
+
+    def record_failure(self, address: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        count, last = self._recent.get(address, (0, now))
+        if now - last > self.forget:
+            count = 0
+        self._recent[address] = (count + 1, now)
+        if len(self._recent) > 100_000:
+            for key, _ in sorted(self._recent.items(), key=lambda item: item[1][1])[:50_000]:
+                del self._recent[key]

@@ -69,8 +69,15 @@ class Options:
     hostname: str = field(default_factory=socket.getfqdn)
     # RFC 1939: an autologout timer must be at least 10 minutes.
     timeout: float = 600.0
-    # Every failed login is answered this long after it was sent, at least.
+    # Every failed login is answered this long after it was sent, at least;
+    # each recent failure from the same address doubles it, up to the max.
     auth_fail_delay: float = 1.0
+    auth_fail_delay_max: float = 15.0
+    # One log line per failed login in a form fail2ban matches easily.
+    log_auth_failures: bool = False
+    # Seconds a client has to log in, in all (a slow-drip client cannot
+    # hold a connection by sending a byte now and then).
+    login_timeout: float = 60.0
     max_connections: int = 1000
     max_connections_per_ip: int = 100
     update_on_abort: bool = False
@@ -212,7 +219,7 @@ def _convert(name: str, value: object, where: str) -> object:
     if name == "announce_login_delay":
         if not isinstance(value, int) or value < 0:
             raise ConfigError(f"{where}: announce-login-delay must be a number of seconds", where)
-    if name in ("timeout", "auth_fail_delay", "tls_handshake_timeout", "drain_timeout"):
+    if name in ("timeout", "auth_fail_delay", "auth_fail_delay_max", "tls_handshake_timeout", "drain_timeout", "login_timeout"):
         if not isinstance(value, float) or value < 0 or (name == "timeout" and value == 0):
             raise ConfigError(f"{where}: {name.replace('_', '-')} must be a positive number of seconds", where)
     if name in ("max_connections", "max_connections_per_ip"):

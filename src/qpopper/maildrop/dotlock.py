@@ -132,6 +132,8 @@ class DotLock:
         try:
             try:
                 os.write(fd, b"%d\n" % os.getpid())
+            except OSError as exc:  # a full disk, a quota
+                raise MaildropError(f"cannot write dotlock for {self.spool}: {exc}") from exc
             finally:
                 os.close(fd)
             try:

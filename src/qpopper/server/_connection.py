@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..access import AccessPolicy, LoginDelays
+from ..access import AccessPolicy, FailureDelays, LoginDelays
 from ..auth import Authenticator, Principal
 from ..auth.credentials import Rejected
 from ..auth.sasl import Fail
@@ -102,6 +102,7 @@ class Services:
     tls: TlsState = field(default_factory=TlsState)
     access: AccessPolicy | None = None
     login_delays: LoginDelays = field(default_factory=LoginDelays)
+    failures: FailureDelays = field(init=False)
     # System users: become the user before opening anything of theirs.
     drop_privileges: bool = False
     # The Kerberos acceptor when GSSAPI logins are on.
@@ -110,6 +111,7 @@ class Services:
     def __post_init__(self) -> None:
         if self.access is None:
             self.access = AccessPolicy(self.options.nonauth_file, self.options.auth_file)
+        self.failures = FailureDelays(self.options.auth_fail_delay, self.options.auth_fail_delay_max)
 
 
 def session_config(options: Options) -> SessionConfig:
@@ -206,6 +208,8 @@ class Connection:
         self._spool_privilege: SpoolPrivilege | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._idle = False  # waiting for the client's next command
+        self._login_deadline = time.monotonic() + self.options.login_timeout
+        self.connected_at = time.monotonic()
         self._last_mangled: tuple[tuple[int, MangleSpec], bytes] | None = None
         self._host_name: asyncio.Task[str] | None = None
         if self.options.reverse_lookup and peer.host != "local":
@@ -246,6 +250,11 @@ class Connection:
             self.writer.write(bytes(self._out))
             self._out.clear()
         await self.writer.drain()
+
+    @property
+    def evictable(self) -> bool:
+        """Not logged in and waiting for the client: first to go when full."""
+        return self._idle and not self.session.authenticated
 
     def shutdown(self) -> None:
         """The server is stopping: tell an idle client and close."""
@@ -356,11 +365,14 @@ class Connection:
             if effect is None:
                 await self._flush()
                 self._idle = True
+                timeout = self.options.timeout
+                if not session.authenticated:
+                    timeout = min(timeout, max(0.0, self._login_deadline - time.monotonic()))
                 try:
-                    data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.options.timeout)
+                    data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
                 except TimeoutError:
                     # RFC 1939 autologout: close without a reply, commit nothing.
-                    log.info("%s: timeout (%.0f s) for %s", self.peer, self.options.timeout, session.user)
+                    log.info("%s: timeout (%.0f s) for %s", self.peer, timeout, session.user)
                     return
                 finally:
                     self._idle = False
@@ -463,10 +475,14 @@ class Connection:
                 principal = None
         if principal is None:
             # Unknown user, wrong password, refused user: one answer, at one time.
-            delay = self.options.auth_fail_delay - (time.monotonic() - started)
+            wanted = self.services.failures.delay(self.peer.host)
+            self.services.failures.record_failure(self.peer.host)
+            delay = wanted - (time.monotonic() - started)
             if delay > 0:
                 await asyncio.sleep(delay)
             log.info("%s: authentication failed for %s", self.peer, printable(user))
+            if self.options.log_auth_failures:
+                log.warning("authentication failure; rhost=%s user=%s", self.peer.host, printable(user))
             self.session.auth_failed(ResponseCode.AUTH)
             return
         self.principal = principal
@@ -526,6 +542,11 @@ class Connection:
         try:
             settings = maildrop_settings(self.options, principal)
             maildrop = await self._blocking(self._privileged, open_maildrop, principal.mail, settings)
+        except OSError as exc:  # a backend that let one through: still the system's fault
+            log.error("%s: cannot open maildrop of %s: %s", self.peer, principal.user, exc)
+            self.principal = None
+            self.session.maildrop_failed(ResponseCode.SYS_TEMP)
+            return
         except MaildropError as exc:
             log.warning("%s: cannot open maildrop of %s: %s", self.peer, principal.user, exc)
             self.principal = None
@@ -698,6 +719,9 @@ class Connection:
         except MaildropError as exc:
             log.error("%s: update failed for %s: %s", self.peer, self.session.user, exc)
             self.session.commit_done(exc.code)
+        except OSError as exc:
+            log.error("%s: update failed for %s: %s", self.peer, self.session.user, exc)
+            self.session.commit_done(ResponseCode.SYS_TEMP)
         else:
             log.info("%s: %s quit, %d deleted", self.peer, self.session.user, len(effect.deleted))
             self.session.commit_done()

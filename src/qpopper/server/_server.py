@@ -290,6 +290,19 @@ class Server:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.serve_stream(reader, writer)
 
+    def _evict_oldest_idle(self) -> None:
+        """Full: make room by closing the oldest connection that has not
+        logged in and sits waiting (slow-drip and idle crowds go first)."""
+        idle = [c for c in self._connections.values() if c is not None and c.evictable]
+        if idle:
+            oldest = min(idle, key=lambda c: c.connected_at)
+            log.warning("%s: closed to make room (not logged in, idle)", oldest.peer)
+            oldest.shutdown()
+            for task, conn in list(self._connections.items()):
+                if conn is oldest:
+                    del self._connections[task]
+                    self._per_ip[oldest.peer.host] -= 1
+
     async def serve_socket(self, sock: socket.socket, implicit_tls: bool = False) -> None:
         """Serve one accepted connection (a forked session process)."""
         context = self.tls.context if implicit_tls else None
@@ -307,6 +320,8 @@ class Server:
         _set_nodelay(writer)
         task = asyncio.current_task()
         assert task is not None
+        if len(self._connections) >= self.options.max_connections and self._per_ip[peer.host] < self.options.max_connections_per_ip:
+            self._evict_oldest_idle()
         if (
             len(self._connections) >= self.options.max_connections
             or self._per_ip[peer.host] >= self.options.max_connections_per_ip
@@ -326,7 +341,8 @@ class Server:
             self._connections[task] = conn
             await conn.run()
         finally:
-            self._connections.pop(task, None)
-            self._per_ip[peer.host] -= 1
-            if self._per_ip[peer.host] <= 0:
-                del self._per_ip[peer.host]
+            if task in self._connections:  # not if it was evicted (counted then)
+                del self._connections[task]
+                self._per_ip[peer.host] -= 1
+            if self._per_ip.get(peer.host, 0) <= 0:
+                self._per_ip.pop(peer.host, None)
