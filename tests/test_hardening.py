@@ -534,3 +534,36 @@ def test_bounded_atheris_campaign() -> None:
     script = Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_session.py"
     out = subprocess.run([sys.executable, str(script), "-runs=20000", "-max_len=4096"], capture_output=True, timeout=600)
     assert out.returncode == 0, out.stderr.decode(errors="replace")[-3000:]
+
+
+@pytest.mark.parametrize("server_mode", [True, False])
+@pytest.mark.parametrize("plant", [".alice.pop", ".alice.qpopper-new", "alice.lock", ".alice.qpopper-pop3.lock"])
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_planted_links_beside_the_spool_are_never_written_through(
+    tmp_path: Path, server_mode: bool, plant: str, link: str
+) -> None:
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    victim = spool_dir / "victim" if link == "hardlink" else tmp_path / "victim"
+    victim.write_bytes(b"precious, not mail\n")
+    before_victim = victim.read_bytes()
+    (spool_dir / "alice").write_bytes(mbox_of([b"Subject: a\n\nx\n", b"Subject: b\n\ny\n"]))
+    target = spool_dir / plant
+    if link == "symlink":
+        target.symlink_to(victim)
+    else:
+        os.link(victim, target)
+    auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"mbox:{spool_dir}/%u")
+    with Controller(authenticator=auth, server_mode=server_mode) as server:
+        c = poplib.POP3(server.host, server.port, timeout=10)
+        c.user("alice")
+        try:
+            c.pass_(PASSWORD)
+            c.dele(1)
+            c.quit()
+        except poplib.error_proto as exc:
+            assert re.match(rb"-ERR \[(SYS|IN-USE)", exc.args[0])
+            c.close()
+    assert victim.read_bytes() == before_victim
+    remaining = (spool_dir / "alice").read_bytes()
+    assert remaining.count(b"\nSubject: ") + remaining.startswith(b"Subject: ") in (1, 2)

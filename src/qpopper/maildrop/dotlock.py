@@ -37,6 +37,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import random
 import socket
 import struct
@@ -53,6 +54,11 @@ LOCK_TIMEOUT = 30.0  # give up (SYS/TEMP) after waiting this long in total
 
 # struct flock for F_OFD_SETLK: l_type, l_whence, l_start, l_len, l_pid.
 _FLOCK = "hhqqi"
+
+
+# Seconds after which a dotlock with more than one name cannot be one
+# that is still being made (link, then unlink of the temporary name).
+PLANTED_AGE = 5.0
 
 
 def dotlock_path(spool: str) -> str:
@@ -176,7 +182,12 @@ class DotLock:
             return True
         age = time.time() - st.st_mtime
         reason = None
-        if age > self.stale_age:
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+            reason = "not a lock file (a link or a special file planted there)"
+        elif st.st_nlink > 1 and age > PLANTED_AGE:
+            # A lock being made has two names for an instant, never longer.
+            reason = f"a second name for another file ({st.st_nlink} links)"
+        elif age > self.stale_age:
             reason = f"untouched for {age:.0f}s"
         elif self.check_pid:
             pid = _pid_of_holder(self.path)

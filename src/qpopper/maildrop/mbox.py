@@ -349,6 +349,8 @@ class MboxMaildrop:
         except OSError as exc:
             raise MaildropError(f"cannot open {self.temp_drop}: {exc}") from exc
         try:
+            if os.fstat(fd).st_nlink != 1:
+                raise MaildropError(f"temp drop {self.temp_drop} has other names", ResponseCode.SYS_PERM)
             os.ftruncate(fd, length)
             os.fsync(fd)
         except OSError as exc:
@@ -459,8 +461,9 @@ class MboxMaildrop:
             code = ResponseCode.SYS_PERM if exc.errno == errno.ELOOP else ResponseCode.SYS_TEMP
             raise MaildropError(f"cannot open temp drop {self.temp_drop}: {exc}", code) from exc
         try:
-            if not stat.S_ISREG(os.fstat(tfd).st_mode):
-                raise MaildropError(f"temp drop {self.temp_drop} is not a regular file", ResponseCode.SYS_PERM)
+            tst = os.fstat(tfd)
+            if not stat.S_ISREG(tst.st_mode) or tst.st_nlink != 1:
+                raise MaildropError(f"temp drop {self.temp_drop} is not a plain file of its own", ResponseCode.SYS_PERM)
             with self._spool_locked(create=False, writable=True) as (sfd, lock):
                 if sfd is None or lock is None:
                     return
@@ -1052,9 +1055,14 @@ def _open_regular(path: str) -> int | None:
     except OSError as exc:
         code = ResponseCode.SYS_PERM if exc.errno == errno.ELOOP else ResponseCode.SYS_TEMP
         raise MaildropError(f"cannot open {path}: {exc}", code) from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise MaildropError(f"{path} is not a regular file", ResponseCode.SYS_PERM)
+    if st.st_nlink != 1:
+        # A second name for the file: maybe someone else's, planted here.
+        os.close(fd)
+        raise MaildropError(f"{path} has {st.st_nlink} links", ResponseCode.SYS_PERM)
     return fd
 
 
