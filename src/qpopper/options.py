@@ -164,7 +164,10 @@ class Options:
     keep_temp_drop: bool = False
     temp_dir: str | None = None
     temp_name: str = ".%s.pop"
-    update_status_headers: bool = True
+    # Off: messages are served exactly as delivered (qpopper added an
+    # X-UIDL header); UIDs are stable without it. `set` it to write
+    # Status: RO and X-UIDL: back as qpopper did.
+    update_status_headers: bool = False
     uw_kluge: bool = False
     # System users (Unix accounts through PAM, a process per session that
     # drops to the user) unless a passwd-file of virtual users is given.
