@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -361,3 +362,67 @@ def test_planted_links_in_place_of_a_spool_are_refused(daemon: Daemon, accounts:
     alice.spool.unlink()
     assert bob.spool.read_bytes() == bob_before and target.read_text() == ""
     assert bob.spool.stat().st_nlink == 1
+
+
+def test_bulletins_for_system_users_mark_written_as_the_user(tmp_path: Path, pam_service: str, accounts: list[Account]) -> None:
+    carol = accounts[2]
+    carol.spool.unlink(missing_ok=True)
+    (carol.home / ".popbull").unlink(missing_ok=True)
+    # Bulletins are read by the session after it became the user, so the
+    # directory must be readable by everyone, as /var/spool/bulls is.
+    bulldir = Path(tempfile.mkdtemp(prefix="qpopper-bulls-", dir="/tmp"))
+    bulldir.chmod(0o755)
+    (bulldir / "1").write_text("From admin@example.org  Wed Nov 25 10:00:00 2026\nTo: all\nSubject: system bulletin\n\nhello\n")
+    (bulldir / "1").chmod(0o644)
+    d = Daemon(tmp_path, pam_service, "-b", str(bulldir))
+    try:
+        c = d.login(carol)
+        assert subjects(c) == ["system bulletin"]
+        c.quit()
+        c = d.login(carol)
+        assert subjects(c) == ["system bulletin"]  # once only
+        c.quit()
+    finally:
+        d.stop()
+        shutil.rmtree(bulldir)
+    mark = carol.home / ".popbull"
+    assert mark.read_text() == "1\n"
+    st = mark.stat()
+    assert st.st_uid == carol.uid and stat.S_IMODE(st.st_mode) == 0o600
+
+
+@pytest.mark.parametrize("mode", ["--no-server-mode", "--server-mode"])
+def test_procmail_races_in_both_spool_modes(tmp_path: Path, pam_service: str, accounts: list[Account], mode: str) -> None:
+    bob = accounts[1]
+    bob.spool.unlink(missing_ok=True)
+    d = Daemon(tmp_path, pam_service, mode)
+    delivered: list[str] = []
+    stop = threading.Event()
+
+    def deliver() -> None:
+        n = 0
+        while not stop.is_set():
+            procmail_deliver(bob, f"m{n}")
+            delivered.append(f"m{n}")
+            n += 1
+
+    t = threading.Thread(target=deliver)
+    t.start()
+    taken: list[str] = []
+    try:
+        for _ in range(8):
+            c = d.login(bob)
+            listing = subjects(c)
+            for number, subject in enumerate(listing, 1):
+                if number % 2:
+                    c.dele(number)
+                    taken.append(subject)
+            c.quit()
+    finally:
+        stop.set()
+        t.join()
+        c = d.login(bob)
+        left = subjects(c)
+        c.quit()
+        d.stop()
+    assert sorted(left + taken) == sorted(delivered)
