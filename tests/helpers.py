@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import poplib
+import re
+import signal
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 
@@ -21,3 +27,54 @@ def write_maildir_message(maildir: Path, message: bytes, name: str | None = None
 
 
 write_maildir_message.counter = 0  # type: ignore[attr-defined]
+
+
+QPOPPER = [sys.executable, "-m", "qpopper"]
+# Quiet defaults for a test daemon: no syslog, no /etc/ftpusers, no delays.
+TEST_DAEMON_ARGS = ["--syslog-socket=", "--nonauth-file=", "--auth-fail-delay=0"]
+
+
+class QpopperProcess:
+    """A real `qpopper` command listening on a free loopback port, its
+    stderr kept in a file for the test to read."""
+
+    def __init__(self, log_dir: Path, args: list[str]) -> None:
+        self.log = log_dir / f"qpopper-{uuid.uuid4().hex[:8]}.log"
+        self._log_file = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            QPOPPER + TEST_DAEMON_ARGS + args + ["127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=self._log_file
+        )
+        deadline = time.monotonic() + 20
+        self.port = 0
+        while not self.port:
+            match = re.search(rb"listening on 127\.0\.0\.1:(\d+)", self.log.read_bytes())
+            if match:
+                self.port = int(match.group(1))
+            elif self.proc.poll() is not None or time.monotonic() > deadline:
+                self._log_file.close()
+                raise AssertionError(self.log.read_text())
+            else:
+                time.sleep(0.02)
+
+    def login(self, user: str, password: str) -> poplib.POP3:
+        client = poplib.POP3("127.0.0.1", self.port, timeout=20)
+        try:
+            client.user(user)
+            client.pass_(password)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def stop(self) -> str:
+        """SIGTERM, wait, and return everything it logged."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=40)
+        self._log_file.close()
+        return self.log.read_text()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log_file.close()

@@ -3,10 +3,8 @@ server: over a real connection, or in the log, syslog or trace file."""
 
 from __future__ import annotations
 
-import os
 import poplib
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -16,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_maildir_message
+from helpers import QpopperProcess, write_maildir_message
 
 QPOPPER = [sys.executable, "-m", "qpopper"]
 MSG = b"From: a@example.org\nSubject: admin test\n\nbody\n"
 
 
-class Daemon:
-    """A real `qpopper` process on a free port, its stderr kept for checks."""
+class Daemon(QpopperProcess):
+    """The daemon with carol, dave and root as virtual users."""
 
     def __init__(self, tmp_path: Path, args: list[str], users: str | None = None) -> None:
         self.tmp_path = tmp_path
@@ -31,43 +29,13 @@ class Daemon:
         if users is None:
             users = "".join(f"{u}:{{PLAIN}}pw::::{tmp_path}/home/{u}::\n" for u in ("carol", "dave", "root"))
         self.passwd.write_text(users)
-        self.log = tmp_path / "stderr.log"
-        self._log_file = self.log.open("wb")
-        self.proc = subprocess.Popen(
-            QPOPPER + ["--passwd-file", str(self.passwd), "--auth-fail-delay=0", "--syslog-socket=", "--nonauth-file=", *args, "127.0.0.1:0"],
-            stdout=subprocess.DEVNULL,
-            stderr=self._log_file,
-        )
-        deadline = time.monotonic() + 20
-        self.port = 0
-        while not self.port:
-            m = re.search(rb"listening on 127\.0\.0\.1:(\d+)", self.log.read_bytes())
-            if m:
-                self.port = int(m.group(1))
-            elif self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(self.log.read_text())
-            else:
-                time.sleep(0.02)
+        super().__init__(tmp_path, ["--passwd-file", str(self.passwd), *args])
 
     def deliver(self, user: str, message: bytes = MSG) -> None:
         write_maildir_message(self.tmp_path / "home" / user / "Maildir", message)
 
     def client(self, user: str = "carol", password: str = "pw") -> poplib.POP3:
-        c = poplib.POP3("127.0.0.1", self.port, timeout=10)
-        try:
-            c.user(user)
-            c.pass_(password)
-        except BaseException:
-            c.close()
-            raise
-        return c
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        self._log_file.close()
-        return self.log.read_text()
+        return self.login(user, password)
 
 
 @pytest.fixture

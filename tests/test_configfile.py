@@ -147,7 +147,7 @@ def test_show_config_command_names_sources(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "qpopper", "-f", str(path), "-s", "--show-config"], capture_output=True, check=True, timeout=30
     ).stdout.decode()
-    assert f"set timeout = 900".ljust(52) + f"# {path}:1" in out
+    assert "set timeout = 900".ljust(52) + f"# {path}:1" in out
     assert "set statistics = true".ljust(52) + "# -s" in out
     assert "set shy = false".ljust(52) + "# default" in out
 

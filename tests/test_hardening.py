@@ -11,13 +11,12 @@ import os
 import poplib
 import random
 import re
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import PASSWORD
-from helpers import write_maildir_message
+from helpers import QpopperProcess, write_maildir_message
 from qpopper import Controller, StaticAuthenticator
 from qpopper.auth.credentials import Rejected
 from qpopper.errors import ResponseCode
@@ -288,32 +287,11 @@ def test_symlinked_mbox_spool_is_never_written(tmp_path: Path) -> None:
 # ---- crashes and faults --------------------------------------------------------
 
 
-class Daemon:
+class Daemon(QpopperProcess):
     def __init__(self, tmp: Path, location: str, *args: str) -> None:
-        self.passwd = tmp / "passwd"
-        self.passwd.write_text(f"alice:{{PLAIN}}{PASSWORD}::::{tmp}::\n")
-        self.log = tmp / f"d{random.randrange(1 << 30)}.log"
-        self._log = self.log.open("wb")
-        self.proc = subprocess.Popen(
-            QPOPPER + ["--passwd-file", str(self.passwd), f"--mail-location={location}", "--auth-fail-delay=0",
-                       "--syslog-socket=", "--nonauth-file=", "--no-reverse-lookup", *args, "127.0.0.1:0"],
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
-        deadline = time.monotonic() + 20
-        self.port = 0
-        while not self.port:
-            m = re.search(rb"listening on 127\.0\.0\.1:(\d+)", self.log.read_bytes())
-            if m:
-                self.port = int(m.group(1))
-            else:
-                assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
-                time.sleep(0.02)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self._log.close()
+        passwd = tmp / "passwd"
+        passwd.write_text(f"alice:{{PLAIN}}{PASSWORD}::::{tmp}::\n")
+        super().__init__(tmp, ["--passwd-file", str(passwd), f"--mail-location={location}", "--no-reverse-lookup", *args])
 
 
 def mbox_of(messages: list[bytes]) -> bytes:

@@ -9,7 +9,6 @@ import poplib
 import random
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from helpers import QpopperProcess
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="system users need root")
 
@@ -80,36 +81,12 @@ def worker_id(request: pytest.FixtureRequest) -> str:
     return getattr(request.config, "workerinput", {}).get("workerid", "master")
 
 
-class Daemon:
+class Daemon(QpopperProcess):
     def __init__(self, tmp: Path, pam_service: str, *args: str) -> None:
-        self.log = tmp / f"daemon-{uuid.uuid4().hex[:6]}.log"
-        self._log = self.log.open("wb")
-        self.proc = subprocess.Popen(
-            QPOPPER
-            + [f"--pam-service={pam_service}", "--min-uid=1000", "--syslog-socket=", "--nonauth-file=",
-               "--auth-fail-delay=0", "-d", *args, "127.0.0.1:0"],
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
-        deadline = time.monotonic() + 20
-        self.port = 0
-        while not self.port:
-            m = re.search(rb"listening on 127\.0\.0\.1:(\d+)", self.log.read_bytes())
-            if m:
-                self.port = int(m.group(1))
-            else:
-                assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
-                time.sleep(0.02)
+        super().__init__(tmp, [f"--pam-service={pam_service}", "--min-uid=1000", "-d", *args])
 
-    def login(self, account: Account, password: str | None = None) -> poplib.POP3:
-        c = poplib.POP3("127.0.0.1", self.port, timeout=20)
-        try:
-            c.user(account.name)
-            c.pass_(account.password if password is None else password)
-        except BaseException:
-            c.close()
-            raise
-        return c
+    def login(self, account: Account, password: str | None = None) -> poplib.POP3:  # type: ignore[override]
+        return super().login(account.name, account.password if password is None else password)
 
     def children(self) -> list[int]:
         out = []
@@ -122,13 +99,6 @@ class Daemon:
                 if re.search(rf"^PPid:\s+{self.proc.pid}$", status, re.M):
                     out.append(int(entry.name))
         return out
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=40)
-        self._log.close()
-        return self.log.read_text()
 
 
 @pytest.fixture

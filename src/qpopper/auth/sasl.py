@@ -9,6 +9,7 @@ uses as well. The protocol core does the base64 and the POP3 framing
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import hmac
 import os
@@ -67,7 +68,7 @@ def _user(raw: bytes) -> str | None:
     return name if is_valid_username(name) else None
 
 
-class Mechanism:
+class Mechanism(abc.ABC):
     name = ""
     # Server-first mechanisms must not get an initial response (RFC 5034).
     server_first = False
@@ -80,8 +81,9 @@ class Mechanism:
             return Challenge(b"")
         return self.step(initial)
 
+    @abc.abstractmethod
     def step(self, response: bytes) -> Step:
-        raise NotImplementedError  # every concrete mechanism overrides it
+        """The next step after the client's decoded response."""
 
     def secret(self, secret: ScramSecret | None) -> Step:
         return Fail("unexpected secret")
