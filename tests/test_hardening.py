@@ -24,26 +24,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import PASSWORD
+from driver import drive_blindly
 from helpers import QpopperProcess, write_maildir_message
 from qpopper import Controller, StaticAuthenticator
-from qpopper.auth.credentials import Rejected
-from qpopper.errors import ResponseCode
-from qpopper.maildrop import MessageInfo
 from qpopper.protocol import (
-    Authenticate,
-    Close,
-    Commit,
-    ComputeSizes,
-    ListHeaders,
-    LookupScramSecret,
-    OpenMaildrop,
-    SaslStep,
-    Send,
-    SendMessage,
     Session,
     SessionConfig,
-    StartTls,
-    SubmitMessage,
 )
 
 Fill = Callable[[str, list[bytes]], Path]
@@ -440,46 +426,6 @@ def test_read_only_spool_gets_a_clean_error_and_stays(tmp_path: Path) -> None:
 
 
 # ---- fuzzing the core ----------------------------------------------------------
-
-
-def drive_blindly(session: Session, chunks: list[bytes], rng: random.Random) -> None:
-    """Feed chunks and answer every effect with something plausible."""
-    for chunk in chunks:
-        session.receive_data(chunk)
-        for _ in range(10_000):
-            effect = session.next_effect()
-            if effect is None:
-                break
-            if isinstance(effect, Authenticate):
-                if rng.random() < 0.5 and not isinstance(effect.credentials, Rejected):
-                    session.auth_succeeded(effect.credentials.user)
-                else:
-                    session.auth_failed(rng.choice([ResponseCode.AUTH, ResponseCode.SYS_TEMP]))
-            elif isinstance(effect, OpenMaildrop):
-                if rng.random() < 0.8:
-                    session.maildrop_opened([MessageInfo(rng.randrange(1, 10**6), f"uid{i}") for i in range(rng.randrange(0, 5))])
-                else:
-                    session.maildrop_failed(ResponseCode.IN_USE)
-            elif isinstance(effect, Commit):
-                session.commit_done(None if rng.random() < 0.7 else ResponseCode.SYS_TEMP)
-            elif isinstance(effect, StartTls):
-                session.tls_started(session.security)
-            elif isinstance(effect, LookupScramSecret):
-                session.scram_secret(None)
-            elif isinstance(effect, SubmitMessage):
-                session.submit_done(None)
-            elif isinstance(effect, ComputeSizes):
-                session.sizes_computed(effect.spec, {i: 10 for i in effect.indices})
-            elif isinstance(effect, SaslStep):
-                pytest.fail("no offloaded mechanism is configured")
-            elif isinstance(effect, SendMessage):
-                if rng.random() < 0.1:
-                    session.message_unavailable()
-            elif isinstance(effect, Close):
-                return
-            else:
-                assert isinstance(effect, (Send, ListHeaders))
-            assert len(session._buffer) <= 16384 + 1  # noqa: SLF001 - the bound is the point
 
 
 COMMAND_WORDS = [b"USER alice", b"PASS pw", b"APOP alice " + b"a" * 32, b"STAT", b"LIST", b"LIST 1", b"RETR 1", b"TOP 1 0",
