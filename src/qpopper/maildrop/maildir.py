@@ -18,7 +18,6 @@ it.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import re
@@ -29,6 +28,7 @@ from typing import BinaryIO
 from ..errors import MaildropError, ResponseCode
 from ..protocol._stuffing import SizeCounter
 from ._base import MessageInfo, is_valid_uid
+from .fsutil import fsync_dir
 from .sessionlock import SessionLock
 
 LOCK_NAME = ".qpopper-pop3.lock"
@@ -209,17 +209,9 @@ class MaildirMaildrop:
 
     def _fsync_dirs(self) -> None:
         for sub in ("cur", "new"):
-            try:
-                fd = os.open(os.path.join(self.path, sub), os.O_RDONLY | os.O_DIRECTORY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise MaildropError(f"fsync of {self.path}/{sub} failed: {exc}") from exc
-            finally:
-                os.close(fd)
+            directory = os.path.join(self.path, sub)
+            if os.path.isdir(directory):
+                fsync_dir(directory)
 
     def close(self) -> None:
         if self._lock is not None:

@@ -119,6 +119,7 @@ from dataclasses import dataclass, replace
 from ..errors import MaildropError, ResponseCode
 from ._base import MaildropSettings, MessageInfo
 from .dotlock import SpoolLock
+from .fsutil import fsync_dir
 from .mboxindex import (
     MAX_FROM_LINE,
     MAX_HEADER_PARSE,
@@ -279,13 +280,13 @@ class MboxMaildrop:
             # The flag goes first, so a crash now cannot make the copy's
             # later absence look like a finished rename.
             _unlink(flag)
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
             log.warning("%s: undid an unfinished write-back of the temp drop", self.path)
         else:
             # Killed after the rename: the spool holds the mail.
             self._drop_temp_drop()
             _unlink(flag)
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
             log.warning("%s: finished a write-back of the temp drop", self.path)
 
     def _remove_leftover(self) -> None:
@@ -325,7 +326,7 @@ class MboxMaildrop:
         else:
             log.warning("%s: finished a move into %s", self.path, self.temp_drop)
         _unlink(journal)
-        _fsync_dir(self._tdir)
+        fsync_dir(self._tdir)
 
     @staticmethod
     def _begins_with(fd: int, n: int, digest: bytes) -> bool:
@@ -369,7 +370,7 @@ class MboxMaildrop:
                 pass
             except OSError as exc:
                 raise MaildropError(f"cannot remove {self.temp_drop}: {exc}") from exc
-        _fsync_dir(self._tdir)
+        fsync_dir(self._tdir)
 
     def _restore_leftover_temp_drop(self) -> None:
         """Server mode: put a temp drop left by a temp-drop session back."""
@@ -491,9 +492,9 @@ class MboxMaildrop:
             os.rename(self.path, self.temp_drop)
         except OSError as exc:
             raise MaildropError(f"cannot move {self.path} to {self.temp_drop}: {exc}") from exc
-        _fsync_dir(self._tdir)
+        fsync_dir(self._tdir)
         if self._tdir != self._dir:
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
         self._recreate_empty_spool(sst)
 
     def _recreate_empty_spool(self, sst: os.stat_result) -> None:
@@ -512,7 +513,7 @@ class MboxMaildrop:
             except FileExistsError:
                 pass
             os.unlink(tmp)
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
         except OSError as exc:
             _unlink_quietly(tmp)
             log.warning("cannot recreate the empty spool %s (the next delivery will): %s", self.path, exc)
@@ -521,7 +522,7 @@ class MboxMaildrop:
         journal = gather_journal_path(self.temp_drop)
         self._check_space(self._tdir, moved + 2)
         _write_journal(journal, b"%d\n" % length)
-        _fsync_dir(self._tdir)
+        fsync_dir(self._tdir)
         h = hashlib.blake2b(digest_size=32)
         try:
             head = read_exact(sfd, 0, min(moved, MAX_FROM_LINE + 64))
@@ -567,7 +568,7 @@ class MboxMaildrop:
             raise MaildropError(f"cannot copy {self.path} to {self.temp_drop}: {what}") from exc
         try:
             _write_journal(journal, b"%d %d %s\n" % (length, moved, h.hexdigest().encode()))
-            _fsync_dir(self._tdir)
+            fsync_dir(self._tdir)
         except MaildropError:
             try:
                 os.ftruncate(tfd, length)
@@ -579,7 +580,7 @@ class MboxMaildrop:
         self._empty_spool(sfd, sst)
         try:
             _unlink(journal)
-            _fsync_dir(self._tdir)
+            fsync_dir(self._tdir)
         except MaildropError as exc:
             log.warning("%s (the next login removes it)", exc)
 
@@ -601,7 +602,7 @@ class MboxMaildrop:
             finally:
                 os.close(fd)
             os.rename(tmp, self.path)
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
         except OSError as exc:
             # The journal (with its digest) stays: the next login sees that
             # the spool still holds the bytes and undoes the append.
@@ -749,7 +750,7 @@ class MboxMaildrop:
             except OSError as exc:
                 _unlink_quietly(tmp)
                 raise MaildropError(f"cannot update {self.path}: {exc}") from exc
-        _fsync_dir(self._dir)
+        fsync_dir(self._dir)
 
     def _put_back(
         self, tfd: int, index: MboxIndex, drop: set[int], xuidl: dict[int, bytes], status: set[int]
@@ -776,7 +777,7 @@ class MboxMaildrop:
             tmp = self._write_new_spool(pieces, sst, lock)
             try:
                 _write_flag(flag)
-                _fsync_dir(self._dir)
+                fsync_dir(self._dir)
             except MaildropError:
                 _unlink_quietly(flag)
                 _unlink_quietly(tmp)
@@ -787,16 +788,16 @@ class MboxMaildrop:
                 # Order matters: without the flag the copy is mere garbage.
                 try:
                     _unlink(flag)
-                    _fsync_dir(self._dir)
+                    fsync_dir(self._dir)
                     _unlink_quietly(tmp)
                 except MaildropError:
                     pass  # flag and copy both stay: the next login undoes it
                 raise MaildropError(f"cannot update {self.path}: {exc}") from exc
         try:
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
             self._drop_temp_drop()
             _unlink(flag)
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
         except MaildropError as exc:
             # The spool is complete; the flag makes the next login finish.
             log.warning("%s: %s (the next login finishes the update)", self.path, exc)
@@ -809,9 +810,9 @@ class MboxMaildrop:
             os.rename(self.temp_drop, self.path)
         except OSError as exc:
             raise MaildropError(f"cannot move {self.temp_drop} to {self.path}: {exc}") from exc
-        _fsync_dir(self._dir)
+        fsync_dir(self._dir)
         if self._tdir != self._dir:
-            _fsync_dir(self._tdir)
+            fsync_dir(self._tdir)
         if self.settings.keep_temp_drop:
             try:
                 os.close(os.open(self.temp_drop, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
@@ -1125,18 +1126,3 @@ def _copy_owner_and_mode(fd: int, st: os.stat_result) -> None:
         except PermissionError:
             pass
     os.fchmod(fd, stat.S_IMODE(st.st_mode))
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make a rename or unlink durable: the name must survive a power cut."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise MaildropError(f"cannot open {directory} to fsync it: {exc}") from exc
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise MaildropError(f"fsync of {directory} failed: {exc}") from exc
-    finally:
-        os.close(fd)
