@@ -1,0 +1,129 @@
+"""Login churn in system-users mode (PAM, a process per session that drops
+to the user), side by side with a private Dovecot on the same accounts.
+
+    sudo .venv/bin/python bench/system_users.py [--users 16] [--rounds 3] [-d 10]
+
+It creates the Unix accounts qpbench1..N (password "pass") with useradd,
+runs popbench's login scenario against `qpopper` started as root in
+system-users mode and against Dovecot started by ../shared/bench/dovecot.sh
+(which serves the same user names from a passwd-file, one process per
+session as well), alternating, and removes the accounts afterwards. Root
+is needed for both useradd and the privilege drop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("QPOPPER_BENCH_SHARED", REPO.parent / "shared" / "bench"))
+POPBENCH = SHARED / "popbench.py"
+PASSWORD = "pass"
+
+
+def sh(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=True, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
+
+
+def make_users(n: int) -> list[str]:
+    names = [f"qpbench{i}" for i in range(1, n + 1)]
+    for name in names:
+        subprocess.run(["userdel", "-r", name], capture_output=True)
+        sh(["useradd", "-m", "-U", name])
+        subprocess.run(["chpasswd"], input=f"{name}:{PASSWORD}\n", text=True, check=True)
+    return names
+
+
+def remove_users(names: list[str]) -> None:
+    for name in names:
+        subprocess.run(["userdel", "-r", name], capture_output=True)
+        Path("/var/mail", name).unlink(missing_ok=True)
+        for leftover in Path("/var/mail").glob(f".{name}.*"):
+            leftover.unlink(missing_ok=True)
+
+
+def start_qpopper(python: str, port: int, pam_service: str, log: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [python, "-m", "qpopper", f"--pam-service={pam_service}", "--auth-fail-delay=0", "--syslog-socket=",
+         "--no-reverse-lookup", "--nonauth-file=", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
+    deadline = time.monotonic() + 20
+    while b"listening on" not in log.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"qpopper did not start:\n{log.read_text()}")
+        time.sleep(0.05)
+    return proc
+
+
+def run_login(python: str, port: int, pid: int, users: int, concurrency: int, duration: int) -> dict[str, float]:
+    out = sh(
+        [python, str(POPBENCH), "run", "login", "--port", str(port), "--server-pid", str(pid), "-c", str(concurrency),
+         "-d", str(duration), "--runs", "1", "--password", PASSWORD, "--user-format", "qpbench{i}", "--users", str(users)]
+    ).stdout
+    line = [json.loads(x) for x in out.splitlines() if x.startswith("{")][-1]
+    if not line.get("ok", False):
+        raise SystemExit(f"login run failed: {line.get('errors')}")
+    return {"sessions_per_s": float(line["sessions_per_s"]), "cpu_ms": float(line["server_cpu_ms_per_session"])}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("-d", "--duration", type=int, default=10)
+    parser.add_argument("-c", "--concurrency", type=int, default=16)
+    parser.add_argument("--python", default=sys.executable)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("system_users.py: run as root (useradd, PAM, privilege drop)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="qpopper-sysbench-"))
+    pam_service = f"qpopper-bench-{uuid.uuid4().hex[:6]}"
+    shutil.copy(REPO / "packaging" / "pam.d" / "pop3", f"/etc/pam.d/{pam_service}")
+    names = make_users(args.users)
+    results: dict[str, list[dict[str, float]]] = {"dovecot": [], "qpopper": []}
+    dovecot_pid = None
+    try:
+        (work / "mail" / "maildir").mkdir(parents=True)
+        for name in names:  # Dovecot serves the same names from its passwd-file
+            for sub in ("cur", "new", "tmp"):
+                (work / "mail" / "maildir" / name / sub).mkdir(parents=True)
+        out = sh(["bash", str(SHARED / "dovecot.sh"), "start", "--dir", str(work / "dovecot"), "--format", "maildir",
+                  "--mail", str(work / "mail"), "--port", "11510", "--password", PASSWORD]).stdout
+        dovecot_pid = int(re.findall(r"\d+", out)[-1])
+        qpopper = start_qpopper(args.python, 11520, pam_service, work / "qpopper.log")
+        for _ in range(args.rounds):
+            results["dovecot"].append(run_login(args.python, 11510, dovecot_pid, args.users, args.concurrency, args.duration))
+            results["qpopper"].append(run_login(args.python, 11520, qpopper.pid, args.users, args.concurrency, args.duration))
+        qpopper.terminate()
+        qpopper.wait(60)
+    finally:
+        if dovecot_pid is not None:
+            subprocess.run(["bash", str(SHARED / "dovecot.sh"), "stop", "--dir", str(work / "dovecot")], capture_output=True)
+        remove_users(names)
+        Path(f"/etc/pam.d/{pam_service}").unlink(missing_ok=True)
+    for side, runs in results.items():
+        rates = sorted(r["sessions_per_s"] for r in runs)
+        cpu = sorted(r["cpu_ms"] for r in runs)
+        print(f"{side}: sessions/s median {rates[len(rates) // 2]:.0f} (runs {', '.join(f'{x:.0f}' for x in rates)}), "
+              f"server CPU ms/session median {cpu[len(cpu) // 2]:.2f}")
+    ours = sorted(r["sessions_per_s"] for r in results["qpopper"])[len(results["qpopper"]) // 2]
+    theirs = sorted(r["sessions_per_s"] for r in results["dovecot"])[len(results["dovecot"]) // 2]
+    print(f"ratio qpopper/Dovecot: {ours / theirs:.2f} (target: >= 0.5)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
