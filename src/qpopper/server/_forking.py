@@ -25,6 +25,7 @@ import time
 from collections import Counter
 
 from ..options import Options
+from ._privileges import preload_session_modules
 from ._server import Server, bind_socket
 from ._systemd import notify
 
@@ -35,6 +36,9 @@ _BUSY_REPLY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 
 class ForkingServer:
     def __init__(self, server: Server, sockets: list[tuple[socket.socket, bool]] | None = None) -> None:
+        # Load once here what every session needs, so that forked children
+        # share it instead of each importing it again.
+        preload_session_modules()
         self.server = server
         self.options: Options = server.options
         self._given = sockets or []

@@ -71,17 +71,26 @@ class SpoolPrivilege:
 _PRELOAD = (
     "qpopper.maildrop.mbox",
     "qpopper.maildrop.maildir",
+    "qpopper.auth.sasl",
     "encodings.unicode_escape",
     "encodings.idna",
     "encodings.ascii",
+    "pam",
 )
+
+
+def preload_session_modules() -> None:
+    _preload()
 
 
 def _preload() -> None:
     import importlib
 
     for name in _PRELOAD:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError:  # optional (pam without libpam): the session says so later
+            pass
 
 
 def drop_to_user(principal: Principal) -> SpoolPrivilege:
