@@ -90,6 +90,7 @@ def main() -> int:
         print("system_users.py: run as root (useradd, PAM, privilege drop)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="qpopper-sysbench-"))
+    work.chmod(0o755)  # Dovecot's processes run as its own user
     pam_service = f"qpopper-bench-{uuid.uuid4().hex[:6]}"
     shutil.copy(REPO / "packaging" / "pam.d" / "pop3", f"/etc/pam.d/{pam_service}")
     names = make_users(args.users)
@@ -100,6 +101,7 @@ def main() -> int:
         for name in names:  # Dovecot serves the same names from its passwd-file
             for sub in ("cur", "new", "tmp"):
                 (work / "mail" / "maildir" / name / sub).mkdir(parents=True)
+        subprocess.run(["chmod", "-R", "a+rwX", str(work / "mail")], check=True)
         out = sh(["bash", str(SHARED / "dovecot.sh"), "start", "--dir", str(work / "dovecot"), "--format", "maildir",
                   "--mail", str(work / "mail"), "--port", "11510", "--password", PASSWORD]).stdout
         dovecot_pid = int(re.findall(r"\d+", out)[-1])
