@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -345,7 +345,9 @@ def test_kill_during_maildir_update_never_loses_an_undeleted_message(tmp_path: P
         assert {b.replace(b"\r\n", b"\n").rstrip(b"\n") for b in kept_bodies} <= remaining
 
 
-def test_full_disk_during_update_keeps_the_old_spool(tmp_path: Path) -> None:
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB file system of our own, to fill up or make read-only."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     mount = tmp_path / "small"
@@ -353,31 +355,36 @@ def test_full_disk_during_update_keeps_the_old_spool(tmp_path: Path) -> None:
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount tmpfs here")
     try:
-        messages = [b"Subject: m%d\n\n" % i + b"x" * 3000 + b"\n" for i in range(50)]
-        spool = mount / "alice"
-        spool.write_bytes(mbox_of(messages))
-        before = spool.read_bytes()
-        auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"mbox:{mount}/%u")
-        with Controller(authenticator=auth) as server:
-            c = poplib.POP3(server.host, server.port, timeout=10)
-            c.user("alice")
-            c.pass_(PASSWORD)
-            c.dele(1)
-            fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
-            try:
-                while True:
-                    os.write(fd, b"\0" * 4096)
-            except OSError:
-                pass  # the disk is full now
-            finally:
-                os.close(fd)
-            with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
-                c.quit()
-            c.close()
-        assert spool.read_bytes() == before
-        assert not [p for p in mount.iterdir() if p.name not in ("alice", "filler") and not p.name.endswith(".lock")]
+        yield mount
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_full_disk_during_update_keeps_the_old_spool(small_tmpfs: Path) -> None:
+    mount = small_tmpfs
+    messages = [b"Subject: m%d\n\n" % i + b"x" * 3000 + b"\n" for i in range(50)]
+    spool = mount / "alice"
+    spool.write_bytes(mbox_of(messages))
+    before = spool.read_bytes()
+    auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"mbox:{mount}/%u")
+    with Controller(authenticator=auth) as server:
+        c = poplib.POP3(server.host, server.port, timeout=10)
+        c.user("alice")
+        c.pass_(PASSWORD)
+        c.dele(1)
+        fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass  # the disk is full now
+        finally:
+            os.close(fd)
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            c.quit()
+        c.close()
+    assert spool.read_bytes() == before
+    assert not [p for p in mount.iterdir() if p.name not in ("alice", "filler") and not p.name.endswith(".lock")]
 
 
 def test_vanished_spool_gets_a_clean_error(tmp_path: Path) -> None:
@@ -396,33 +403,25 @@ def test_vanished_spool_gets_a_clean_error(tmp_path: Path) -> None:
         c.close()
 
 
-def test_read_only_spool_gets_a_clean_error_and_stays(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount")
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount tmpfs here")
-    try:
-        spool = mount / "alice"
-        spool.write_bytes(mbox_of([b"Subject: a\n\nx\n", b"Subject: b\n\ny\n"]))
-        before = spool.read_bytes()
-        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
-        auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"mbox:{mount}/%u")
-        with Controller(authenticator=auth) as server:
-            c = poplib.POP3(server.host, server.port, timeout=10)
-            c.user("alice")
-            try:
-                c.pass_(PASSWORD)
-                c.dele(1)
-                with pytest.raises(poplib.error_proto, match=r"^b'-ERR \[SYS/"):
-                    c.quit()
-            except poplib.error_proto as exc:
-                assert re.match(rb"-ERR \[SYS/", exc.args[0])
-            c.close()
-        assert spool.read_bytes() == before
-    finally:
-        subprocess.run(["umount", str(mount)], capture_output=True)
+def test_read_only_spool_gets_a_clean_error_and_stays(small_tmpfs: Path) -> None:
+    mount = small_tmpfs
+    spool = mount / "alice"
+    spool.write_bytes(mbox_of([b"Subject: a\n\nx\n", b"Subject: b\n\ny\n"]))
+    before = spool.read_bytes()
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"mbox:{mount}/%u")
+    with Controller(authenticator=auth) as server:
+        c = poplib.POP3(server.host, server.port, timeout=10)
+        c.user("alice")
+        try:
+            c.pass_(PASSWORD)
+            c.dele(1)
+            with pytest.raises(poplib.error_proto, match=r"^b'-ERR \[SYS/"):
+                c.quit()
+        except poplib.error_proto as exc:
+            assert re.match(rb"-ERR \[SYS/", exc.args[0])
+        c.close()
+    assert spool.read_bytes() == before
 
 
 # ---- fuzzing the core ----------------------------------------------------------
