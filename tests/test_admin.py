@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import poplib
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -283,3 +284,28 @@ def test_version_switches() -> None:
     for flag in ("-v", "-V"):
         out = subprocess.run(QPOPPER + [flag], capture_output=True, timeout=30)
         assert out.returncode == 0 and out.stdout.startswith(b"qpopper ")
+
+
+def _welcome(port: int) -> bytes:
+    client = poplib.POP3("127.0.0.1", port, timeout=10)
+    welcome = client.getwelcome()
+    client.quit()
+    return welcome
+
+
+def test_sighup_rereads_the_config_file(daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    conf = tmp_path / "qpopper.conf"
+    conf.write_text("reset shy\n")
+    d = daemon("-f", str(conf))
+    assert _welcome(d.port).startswith(b"+OK Qpopper")
+    conf.write_text("set shy\n")
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not _welcome(d.port).startswith(b"+OK ready"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    conf.write_text("set nonsense\n")  # a broken edit keeps the running settings
+    d.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert _welcome(d.port).startswith(b"+OK ready")
+    assert "reload refused" in d.stop()

@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ._version import __version__
@@ -69,6 +69,7 @@ class Invocation:
     show_config: bool = False
     version: bool = False
     help: bool = False
+    argv: list[str] = field(default_factory=list)
 
 
 def _usage_error(message: str) -> ConfigError:
@@ -86,7 +87,7 @@ def parse_command_line(argv: Sequence[str]) -> Invocation:
         opts, positional = getopt.gnu_getopt(list(argv), SHORT_OPTIONS, _long_options())
     except getopt.GetoptError as exc:
         raise _usage_error(str(exc)) from None
-    inv = Invocation(listen=list(positional))
+    inv = Invocation(listen=list(positional), argv=list(argv))
     for flag, value in opts:
         if flag in ("-v", "-V", "--version"):
             inv.version = True
@@ -215,7 +216,21 @@ def _new_loop(options: Options) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-async def _run_daemon(server: Server, demo: bool) -> None:
+def _reloader(server: Server, inv: Invocation) -> Callable[[], None]:
+    """SIGHUP: the command line is read again, with its -f files."""
+
+    def reload() -> None:
+        try:
+            options = build_options(parse_command_line(inv.argv))
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        server.reload(options)
+
+    return reload
+
+
+async def _run_daemon(server: Server, demo: bool, reload: Callable[[], None]) -> None:
     await server.start()
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
@@ -228,7 +243,7 @@ async def _run_daemon(server: Server, demo: bool) -> None:
 
     loop.add_signal_handler(signal.SIGTERM, stop, True)
     loop.add_signal_handler(signal.SIGINT, stop, False)
-    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     notify("READY=1")
     if demo:
         from .demo import banner
@@ -268,14 +283,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 loop.close()
             return 0
         if options.system_users:
-            forking = ForkingServer(Server(options), listen_fds())
+            system_server = Server(options)
+            forking = ForkingServer(system_server, listen_fds(), _reloader(system_server, inv))
             forking.bind()
             forking.serve_forever()
             return 0
         server = Server(options, sockets=listen_fds())
         loop = _new_loop(options)
         try:
-            loop.run_until_complete(_run_daemon(server, inv.demo))
+            loop.run_until_complete(_run_daemon(server, inv.demo, _reloader(server, inv)))
         finally:
             loop.close()
     except ConfigError as exc:

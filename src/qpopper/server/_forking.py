@@ -23,6 +23,7 @@ import signal
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from ..options import Options
 from ._privileges import preload_session_modules
@@ -35,7 +36,12 @@ _BUSY_REPLY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 
 
 class ForkingServer:
-    def __init__(self, server: Server, sockets: list[tuple[socket.socket, bool]] | None = None) -> None:
+    def __init__(
+        self,
+        server: Server,
+        sockets: list[tuple[socket.socket, bool]] | None = None,
+        reload: Callable[[], None] | None = None,
+    ) -> None:
         # Load once here what every session needs, so that forked children
         # share it instead of each importing it again.
         preload_session_modules()
@@ -47,6 +53,7 @@ class ForkingServer:
         self._per_ip: Counter[str] = Counter()
         self._stopping: str | None = None
         self._reload = False
+        self._reloader = reload or server.reload
 
     # ---- parent ---------------------------------------------------------------
 
@@ -96,7 +103,7 @@ class ForkingServer:
                 self._reap()
                 if self._reload:
                     self._reload = False
-                    self.server.reload()
+                    self._reloader()
             notify("STOPPING=1")
             for sock, _ in self._listeners:
                 selector.unregister(sock)

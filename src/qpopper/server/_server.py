@@ -24,6 +24,7 @@ from ..auth import Authenticator
 from ..auth.apopdb import ApopAuthenticator, ApopDatabase
 from ..auth.passwdfile import PasswdFileAuthenticator
 from ..errors import ConfigError
+from ..access import AccessPolicy
 from ..options import ListenAddress, Options
 from ._connection import Connection, Peer, Services, TlsState
 from ._tls import build_context, reload_certificates, server_end_point
@@ -261,12 +262,22 @@ class Server:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def reload(self) -> None:
-        """SIGHUP: pick up a changed user database and new certificates now.
+    def reload(self, options: Options | None = None) -> None:
+        """SIGHUP: pick up new settings (re-read config files, given as
+        `options`), a changed user database and new certificates, for the
+        sessions that start from now on. Listeners, the user backend and
+        the process model stay as they are until a restart.
 
         A broken file is logged and the running configuration kept."""
         reload = getattr(self.authenticator, "lookup", None)
         try:
+            if options is not None:
+                kept = {"listen": self.options.listen, "auth_backend": self.options.auth_backend,
+                        "passwd_file": self.options.passwd_file}
+                options = options.replace(**kept)
+                self.options = options
+                self.services.options = options
+                self.services.access = AccessPolicy(options.nonauth_file, options.auth_file)
             if reload is not None:
                 reload("")
             if self.tls.context is not None and self.options.tls_cert_file is not None:
