@@ -110,7 +110,7 @@ def qpopper_8() -> str:
         "stop at once (nothing is deleted for sessions not yet in UPDATE)",
         ".TP",
         "\\fBSIGHUP\\fR",
-        "re-read the user database, the APOP database and the TLS certificate",
+        "re-read the configuration files, the user and APOP databases and the TLS certificate, for new sessions",
         ".SH EXIT STATUS",
         "0 after a clean stop; 2 for a usage or configuration error (the message names the switch or file:line);",
         "1 for other fatal errors.",
