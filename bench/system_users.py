@@ -35,12 +35,13 @@ def sh(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=True, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
 
 
-def make_users(n: int) -> list[str]:
+def make_users(n: int, crypt_method: str | None) -> list[str]:
     names = [f"qpbench{i}" for i in range(1, n + 1)]
+    method = ["-c", crypt_method] if crypt_method else []
     for name in names:
         subprocess.run(["userdel", "-r", name], capture_output=True)
         sh(["useradd", "-m", "-U", name])
-        subprocess.run(["chpasswd"], input=f"{name}:{PASSWORD}\n", text=True, check=True)
+        subprocess.run(["chpasswd", *method], input=f"{name}:{PASSWORD}\n", text=True, check=True)
     return names
 
 
@@ -85,6 +86,7 @@ def main() -> int:
     parser.add_argument("-d", "--duration", type=int, default=10)
     parser.add_argument("-c", "--concurrency", type=int, default=16)
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--crypt-method", help="chpasswd -c METHOD (default: the system's, yescrypt on Debian 12)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("system_users.py: run as root (useradd, PAM, privilege drop)", file=sys.stderr)
@@ -93,7 +95,7 @@ def main() -> int:
     work.chmod(0o755)  # Dovecot's processes run as its own user
     pam_service = f"qpopper-bench-{uuid.uuid4().hex[:6]}"
     shutil.copy(REPO / "packaging" / "pam.d" / "pop3", f"/etc/pam.d/{pam_service}")
-    names = make_users(args.users)
+    names = make_users(args.users, args.crypt_method)
     results: dict[str, list[dict[str, float]]] = {"dovecot": [], "qpopper": []}
     dovecot_pid = None
     try:
