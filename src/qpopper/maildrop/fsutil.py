@@ -22,3 +22,17 @@ def fsync_dir(directory: str) -> None:
             raise MaildropError(f"fsync of {directory} failed: {exc}") from exc
     finally:
         os.close(fd)
+
+
+def give_owner(target: int | str, uid: int, gid: int) -> None:
+    """chown a file (descriptor) or directory (path) to uid:gid as far as
+    we may: without root only the group can change, to one of ours, and
+    that is all a session running as the user needs."""
+    change = os.fchown if isinstance(target, int) else os.chown
+    try:
+        change(target, uid, gid)  # type: ignore[arg-type]
+    except PermissionError:
+        try:
+            change(target, -1, gid)  # type: ignore[arg-type]
+        except PermissionError:
+            pass

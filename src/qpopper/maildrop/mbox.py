@@ -119,7 +119,7 @@ from dataclasses import dataclass, replace
 from ..errors import MaildropError, ResponseCode
 from ._base import MaildropSettings, MessageInfo
 from .dotlock import SpoolLock
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, give_owner
 from .mboxindex import (
     MAX_FROM_LINE,
     MAX_HEADER_PARSE,
@@ -1118,11 +1118,5 @@ def _copy_owner_and_mode(fd: int, st: os.stat_result) -> None:
     all a user-run session needs, since the file is already its own. The
     mode is set after the owner because chown clears set-id bits.
     """
-    try:
-        os.fchown(fd, st.st_uid, st.st_gid)
-    except PermissionError:
-        try:
-            os.fchown(fd, -1, st.st_gid)
-        except PermissionError:
-            pass
+    give_owner(fd, st.st_uid, st.st_gid)
     os.fchmod(fd, stat.S_IMODE(st.st_mode))

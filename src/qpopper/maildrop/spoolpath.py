@@ -25,6 +25,7 @@ import stat
 
 from ..errors import MaildropError, ResponseCode
 from ..usernames import is_valid_username
+from .fsutil import give_owner
 
 HASH_METHODS = (0, 1, 2)
 
@@ -107,11 +108,5 @@ def make_hash_dirs(base: str, parts: list[str]) -> None:
             continue
         except OSError as exc:
             raise MaildropError(f"cannot create hash directory {current}: {exc}") from exc
-        try:
-            os.chown(current, st.st_uid, st.st_gid)
-        except PermissionError:
-            try:
-                os.chown(current, -1, st.st_gid)
-            except PermissionError:
-                pass
+        give_owner(current, st.st_uid, st.st_gid)
         os.chmod(current, mode)  # after chown, which clears set-id bits
