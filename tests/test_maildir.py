@@ -27,17 +27,42 @@ def test_uid_is_the_unique_part_of_the_name() -> None:
     assert is_valid_uid(uid_from_name("1234.caf\u00e9 name"))
 
 
-def test_size_hints_used_only_when_they_agree(tmp_path: Path) -> None:
+def test_size_hints_are_trusted_and_a_stale_one_loses_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     md = tmp_path / "Maildir"
     good = write_maildir_message(md, MSG, name=f"1.a,S={len(MSG)},W=999")
-    stale = write_maildir_message(md, MSG, name="2.b,S=5,W=999")  # S= disagrees with the file
+    stale = write_maildir_message(md, MSG, name="2.b,S=5,W=7")  # edited behind the name's back
+    unhinted = write_maildir_message(md, MSG, name="3.c,S=5")  # no W=: counted
     drop = MaildirMaildrop(str(md))
     try:
         sizes = {i.uid: i.size for i in drop.messages()}
+        assert sizes[uid_from_name(good)] == 999
+        assert sizes[uid_from_name(stale)] == 7
+        assert sizes[uid_from_name(unhinted)] == wire_size(MSG)
+        with caplog.at_level("WARNING"):
+            assert b"".join(drop.read(1)) == MSG  # sent whole, as it is
+        assert "no longer has the size" in caplog.text
     finally:
         drop.close()
-    assert sizes[uid_from_name(good)] == 999
-    assert sizes[uid_from_name(stale)] == wire_size(MSG)
+
+
+def test_hinted_links_and_directories_are_never_listed_or_followed(tmp_path: Path) -> None:
+    md = tmp_path / "Maildir"
+    write_maildir_message(md, MSG, name=f"1.a,S={len(MSG)},W={wire_size(MSG)}")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not mail\n")
+    os.symlink(secret, md / "new" / "2.b,S=9,W=10")
+    (md / "cur" / "3.c,S=1,W=1:2,S").mkdir()
+    drop = MaildirMaildrop(str(md))
+    try:
+        assert [i.uid for i in drop.messages()] == ["1.a"]
+        # swapped for a link after listing: refused, not followed
+        target = md / "new" / f"1.a,S={len(MSG)},W={wire_size(MSG)}"
+        target.unlink()
+        os.symlink(secret, target)
+        with pytest.raises(MaildropError):
+            b"".join(drop.read(0))
+    finally:
+        drop.close()
 
 
 def test_dotfiles_tmp_and_symlinks_are_ignored(tmp_path: Path) -> None:

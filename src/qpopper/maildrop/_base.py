@@ -13,7 +13,7 @@ import re
 
 from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 # Unique-ids are 1 to 70 characters of 0x21..0x7E (RFC 1939 section 7).
 UID_MAX_LEN = 70
@@ -27,12 +27,13 @@ def is_valid_uid(uid: str) -> bool:
     return _UID.fullmatch(uid) is not None
 
 
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
+class MessageInfo(NamedTuple):
     """One message as listed at login.
 
     `size` is the RFC 1939 size: the octets RETR sends before dot-stuffing.
     `seen` marks a message retrieved in an earlier session (LAST starts there).
+    A named tuple because a big drop makes tens of thousands at each login,
+    and a tuple is the cheapest immutable record to build.
     """
 
     size: int

@@ -1,28 +1,35 @@
 """Maildir maildrops (new/ and cur/), opened without reading every message.
 
-Listing costs one directory scan and one stat per message. A Dovecot or
-Courier `,W=` size in the file name is the exact RFC 1939 size, so it is
-used as is when the `,S=` hint beside it matches the file's real size;
-otherwise the file is read once to count its line ends (in C).
+Listing is one directory scan. Names in the form Dovecot and most delivery
+agents write (`unique,S=size,W=wire-size[:2,flags]`) are trusted as they
+stand, as Dovecot trusts them: `,W=` is the exact RFC 1939 size, so a drop
+of 50,000 such messages lists without a single stat. Any other name costs a
+stat, and a file without a usable `,W=` is read once to count its line ends
+(in C). A file that no longer matches its `,S=` hint is still sent whole
+and as it is; the mismatch is logged.
 
 UIDs are the unique part of the file name (before ":" and ","), which the
 delivery agent chose and which never changes when flags are added. A name
 that is too long or holds characters UIDL may not carry is replaced by a
 digest of itself, which is equally stable across sessions and restarts.
 
+Delivery order is name order: names start with the delivery time, and,
+unlike a modification time, a name never changes behind our back.
+
 Deletions happen only at UPDATE, one unlink each; messages read whole move
 from new/ to cur/ with the S flag so IMAP clients see them as seen. Mail
 that arrives in new/ during a session is not listed; the next session sees
-it.
+it. Symbolic links are never listed and never followed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+import stat
 from collections.abc import Iterator, Sequence, Set
-from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..errors import MaildropError, ResponseCode
@@ -31,16 +38,14 @@ from ._base import MessageInfo, is_valid_uid
 from .fsutil import fsync_dir
 from .sessionlock import SessionLock
 
+log = logging.getLogger(__name__)
+
 LOCK_NAME = ".qpopper-pop3.lock"
 _SIZE_HINTS = re.compile(r",S=(\d+)|,W=(\d+)")
-
-
-@dataclass(slots=True)
-class _Entry:
-    path: str  # current full path
-    subdir: str  # "new" or "cur"
-    name: str
-    mtime: float
+# The common name, matched over all names at once: unique part, S=, W=, flags.
+_HINTED_NAME = re.compile(r"^([^\n,:]{1,70}),S=(\d+),W=(\d+)(?::2,([^\n]*))?$", re.MULTILINE)
+_NOT_UID_CHAR = re.compile(r"[^!-~]")
+_SUBDIRS = ("cur", "new")
 
 
 def uid_from_name(name: str) -> str:
@@ -51,19 +56,15 @@ def uid_from_name(name: str) -> str:
     return hashlib.sha1(name.split(":", 1)[0].encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _hinted_size(name: str, real_size: int) -> int | None:
-    if "," not in name:
-        return None
-    base = name.split(":", 1)[0]
+def _hints(name: str) -> tuple[int | None, int | None]:
+    """The `,S=` and `,W=` sizes a name carries, if any."""
     s_hint = w_hint = None
-    for match in _SIZE_HINTS.finditer(base):
+    for match in _SIZE_HINTS.finditer(name.split(":", 1)[0]):
         if match.group(1) is not None:
             s_hint = int(match.group(1))
         else:
             w_hint = int(match.group(2))
-    if w_hint is not None and s_hint == real_size:
-        return w_hint
-    return None
+    return s_hint, w_hint
 
 
 def _counted_size(path: str) -> int:
@@ -74,14 +75,20 @@ def _counted_size(path: str) -> int:
     return counter.result()
 
 
+def _flags(name: str) -> str:
+    return name.split(":2,", 1)[1] if ":2," in name else ""
+
+
 class MaildirMaildrop:
     """An open Maildir; holds the POP session lock until closed."""
 
     def __init__(self, path: str, create: bool = False) -> None:
         self.path = path
         self._lock: SessionLock | None = None
-        self._entries: list[_Entry] = []
-        self._infos: list[MessageInfo] = []
+        # Per message: its file name and the subdirectory it is in now.
+        self._names: list[str] = []
+        self._subdirs: list[str] = []
+        self._infos: Sequence[MessageInfo] = []
         try:
             if create:
                 for sub in ("cur", "new", "tmp"):
@@ -95,42 +102,54 @@ class MaildirMaildrop:
         lock = SessionLock(os.path.join(path, LOCK_NAME))
         lock.acquire()
         try:
-            self._entries, self._infos = self._scan()
+            self._scan()
         except BaseException:
             lock.release()
             raise
         self._lock = lock
 
-    def _scan(self) -> tuple[list[_Entry], list[MessageInfo]]:
-        entries: list[_Entry] = []
-        infos: list[MessageInfo] = []
-        found: list[tuple[float, str, str, int]] = []
-        for sub in ("cur", "new"):
+    def _list(self) -> tuple[list[str], set[str]]:
+        """Regular files of cur/ and new/ in name order, and the names in new/."""
+        names: list[str] = []
+        in_new: set[str] = set()
+        for sub in _SUBDIRS:
             directory = os.path.join(self.path, sub)
             try:
                 with os.scandir(directory) as it:
-                    for de in it:
-                        if de.name.startswith("."):
-                            continue
-                        try:
-                            st = de.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue
-                        if not (st.st_mode & 0o170000) == 0o100000:
-                            continue  # only regular files; symlinks are never served
-                        found.append((st.st_mtime, de.name, sub, st.st_size))
+                    # is_file/is_symlink answer from the entry's type, no stat
+                    found = [de.name for de in it if de.is_file(follow_symlinks=False) and de.name[0] != "."]
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 raise MaildropError(f"cannot list {directory}: {exc}") from exc
-        # Delivery order: modification time, then name (names start with
-        # the delivery time in seconds, then finer parts).
-        found.sort()
+            if sub == "new":
+                in_new.update(found)
+            names += found
+        names.sort()
+        return names, in_new
+
+    def _scan(self) -> None:
+        names, in_new = self._list()
+        subdirs = ["new" if name in in_new else "cur" for name in names]
+        hinted = _HINTED_NAME.findall("\n".join(names))
+        if len(hinted) == len(names):
+            uids = [h[0] for h in hinted]
+            if (
+                len(set(uids)) == len(uids)
+                and not _NOT_UID_CHAR.search("".join(uids))
+            ):
+                self._names, self._subdirs = names, subdirs
+                self._infos = [MessageInfo(int(w), uid, "S" in flags) for uid, _s, w, flags in hinted]
+                return
+        self._scan_one_by_one(names, subdirs)
+
+    def _scan_one_by_one(self, names: list[str], subdirs: list[str]) -> None:
+        """The general case: any name; a file without a `,W=` is read to size it."""
+        infos: list[MessageInfo] = []
         seen_uids: set[str] = set()
-        prefixes = {sub: os.path.join(self.path, sub) + os.sep for sub in ("cur", "new")}
-        for mtime, name, sub, file_size in found:
-            path = prefixes[sub] + name
-            size = _hinted_size(name, file_size)
+        for name, sub in zip(names, subdirs):
+            path = os.path.join(self.path, sub, name)
+            size = _hints(name)[1]
             if size is None:
                 try:
                     size = _counted_size(path)
@@ -144,63 +163,80 @@ class MaildirMaildrop:
                 # tell them apart by a digest of the whole name.
                 uid = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()
             seen_uids.add(uid)
-            flags = name.split(":2,", 1)[1] if ":2," in name else ""
-            entries.append(_Entry(path, sub, name, mtime))
-            infos.append(MessageInfo(size=size, uid=uid, seen="S" in flags))
-        return entries, infos
+            self._names.append(name)
+            self._subdirs.append(sub)
+            infos.append(MessageInfo(size, uid, "S" in _flags(name)))
+        self._infos = infos
 
     def messages(self) -> Sequence[MessageInfo]:
         return self._infos
 
     def read(self, index: int, chunk_size: int = 65536) -> Iterator[bytes]:
-        entry = self._entries[index]
-        f: BinaryIO
-        try:
-            f = open(entry.path, "rb")
-        except FileNotFoundError:
-            f = self._reopen_moved(entry)
-        except OSError as exc:
-            raise MaildropError(f"cannot read {entry.path}: {exc}") from exc
+        f = self._open(index)
         with f:
+            s_hint = _hints(self._names[index])[0]
+            if s_hint is not None and s_hint != os.fstat(f.fileno()).st_size:
+                log.warning("%s: %s no longer has the size its name says; sent as it is",
+                            self.path, self._names[index])
             while chunk := f.read(chunk_size):
                 yield chunk
 
-    def _reopen_moved(self, entry: _Entry) -> BinaryIO:
-        """Another agent (an IMAP server) renamed the file: find it by UID."""
-        base = entry.name.split(":", 1)[0]
-        for sub in ("cur", "new"):
-            directory = os.path.join(self.path, sub)
+    def _path(self, index: int) -> str:
+        return os.path.join(self.path, self._subdirs[index], self._names[index])
+
+    def _open(self, index: int) -> BinaryIO:
+        """The message's file, never through a link nor anything but a regular file."""
+        path = self._path(index)
+        try:
             try:
-                names = os.listdir(directory)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._find_moved(index)
+                path = self._path(index)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except MaildropError:
+            raise
+        except OSError as exc:
+            raise MaildropError(f"cannot read {path}: {exc}", ResponseCode.SYS_TEMP) from exc
+        f = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            f.close()
+            raise MaildropError(f"{path} is not a regular file", ResponseCode.SYS_TEMP)
+        return f
+
+    def _find_moved(self, index: int) -> None:
+        """Another agent (an IMAP server) renamed the file: find it by its unique part."""
+        base = self._names[index].split(":", 1)[0]
+        for sub in _SUBDIRS:
+            try:
+                names = os.listdir(os.path.join(self.path, sub))
             except OSError:
                 continue
             for name in names:
                 if name.split(":", 1)[0] == base:
-                    entry.path, entry.subdir, entry.name = os.path.join(directory, name), sub, name
-                    return open(entry.path, "rb")
-        raise MaildropError(f"message {entry.name} vanished", ResponseCode.SYS_TEMP)
+                    self._names[index], self._subdirs[index] = name, sub
+                    return
+        raise MaildropError(f"message {self._names[index]} vanished", ResponseCode.SYS_TEMP)
 
     def commit(self, deleted: Set[int], retrieved: Set[int]) -> None:
         errors = 0
         for index in sorted(deleted):
-            entry = self._entries[index]
             try:
-                os.unlink(entry.path)
+                os.unlink(self._path(index))
             except FileNotFoundError:
                 try:
-                    self._reopen_moved(entry).close()
-                    os.unlink(entry.path)
+                    self._find_moved(index)
+                    os.unlink(self._path(index))
                 except (MaildropError, OSError):
                     pass  # already gone: the goal of a deletion is reached
             except OSError:
                 errors += 1
         for index in sorted(set(retrieved) - set(deleted)):
-            entry = self._entries[index]
-            if entry.subdir != "new":
+            if self._subdirs[index] != "new":
                 continue
-            target = os.path.join(self.path, "cur", entry.name + ":2,S")
+            target = os.path.join(self.path, "cur", self._names[index] + ":2,S")
             try:
-                os.rename(entry.path, target)
+                os.rename(self._path(index), target)
             except OSError:
                 pass  # the seen flag is a courtesy; the message is intact
         if errors:
@@ -208,7 +244,7 @@ class MaildirMaildrop:
         self._fsync_dirs()
 
     def _fsync_dirs(self) -> None:
-        for sub in ("cur", "new"):
+        for sub in _SUBDIRS:
             directory = os.path.join(self.path, sub)
             if os.path.isdir(directory):
                 fsync_dir(directory)
