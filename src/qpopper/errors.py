@@ -55,5 +55,11 @@ class MaildropBusy(MaildropError):
         super().__init__(message, ResponseCode.IN_USE)
 
 
+class WouldBlock(QpopperError):
+    """A quick attempt met work that belongs in a worker thread: a big
+    maildrop, a held lock, a crash to recover from. Nothing was changed;
+    the caller tries again the slow way."""
+
+
 class AuthUnavailable(QpopperError):
     """The authentication backend failed (not the user's credentials)."""

@@ -37,4 +37,19 @@ class Authenticator(Protocol):
         ...
 
 
-__all__ = ["ApopDigest", "Authenticator", "Credentials", "Principal", "UserPass"]
+@runtime_checkable
+class QuickAuthenticator(Protocol):
+    """An authenticator that can often answer on the event loop itself.
+
+    A trip to a worker thread costs more CPU than checking a plain or
+    digest password, so where the answer is already in memory the server
+    asks here first. `authenticate_quickly` returns a Principal only for
+    credentials it verified without hashing work or waiting; None means
+    "ask `authenticate`", never "no": refusals always take the slow road,
+    so they look and last the same whatever the reason.
+    """
+
+    def authenticate_quickly(self, credentials: Credentials) -> Principal | None: ...
+
+
+__all__ = ["ApopDigest", "Authenticator", "Credentials", "Principal", "QuickAuthenticator", "UserPass"]

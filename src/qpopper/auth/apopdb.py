@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 from ..errors import ConfigError
 from ..usernames import is_valid_username
-from . import Authenticator, Principal
+from . import Authenticator, Principal, QuickAuthenticator
 from .credentials import ApopDigest, CramMD5, Credentials, ScramSecret, UserPass, Verified
 from .sasl import scram_secret_from_password
 from .secrets import matches_secret
@@ -82,7 +82,26 @@ class ApopDatabase:
             return dict(self._secrets)
 
     def secret(self, user: str) -> str | None:
-        return self.load().get(user)
+        self.load()
+        return self._secrets.get(user)
+
+    def secret_if_current(self, user: str) -> tuple[bool, str | None]:
+        """(True, secret or None) if the copy in memory is current; (False,
+        None) when finding out would mean reading the file or waiting."""
+        if not self._lock.acquire(blocking=False):
+            return False, None
+        try:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                return self._stamp is None, None
+            except OSError:
+                return False, None
+            if (st.st_mtime_ns, st.st_size) != self._stamp:
+                return False, None
+            return True, self._secrets.get(user)
+        finally:
+            self._lock.release()
 
     # ---- writing (popauth) ----------------------------------------------------
 
@@ -174,6 +193,23 @@ class ApopAuthenticator:
                 return None
             return self.inner.authenticate(Verified(credentials.user, "APOP database"))
         return self.inner.authenticate(credentials)
+
+    def authenticate_quickly(self, credentials: Credentials) -> Principal | None:
+        if not isinstance(self.inner, QuickAuthenticator):
+            return None
+        quick = self.inner.authenticate_quickly
+        current, secret = self.database.secret_if_current(credentials.user)
+        if not current:
+            return None
+        if secret is None:
+            return quick(credentials)  # not an APOP user: the inner database decides
+        if isinstance(credentials, UserPass):
+            return quick(credentials) if self.policy not in (None, "default") else None
+        if isinstance(credentials, (ApopDigest, CramMD5)):
+            if not matches_secret(secret.encode("utf-8"), credentials):
+                return None
+            return quick(Verified(credentials.user, "APOP database"))
+        return quick(credentials)
 
     def scram_secret(self, user: str, mechanism: str) -> ScramSecret | None:
         secret = self.database.secret(user)

@@ -67,6 +67,16 @@ class Maildrop(Protocol):
         ...
 
 
+@runtime_checkable
+class QuickUpdate(Protocol):
+    """A maildrop that can tell when UPDATE and close would write nothing.
+
+    Then the server runs them on its event loop: a trip to a worker thread
+    costs more than releasing a lock."""
+
+    def writes_nothing(self, deleted: Set[int], retrieved: Set[int]) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class MaildropSettings:
     """Site settings the backends need, taken from Options by the server.

@@ -44,7 +44,7 @@ import struct
 import time
 from types import TracebackType
 
-from ..errors import MaildropError, ResponseCode
+from ..errors import MaildropError, ResponseCode, WouldBlock
 
 log = logging.getLogger(__name__)
 
@@ -291,14 +291,23 @@ class SpoolLock:
         stale_age: float = STALE_AGE,
         check_pid: bool = True,
         exclusive: bool = False,
+        wait: bool = True,
     ) -> None:
         self.dotlock = DotLock(spool, stale_age=stale_age, check_pid=check_pid)
         self.fd = fd
         self.timeout = timeout
         self.exclusive = exclusive
+        self.wait = wait  # False: one attempt, WouldBlock if the spool is locked
         self._fcntl_held = False
 
     def acquire(self) -> None:
+        if not self.wait:
+            if self.dotlock.try_acquire():
+                if fcntl_try_lock(self.fd, self.exclusive):
+                    self._fcntl_held = True
+                    return
+                self.dotlock.release()
+            raise WouldBlock(f"{self.dotlock.spool} is locked")
         deadline = time.monotonic() + self.timeout
         delay = 0.005
         while True:

@@ -53,16 +53,20 @@ def expand_location(template: str, user: str, home: str | None) -> str:
     return f"{fmt}:{os.path.normpath(expanded)}"
 
 
-def open_maildrop(location: str, settings: MaildropSettings | None = None) -> Maildrop:
-    """Open and POP-lock the maildrop at an expanded location."""
+def open_maildrop(location: str, settings: MaildropSettings | None = None, quick: bool = False) -> Maildrop:
+    """Open and POP-lock the maildrop at an expanded location.
+
+    `quick`: only if that takes a few system calls and no waiting, so it
+    may run on the event loop; otherwise WouldBlock, with nothing changed.
+    """
     settings = settings or MaildropSettings()
     fmt, _, path = location.partition(":")
     if fmt == "maildir":
         from .maildir import MaildirMaildrop
 
-        return MaildirMaildrop(path)
+        return MaildirMaildrop(path, quick=quick)
     if fmt == "mbox":
         from .mbox import MboxMaildrop
 
-        return MboxMaildrop(path, settings)
+        return MboxMaildrop(path, settings, quick=quick)
     raise MaildropError(f"unknown maildrop format {fmt!r}", ResponseCode.SYS_PERM)

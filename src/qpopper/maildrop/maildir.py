@@ -32,7 +32,7 @@ import stat
 from collections.abc import Iterator, Sequence, Set
 from typing import BinaryIO
 
-from ..errors import MaildropError, ResponseCode
+from ..errors import MaildropError, ResponseCode, WouldBlock
 from ..protocol._stuffing import SizeCounter
 from ._base import MessageInfo, is_valid_uid
 from .fsutil import fsync_dir
@@ -46,6 +46,9 @@ _SIZE_HINTS = re.compile(r",S=(\d+)|,W=(\d+)")
 _HINTED_NAME = re.compile(r"^([^\n,:]{1,70}),S=(\d+),W=(\d+)(?::2,([^\n]*))?$", re.MULTILINE)
 _NOT_UID_CHAR = re.compile(r"[^!-~]")
 _SUBDIRS = ("cur", "new")
+# A quick open lists directories up to this size (st_size; a few hundred
+# to a few thousand names, depending on the file system) and reads no file.
+QUICK_DIR_BYTES = 64 * 1024
 
 
 def uid_from_name(name: str) -> str:
@@ -82,8 +85,9 @@ def _flags(name: str) -> str:
 class MaildirMaildrop:
     """An open Maildir; holds the POP session lock until closed."""
 
-    def __init__(self, path: str, create: bool = False) -> None:
+    def __init__(self, path: str, create: bool = False, quick: bool = False) -> None:
         self.path = path
+        self._quick = quick
         self._lock: SessionLock | None = None
         # Per message: its file name and the subdirectory it is in now.
         self._names: list[str] = []
@@ -99,6 +103,8 @@ class MaildirMaildrop:
                 return
         except OSError as exc:
             raise MaildropError(f"cannot create maildir {path}: {exc}") from exc
+        if quick and self._dirs_too_big():
+            raise WouldBlock(f"{path} is too big to list on the event loop")
         lock = SessionLock(os.path.join(path, LOCK_NAME))
         lock.acquire()
         try:
@@ -107,6 +113,15 @@ class MaildirMaildrop:
             lock.release()
             raise
         self._lock = lock
+
+    def _dirs_too_big(self) -> bool:
+        total = 0
+        for sub in _SUBDIRS:
+            try:
+                total += os.stat(os.path.join(self.path, sub)).st_size
+            except OSError:
+                return True  # let the slow road find out and say why
+        return total > QUICK_DIR_BYTES
 
     def _list(self) -> tuple[list[str], set[str]]:
         """Regular files of cur/ and new/ in name order, and the names in new/."""
@@ -151,6 +166,8 @@ class MaildirMaildrop:
             path = os.path.join(self.path, sub, name)
             size = _hints(name)[1]
             if size is None:
+                if self._quick:
+                    raise WouldBlock(f"{path} must be read to know its size")
                 try:
                     size = _counted_size(path)
                 except FileNotFoundError:
@@ -218,7 +235,12 @@ class MaildirMaildrop:
                     return
         raise MaildropError(f"message {self._names[index]} vanished", ResponseCode.SYS_TEMP)
 
+    def writes_nothing(self, deleted: Set[int], retrieved: Set[int]) -> bool:
+        return not deleted and all(self._subdirs[i] != "new" for i in retrieved)
+
     def commit(self, deleted: Set[int], retrieved: Set[int]) -> None:
+        if self.writes_nothing(deleted, retrieved):
+            return
         errors = 0
         for index in sorted(deleted):
             try:

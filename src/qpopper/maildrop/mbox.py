@@ -116,7 +116,7 @@ from collections.abc import Iterator, Sequence, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from ..errors import MaildropError, ResponseCode
+from ..errors import MaildropError, ResponseCode, WouldBlock
 from ._base import MaildropSettings, MessageInfo
 from .dotlock import SpoolLock
 from .fsutil import fsync_dir, give_owner
@@ -141,6 +141,9 @@ PUTBACK_SUFFIX = ".qpopper-putback"
 GATHER_SUFFIX = ".qpopper-gather"
 FREE_SPACE_MARGIN = 1 << 20  # keep a megabyte spare for the MDAs
 COPY_CHUNK = 8 << 20
+# A quick open (on the event loop) indexes spools up to this size: about a
+# millisecond of work.
+QUICK_SPOOL_BYTES = 256 * 1024
 
 _UW_SUBJECT = re.compile(
     rb"^Subject: [^\n]*(?:DO NOT DELETE|DON'T DELETE THIS MESSAGE|FOLDER INTERNAL DATA)", re.MULTILINE | re.IGNORECASE
@@ -221,6 +224,7 @@ class MboxMaildrop:
         stale_age: float | None = None,
         check_pid: bool | None = None,
         use_content_length: bool | None = None,
+        quick: bool = False,
     ) -> None:
         s = settings or MaildropSettings()
         s = replace(
@@ -246,12 +250,17 @@ class MboxMaildrop:
         self._returned = False  # temp drop written back (temp-drop mode)
         if not os.path.isdir(self._dir):
             return  # no spool directory: an empty maildrop with nothing to lock
+        if quick and not s.server_mode:
+            raise WouldBlock("temp-drop mode copies the spool")
         session = SessionLock(session_lock_path(self.path))
         session.acquire()
         try:
-            self._recover()
+            if not quick:
+                self._recover()
+            elif self._recovery_pending():
+                raise WouldBlock(f"{self.path}: an earlier session left work to finish")
             if s.server_mode:
-                self._open_and_index()
+                self._open_and_index(quick)
             else:
                 self._gather()
                 self._open_temp_drop()
@@ -270,6 +279,12 @@ class MboxMaildrop:
         self._resolve_gather_journal()
         if self.settings.server_mode:
             self._restore_leftover_temp_drop()
+
+    def _recovery_pending(self) -> bool:
+        """Whether `_recover` would find anything (server mode)."""
+        journal = gather_journal_path(self.temp_drop)
+        leftovers = (putback_flag_path(self.path), new_spool_path(self.path), journal, journal + ".tmp", self.temp_drop)
+        return any(os.path.lexists(p) for p in leftovers)
 
     def _resolve_putback_flag(self) -> None:
         flag = putback_flag_path(self.path)
@@ -431,13 +446,15 @@ class MboxMaildrop:
                 os.close(fd)
         raise MaildropError(f"spool {self.path} kept being replaced while opening it")
 
-    def _open_and_index(self) -> None:
+    def _open_and_index(self, quick: bool = False) -> None:
         for _ in range(5):
             fd = self._open_spool()
             if fd is None:
                 return  # no mail ever delivered: empty maildrop
             self._fd = fd
-            with self._spool_lock(fd) as lock:
+            if quick and os.fstat(fd).st_size > QUICK_SPOOL_BYTES:
+                raise WouldBlock(f"{self.path} is too big to index on the event loop")
+            with self._spool_lock(fd, wait=not quick) as lock:
                 st = os.fstat(fd)
                 if not self._path_is(st):
                     self._close_fd()  # replaced between open and lock: start over
@@ -647,10 +664,10 @@ class MboxMaildrop:
         signs = sum(1 for rx in (_UW_SUBJECT, _UW_XIMAP, _UW_FROM) if rx.search(head))
         return signs >= 2
 
-    def _spool_lock(self, fd: int) -> SpoolLock:
+    def _spool_lock(self, fd: int, wait: bool = True) -> SpoolLock:
         """Dotlock + fcntl on the spool, for indexing or UPDATE only."""
         s = self.settings
-        return SpoolLock(self.path, fd, timeout=s.lock_timeout, stale_age=s.stale_age, check_pid=s.check_pid)
+        return SpoolLock(self.path, fd, timeout=s.lock_timeout, stale_age=s.stale_age, check_pid=s.check_pid, wait=wait)
 
     def _path_is(self, st: os.stat_result) -> bool:
         try:
@@ -684,6 +701,18 @@ class MboxMaildrop:
                 raise MaildropError(f"{self.path} shrank while message {index + 1} was read")
             pos += len(data)
             yield data
+
+    def writes_nothing(self, deleted: Set[int], retrieved: Set[int]) -> bool:
+        if self._fd is None:
+            return True
+        if not self.settings.server_mode or self._committed:
+            return False  # close puts the temp drop back; a second commit fails
+        if any(0 <= i < len(self._infos) for i in deleted):
+            return False
+        if self.settings.update_status_headers:
+            h = self._hidden
+            return all(self._index.seen[i + h] for i in retrieved if 0 <= i < len(self._infos))
+        return True
 
     def commit(self, deleted: Set[int], retrieved: Set[int]) -> None:
         visible = len(self._infos)

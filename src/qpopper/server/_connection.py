@@ -18,7 +18,7 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,10 +27,11 @@ from ..auth import Authenticator, Principal
 from ..auth.credentials import Rejected
 from ..auth.sasl import Fail
 from ..configfile import Context, read_config
-from ..errors import AuthUnavailable, ConfigError, MaildropError, ResponseCode
+from ..errors import AuthUnavailable, ConfigError, MaildropError, ResponseCode, WouldBlock
 from ..logsetup import TRACE_LOGGER, printable
 from .. import bulletins
 from ..maildrop import Maildrop, MaildropSettings
+from ..maildrop._base import QuickUpdate
 from ..maildrop.location import open_maildrop
 from ..options import Options, apply_settings
 from ..policy import plaintext_allowed
@@ -212,7 +213,10 @@ class Connection:
         self.connected_at = time.monotonic()
         self._last_mangled: tuple[tuple[int, MangleSpec], bytes] | None = None
         self._host_name: asyncio.Task[str] | None = None
-        if self.options.reverse_lookup and peer.host != "local":
+        # The name only appears in the records that ask for it, so a server
+        # that writes none of them asks the resolver nothing.
+        wants_name = self.options.statistics or self.options.timing or bool(self.options.log_login)
+        if self.options.reverse_lookup and wants_name and peer.host != "local":
             self._host_name = asyncio.get_running_loop().create_task(reverse_lookup(peer.host, services.run_blocking))
         self.session.kerberos = services.kerberos
         if trace_log.isEnabledFor(logging.DEBUG) and trace_log.handlers:
@@ -462,7 +466,10 @@ class Connection:
             if isinstance(effect.credentials, Rejected):
                 principal = None
             else:
-                principal = await self._blocking(self.services.authenticator.authenticate, effect.credentials)
+                quick = getattr(self.services.authenticator, "authenticate_quickly", None)
+                principal = quick(effect.credentials) if quick is not None else None
+                if principal is None:
+                    principal = await self._blocking(self.services.authenticator.authenticate, effect.credentials)
         except (AuthUnavailable, MaildropError) as exc:
             log.error("%s: authentication backend failed: %s", self.peer, exc)
             self.session.auth_failed(ResponseCode.SYS_TEMP)
@@ -490,6 +497,22 @@ class Connection:
         self._after_login(principal.user)
         log.debug("%s: authenticated %s (%s)", self.peer, principal.user, type(effect.credentials).__name__)
         self.session.auth_succeeded(principal.user)
+
+    def _open_quickly(self, location: str, settings: MaildropSettings) -> Maildrop | None:
+        """Open a small, unlocked maildrop right here on the event loop.
+
+        Most maildrops are small, and for them the hand-over to a worker
+        thread and back costs more CPU than the open itself (each system
+        call in a thread is a fight for the GIL). Anything that could
+        take long or wait comes back None, changed nothing, and goes to
+        a worker. A process that switches groups for the spool always
+        uses the worker, which holds the switch."""
+        if self._spool_privilege is not None:
+            return None
+        try:
+            return open_maildrop(location, settings, quick=True)
+        except WouldBlock:
+            return None
 
     def _after_login(self, user: str) -> None:
         """DRAC and the post-login hook, beside the session: never a delay,
@@ -541,7 +564,11 @@ class Connection:
             return
         try:
             settings = maildrop_settings(self.options, principal)
-            maildrop = await self._blocking(self._privileged, open_maildrop, principal.mail, settings)
+            quick = self._open_quickly(principal.mail, settings)
+            if quick is not None:
+                maildrop: Maildrop = quick
+            else:
+                maildrop = await self._blocking(self._privileged, open_maildrop, principal.mail, settings)
         except OSError as exc:  # a backend that let one through: still the system's fault
             log.error("%s: cannot open maildrop of %s: %s", self.peer, principal.user, exc)
             self.principal = None
@@ -706,8 +733,29 @@ class Connection:
         with self._spool_privilege.effective():
             return func(*args)
 
+    def _commit_and_close(self, maildrop: Maildrop, deleted: Set[int], retrieved: Set[int]) -> None:
+        """UPDATE, then release the maildrop whatever UPDATE did: one trip
+        to a worker thread for both, since each trip costs more CPU than a
+        small commit."""
+        try:
+            self._privileged(maildrop.commit, deleted, retrieved)
+        finally:
+            try:
+                self._privileged(maildrop.close)
+            except Exception:
+                log.exception("%s: closing the maildrop of %s failed", self.peer, self.session.user)
+
+    def _writes_nothing(self, maildrop: Maildrop, deleted: Set[int], retrieved: Set[int]) -> bool:
+        """UPDATE and close would only release locks: done on the loop."""
+        if self._spool_privilege is not None or not isinstance(maildrop, QuickUpdate):
+            return False
+        return maildrop.writes_nothing(deleted, retrieved)
+
     async def _commit_maildrop(self, maildrop: Maildrop, effect: Commit) -> None:
-        await self._blocking(self._privileged, maildrop.commit, effect.deleted, effect.retrieved)
+        if self._writes_nothing(maildrop, effect.deleted, effect.retrieved):
+            self._commit_and_close(maildrop, effect.deleted, effect.retrieved)
+        else:
+            await self._blocking(self._commit_and_close, maildrop, effect.deleted, effect.retrieved)
         self._committed = True
 
     async def _commit(self, effect: Commit) -> None:
@@ -727,13 +775,15 @@ class Connection:
             self.session.commit_done()
         finally:
             self.updating = False
-            self.maildrop = None
-            await self._close_maildrop(maildrop)
+            self.maildrop = None  # closed by _commit_and_close
 
     async def _close_maildrop(self, maildrop: Maildrop) -> None:
         """Release it off the loop: in temp-drop mode a session that ends
         without QUIT copies its temp drop back, which takes time."""
         try:
-            await asyncio.shield(self._blocking(self._privileged, maildrop.close))
+            if self._writes_nothing(maildrop, frozenset(), frozenset()):
+                maildrop.close()
+            else:
+                await asyncio.shield(self._blocking(self._privileged, maildrop.close))
         except Exception:
             log.exception("%s: closing the maildrop of %s failed", self.peer, self.session.user)
