@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from .auth import Principal
 from .logsetup import printable
 from .maildrop.dotlock import SpoolLock
-from .maildrop.mboxindex import is_from_line
 
 log = logging.getLogger("qpopper.bulletins")
 
@@ -89,6 +88,9 @@ def for_user(bulletins: list[Bulletin], principal: Principal, group_bulletins: b
 
 def render(raw: bytes, user: str, host: str) -> tuple[bytes, bytes] | None:
     """(From_ line, message) for a bulletin file, or None if it is not one."""
+    # Here, not at the top: a Maildir server without bulletins never loads the mbox indexer.
+    from .maildrop.mboxindex import is_from_line
+
     raw = raw.replace(b"\r\n", b"\n")
     first, _, rest = raw.partition(b"\n")
     if not is_from_line(first + b"\n"):

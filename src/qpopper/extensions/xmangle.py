@@ -138,14 +138,16 @@ from __future__ import annotations
 import binascii
 import codecs
 import functools
-import html
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from email.message import Message
-from email.parser import BytesParser
-from email.policy import compat32
-from email.utils import collapse_rfc2231_value
+from typing import TYPE_CHECKING
+
+# The email package and html's entity table (2 MB of a server's memory)
+# are imported by the functions that mangle, on first use: the protocol
+# core needs only MangleSpec and its parser.
+if TYPE_CHECKING:
+    from email.message import Message
 
 __all__ = [
     "CAPABILITY",
@@ -587,6 +589,7 @@ _BLOCK1 = frozenset(
 
 
 def _attrs(tag: str) -> dict[str, str]:
+    import html
     attrs: dict[str, str] = {}
     for m in _ATTR.finditer(tag[:4096]):
         name = m.group(1).lower()
@@ -628,6 +631,7 @@ class _TextWriter:
 
 
 def _html_to_text(doc: str) -> str:
+    import html
     w = _TextWriter()
     pos, n = 0, len(doc)
     pre = 0
@@ -737,6 +741,7 @@ _URL = re.compile(r"\b(?:https?|ftp)://[^\s<>\"'()\[\]{}]+|\bmailto:[^\s<>\"'()\
 
 
 def _text_to_html(text: str) -> str:
+    import html
     out: list[str] = []
     pos = 0
     for m in _URL.finditer(text):
@@ -750,6 +755,7 @@ def _text_to_html(text: str) -> str:
 
 
 def _note_to_html(text: str) -> str:
+    import html
     return "<p>" + "<br>\n".join(html.escape(line, quote=False) for line in text.split("\n")) + "</p>"
 
 
@@ -819,6 +825,7 @@ class _Unmangleable(Exception):
 
 
 def _param(part: Message, name: str, header: str = "content-type") -> str | None:
+    from email.utils import collapse_rfc2231_value
     try:
         value = part.get_param(name, header=header)
     except Exception:
@@ -832,6 +839,7 @@ def _param(part: Message, name: str, header: str = "content-type") -> str | None
 
 def _children(part: Message) -> list[Message] | None:
     """The parsed sub-parts of a multipart or message/* part, else None."""
+    from email.message import Message
     # Read directly: get_payload() decodes 8-bit bodies with the declared
     # charset and raises on odd charset parameters.
     payload = getattr(part, "_payload", None)
@@ -962,6 +970,8 @@ class _Collector:
         self.pieces.append(_Piece(subtype, text, mime, codec, flowed))
 
     def forwarded(self, part: Message, depth: int) -> None:
+        from email.parser import BytesParser
+        from email.policy import compat32
         payload = _children(part)
         if payload:
             inner = payload[0]
@@ -1109,6 +1119,8 @@ def _encode_output(text: str, pieces: list[_Piece], spec: MangleSpec) -> tuple[b
 
 
 def _mangle(data: bytes, spec: MangleSpec) -> bytes:
+    from email.parser import BytesParser
+    from email.policy import compat32
     msg = BytesParser(policy=compat32).parsebytes(data)
     ctype = _content_type(msg)
     if ctype.startswith("multipart/") and _children(msg) is None:

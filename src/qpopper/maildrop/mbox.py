@@ -143,7 +143,7 @@ FREE_SPACE_MARGIN = 1 << 20  # keep a megabyte spare for the MDAs
 COPY_CHUNK = 8 << 20
 # A quick open (on the event loop) indexes spools up to this size: about a
 # millisecond of work.
-QUICK_SPOOL_BYTES = 256 * 1024
+QUICK_SPOOL_BYTES = 512 * 1024
 
 _UW_SUBJECT = re.compile(
     rb"^Subject: [^\n]*(?:DO NOT DELETE|DON'T DELETE THIS MESSAGE|FOLDER INTERNAL DATA)", re.MULTILINE | re.IGNORECASE

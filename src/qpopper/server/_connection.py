@@ -345,7 +345,8 @@ class Connection:
             # Let post-login work finish (a session process exits after this).
             await asyncio.wait(self._background, timeout=10)
         try:
-            await asyncio.wait_for(self.writer.wait_closed(), 5)
+            async with asyncio.timeout(5):
+                await self.writer.wait_closed()
         except Exception:
             pass
 
@@ -373,7 +374,9 @@ class Connection:
                 if not session.authenticated:
                     timeout = min(timeout, max(0.0, self._login_deadline - time.monotonic()))
                 try:
-                    data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
+                    # asyncio.timeout, not wait_for: no extra task per read
+                    async with asyncio.timeout(timeout):
+                        data = await self.reader.read(READ_SIZE)
                 except TimeoutError:
                     # RFC 1939 autologout: close without a reply, commit nothing.
                     log.info("%s: timeout (%.0f s) for %s", self.peer, timeout, session.user)
