@@ -149,6 +149,17 @@ def test_timeout_switch(daemon: Callable[..., Daemon]) -> None:
     c.close()
 
 
+def test_timeout_counts_from_the_last_command(daemon: Callable[..., Daemon]) -> None:
+    d = daemon("-T1")
+    c = poplib.POP3("127.0.0.1", d.port, timeout=10)
+    for _ in range(6):  # 2.4 s in all, never 1 s quiet
+        time.sleep(0.4)
+        assert "UIDL" in c.capa()
+    time.sleep(1.6)
+    assert c.sock.recv(100) == b""
+    c.close()
+
+
 def test_shy(daemon: Callable[..., Daemon]) -> None:
     d = daemon("--shy")
     c = d.client()

@@ -209,6 +209,13 @@ class Connection:
         self._spool_privilege: SpoolPrivilege | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._idle = False  # waiting for the client's next command
+        # The read deadline: one timer per connection, moved only when it
+        # fires early (a timer per read cost more than parsing the command).
+        self._loop_ref = asyncio.get_running_loop()
+        self._deadline = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_at = 0.0
+        self._timed_out = False
         self._login_deadline = time.monotonic() + self.options.login_timeout
         self.connected_at = time.monotonic()
         self._last_mangled: tuple[tuple[int, MangleSpec], bytes] | None = None
@@ -269,6 +276,28 @@ class Connection:
                 pass
         self.writer.close()
 
+    def _watch_idle(self, timeout: float) -> None:
+        """Give the coming read `timeout` seconds."""
+        self._deadline = time.monotonic() + timeout
+        if self._watchdog is not None and self._watchdog_at <= self._deadline:
+            return  # fires early and moves itself
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog_at = self._deadline
+        self._watchdog = self._loop_ref.call_later(timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._watchdog = None
+        if not self._idle:
+            return  # busy: the next read arms it again
+        left = self._deadline - time.monotonic()
+        if left > 0:
+            self._watchdog_at = self._deadline
+            self._watchdog = self._loop_ref.call_later(left, self._check_idle)
+            return
+        self._timed_out = True
+        self.reader.feed_eof()  # wakes the read; the loop sees _timed_out
+
     def _trace_in(self, line: str) -> None:
         trace_log.debug("%s %s < %s", self.peer, self.session.user or "-", printable(line))
 
@@ -318,6 +347,9 @@ class Connection:
             pass
 
     async def _finish(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         try:
             maildrop, self.maildrop = self.maildrop, None
             if maildrop is not None:
@@ -373,16 +405,15 @@ class Connection:
                 timeout = self.options.timeout
                 if not session.authenticated:
                     timeout = min(timeout, max(0.0, self._login_deadline - time.monotonic()))
+                self._watch_idle(timeout)
                 try:
-                    # asyncio.timeout, not wait_for: no extra task per read
-                    async with asyncio.timeout(timeout):
-                        data = await self.reader.read(READ_SIZE)
-                except TimeoutError:
+                    data = await self.reader.read(READ_SIZE)
+                finally:
+                    self._idle = False
+                if self._timed_out:
                     # RFC 1939 autologout: close without a reply, commit nothing.
                     log.info("%s: timeout (%.0f s) for %s", self.peer, timeout, session.user)
                     return
-                finally:
-                    self._idle = False
                 if not data:
                     log.info("%s: connection closed", self.peer)
                     return
