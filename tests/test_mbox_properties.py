@@ -70,3 +70,20 @@ def test_update_keeps_exactly_the_kept_messages(messages: list[bytes], data: st.
             assert all(now[k] == uids[i] for k, i in enumerate(kept) if unique[i])
         finally:
             md.close()
+
+
+HEADER_TOKENS = [
+    b"\n", b"\r\n", b"Received: a", b"received:b", b"DATE: d", b"Message-ID: <m>", b"subject: s",
+    b"Subject:", b"X-UIDL: 0123456789abcdef", b"x-uidl: short", b"Status: RO", b"Content-Length: 3",
+    b"From: f", b" folded", b"\tfolded", b"Dates: no", b":", b"\r",
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(HEADER_TOKENS) | st.binary(max_size=8), max_size=24).map(b"".join))
+def test_fast_header_scan_agrees_with_the_full_parse(block: bytes) -> None:
+    from qpopper.maildrop.mboxindex import header_facts, parse_headers
+
+    fast, full = header_facts(block), parse_headers(block)
+    assert (fast.xuidl, fast.seen, fast.content_length) == (full.xuidl, full.seen, full.content_length)
+    assert b"".join(fast.hashed_lines) == b"".join(full.hashed_lines)
