@@ -164,7 +164,7 @@ def header_facts(block: bytes) -> HeaderFacts:
     if not lines:
         return HeaderFacts()
     hashed = b"\n".join(lines)
-    if not text.endswith(lines[-1]):
+    if not text.endswith(b"\n" + lines[-1]):
         hashed += b"\n"  # every hashed line ends in a newline but a last one at the very end
     return HeaderFacts(hashed_lines=[hashed])
 
