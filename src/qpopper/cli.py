@@ -29,6 +29,7 @@ from .logsetup import configure_logging
 from .options import ListenAddress, Options, apply_settings, parse_listen_address
 from .server import Server, listen_fds, notify, serve_inetd
 from .server._forking import ForkingServer
+from .server._workers import WorkerPool, worker_options
 from .settings import BY_LONG, BY_SWITCH, SETTINGS, Kind, Setting
 
 log = logging.getLogger("qpopper")
@@ -216,7 +217,7 @@ def _new_loop(options: Options) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def _reloader(server: Server, inv: Invocation) -> Callable[[], None]:
+def _reloader(server: Server, inv: Invocation, adjust: Callable[[Options], Options] | None = None) -> Callable[[], None]:
     """SIGHUP: the command line is read again, with its -f files."""
 
     def reload() -> None:
@@ -225,9 +226,34 @@ def _reloader(server: Server, inv: Invocation) -> Callable[[], None]:
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
-        server.reload(options)
+        server.reload(adjust(options) if adjust is not None else options)
 
     return reload
+
+
+def _serve_workers(options: Options, inv: Invocation) -> None:
+    """Virtual users on several cores: a pool of forked event-loop servers."""
+    count = options.effective_workers
+
+    def adjust(new: Options) -> Options:
+        return worker_options(new, count)
+
+    pool = WorkerPool(options, listen_fds())
+    pool.bind()
+    # Built here, before the fork: a bad certificate or user database is
+    # one start-up error, and the workers share the server's memory (user
+    # database, TLS context, the event loop's modules) instead of copying it.
+    server = Server(adjust(options), sockets=pool.listeners)
+    _new_loop(options).close()  # imports uvloop now
+
+    def serve() -> None:
+        loop = _new_loop(options)
+        try:
+            loop.run_until_complete(_run_daemon(server, False, _reloader(server, inv, adjust)))
+        finally:
+            loop.close()
+
+    pool.run(serve, _reloader(server, inv, adjust))
 
 
 async def _run_daemon(server: Server, demo: bool, reload: Callable[[], None]) -> None:
@@ -244,6 +270,7 @@ async def _run_daemon(server: Server, demo: bool, reload: Callable[[], None]) ->
     loop.add_signal_handler(signal.SIGTERM, stop, True)
     loop.add_signal_handler(signal.SIGINT, stop, False)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a worker's may be pending
     notify("READY=1")
     if demo:
         from .demo import banner
@@ -287,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             forking = ForkingServer(system_server, listen_fds(), _reloader(system_server, inv))
             forking.bind()
             forking.serve_forever()
+            return 0
+        if options.effective_workers > 1 and not inv.demo:
+            _serve_workers(options, inv)
             return 0
         server = Server(options, sockets=listen_fds())
         loop = _new_loop(options)

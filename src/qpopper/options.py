@@ -8,6 +8,7 @@ down read-only. `replace` gives a changed copy, e.g. for a SIGHUP reload.
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ class Options:
     login_timeout: float = 60.0
     max_connections: int = 1000
     max_connections_per_ip: int = 100
+    # Serving processes for virtual users (one core each); 0: one per CPU.
+    workers: int = 1
     update_on_abort: bool = False
     shy: bool = False
     apop: bool = True
@@ -198,6 +201,11 @@ class Options:
         return self.tls_cert_file is not None
 
     @property
+    def effective_workers(self) -> int:
+        """Serving processes: `workers`, or one per CPU this process may use."""
+        return self.workers or len(os.sched_getaffinity(0))
+
+    @property
     def effective_tls_support(self) -> str:
         if self.tls_support is not None:
             return self.tls_support
@@ -225,6 +233,8 @@ def _convert(name: str, value: object, where: str) -> object:
     if name in ("timeout", "auth_fail_delay", "auth_fail_delay_max", "tls_handshake_timeout", "drain_timeout", "login_timeout"):
         if not isinstance(value, float) or value < 0 or (name == "timeout" and value == 0):
             raise ConfigError(f"{where}: {name.replace('_', '-')} must be a positive number of seconds", where)
+    if name == "workers" and (not isinstance(value, int) or not 0 <= value <= 256):
+        raise ConfigError(f"{where}: workers must be 0 (one per CPU) to 256", where)
     if name in ("max_connections", "max_connections_per_ip"):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{where}: {name.replace('_', '-')} must be at least 1", where)

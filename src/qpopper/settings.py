@@ -228,6 +228,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("syslog-socket", "syslog_socket", S, "syslog's socket; empty: no syslog", INIT, qpopper=False),
     Setting("drain-timeout", "drain_timeout", F, "seconds SIGTERM waits for sessions in UPDATE", INIT, qpopper=False),
     Setting("use-uvloop", "use_uvloop", B, "use uvloop when installed", INIT, qpopper=False),
+    Setting("workers", "workers", I, "serving processes sharing the listeners (virtual users; 0: one per CPU)", INIT, qpopper=False),
 )
 
 BY_NAME: dict[str, Setting] = {s.name.lower(): s for s in SETTINGS}
