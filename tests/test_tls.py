@@ -21,7 +21,9 @@ from qpopper import Controller, ListenAddress, Options, StaticAuthenticator
 from qpopper.errors import ConfigError
 from qpopper.policy import plaintext_allowed
 from qpopper.server import Server
-from qpopper.server._tls import server_end_point
+from cryptography import x509
+from qpopper.server._channel_binding import server_end_point
+from test_channel_binding import _reference as reference_binding
 
 Fill = Callable[[str, list[bytes]], Path]
 MSG = b"From: a@example.org\nSubject: over TLS\n\n.dot\nbody\n"
@@ -215,7 +217,9 @@ def test_scram_plus_over_real_tls(tls_server: Controller, certs: Certs, fill: Fi
     _, implicit = ports(tls_server)
     client = poplib.POP3_SSL("127.0.0.1", implicit, context=certs.client_context(), timeout=10)
     assert "SCRAM-SHA-256-PLUS" in client.capa()["SASL"]
-    cb = server_end_point(str(certs.cert))
+    # The client's side, computed independently from the certificate it got.
+    cb = reference_binding(x509.load_der_x509_certificate(client.sock.getpeercert(binary_form=True)))
+    assert cb == server_end_point(str(certs.cert))
     scram = scramp.ScramClient(["SCRAM-SHA-256-PLUS"], "alice", PASSWORD, channel_binding=("tls-server-end-point", cb))
     def send(line: bytes) -> bytes:
         client._putcmd(line.decode())  # noqa: SLF001 - poplib has no SASL helper

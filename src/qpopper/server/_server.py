@@ -27,7 +27,8 @@ from ..errors import ConfigError
 from ..access import AccessPolicy
 from ..options import ListenAddress, Options
 from ._connection import Connection, Peer, Services, TlsState
-from ._tls import build_context, reload_certificates, server_end_point
+from ._channel_binding import server_end_point
+from ._tls import build_context, reload_certificates
 
 log = logging.getLogger("qpopper.server")
 

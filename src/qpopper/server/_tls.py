@@ -10,7 +10,6 @@ while established sessions keep theirs.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import ssl
@@ -142,17 +141,3 @@ def reload_certificates(ctx: ssl.SSLContext, options: Options) -> None:
     build_context(options)
     _load_chain(ctx, options)
 
-
-def server_end_point(cert_file: str) -> bytes:
-    """RFC 5929 tls-server-end-point: the certificate's hash, with SHA-256
-    standing in for MD5 and SHA-1."""
-    # Imported here: cryptography costs ~15 MB that servers without TLS need not pay.
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    with open(cert_file, "rb") as f:
-        cert = x509.load_pem_x509_certificate(f.read())
-    algorithm = cert.signature_hash_algorithm
-    name = "sha256" if algorithm is None or isinstance(algorithm, (hashes.MD5, hashes.SHA1)) else algorithm.name
-    return hashlib.new(name, cert.public_bytes(Encoding.DER)).digest()
