@@ -215,6 +215,10 @@ class MboxMaildrop:
     and are kept for callers that set only those.
     """
 
+    # Slots: hundreds of idle sessions each hold one of these.
+    __slots__ = ("settings", "path", "_dir", "temp_drop", "_tdir", "_session", "_fd", "_ident", "_index",
+                 "_infos", "_hidden", "_xuidl", "_committed", "_returned")
+
     def __init__(
         self,
         path: str,

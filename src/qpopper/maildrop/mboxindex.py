@@ -193,7 +193,7 @@ def wire_size_of(buf: bytes | mmap.mmap, start: int, end: int) -> int:
     return size
 
 
-@dataclass
+@dataclass(slots=True)
 class MboxIndex:
     """Where each message lies in the file, plus what POP lists for it.
 

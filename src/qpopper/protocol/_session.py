@@ -145,6 +145,13 @@ _Handler = Callable[["Session", list[bytes], bytes], None]
 class Session:
     """One POP3 conversation from greeting to close."""
 
+    # Slots: an idle server holds one per connection.
+    __slots__ = (
+        "_bad_commands", "_buffer", "_deleted", "_effects", "_eof", "_initial_last", "_last", "_macros",
+        "_mangled_sizes", "_messages", "_pending_line", "_retrieved", "_sasl", "_waiting", "_xmit",
+        "_xmit_overflow", "config", "kerberos", "mangle", "security", "state", "timestamp", "trace", "user",
+    )
+
     def __init__(
         self,
         config: SessionConfig | None = None,

@@ -28,6 +28,7 @@ from ..access import AccessPolicy
 from ..options import ListenAddress, Options
 from ._connection import Connection, Peer, Services, TlsState
 from ._channel_binding import server_end_point
+from ._memory import TRIM_INTERVAL, release_free_memory
 from ._tls import build_context, reload_certificates
 
 log = logging.getLogger("qpopper.server")
@@ -144,6 +145,8 @@ class Server:
         self._implicit_tls: list[bool] = []  # per entry of _servers
         self._connections: dict[asyncio.Task[None], Connection | None] = {}
         self._per_ip: collections.Counter[str] = collections.Counter()
+        self._sessions_ended = 0  # for the housekeeping task
+        self._housekeeping_task: asyncio.Task[None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=min(32, (os.cpu_count() or 1) * 4 + 4), thread_name_prefix="qpopper-blocking"
         )
@@ -203,6 +206,16 @@ class Server:
             raise
         for host, port, tls in self.listeners:
             log.info("listening on %s", ListenAddress(host, port, tls))
+        self._housekeeping_task = asyncio.get_running_loop().create_task(self._housekeeping())
+
+    async def _housekeeping(self) -> None:
+        """After sessions end, give the memory they freed back to the system."""
+        seen = 0
+        while True:
+            await asyncio.sleep(TRIM_INTERVAL)
+            if self._sessions_ended != seen:
+                seen = self._sessions_ended
+                release_free_memory()
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -234,6 +247,8 @@ class Server:
     async def stop(self, drain: bool = True) -> None:
         """Stop accepting; end sessions. With `drain`, sessions in UPDATE
         finish their commit first (bounded by options.drain_timeout)."""
+        if self._housekeeping_task is not None:
+            self._housekeeping_task.cancel()
         for server in self._servers:
             server.close()
         for task, conn in list(self._connections.items()):
@@ -353,6 +368,7 @@ class Server:
             self._connections[task] = conn
             await conn.run()
         finally:
+            self._sessions_ended += 1
             if task in self._connections:  # not if it was evicted (counted then)
                 del self._connections[task]
                 self._per_ip[peer.host] -= 1
