@@ -88,7 +88,7 @@ def test_crlf_stored_spool() -> None:
     assert len(idx) == 2
     assert spool[idx.starts[0] : idx.ends[0]] == one
     assert spool[idx.starts[1] : idx.ends[1]] == two
-    assert idx.sizes == [len(one), len(two)]
+    assert list(idx.sizes) == [len(one), len(two)]
     assert idx.body_starts[0] == idx.starts[0] + len(b"Subject: a\r\n\r\n")
 
 
@@ -104,7 +104,7 @@ def test_crlf_message_in_lf_spool_as_procmail_writes_it() -> None:
 def test_missing_final_newline_at_end_of_file() -> None:
     spool = from_line() + b"Subject: a\n\nno newline"
     idx = index_buffer(spool)
-    assert idx.sizes == [wire_size(b"Subject: a\n\nno newline")]
+    assert list(idx.sizes) == [wire_size(b"Subject: a\n\nno newline")]
     assert spool[idx.starts[0] : idx.ends[0]] == b"Subject: a\n\nno newline"
 
 
@@ -125,9 +125,9 @@ def test_empty_and_degenerate_spools() -> None:
     assert len(index_buffer(b"")) == 0
     assert len(index_buffer(b"\n\n")) == 0
     idx = index_buffer(from_line())
-    assert len(idx) == 1 and idx.sizes == [0]
+    assert len(idx) == 1 and list(idx.sizes) == [0]
     idx = index_buffer(from_line().rstrip(b"\n"))
-    assert len(idx) == 1 and idx.sizes == [0]
+    assert len(idx) == 1 and list(idx.sizes) == [0]
 
 
 def test_leading_empty_lines_are_skipped() -> None:
@@ -220,7 +220,7 @@ def test_qpopper_written_spool_keeps_uids_and_seen_flags() -> None:
     ]
     idx = index_buffer(mbox(messages))
     assert idx.uids[:2] == ["4f2a!!!8b#!!Mq(!!p3)!", "0123456789abcdef0123456789abcdef"]
-    assert idx.seen == [True, False, False]
+    assert list(idx.seen) == [True, False, False]
     assert len(idx.uids[2]) == 20
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 
-from collections.abc import Iterator, Sequence, Set
+from collections.abc import Callable, Iterator, Sequence, Set
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, overload, runtime_checkable
 
 # Unique-ids are 1 to 70 characters of 0x21..0x7E (RFC 1939 section 7).
 UID_MAX_LEN = 70
@@ -39,6 +39,92 @@ class MessageInfo(NamedTuple):
     size: int
     uid: str
     seen: bool = False
+
+
+class MessageList(Sequence[MessageInfo]):
+    """The messages of an open maildrop, held column by column.
+
+    PASS must say how many octets a maildrop holds, so sizes are known at
+    login; UIDs and seen flags are wanted only by UIDL and LAST, and for a
+    big mbox working them out costs more than the rest of the listing. A
+    backend may therefore pass a function that produces them on first use
+    (at most once). Indexing still yields `MessageInfo` records, for code
+    written against a list of them.
+    """
+
+    __slots__ = ("sizes", "_uids", "_seen")
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        uids: Sequence[str] | Callable[[], Sequence[str]],
+        seen: Sequence[int] | Callable[[], Sequence[int]] | None = None,
+    ) -> None:
+        self.sizes = sizes
+        self._uids = uids
+        self._seen = seen
+
+    @classmethod
+    def of(cls, messages: Sequence[MessageInfo]) -> MessageList:
+        """`messages` as a MessageList (a backend may return a plain list)."""
+        if isinstance(messages, MessageList):
+            return messages
+        return cls([m.size for m in messages], [m.uid for m in messages], [m.seen for m in messages])
+
+    @property
+    def uids_ready(self) -> bool:
+        """False while working the UIDs out is still to come (and may block)."""
+        return not callable(self._uids)
+
+    def resolve_uids(self) -> None:
+        """Work the UIDs out now; the backend's errors (MaildropError) pass through."""
+        if callable(self._uids):
+            self._uids = self._uids()
+
+    @property
+    def uids(self) -> Sequence[str]:
+        self.resolve_uids()
+        assert not callable(self._uids)
+        return self._uids
+
+    @property
+    def seen(self) -> Sequence[int]:
+        """Per message, true if retrieved in an earlier session (empty: none was)."""
+        if self._seen is None:
+            return ()
+        if callable(self._seen):
+            self._seen = self._seen()
+        return self._seen
+
+    def last_seen(self) -> int:
+        """Number of the last message retrieved before (0: none), for LAST."""
+        seen = self.seen
+        for i in range(len(seen) - 1, -1, -1):
+            if seen[i]:
+                return i + 1
+        return 0
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @overload
+    def __getitem__(self, i: int) -> MessageInfo: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[MessageInfo]: ...
+    def __getitem__(self, i: int | slice) -> MessageInfo | list[MessageInfo]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        seen = self.seen
+        return MessageInfo(self.sizes[i], self.uids[i], bool(seen[i]) if seen else False)
+
+
+
+
+def size_of(messages: Sequence[MessageInfo], index: int) -> int:
+    """One message's size without working out UIDs a MessageList defers."""
+    if isinstance(messages, MessageList):
+        return messages.sizes[index]
+    return messages[index].size
 
 
 @runtime_checkable

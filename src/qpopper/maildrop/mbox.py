@@ -112,12 +112,13 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator, Sequence, Set
+from array import array
+from collections.abc import Iterator, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from ..errors import MaildropError, ResponseCode, WouldBlock
-from ._base import MaildropSettings, MessageInfo
+from ._base import MaildropSettings, MessageList
 from .dotlock import SpoolLock
 from .fsutil import fsync_dir, give_owner
 from .mboxindex import (
@@ -130,6 +131,7 @@ from .mboxindex import (
     index_file,
     is_from_line,
     read_exact,
+    work_out_uids,
 )
 from .sessionlock import SessionLock
 
@@ -247,7 +249,7 @@ class MboxMaildrop:
         self._fd: int | None = None  # the file served: spool or temp drop
         self._ident: tuple[int, int] | None = None
         self._index = MboxIndex()
-        self._infos: list[MessageInfo] = []
+        self._infos = MessageList((), ())
         self._hidden = 0  # 1 when UW-IMAP's internal message is hidden
         self._xuidl: dict[int, bytes] = {}  # internal index -> X-UIDL line to add
         self._committed = False
@@ -646,18 +648,36 @@ class MboxMaildrop:
         s = self.settings
         if s.uw_kluge and len(idx) and self._is_uw_internal(0):
             self._hidden = 1
-        infos: list[MessageInfo] = []
-        for i in range(self._hidden, len(idx)):
+        h = self._hidden
+        if not s.update_status_headers:
+            # UIDs wait for the first UIDL (MessageList), read from the file then.
+            self._infos = MessageList(idx.sizes[h:] if h else idx.sizes, self._visible_uids, idx.seen[h:])
+            return
+        uids = self._uids()
+        sizes = array("q")
+        for i in range(h, len(idx)):
             size = idx.sizes[i]
-            uid = idx.uids[i]
+            uid = uids[i]
             # A twin whose copied X-UIDL had to get a suffix gets its own line too.
-            needs = not idx.has_xuidl[i] or i in idx.renamed
-            if s.update_status_headers and needs and XUIDL_MIN <= len(uid) + 1 <= XUIDL_MAX:
+            needs = not idx.has_xuidl(i) or i in idx.renamed
+            if needs and XUIDL_MIN <= len(uid) + 1 <= XUIDL_MAX:
                 text = b"X-UIDL: " + uid.encode("ascii")
                 self._xuidl[i] = text + (b"\r\n" if idx.crlf[i] else b"\n")
                 size += len(text) + 2
-            infos.append(MessageInfo(size=size, uid=uid, seen=idx.seen[i]))
-        self._infos = infos
+            sizes.append(size)
+        self._infos = MessageList(sizes, uids[h:], idx.seen[h:])
+
+    def _uids(self) -> list[str]:
+        fd = self._fd
+        if fd is None:
+            return []
+        try:
+            return work_out_uids(self._index, lambda a, n: read_exact(fd, a, n))
+        except (OSError, EOFError) as exc:
+            raise MaildropError(f"cannot read {self.path} for its UIDs: {exc}", ResponseCode.SYS_TEMP) from exc
+
+    def _visible_uids(self) -> list[str]:
+        return self._uids()[self._hidden :]
 
     def _is_uw_internal(self, i: int) -> bool:
         """qpopper's UW kluge: two of its three signs in the first message."""
@@ -682,7 +702,7 @@ class MboxMaildrop:
 
     # ---- the Maildrop interface ------------------------------------------------
 
-    def messages(self) -> Sequence[MessageInfo]:
+    def messages(self) -> MessageList:
         return self._infos
 
     def read(self, index: int, chunk_size: int = 65536) -> Iterator[bytes]:
@@ -890,7 +910,7 @@ class MboxMaildrop:
             line = xuidl.get(i)
             header: bytes | None = None
             if i in status and idx.body_starts[i] - s <= MAX_HEADER_PARSE:
-                header = _with_status_ro(_pread(fd, s, idx.body_starts[i] - s), idx.crlf[i])
+                header = _with_status_ro(_pread(fd, s, idx.body_starts[i] - s), bool(idx.crlf[i]))
             if line is None and header is None:
                 _add_copy(pieces, _Copy(fd, a, b - a))
                 end_bytes = _pread(fd, max(a, b - 3), min(3, b - a))

@@ -27,6 +27,10 @@ is left as stored. Sizes are RFC 1939 sizes of those bytes (every line end
 counted as CRLF, plus CRLF for a missing final newline), i.e. exactly what
 RETR sends before dot-stuffing.
 
+UIDs are worked out when first asked for (`work_out_uids`), not while
+indexing: hashing every header block is most of an index's cost, and a
+session that only checks for mail or downloads never needs them.
+
 UIDs follow qpopper 4 (reference 4.4): the first X-UIDL header whose value
 is of the length qpopper writes is used as it is; otherwise the UID is
 qpopper's deterministic one, MD5 over the From_ line, the Received:, Date:,
@@ -214,16 +218,19 @@ class MboxIndex:
     body_starts: "array[int]" = field(default_factory=lambda: array("q"))
     ends: "array[int]" = field(default_factory=lambda: array("q"))
     seg_ends: "array[int]" = field(default_factory=lambda: array("q"))
-    sizes: list[int] = field(default_factory=list)
-    uids: list[str] = field(default_factory=list)
-    seen: list[bool] = field(default_factory=list)
-    has_xuidl: list[bool] = field(default_factory=list)  # UID read from an X-UIDL header
-    crlf: list[bool] = field(default_factory=list)  # From_ line ends in CRLF
+    sizes: "array[int]" = field(default_factory=lambda: array("q"))
+    seen: bytearray = field(default_factory=bytearray)  # 1: Status says retrieved
+    crlf: bytearray = field(default_factory=bytearray)  # 1: From_ line ends in CRLF
+    xuidls: dict[int, str] = field(default_factory=dict)  # UIDs read from X-UIDL headers
+    uids: list[str] | None = None  # None until work_out_uids
     renamed: set[int] = field(default_factory=set)  # UIDs given a suffix to be unique
     fingerprint: bytes = b""
 
     def __len__(self) -> int:
         return len(self.starts)
+
+    def has_xuidl(self, i: int) -> bool:
+        return i in self.xuidls
 
 
 def _separators(buf: bytes | mmap.mmap, length: int) -> tuple[list[int], list[int]]:
@@ -308,11 +315,13 @@ def index_buffer(
     *,
     use_content_length: bool = True,
     tick: Callable[[], None] | None = None,
+    with_uids: bool = True,
 ) -> MboxIndex:
     """Index an mbox held in `buf` (bytes, or an mmap of the spool).
 
     `tick` is called every few hundred messages so a caller holding a
-    dotlock can refresh it during a long scan.
+    dotlock can refresh it during a long scan. Without `with_uids` the
+    UIDs are left for `work_out_uids`.
     """
     if length is None:
         length = len(buf)
@@ -342,8 +351,32 @@ def index_buffer(
                 _add(index, buf, positions[k], line_ends[k], seg_end)
         k = nxt
     index.fingerprint = fingerprint(lambda a, n: bytes(buf[a : a + n]), index)
-    index.renamed = _make_unique(index.uids)
+    if with_uids:
+        work_out_uids(index, lambda a, n: bytes(buf[a : a + n]))
     return index
+
+
+def work_out_uids(index: MboxIndex, read_at: Callable[[int, int], bytes]) -> list[str]:
+    """Every message's UID, made unique; computed once, from the file.
+
+    `read_at(offset, n)` reads the indexed file (pread on a spool: the
+    mapping is gone by now, and a pread past a truncation fails cleanly
+    where a mapped page would fault).
+    """
+    if index.uids is not None:
+        return index.uids
+    uids: list[str] = []
+    starts, from_starts, body_starts, xuidls = index.starts, index.from_starts, index.body_starts, index.xuidls
+    for i in range(len(starts)):
+        uid = xuidls.get(i)
+        if uid is None:
+            a, s = from_starts[i], starts[i]
+            head = read_at(a, min(body_starts[i], s + MAX_HEADER_PARSE) - a)
+            uid = computed_uid(head[: s - a], header_facts(head[s - a :]).hashed_lines)
+        uids.append(uid)
+    index.renamed = _make_unique(uids)
+    index.uids = uids
+    return uids
 
 
 def _content_length_target(
@@ -365,37 +398,44 @@ def _content_length_target(
     return None
 
 
+_NO_FACTS = HeaderFacts()
+
+
 def _add(index: MboxIndex, buf: bytes | mmap.mmap, from_start: int, start: int, seg_end: int) -> HeaderFacts:
-    """Append the message whose segment is [from_start, seg_end)."""
+    """Append the message whose segment is [from_start, seg_end).
+
+    Only X-UIDL, Status and Content-Length matter here (the lines hashed
+    into UIDs wait for `work_out_uids`), and most header blocks have none
+    of them: one search of the mapped file, from the From_ line's newline,
+    says so without copying the block.
+    """
     end = _message_end(buf, start, seg_end)
     body = _body_start(buf, start, end)
-    facts = header_facts(bytes(buf[start : min(body, start + MAX_HEADER_PARSE)]))
-    from_line = bytes(buf[from_start:start])
-    if facts.xuidl is not None:
-        uid = facts.xuidl
+    header_end = min(body, start + MAX_HEADER_PARSE)
+    if start > from_start and _RARE_HEADER.search(buf, start - 1, header_end) is None:
+        facts = _NO_FACTS
     else:
-        uid = computed_uid(from_line, facts.hashed_lines)
+        facts = parse_headers(bytes(buf[start:header_end]))
+    n = len(index.starts)
     index.from_starts.append(from_start)
     index.starts.append(start)
     index.body_starts.append(body)
     index.ends.append(end)
     index.seg_ends.append(seg_end)
     index.sizes.append(wire_size_of(buf, start, end))
-    index.uids.append(uid)
     index.seen.append(facts.seen)
-    index.has_xuidl.append(facts.xuidl is not None)
-    index.crlf.append(from_line.endswith(b"\r\n"))
+    index.crlf.append(start - from_start >= 2 and buf[start - 1] == 0x0A and buf[start - 2] == 0x0D)
+    if facts.xuidl is not None:
+        index.xuidls[n] = facts.xuidl
     return facts
 
 
 def _drop_last(index: MboxIndex) -> None:
-    for arr in (index.from_starts, index.starts, index.body_starts, index.ends, index.seg_ends):
+    for arr in (index.from_starts, index.starts, index.body_starts, index.ends, index.seg_ends, index.sizes):
         arr.pop()
-    index.sizes.pop()
-    index.uids.pop()
     index.seen.pop()
-    index.has_xuidl.pop()
     index.crlf.pop()
+    index.xuidls.pop(len(index.starts), None)
 
 
 def _make_unique(uids: list[str]) -> set[int]:
@@ -444,7 +484,7 @@ def index_file(
     with mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
         if hasattr(mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
             mm.madvise(mmap.MADV_SEQUENTIAL)
-        return index_buffer(mm, length, use_content_length=use_content_length, tick=tick)
+        return index_buffer(mm, length, use_content_length=use_content_length, tick=tick, with_uids=False)
 
 
 def read_exact(fd: int, offset: int, n: int) -> bytes:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..auth.credentials import Credentials
 from ..extensions.xmangle import MangleSpec
+from ..maildrop._base import MessageList
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,14 @@ class ComputeSizes:
 
 
 @dataclass(frozen=True, slots=True)
+class ResolveUids:
+    """Work out the UIDs `messages` defers (MessageList.resolve_uids, which
+    may read the maildrop); answer with uids_resolved."""
+
+    messages: MessageList
+
+
+@dataclass(frozen=True, slots=True)
 class SubmitMessage:
     """XTND XMIT: hand the message to the mail system with `sender` as the
     envelope sender; answer with submit_done."""
@@ -142,6 +151,7 @@ Effect = (
     | LookupScramSecret
     | ListHeaders
     | ComputeSizes
+    | ResolveUids
     | SaslStep
     | SubmitMessage
     | Close

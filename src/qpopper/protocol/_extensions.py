@@ -32,7 +32,7 @@ _HEADER_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]{1,76}:?")
 XMIT_LINE_MAX = 4096
 
 
-def cmd_xtnd(session: Session, args: list[bytes], _line: bytes) -> None:
+def cmd_xtnd(session: Session, args: list[bytes], line: bytes) -> None:
     if not args:
         session._bad("XTND needs a sub-command: XMIT or XLST.")
         return
@@ -49,12 +49,12 @@ def cmd_xtnd(session: Session, args: list[bytes], _line: bytes) -> None:
         session._emit(Send(b"+OK Start sending message.\r\n"))
         return
     if sub in (b"XLST", b"XLIST"):
-        xlst(session, args[1:])
+        xlst(session, args[1:], line)
         return
     session._bad("Unknown XTND sub-command.")
 
 
-def xlst(session: Session, args: list[bytes]) -> None:
+def xlst(session: Session, args: list[bytes], line: bytes) -> None:
     if not 1 <= len(args) <= 2:
         session._bad("Usage: XTND XLST header [message].")
         return
@@ -69,21 +69,28 @@ def xlst(session: Session, args: list[bytes]) -> None:
         indices = [index]
     else:
         indices = session._visible()
-    entries = tuple((i, session._messages[i].size, session._messages[i].uid) for i in indices)
+    uids = session._uids(line)
+    if uids is None:
+        return
+    sizes = session._messages.sizes
+    entries = tuple((i, sizes[i], uids[i]) for i in indices)
     session._emit(ListHeaders(b"+OK xlst command accepted; headers coming.\r\n", entries, header, "xlst"))
 
 
-def cmd_euidl(session: Session, args: list[bytes], _line: bytes) -> None:
+def cmd_euidl(session: Session, args: list[bytes], line: bytes) -> None:
     if not session._need_args(args, 0, 1):
         return
-    if args:
-        index = session._message_index(args[0])
-        if index is None:
-            return
-        info = session._messages[index]
-        session._emit(ListHeaders(b"+OK ", ((index, info.size, info.uid),), "From", "euidl", single=True))
+    index = session._message_index(args[0]) if args else None
+    if args and index is None:
         return
-    entries = tuple((i, session._messages[i].size, session._messages[i].uid) for i in session._visible())
+    uids = session._uids(line)
+    if uids is None:
+        return
+    sizes = session._messages.sizes
+    if index is not None:
+        session._emit(ListHeaders(b"+OK ", ((index, sizes[index], uids[index]),), "From", "euidl", single=True))
+        return
+    entries = tuple((i, sizes[i], uids[i]) for i in session._visible())
     session._emit(ListHeaders(b"+OK uidl command accepted.\r\n", entries, "From", "euidl"))
 
 

@@ -24,12 +24,13 @@ from ..auth import sasl
 from ..auth.credentials import ApopDigest, ScramSecret, UserPass
 from ..errors import ResponseCode
 from ..extensions import xmangle
-from ..maildrop import MessageInfo
+from ..maildrop import MessageInfo, MessageList
 from ._effects import (
     Authenticate,
     Close,
     Commit,
     ComputeSizes,
+    ResolveUids,
     Effect,
     SaslStep,
     LookupScramSecret,
@@ -67,6 +68,7 @@ class _Waiting(enum.Enum):
     TLS = enum.auto()
     SCRAM_SECRET = enum.auto()
     SIZES = enum.auto()
+    UIDS = enum.auto()
     SASL_STEP = enum.auto()
 
 
@@ -147,7 +149,7 @@ class Session:
 
     # Slots: an idle server holds one per connection.
     __slots__ = (
-        "_bad_commands", "_buffer", "_deleted", "_effects", "_eof", "_initial_last", "_last", "_macros",
+        "_bad_commands", "_buffer", "_deleted", "_effects", "_eof", "_last", "_macros",
         "_mangled_sizes", "_messages", "_pending_line", "_retrieved", "_sasl", "_waiting", "_xmit",
         "_xmit_overflow", "config", "kerberos", "mangle", "security", "state", "timestamp", "trace", "user",
     )
@@ -184,11 +186,10 @@ class Session:
         # deque's first block alone is 600 bytes in every idle session.
         self._effects: list[Effect] = []
         self._waiting = _Waiting.NOTHING
-        self._messages: Sequence[MessageInfo] = ()
+        self._messages = MessageList((), ())
         self._deleted: set[int] = set()
         self._retrieved: set[int] = set()
-        self._last = 0
-        self._initial_last = 0
+        self._last = 0  # highest message read in this session (LAST)
         self._bad_commands = 0
         self._eof = False
         self._emit(Send(self._greeting()))
@@ -246,8 +247,9 @@ class Session:
         """(messages deleted, octets deleted, messages left, octets left)
         as the UPDATE state would leave them (qpopper's -s record)."""
         deleted = self._effective_deletions()
-        gone = sum(self._messages[i].size for i in deleted)
-        total = sum(m.size for m in self._messages)
+        sizes = self._messages.sizes
+        gone = sum(sizes[i] for i in deleted)
+        total = sum(sizes)
         return len(deleted), gone, len(self._messages) - len(deleted), total - gone
 
     def _effective_deletions(self) -> set[int]:
@@ -315,6 +317,27 @@ class Session:
         if line is not None:
             self._dispatch(Line(line), macros=False)
 
+    def uids_resolved(self, ok: bool = True) -> None:
+        """Answer to ResolveUids; the command that asked runs again, or, if
+        the maildrop could not be read, is refused."""
+        self._expect(_Waiting.UIDS)
+        self._waiting = _Waiting.NOTHING
+        line, self._pending_line = self._pending_line, None
+        if not ok:
+            self._emit(Send(_err("Unique-ids cannot be worked out now.", ResponseCode.SYS_TEMP)))
+        elif line is not None:
+            self._dispatch(Line(line), macros=False)
+
+    def _uids(self, line: bytes) -> Sequence[str] | None:
+        """The UIDs, or None after asking the server to work them out first
+        (the command then runs again)."""
+        if self._messages.uids_ready:
+            return self._messages.uids
+        self._pending_line = line
+        self._waiting = _Waiting.UIDS
+        self._emit(ResolveUids(self._messages))
+        return None
+
     def _mangle_spec(self, args: list[bytes]) -> tuple[list[bytes], xmangle.MangleSpec | None] | None:
         """Split an XMANGLE(...) modifier off the arguments (it may hold
         spaces); without one, -no-mime's spec applies. None: refused."""
@@ -332,7 +355,8 @@ class Session:
         """Sizes of these messages as they will be sent; None if some must
         be computed first (the command is then run again)."""
         if spec is None:
-            return {i: self._messages[i].size for i in indices}
+            sizes = self._messages.sizes
+            return {i: sizes[i] for i in indices}
         missing = tuple(i for i in indices if (spec, i) not in self._mangled_sizes)
         if missing:
             self._pending_line = line
@@ -370,14 +394,10 @@ class Session:
     def maildrop_opened(self, messages: Sequence[MessageInfo]) -> None:
         self._expect(_Waiting.MAILDROP)
         self._waiting = _Waiting.NOTHING
-        self._messages = messages
+        self._messages = MessageList.of(messages)
         self.state = State.TRANSACTION
         self._bad_commands = 0
-        last = 0
-        for number, info in enumerate(messages, 1):
-            if info.seen:
-                last = number
-        self._initial_last = self._last = last
+        self._last = 0
         self._emit(Send(_ok(self._drop_summary())))
 
     def maildrop_failed(self, code: ResponseCode) -> None:
@@ -437,9 +457,10 @@ class Session:
         return [i for i in range(len(self._messages)) if i not in self._deleted]
 
     def _drop_summary(self) -> str:
-        visible = self._visible()
-        octets = sum(self._messages[i].size for i in visible)
-        return f"{self.user} has {len(visible)} visible messages (0 hidden) in {octets} octets."
+        sizes = self._messages.sizes
+        count = len(sizes) - len(self._deleted)
+        octets = sum(sizes) - sum(sizes[i] for i in self._deleted)
+        return f"{self.user} has {count} visible messages (0 hidden) in {octets} octets."
 
     def _bad(self, text: str) -> None:
         """A command we refuse; too many of them end the session."""
@@ -760,15 +781,19 @@ class Session:
         body = "".join(f"{i + 1} {sizes[i]}\r\n" for i in visible)
         self._emit(Send(head + body.encode("ascii") + b".\r\n"))
 
-    def _cmd_uidl(self, args: list[bytes], _line: bytes) -> None:
+    def _cmd_uidl(self, args: list[bytes], line: bytes) -> None:
         if not self._need_args(args, 0, 1):
             return
-        if args:
-            index = self._message_index(args[0])
-            if index is not None:
-                self._emit(Send(_ok(f"{index + 1} {self._messages[index].uid}")))
+        index = self._message_index(args[0]) if args else None
+        if args and index is None:
             return
-        body = "".join(f"{i + 1} {self._messages[i].uid}\r\n" for i in self._visible())
+        uids = self._uids(line)
+        if uids is None:
+            return
+        if index is not None:
+            self._emit(Send(_ok(f"{index + 1} {uids[index]}")))
+            return
+        body = "".join(f"{i + 1} {uids[i]}\r\n" for i in self._visible())
         self._emit(Send(b"+OK uidl command accepted.\r\n" + body.encode("ascii") + b".\r\n"))
 
     def _cmd_retr(self, args: list[bytes], line: bytes) -> None:
@@ -827,12 +852,14 @@ class Session:
         if not self._need_args(args, 0, 0):
             return
         self._deleted.clear()
-        self._last = self._initial_last
+        self._last = 0
         self._emit(Send(_ok(self._drop_summary())))
 
     def _cmd_last(self, args: list[bytes], _line: bytes) -> None:
         if self._need_args(args, 0, 0):
-            self._emit(Send(_ok(f"{self._last} is the last read message.")))
+            # Read before this session (Status/seen flags) or in it, whichever is later.
+            last = max(self._messages.last_seen(), self._last)
+            self._emit(Send(_ok(f"{last} is the last read message.")))
 
 
 _AUTH = frozenset({State.AUTHORIZATION})

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from ..extensions.xmangle import MangleSpec, mangle
 from ..maildrop import Maildrop
+from ..maildrop._base import size_of
 
 MANGLE_MAX_SIZE = 32 * 1024 * 1024
 
 
 def too_big_to_mangle(maildrop: Maildrop, index: int) -> bool:
-    return maildrop.messages()[index].size > MANGLE_MAX_SIZE
+    return size_of(maildrop.messages(), index) > MANGLE_MAX_SIZE
 
 
 def mangle_message(maildrop: Maildrop, index: int, spec: MangleSpec) -> bytes:

@@ -1,0 +1,196 @@
+"""UIDs worked out on first use: the listing a session gets at PASS holds
+sizes only, and UIDL, EUIDL and XTND XLST ask the server for the UIDs once.
+
+What must hold: the UIDs are the ones the full index gives, a session that
+never lists them never reads for them, and a maildrop that cannot be read
+any more gives a clear -ERR, not a traceback or a wrong UID.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mbox_helpers import entry, mbox
+from qpopper import Controller, StaticAuthenticator
+from qpopper.errors import MaildropError, ResponseCode
+from qpopper.maildrop import MessageInfo, MessageList
+from qpopper.maildrop.mbox import MboxMaildrop
+from qpopper.maildrop.mboxindex import index_buffer
+from qpopper.protocol import ResolveUids, Send, Session, SessionConfig
+
+MESSAGES = [b"Subject: one\nMessage-Id: <1@x>\n\nfirst\n", b"Subject: two\n\nsecond\n", b"Subject: one\nMessage-Id: <1@x>\n\nfirst\n"]
+
+
+def _lazy(sizes: list[int], uids: list[str], seen: list[int] | None = None) -> tuple[MessageList, list[int]]:
+    calls: list[int] = []
+
+    def work_out() -> list[str]:
+        calls.append(1)
+        return uids
+
+    return MessageList(sizes, work_out, seen), calls
+
+
+# ---- MessageList ---------------------------------------------------------------
+
+
+def test_message_list_defers_uids_until_asked_and_works_them_out_once() -> None:
+    table, calls = _lazy([10, 20], ["a", "b"], [0, 1])
+    assert len(table) == 2 and list(table.sizes) == [10, 20] and not table.uids_ready
+    assert table.last_seen() == 2 and calls == []
+    assert table[1] == MessageInfo(20, "b", True) and calls == [1]
+    assert list(table) == [MessageInfo(10, "a", False), MessageInfo(20, "b", True)]
+    assert table[::-1] == [MessageInfo(20, "b", True), MessageInfo(10, "a", False)]
+    table.resolve_uids()
+    assert calls == [1] and table.uids_ready
+
+
+def test_message_list_of_a_plain_list_keeps_everything() -> None:
+    infos = [MessageInfo(5, "x"), MessageInfo(6, "y", seen=True), MessageInfo(7, "z")]
+    table = MessageList.of(infos)
+    assert list(table) == infos and table.last_seen() == 2 and MessageList.of(table) is table
+    assert MessageList([1], ["u"]).last_seen() == 0  # a backend without flags
+
+
+# ---- the protocol core -----------------------------------------------------------
+
+
+def _session_with(table: MessageList) -> Session:
+    session = Session(SessionConfig(hostname="pop.example.org"), timestamp="<1.2@x>")
+    session.receive_data(b"USER alice\r\nPASS secret\r\n")
+    while session.next_effect() is not None:
+        pass
+    session.auth_succeeded("alice")
+    while session.next_effect() is not None:
+        pass
+    session.maildrop_opened(table)
+    while session.next_effect() is not None:
+        pass
+    return session
+
+
+def _drain(session: Session) -> tuple[bytes, list[object]]:
+    out, others = b"", []
+    while (effect := session.next_effect()) is not None:
+        if isinstance(effect, Send):
+            out += effect.data
+        else:
+            others.append(effect)
+    return out, others
+
+
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        (b"UIDL\r\n", b"+OK uidl command accepted.\r\n1 a\r\n2 b\r\n.\r\n"),
+        (b"UIDL 2\r\n", b"+OK 2 b\r\n"),
+    ],
+)
+def test_uidl_asks_for_the_uids_then_answers(command: bytes, expected: bytes) -> None:
+    table, calls = _lazy([10, 20], ["a", "b"])
+    session = _session_with(table)
+    session.receive_data(b"STAT\r\nLIST\r\nLAST\r\n")
+    out, others = _drain(session)
+    assert out == b"+OK 2 30\r\n+OK 2 visible messages (30 octets)\r\n1 10\r\n2 20\r\n.\r\n+OK 0 is the last read message.\r\n"
+    assert others == [] and calls == []
+    session.receive_data(command + b"NOOP\r\n")
+    out, others = _drain(session)
+    assert out == b"" and others == [ResolveUids(table)]
+    table.resolve_uids()
+    session.uids_resolved()
+    out, others = _drain(session)
+    assert out == expected + b"+OK no big woop\r\n" and calls == [1]
+    session.receive_data(b"UIDL 1\r\n")
+    assert _drain(session) == (b"+OK 1 a\r\n", [])  # asked once only
+
+
+def test_uids_that_cannot_be_worked_out_get_a_clear_error() -> None:
+    table, _ = _lazy([10], ["a"])
+    session = _session_with(table)
+    session.receive_data(b"UIDL\r\n")
+    assert _drain(session)[1] == [ResolveUids(table)]
+    session.uids_resolved(ok=False)
+    out, _ = _drain(session)
+    assert out.startswith(b"-ERR [SYS/TEMP] ")
+    session.receive_data(b"NOOP\r\n")
+    assert _drain(session)[0] == b"+OK no big woop\r\n"
+
+
+def test_a_bad_message_number_is_refused_before_any_uid_is_worked_out() -> None:
+    table, calls = _lazy([10], ["a"])
+    session = _session_with(table)
+    session.receive_data(b"UIDL 9\r\n")
+    out, others = _drain(session)
+    assert out.startswith(b"-ERR") and others == [] and calls == []
+
+
+# ---- mbox ---------------------------------------------------------------------------
+
+
+def test_mbox_open_reads_no_uid_and_the_uids_match_the_full_index(tmp_path: Path) -> None:
+    spool = tmp_path / "alice"
+    data = mbox(MESSAGES)
+    spool.write_bytes(data)
+    drop = MboxMaildrop(str(spool))
+    try:
+        table = drop.messages()
+        assert not table.uids_ready
+        assert list(table.uids) == index_buffer(data).uids
+        assert len(set(table.uids)) == 3  # the twin got a suffix
+    finally:
+        drop.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([*MESSAGES, b"X-UIDL: 0123456789abcdef0123\n\nkept\n", b"no header\n"]), max_size=8))
+def test_deferred_uids_equal_the_indexed_ones(tmp_path_factory: pytest.TempPathFactory, messages: list[bytes]) -> None:
+    spool = tmp_path_factory.mktemp("d") / "bob"
+    data = b"".join(entry(m, n) for n, m in enumerate(messages))
+    spool.write_bytes(data)
+    drop = MboxMaildrop(str(spool))
+    try:
+        assert list(drop.messages().uids) == index_buffer(data).uids
+    finally:
+        drop.close()
+
+
+def test_a_spool_cut_short_after_login_gives_sys_temp_not_wrong_uids(tmp_path: Path) -> None:
+    spool = tmp_path / "carol"
+    spool.write_bytes(mbox(MESSAGES))
+    drop = MboxMaildrop(str(spool))
+    try:
+        os.truncate(spool, 10)  # another program rewrote the spool behind every lock
+        with pytest.raises(MaildropError) as caught:
+            drop.messages().resolve_uids()
+        assert caught.value.code is ResponseCode.SYS_TEMP
+    finally:
+        drop.close()
+
+
+def test_uidl_over_a_real_socket_for_a_big_mbox_in_a_worker(tmp_path: Path) -> None:
+    """More messages than the loop works out itself: the worker road."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    count = 1500
+    messages = [b"Subject: m%d\nMessage-Id: <%d@x>\n\nbody %d\n" % (n, n, n) for n in range(count)]
+    data = mbox(messages)
+    (spool_dir / "dave").write_bytes(data)
+    auth = StaticAuthenticator({"dave": "pw"}, mail_location=f"mbox:{spool_dir}/%u")
+    with Controller(authenticator=auth) as server:
+        client = poplib.POP3(server.host, server.port, timeout=30)
+        try:
+            client.user("dave")
+            client.pass_("pw")
+            assert client.stat()[0] == count
+            _resp, listing, _octets = client.uidl()
+            uids = [line.split()[1].decode() for line in listing]
+            assert uids == index_buffer(data).uids
+            assert client.uidl(count).split()[-1].decode() == uids[-1]
+        finally:
+            client.quit()
