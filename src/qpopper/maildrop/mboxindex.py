@@ -61,7 +61,10 @@ COUNT_CHUNK = 4 * 1024 * 1024
 # qpopper accepts an X-UIDL value (with its line end) of 12..33 octets.
 XUIDL_MIN, XUIDL_MAX = 12, 33
 
-_FROM_CANDIDATE = re.compile(rb"\nFrom ")
+# A line starting "From " (after the newline before it) up to and with its
+# newline; a line longer than MAX_FROM_LINE ends the match without one.
+_FROM_LINE = re.compile(rb"\nFrom [^\n]{0,%d}\n?" % (MAX_FROM_LINE - 6))
+_FIRST_FROM_LINE = re.compile(rb"From [^\n]{0,%d}\n?" % (MAX_FROM_LINE - 6))
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 # The tail of a valid From_ line: the c-client date layouts.
 _ZONE = rb"(?:[A-Za-z]{3}|[+-][0-9]{4})"
@@ -234,28 +237,30 @@ class MboxIndex:
 
 
 def _separators(buf: bytes | mmap.mmap, length: int) -> tuple[list[int], list[int]]:
-    """Offsets of valid From_ lines and of the line after each."""
+    """Offsets of valid From_ lines and of the line after each.
+
+    One regex walk finds every line starting "From " together with its end
+    (at most MAX_FROM_LINE octets; a longer line is body text), so the
+    per-candidate Python is two byte tests and the date check.
+    """
     positions: list[int] = []
     line_ends: list[int] = []
-
-    def consider(pos: int) -> None:
-        eol = buf.find(b"\n", pos, min(length, pos + MAX_FROM_LINE))
-        if eol < 0:
-            if length - pos > MAX_FROM_LINE:
-                return
-            eol = length - 1  # a From_ line at end of file without newline
-        if _FROM_DATE.search(buf[pos : eol + 1]):
-            positions.append(pos)
-            line_ends.append(eol + 1)
-
     if buf[:5] == b"From ":
-        consider(0)
-    for m in _FROM_CANDIDATE.finditer(buf):
-        nl = m.start()
+        first = _FIRST_FROM_LINE.match(buf)
+        assert first is not None
+        eol = first.end()
+        if (eol == length or buf[eol - 1] == 0x0A) and _FROM_DATE.search(buf, 0, eol):
+            positions.append(0)
+            line_ends.append(eol)
+    date = _FROM_DATE.search
+    for m in _FROM_LINE.finditer(buf):
+        nl, eol = m.span()
         # The line before must be empty: "\n\n", "\n\r\n", or the file's
         # first line ("\n" or "\r\n" at offset 0).
         if nl == 0 or buf[nl - 1] == 0x0A or (buf[nl - 1] == 0x0D and (nl == 1 or buf[nl - 2] == 0x0A)):
-            consider(nl + 1)
+            if (eol == length or buf[eol - 1] == 0x0A) and date(buf, nl + 1, eol):
+                positions.append(nl + 1)
+                line_ends.append(eol)
     return positions, line_ends
 
 
