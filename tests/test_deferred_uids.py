@@ -16,10 +16,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import write_maildir_message
 from mbox_helpers import entry, mbox
 from qpopper import Controller, StaticAuthenticator
 from qpopper.errors import MaildropError, ResponseCode
 from qpopper.maildrop import MessageInfo, MessageList
+from qpopper.maildrop.maildir import MaildirMaildrop
 from qpopper.maildrop.mbox import MboxMaildrop
 from qpopper.maildrop.mboxindex import index_buffer
 from qpopper.protocol import ResolveUids, Send, Session, SessionConfig
@@ -194,3 +196,35 @@ def test_uidl_over_a_real_socket_for_a_big_mbox_in_a_worker(tmp_path: Path) -> N
             assert client.uidl(count).split()[-1].decode() == uids[-1]
         finally:
             client.quit()
+
+
+# ---- Maildir ----------------------------------------------------------------------
+
+
+def test_maildir_uids_and_flags_come_from_the_names_when_asked(tmp_path: Path) -> None:
+    md = tmp_path / "Maildir"
+    write_maildir_message(md, b"a\n", name="1.a,S=2,W=3")
+    write_maildir_message(md, b"b\n", name="2.b,S=2,W=3:2,RS", sub="cur")
+    write_maildir_message(md, b"c\n", name="3.c,S=2,W=3:2,", sub="cur")
+    drop = MaildirMaildrop(str(md))
+    try:
+        table = drop.messages()
+        assert not table.uids_ready and list(table.sizes) == [3, 3, 3]
+        assert table.last_seen() == 2
+        assert list(table.uids) == ["1.a", "2.b", "3.c"]
+    finally:
+        drop.close()
+
+
+@pytest.mark.parametrize("names", [["5.dup,S=2,W=3", "5.dup,S=2,W=3:2,S"], ["caf\u00e9.x,S=2,W=3", "ok,S=2,W=3"], ["x" * 71 + ",S=2,W=3"]])
+def test_maildir_names_unfit_for_uidl_get_digests_when_asked(tmp_path: Path, names: list[str]) -> None:
+    md = tmp_path / "Maildir"
+    for n, name in enumerate(names):
+        write_maildir_message(md, b"a\n", name=name, sub="cur" if ":2," in name else "new")
+    drop = MaildirMaildrop(str(md))
+    try:
+        uids = list(drop.messages().uids)
+    finally:
+        drop.close()
+    assert len(set(uids)) == len(names)
+    assert all(0 < len(u) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in u) for u in uids)

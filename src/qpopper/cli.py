@@ -29,6 +29,7 @@ from .logsetup import configure_logging
 from .options import ListenAddress, Options, apply_settings, parse_listen_address
 from .server import Server, listen_fds, notify, serve_inetd
 from .server._forking import ForkingServer
+from .server._memory import limit_malloc_arenas
 from .server._workers import WorkerPool, worker_options
 from .settings import BY_LONG, BY_SWITCH, SETTINGS, Kind, Setting
 
@@ -293,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(show_config(options))
             return 0
         configure_logging(options, foreground=not inv.inetd)
+        limit_malloc_arenas()
         for name in options.ignored:
             log.warning("setting %s is accepted for compatibility but has no effect here", name)
         if options.system_users and os.geteuid() != 0:

@@ -29,11 +29,11 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator, Sequence, Set
+from collections.abc import Iterator, Set
 
 from ..errors import MaildropError, ResponseCode, WouldBlock
 from ..protocol._stuffing import SizeCounter
-from ._base import MessageInfo, is_valid_uid
+from ._base import MessageList, is_valid_uid
 from .fsutil import fsync_dir
 from .sessionlock import SessionLock
 
@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".qpopper-pop3.lock"
 _SIZE_HINTS = re.compile(r",S=(\d+)|,W=(\d+)")
 _S_HINT = re.compile(r",S=(\d+)")
-# The common name, matched over all names at once: unique part, S=, W=, flags.
-_HINTED_NAME = re.compile(r"^([^\n,:]{1,70}),S=(\d+),W=(\d+)(?::2,([^\n]*))?$", re.MULTILINE)
+# The common name, matched over all names at once (one line each): unique
+# part, S=, W= (the group), flags. Names that all match list without a stat.
+_HINTED_NAME = re.compile(r"^[^\n,:]{1,70},S=\d+,W=(\d+)(?::2,[^\n,]*)?$", re.MULTILINE)
 _NOT_UID_CHAR = re.compile(r"[^!-~]")
 _SUBDIRS = ("cur", "new")
 # A quick open lists directories up to this size (st_size; a few hundred
@@ -94,10 +95,10 @@ class MaildirMaildrop:
         self.path = path
         self._quick = quick
         self._lock: SessionLock | None = None
-        # Per message: its file name and the subdirectory it is in now.
+        # Per message, its file name; and the names that are in new/ now.
         self._names: list[str] = []
-        self._subdirs: list[str] = []
-        self._infos: Sequence[MessageInfo] = []
+        self._in_new: set[str] = set()
+        self._infos = MessageList((), ())
         try:
             if create:
                 for sub in ("cur", "new", "tmp"):
@@ -150,24 +151,45 @@ class MaildirMaildrop:
 
     def _scan(self) -> None:
         names, in_new = self._list()
-        subdirs = ["new" if name in in_new else "cur" for name in names]
-        hinted = _HINTED_NAME.findall("\n".join(names))
-        if len(hinted) == len(names):
-            uids = [h[0] for h in hinted]
-            if (
-                len(set(uids)) == len(uids)
-                and not _NOT_UID_CHAR.search("".join(uids))
-            ):
-                self._names, self._subdirs = names, subdirs
-                self._infos = [MessageInfo(int(w), uid, "S" in flags) for uid, _s, w, flags in hinted]
-                return
-        self._scan_one_by_one(names, subdirs)
+        self._in_new = in_new
+        sizes = _HINTED_NAME.findall("\n".join(names))
+        if len(sizes) == len(names):
+            self._names = names
+        else:
+            sizes = self._sizes_one_by_one(names)
+        # UIDs and seen flags come from the names when first asked for.
+        self._infos = MessageList(list(map(int, sizes)), self._uids, self._seen)
 
-    def _scan_one_by_one(self, names: list[str], subdirs: list[str]) -> None:
+    def _uids(self) -> list[str]:
+        names = self._names
+        uids = [name.partition(",")[0].partition(":")[0] for name in names]
+        if len(set(uids)) == len(uids) and not _NOT_UID_CHAR.search("".join(uids)) \
+                and all(0 < len(uid) <= 70 for uid in uids):
+            return uids
+        uids = []
+        taken: set[str] = set()
+        for name in names:
+            uid = uid_from_name(name)
+            if uid in taken:
+                # Two files with one unique part (a copy by hand): keep both,
+                # tell them apart by a digest of the whole name.
+                uid = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()
+            taken.add(uid)
+            uids.append(uid)
+        return uids
+
+    def _seen(self) -> bytearray:
+        return bytearray(1 if "S" in _flags(name) else 0 for name in self._names)
+
+    def _subdir(self, index: int) -> str:
+        return "new" if self._names[index] in self._in_new else "cur"
+
+    def _sizes_one_by_one(self, names: list[str]) -> list[int]:
         """The general case: any name; a file without a `,W=` is read to size it."""
-        infos: list[MessageInfo] = []
-        seen_uids: set[str] = set()
-        for name, sub in zip(names, subdirs):
+        sizes: list[int] = []
+        kept: list[str] = []
+        for name in names:
+            sub = "new" if name in self._in_new else "cur"
             path = os.path.join(self.path, sub, name)
             size = _hints(name)[1]
             if size is None:
@@ -179,18 +201,12 @@ class MaildirMaildrop:
                     continue
                 except OSError as exc:
                     raise MaildropError(f"cannot read {path}: {exc}") from exc
-            uid = uid_from_name(name)
-            if uid in seen_uids:
-                # Two files with one unique part (a copy by hand): keep both,
-                # tell them apart by a digest of the whole name.
-                uid = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()
-            seen_uids.add(uid)
-            self._names.append(name)
-            self._subdirs.append(sub)
-            infos.append(MessageInfo(size, uid, "S" in _flags(name)))
-        self._infos = infos
+            kept.append(name)
+            sizes.append(size)
+        self._names = kept
+        return sizes
 
-    def messages(self) -> Sequence[MessageInfo]:
+    def messages(self) -> MessageList:
         return self._infos
 
     def read(self, index: int, chunk_size: int = 65536) -> Iterator[bytes]:
@@ -210,7 +226,7 @@ class MaildirMaildrop:
             os.close(fd)
 
     def _path(self, index: int) -> str:
-        return os.path.join(self.path, self._subdirs[index], self._names[index])
+        return os.path.join(self.path, self._subdir(index), self._names[index])
 
     def _open(self, index: int) -> tuple[int, int]:
         """The message's file descriptor and size, never through a link nor
@@ -243,12 +259,16 @@ class MaildirMaildrop:
                 continue
             for name in names:
                 if name.split(":", 1)[0] == base:
-                    self._names[index], self._subdirs[index] = name, sub
+                    self._names[index] = name
+                    if sub == "new":
+                        self._in_new.add(name)
+                    else:
+                        self._in_new.discard(name)
                     return
         raise MaildropError(f"message {self._names[index]} vanished", ResponseCode.SYS_TEMP)
 
     def writes_nothing(self, deleted: Set[int], retrieved: Set[int]) -> bool:
-        return not deleted and all(self._subdirs[i] != "new" for i in retrieved)
+        return not deleted and all(self._subdir(i) != "new" for i in retrieved)
 
     def commit(self, deleted: Set[int], retrieved: Set[int]) -> None:
         if self.writes_nothing(deleted, retrieved):
@@ -266,7 +286,7 @@ class MaildirMaildrop:
             except OSError:
                 errors += 1
         for index in sorted(set(retrieved) - set(deleted)):
-            if self._subdirs[index] != "new":
+            if self._subdir(index) != "new":
                 continue
             target = os.path.join(self.path, "cur", self._names[index] + ":2,S")
             try:

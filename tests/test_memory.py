@@ -1,0 +1,60 @@
+"""The daemon's C heap: one malloc arena for all threads (glibc).
+
+Worker threads that open big maildrops would otherwise each keep an arena
+and its high-water mark; glibc's malloc_info lists one <heap> per arena.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(ctypes.util.find_library("c") is None or sys.platform != "linux", reason="glibc only")
+
+# Threads allocate C memory (bytes above the small-object limit) at the same
+# time, then malloc_info reports the arenas.
+_PROGRAM = r"""
+import ctypes, os, sys, tempfile, threading
+from qpopper.server._memory import limit_malloc_arenas
+limited = limit_malloc_arenas() if sys.argv[1] == "limit" else False
+barrier = threading.Barrier(4)
+def work():
+    barrier.wait()
+    keep = [bytes(4096) for _ in range(2000)]
+    barrier.wait()
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+path = tempfile.mktemp()
+fp = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(fp))
+libc.fclose(ctypes.c_void_p(fp))
+xml = open(path).read()
+os.unlink(path)
+print(limited, xml.count("<heap nr="))
+"""
+
+
+def _arenas(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
+    run_env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    run_env.update(env or {})
+    out = subprocess.run([sys.executable, "-c", _PROGRAM, mode], capture_output=True, text=True, env=run_env,
+                         check=True, timeout=60).stdout.split()
+    return out[0], int(out[1])
+
+
+def test_threads_share_one_arena_once_limited() -> None:
+    assert _arenas("limit") == ("True", 1)
+    limited, arenas = _arenas("free")
+    assert arenas > 1  # the control: without the limit the threads spread out
+
+
+def test_an_administrators_malloc_arena_max_is_left_alone() -> None:
+    limited, arenas = _arenas("limit", {"MALLOC_ARENA_MAX": "4"})
+    assert limited == "False" and arenas > 1
