@@ -60,6 +60,7 @@ from ..extensions.xmangle import MangleSpec
 from ..postlogin import after_login
 from ._mangling import mangle_message, too_big_to_mangle
 from ._spool import maildrop_settings, resolve_spool
+from ._stream import PopStream
 from ._records import SessionTimes, expand_login_template, reverse_lookup, statistics_record
 from ._tls import certificate_identity
 from ._xtnd import euidl_value, find_header, header_lines, submit, xlst_lines
@@ -184,24 +185,17 @@ class _Abort(Exception):
 
 
 class Connection:
-    """Serves one session over a (reader, writer) pair."""
+    """Serves one session over a client's stream."""
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        peer: Peer,
-        services: Services,
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, stream: PopStream, peer: Peer, services: Services) -> None:
+        self.stream = stream
         self.peer = peer
         self.services = services
         self.options = services.options  # per session: user option files may change it
         self.session = Session(
             session_config(self.options),
             timestamp=new_timestamp(self.options.hostname),
-            security=self._security(tls_active=writer.get_extra_info("ssl_object") is not None),
+            security=self._security(tls_active=stream.get_extra_info("ssl_object") is not None),
         )
         self.maildrop: Maildrop | None = None
         self.principal: Principal | None = None
@@ -237,7 +231,7 @@ class Connection:
 
     def _security(self, tls_active: bool) -> ConnectionSecurity:
         tls = self.services.tls
-        can_upgrade = self.writer.get_extra_info("socket") is not None
+        can_upgrade = self.stream.get_extra_info("socket") is not None
         return ConnectionSecurity(
             tls=tls_active,
             plaintext_allowed=plaintext_allowed(
@@ -253,7 +247,7 @@ class Connection:
                 and self.options.effective_tls_support == "stls"
             ),
             channel_binding=tls.channel_binding if tls_active else None,
-            certificate_user=certificate_identity(self.writer.get_extra_info("ssl_object")) if tls_active else None,
+            certificate_user=certificate_identity(self.stream.get_extra_info("ssl_object")) if tls_active else None,
         )
 
     async def _blocking(self, func: Callable[..., T], *args: Any) -> T:
@@ -262,9 +256,9 @@ class Connection:
 
     async def _flush(self) -> None:
         if self._out:
-            self.writer.write(bytes(self._out))
+            self.stream.write(bytes(self._out))
             self._out.clear()
-        await self.writer.drain()
+        await self.stream.drain()
 
     @property
     def evictable(self) -> bool:
@@ -275,10 +269,10 @@ class Connection:
         """The server is stopping: tell an idle client and close."""
         if self._idle:
             try:
-                self.writer.write(b"-ERR [SYS/TEMP] Server shutting down.\r\n")
+                self.stream.write(b"-ERR [SYS/TEMP] Server shutting down.\r\n")
             except Exception:  # the peer may be gone already
                 pass
-        self.writer.close()
+        self.stream.close()
 
     def _watch_idle(self, timeout: float) -> None:
         """Give the coming read `timeout` seconds."""
@@ -300,7 +294,7 @@ class Connection:
             self._watchdog = self._loop_ref.call_later(left, self._check_idle)
             return
         self._timed_out = True
-        self.reader.feed_eof()  # wakes the read; the loop sees _timed_out
+        self.stream.feed_eof()  # wakes the read; the loop sees _timed_out
 
     def _trace_in(self, line: str) -> None:
         trace_log.debug("%s %s < %s", self.peer, self.session.user or "-", printable(line))
@@ -374,7 +368,7 @@ class Connection:
                 log.exception("%s: cannot write the session records", self.peer)
         finally:
             # Whatever happened above, even a cancellation: the socket closes.
-            self.writer.close()
+            self.stream.close()
             if self._host_name is not None and not self._host_name.done():
                 self._host_name.cancel()
         if self._background:
@@ -382,7 +376,7 @@ class Connection:
             await asyncio.wait(self._background, timeout=10)
         try:
             async with asyncio.timeout(5):
-                await self.writer.wait_closed()
+                await self.stream.wait_closed()
         except Exception:
             pass
 
@@ -411,7 +405,7 @@ class Connection:
                     timeout = min(timeout, max(0.0, self._login_deadline - time.monotonic()))
                 self._watch_idle(timeout)
                 try:
-                    data = await self.reader.read(READ_SIZE)
+                    data = await self.stream.read(READ_SIZE)
                 finally:
                     self._idle = False
                 if self._timed_out:
@@ -493,12 +487,11 @@ class Connection:
         context = self.services.tls.context
         assert context is not None
         await self._flush()
-        buffered = getattr(self.reader, "_buffer", None)
-        if buffered:
-            log.warning("%s: discarding %d bytes sent in clear after STLS", self.peer, len(buffered))
-            buffered.clear()
+        discarded = self.stream.discard_buffered()
+        if discarded:
+            log.warning("%s: discarding %d bytes sent in clear after STLS", self.peer, discarded)
         try:
-            await self.writer.start_tls(context, ssl_handshake_timeout=self.options.tls_handshake_timeout)
+            await self.stream.start_tls(context, ssl_handshake_timeout=self.options.tls_handshake_timeout)
         except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
             log.info("%s: STLS handshake failed: %s", self.peer, exc)
             return False

@@ -10,18 +10,35 @@ import socket
 import stat
 import sys
 
-from ._server import Server, accepted_socket_streams
+from ._server import Server, accepted_socket_stream
+from ._stream import PopStream
 
 
-async def _pipe_streams() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+class _PipeReader(asyncio.Protocol):
+    """The read half on a pipe: input goes to the stream; its end is only
+    end of input, since replies still go out on the other pipe."""
+
+    def __init__(self, stream: PopStream) -> None:
+        self.stream = stream
+
+    def data_received(self, data: bytes) -> None:
+        self.stream.data_received(data)
+
+    def eof_received(self) -> bool:
+        self.stream.feed_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stream.feed_eof()
+
+
+async def _pipe_stream() -> PopStream:
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=65536)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(0), "rb", 0))
-    transport, protocol = await loop.connect_write_pipe(
-        asyncio.streams.FlowControlMixin, os.fdopen(os.dup(1), "wb", 0)
-    )
-    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    return reader, writer
+    stream = PopStream(loop)
+    await loop.connect_write_pipe(lambda: stream, os.fdopen(os.dup(1), "wb", 0))
+    read_transport, _ = await loop.connect_read_pipe(lambda: _PipeReader(stream), os.fdopen(os.dup(0), "rb", 0))
+    stream.read_transport = read_transport
+    return stream
 
 
 async def serve_inetd(server: Server) -> None:
@@ -35,7 +52,7 @@ async def serve_inetd(server: Server) -> None:
         os.dup2(devnull, 1)
         os.close(devnull)
         sys.stdout = sys.stderr
-        reader, writer = await accepted_socket_streams(sock)
+        stream = await accepted_socket_stream(sock)
     else:
-        reader, writer = await _pipe_streams()
-    await server.serve_stream(reader, writer)
+        stream = await _pipe_stream()
+    await server.serve_stream(stream)

@@ -29,6 +29,7 @@ from ..options import ListenAddress, Options
 from ._connection import Connection, Peer, Services, TlsState
 from ._channel_binding import server_end_point
 from ._memory import TRIM_INTERVAL, release_free_memory
+from ._stream import PopStream
 from ._tls import build_context, reload_certificates
 
 log = logging.getLogger("qpopper.server")
@@ -36,8 +37,8 @@ log = logging.getLogger("qpopper.server")
 _BUSY_REPLY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 
 
-def _peer_of(writer: asyncio.StreamWriter) -> Peer:
-    info = writer.get_extra_info("peername")
+def _peer_of(stream: PopStream) -> Peer:
+    info = stream.get_extra_info("peername")
     if isinstance(info, tuple) and len(info) >= 2:
         host = str(info[0])
         if host.startswith("::ffff:") and "." in host:
@@ -46,8 +47,8 @@ def _peer_of(writer: asyncio.StreamWriter) -> Peer:
     return Peer("local", 0)
 
 
-def _set_nodelay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
+def _set_nodelay(stream: PopStream) -> None:
+    sock = stream.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -82,24 +83,17 @@ def bind_socket(address: ListenAddress) -> socket.socket:
     raise ConfigError(f"cannot listen on {address}: {last_error.strerror if last_error else 'unknown error'}")
 
 
-async def accepted_socket_streams(
+async def accepted_socket_stream(
     sock: socket.socket, ssl_context: ssl.SSLContext | None = None, handshake_timeout: float | None = None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Streams for an already accepted socket (inetd, a forked session),
-    marked as the server side so that STLS can start TLS on them; with
-    `ssl_context` the implicit-TLS handshake runs first."""
+) -> PopStream:
+    """The stream of an already accepted socket (inetd, a forked session);
+    with `ssl_context` the implicit-TLS handshake runs first."""
     loop = asyncio.get_running_loop()
-    ready: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = loop.create_future()
-
-    def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        ready.set_result((reader, writer))
-
-    reader = asyncio.StreamReader(limit=65536)
     tls_args: dict[str, Any] = {}
     if ssl_context is not None:
         tls_args = {"ssl": ssl_context, "ssl_handshake_timeout": handshake_timeout}
-    await loop.connect_accepted_socket(lambda: asyncio.StreamReaderProtocol(reader, connected), sock, **tls_args)
-    return await ready
+    _transport, stream = await loop.connect_accepted_socket(lambda: PopStream(loop), sock, **tls_args)
+    return stream
 
 
 def make_authenticator(options: Options) -> Authenticator:
@@ -144,6 +138,7 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._implicit_tls: list[bool] = []  # per entry of _servers
         self._connections: dict[asyncio.Task[None], Connection | None] = {}
+        self._starting: set[asyncio.Task[None]] = set()
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._sessions_ended = 0  # for the housekeeping task
         self._housekeeping_task: asyncio.Task[None] | None = None
@@ -197,7 +192,8 @@ class Server:
                     if self.tls.context is None:
                         raise ConfigError("an implicit-TLS listener needs tls-server-cert-file")
                     tls_args = {"ssl": self.tls.context, "ssl_handshake_timeout": self.options.tls_handshake_timeout}
-                server = await asyncio.start_server(self._accept, sock=sock, limit=65536, **tls_args)
+                loop = asyncio.get_running_loop()
+                server = await loop.create_server(lambda: PopStream(loop, self._accept), sock=sock, **tls_args)
                 self._servers.append(server)
                 self._implicit_tls.append(bool(tls_args))
         except BaseException:
@@ -314,8 +310,11 @@ class Server:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(func, *args))
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self.serve_stream(reader, writer)
+    def _accept(self, stream: PopStream) -> None:
+        """A client connected (and finished the TLS handshake on a TLS port)."""
+        task = asyncio.get_running_loop().create_task(self.serve_stream(stream))
+        self._starting.add(task)  # the loop itself keeps only a weak reference
+        task.add_done_callback(self._starting.discard)
 
     def _evict_oldest_idle(self) -> None:
         """Full: make room by closing the oldest connection that has not
@@ -334,17 +333,17 @@ class Server:
         """Serve one accepted connection (a forked session process)."""
         context = self.tls.context if implicit_tls else None
         try:
-            reader, writer = await accepted_socket_streams(sock, context, self.options.tls_handshake_timeout)
+            stream = await accepted_socket_stream(sock, context, self.options.tls_handshake_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             log.info("TLS handshake failed: %s", exc)
             sock.close()
             return
-        await self.serve_stream(reader, writer)
+        await self.serve_stream(stream)
 
-    async def serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one session on an already connected stream pair."""
-        peer = _peer_of(writer)
-        _set_nodelay(writer)
+    async def serve_stream(self, stream: PopStream) -> None:
+        """Serve one session on an already connected stream."""
+        peer = _peer_of(stream)
+        _set_nodelay(stream)
         task = asyncio.current_task()
         assert task is not None
         if len(self._connections) >= self.options.max_connections and self._per_ip[peer.host] < self.options.max_connections_per_ip:
@@ -355,16 +354,16 @@ class Server:
         ):
             log.warning("%s: connection refused, limit reached", peer)
             try:
-                writer.write(_BUSY_REPLY)
-                await asyncio.wait_for(writer.drain(), 5)
+                stream.write(_BUSY_REPLY)
+                await asyncio.wait_for(stream.drain(), 5)
             except Exception:
                 pass
-            writer.close()
+            stream.close()
             return
         self._connections[task] = None
         self._per_ip[peer.host] += 1
         try:
-            conn = Connection(reader, writer, peer, self.services)
+            conn = Connection(stream, peer, self.services)
             self._connections[task] = conn
             await conn.run()
         finally:

@@ -1,0 +1,100 @@
+"""The connection's stream (server/_stream.py) at its edges, over real sockets:
+a client that half-closes, one that stops reading in the middle of a
+download, one that resets the connection while the server writes."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import PASSWORD
+from qpopper import Controller
+from qpopper.server._stream import PopStream
+
+Fill = Callable[[str, list[bytes]], Path]
+
+BIG = b"Subject: big\n\n" + b"".join(b"line %07d of a big message\n" % i for i in range(300_000))
+
+
+def _connect(server: Controller, receive_buffer: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)  # before connect: sets the window
+    sock.connect((server.host, server.port))
+    assert sock.recv(512).startswith(b"+OK")
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+    return data
+
+
+def test_a_client_that_half_closes_after_quit_still_gets_every_reply(pop_server: Controller, fill: Fill) -> None:
+    maildir = fill("alice", [b"Subject: one\n\nbody\n"])
+    sock = _connect(pop_server)
+    sock.sendall(b"USER alice\r\nPASS %s\r\nSTAT\r\nDELE 1\r\nQUIT\r\n" % PASSWORD.encode())
+    sock.shutdown(socket.SHUT_WR)
+    replies = _read_all(sock).split(b"\r\n")
+    sock.close()
+    assert replies[2] == b"+OK 1 22" and replies[3].startswith(b"+OK") and b"signing off" in replies[4]
+    assert not any((maildir / "new").iterdir()) and not any((maildir / "cur").iterdir())
+
+
+def test_a_client_that_stops_reading_holds_up_only_itself(
+    pop_server: Controller, fill: Fill, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paused: list[bool] = []
+    pause = PopStream.pause_writing
+
+    def counting_pause(stream: PopStream) -> None:
+        paused.append(True)
+        pause(stream)
+
+    monkeypatch.setattr(PopStream, "pause_writing", counting_pause)
+    fill("alice", [BIG])
+    fill("bob", [b"Subject: small\n\nhi\n"])
+    slow = _connect(pop_server, receive_buffer=65536)
+    slow.sendall(b"USER alice\r\nPASS %s\r\nRETR 1\r\n" % PASSWORD.encode())
+    time.sleep(0.5)  # the server fills the window and waits for it to drain
+    assert paused  # the server is waiting for this client's window
+    other = _connect(pop_server)
+    other.sendall(b"USER bob\r\nPASS %s\r\nSTAT\r\nQUIT\r\n" % PASSWORD.encode())
+    assert b"+OK 1 " in _read_all(other)
+    other.close()
+    slow.sendall(b"QUIT\r\n")
+    data = _read_all(slow)
+    slow.close()
+    user_ok, pass_ok, retr_ok, body = data.split(b"\r\n", 3)
+    assert retr_ok.startswith(b"+OK ")
+    assert body.startswith(BIG.replace(b"\n", b"\r\n") + b".\r\n")
+    assert body.endswith(b"signing off (1 messages left).\r\n")
+
+
+def test_a_reset_in_the_middle_of_a_download_loses_nothing_and_frees_the_maildrop(
+    pop_server: Controller, fill: Fill
+) -> None:
+    fill("alice", [BIG, b"Subject: two\n\nsecond\n"])
+    sock = _connect(pop_server)
+    sock.sendall(b"USER alice\r\nPASS %s\r\nDELE 2\r\nRETR 1\r\n" % PASSWORD.encode())
+    sock.recv(65536)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST while the server is writing
+    deadline = time.monotonic() + 10
+    while True:  # the session ends and releases the lock, deleting nothing
+        again = _connect(pop_server)
+        again.sendall(b"USER alice\r\nPASS %s\r\nSTAT\r\nQUIT\r\n" % PASSWORD.encode())
+        replies = _read_all(again)
+        again.close()
+        if b"[IN-USE]" not in replies or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert b"+OK 2 " in replies
