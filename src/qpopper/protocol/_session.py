@@ -17,6 +17,7 @@ import binascii
 import enum
 import hashlib
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from .._version import __version__
@@ -57,6 +58,16 @@ class State(enum.Enum):
     TRANSACTION = "TRANSACTION"
     UPDATE = "UPDATE"
     CLOSED = "CLOSED"
+
+
+_NONE: frozenset[int] = frozenset()
+
+
+def _with(marks: AbstractSet[int], index: int) -> set[int]:
+    """`marks` plus `index`, in a set of the session's own (not the shared empty one)."""
+    own = marks if isinstance(marks, set) else set(marks)
+    own.add(index)
+    return own
 
 
 class _Waiting(enum.Enum):
@@ -187,8 +198,9 @@ class Session:
         self._effects: list[Effect] = []
         self._waiting = _Waiting.NOTHING
         self._messages = MessageList((), ())
-        self._deleted: set[int] = set()
-        self._retrieved: set[int] = set()
+        # Shared empty sets until the first DELE/RETR: an idle session holds none.
+        self._deleted: AbstractSet[int] = _NONE
+        self._retrieved: AbstractSet[int] = _NONE
         self._last = 0  # highest message read in this session (LAST)
         self._bad_commands = 0
         self._eof = False
@@ -254,7 +266,7 @@ class Session:
 
     def _effective_deletions(self) -> set[int]:
         if self.config.auto_delete:
-            return self._deleted | self._retrieved
+            return set(self._deleted) | set(self._retrieved)
         return set(self._deleted)
 
     @property
@@ -809,7 +821,7 @@ class Session:
         sizes = self._sizes([index], spec, line)
         if sizes is None:
             return
-        self._retrieved.add(index)
+        self._retrieved = _with(self._retrieved, index)
         self._last = max(self._last, index + 1)
         self._emit(SendMessage(index, None, _ok(f"{sizes[index]} octets"), spec))
 
@@ -840,7 +852,7 @@ class Session:
         index = self._message_index(args[0])
         if index is None:
             return
-        self._deleted.add(index)
+        self._deleted = _with(self._deleted, index)
         self._last = max(self._last, index + 1)
         self._emit(Send(_ok(f"Message {index + 1} has been deleted.")))
 
@@ -851,7 +863,7 @@ class Session:
     def _cmd_rset(self, args: list[bytes], _line: bytes) -> None:
         if not self._need_args(args, 0, 0):
             return
-        self._deleted.clear()
+        self._deleted = _NONE
         self._last = 0
         self._emit(Send(_ok(self._drop_summary())))
 

@@ -113,11 +113,18 @@ class Services:
     drop_privileges: bool = False
     # The Kerberos acceptor when GSSAPI logins are on.
     kerberos: object | None = None
+    # One frozen SessionConfig shared by new sessions while `options` stays.
+    _config: tuple[Options, SessionConfig] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.access is None:
             self.access = AccessPolicy(self.options.nonauth_file, self.options.auth_file)
         self.failures = FailureDelays(self.options.auth_fail_delay, self.options.auth_fail_delay_max)
+
+    def session_config(self) -> SessionConfig:
+        if self._config is None or self._config[0] is not self.options:
+            self._config = (self.options, session_config(self.options))
+        return self._config[1]
 
 
 def session_config(options: Options) -> SessionConfig:
@@ -193,7 +200,7 @@ class Connection:
         self.services = services
         self.options = services.options  # per session: user option files may change it
         self.session = Session(
-            session_config(self.options),
+            services.session_config(),
             timestamp=new_timestamp(self.options.hostname),
             security=self._security(tls_active=stream.get_extra_info("ssl_object") is not None),
         )
@@ -205,7 +212,7 @@ class Connection:
         self._committed = False
         self._times = SessionTimes()
         self._spool_privilege: SpoolPrivilege | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[Any]] | None = None  # made by the first one
         self._idle = False  # waiting for the client's next command
         # The read deadline: one timer per connection, moved only when it
         # fires early (a timer per read cost more than parsing the command).
@@ -582,6 +589,8 @@ class Connection:
                 self.peer.host,
             )
         )
+        if self._background is None:
+            self._background = set()
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -138,7 +138,6 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._implicit_tls: list[bool] = []  # per entry of _servers
         self._connections: dict[asyncio.Task[None], Connection | None] = {}
-        self._starting: set[asyncio.Task[None]] = set()
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._sessions_ended = 0  # for the housekeeping task
         self._housekeeping_task: asyncio.Task[None] | None = None
@@ -312,9 +311,9 @@ class Server:
 
     def _accept(self, stream: PopStream) -> None:
         """A client connected (and finished the TLS handshake on a TLS port)."""
-        task = asyncio.get_running_loop().create_task(self.serve_stream(stream))
-        self._starting.add(task)  # the loop itself keeps only a weak reference
-        task.add_done_callback(self._starting.discard)
+        # No reference kept here: serve_stream files its task in _connections
+        # at its first step, which the loop's ready queue holds it until.
+        asyncio.get_running_loop().create_task(self.serve_stream(stream))
 
     def _evict_oldest_idle(self) -> None:
         """Full: make room by closing the oldest connection that has not
