@@ -41,6 +41,7 @@ whether qpopper wrote X-UIDL headers or recomputed the UIDs each session.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
@@ -98,10 +99,15 @@ def _digit(value: int) -> str:
     return "~" if ch == "." else ch
 
 
-# Base-80 digits in pairs (least significant first), so a group of five
-# digits costs three table look-ups instead of five divisions.
 _ONE = [_digit(v) for v in range(80)]
-_TWO = [_ONE[v % 80] + _ONE[v // 80] for v in range(6400)]
+
+
+@functools.cache
+def _pairs() -> list[str]:
+    """Base-80 digits in pairs (least significant first), so a group of
+    five digits costs three table look-ups instead of five divisions; made
+    at the first UIDL (6,400 strings, ~380 kB) rather than at import."""
+    return [_ONE[v % 80] + _ONE[v // 80] for v in range(6400)]
 
 
 def base80(digest: bytes) -> str:
@@ -113,10 +119,11 @@ def base80(digest: bytes) -> str:
     into "~" so a UID never needs dot-stuffing.
     """
     d = digest
+    two = _pairs()
     out = []
     for g in (0, 4, 8, 12):
         v = (d[g] << 12) + (d[g + 1] << 8) + (d[g + 2] << 4) + d[g + 3]
-        out.append(_TWO[v % 6400] + _TWO[(v // 6400) % 6400] + _ONE[(v // 40960000) % 80])
+        out.append(two[v % 6400] + two[(v // 6400) % 6400] + _ONE[(v // 40960000) % 80])
     return "".join(out)
 
 

@@ -139,7 +139,7 @@ class Server:
         self._implicit_tls: list[bool] = []  # per entry of _servers
         self._connections: dict[asyncio.Task[None], Connection | None] = {}
         self._per_ip: collections.Counter[str] = collections.Counter()
-        self._sessions_ended = 0  # for the housekeeping task
+        self._sessions_seen = 0  # sessions started + ended, for the housekeeping task
         self._housekeeping_task: asyncio.Task[None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=min(32, (os.cpu_count() or 1) * 4 + 4), thread_name_prefix="qpopper-blocking"
@@ -204,12 +204,13 @@ class Server:
         self._housekeeping_task = asyncio.get_running_loop().create_task(self._housekeeping())
 
     async def _housekeeping(self) -> None:
-        """After sessions end, give the memory they freed back to the system."""
+        """After sessions start or end, give the memory they freed back to
+        the system (opening a maildrop frees its indexing buffers too)."""
         seen = 0
         while True:
             await asyncio.sleep(TRIM_INTERVAL)
-            if self._sessions_ended != seen:
-                seen = self._sessions_ended
+            if self._sessions_seen != seen:
+                seen = self._sessions_seen
                 release_free_memory()
 
     @property
@@ -361,12 +362,13 @@ class Server:
             return
         self._connections[task] = None
         self._per_ip[peer.host] += 1
+        self._sessions_seen += 1
         try:
             conn = Connection(stream, peer, self.services)
             self._connections[task] = conn
             await conn.run()
         finally:
-            self._sessions_ended += 1
+            self._sessions_seen += 1
             if task in self._connections:  # not if it was evicted (counted then)
                 del self._connections[task]
                 self._per_ip[peer.host] -= 1
