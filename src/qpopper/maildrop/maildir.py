@@ -76,6 +76,13 @@ def _s_hint(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _says_size(name: str, size: int) -> bool:
+    """The name carries exactly `,S=size` (the common case, checked without a regex)."""
+    hint = f",S={size}"
+    at = name.find(hint)
+    return at >= 0 and not name[at + len(hint) : at + len(hint) + 1].isdigit()
+
+
 def _counted_size(path: str) -> int:
     counter = SizeCounter()
     with open(path, "rb") as f:
@@ -214,10 +221,9 @@ class MaildirMaildrop:
         # system calls per message (fstat, ioctl, lseek) on every RETR.
         fd, size = self._open(index)
         try:
-            s_hint = _s_hint(self._names[index])
-            if s_hint is not None and s_hint != size:
-                log.warning("%s: %s no longer has the size its name says; sent as it is",
-                            self.path, self._names[index])
+            name = self._names[index]
+            if not _says_size(name, size) and (s_hint := _s_hint(name)) is not None and s_hint != size:
+                log.warning("%s: %s no longer has the size its name says; sent as it is", self.path, name)
             want = size + 1 if size < 4 * chunk_size else chunk_size  # small: whole in one read
             while chunk := os.read(fd, want):
                 yield chunk
@@ -226,7 +232,7 @@ class MaildirMaildrop:
             os.close(fd)
 
     def _path(self, index: int) -> str:
-        return os.path.join(self.path, self._subdir(index), self._names[index])
+        return f"{self.path}/{self._subdir(index)}/{self._names[index]}"
 
     def _open(self, index: int) -> tuple[int, int]:
         """The message's file descriptor and size, never through a link nor
