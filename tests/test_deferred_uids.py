@@ -24,7 +24,8 @@ from qpopper.maildrop import MessageInfo, MessageList
 from qpopper.maildrop.maildir import MaildirMaildrop
 from qpopper.maildrop.mbox import MboxMaildrop
 from qpopper.maildrop.mboxindex import index_buffer
-from qpopper.protocol import ResolveUids, Send, Session, SessionConfig
+from qpopper.protocol import ResolveUids, Session
+from test_protocol import logged_in, run
 
 MESSAGES = [b"Subject: one\nMessage-Id: <1@x>\n\nfirst\n", b"Subject: two\n\nsecond\n", b"Subject: one\nMessage-Id: <1@x>\n\nfirst\n"]
 
@@ -64,27 +65,7 @@ def test_message_list_of_a_plain_list_keeps_everything() -> None:
 
 
 def _session_with(table: MessageList) -> Session:
-    session = Session(SessionConfig(hostname="pop.example.org"), timestamp="<1.2@x>")
-    session.receive_data(b"USER alice\r\nPASS secret\r\n")
-    while session.next_effect() is not None:
-        pass
-    session.auth_succeeded("alice")
-    while session.next_effect() is not None:
-        pass
-    session.maildrop_opened(table)
-    while session.next_effect() is not None:
-        pass
-    return session
-
-
-def _drain(session: Session) -> tuple[bytes, list[object]]:
-    out, others = b"", []
-    while (effect := session.next_effect()) is not None:
-        if isinstance(effect, Send):
-            out += effect.data
-        else:
-            others.append(effect)
-    return out, others
+    return logged_in(table)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -98,37 +79,37 @@ def test_uidl_asks_for_the_uids_then_answers(command: bytes, expected: bytes) ->
     table, calls = _lazy([10, 20], ["a", "b"])
     session = _session_with(table)
     session.receive_data(b"STAT\r\nLIST\r\nLAST\r\n")
-    out, others = _drain(session)
+    out, others = run(session)
     assert out == b"+OK 2 30\r\n+OK 2 visible messages (30 octets)\r\n1 10\r\n2 20\r\n.\r\n+OK 0 is the last read message.\r\n"
     assert others == [] and calls == []
     session.receive_data(command + b"NOOP\r\n")
-    out, others = _drain(session)
+    out, others = run(session)
     assert out == b"" and others == [ResolveUids(table)]
     table.resolve_uids()
     session.uids_resolved()
-    out, others = _drain(session)
+    out, others = run(session)
     assert out == expected + b"+OK no big woop\r\n" and calls == [1]
     session.receive_data(b"UIDL 1\r\n")
-    assert _drain(session) == (b"+OK 1 a\r\n", [])  # asked once only
+    assert run(session) == (b"+OK 1 a\r\n", [])  # asked once only
 
 
 def test_uids_that_cannot_be_worked_out_get_a_clear_error() -> None:
     table, _ = _lazy([10], ["a"])
     session = _session_with(table)
     session.receive_data(b"UIDL\r\n")
-    assert _drain(session)[1] == [ResolveUids(table)]
+    assert run(session)[1] == [ResolveUids(table)]
     session.uids_resolved(ok=False)
-    out, _ = _drain(session)
+    out, _ = run(session)
     assert out.startswith(b"-ERR [SYS/TEMP] ")
     session.receive_data(b"NOOP\r\n")
-    assert _drain(session)[0] == b"+OK no big woop\r\n"
+    assert run(session)[0] == b"+OK no big woop\r\n"
 
 
 def test_a_bad_message_number_is_refused_before_any_uid_is_worked_out() -> None:
     table, calls = _lazy([10], ["a"])
     session = _session_with(table)
     session.receive_data(b"UIDL 9\r\n")
-    out, others = _drain(session)
+    out, others = run(session)
     assert out.startswith(b"-ERR") and others == [] and calls == []
 
 

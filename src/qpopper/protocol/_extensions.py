@@ -78,14 +78,10 @@ def xlst(session: Session, args: list[bytes], line: bytes) -> None:
 
 
 def cmd_euidl(session: Session, args: list[bytes], line: bytes) -> None:
-    if not session._need_args(args, 0, 1):
+    request = session._uid_request(args, line)
+    if request is None:
         return
-    index = session._message_index(args[0]) if args else None
-    if args and index is None:
-        return
-    uids = session._uids(line)
-    if uids is None:
-        return
+    index, uids = request
     sizes = session._messages.sizes
     if index is not None:
         session._emit(ListHeaders(b"+OK ", ((index, sizes[index], uids[index]),), "From", "euidl", single=True))

@@ -793,15 +793,22 @@ class Session:
         body = "".join(f"{i + 1} {sizes[i]}\r\n" for i in visible)
         self._emit(Send(head + body.encode("ascii") + b".\r\n"))
 
-    def _cmd_uidl(self, args: list[bytes], line: bytes) -> None:
+    def _uid_request(self, args: list[bytes], line: bytes) -> tuple[int | None, Sequence[str]] | None:
+        """UIDL/EUIDL's optional message number and the UIDs; None when the
+        command was refused or waits for the UIDs to be worked out."""
         if not self._need_args(args, 0, 1):
-            return
+            return None
         index = self._message_index(args[0]) if args else None
         if args and index is None:
-            return
+            return None
         uids = self._uids(line)
-        if uids is None:
+        return None if uids is None else (index, uids)
+
+    def _cmd_uidl(self, args: list[bytes], line: bytes) -> None:
+        request = self._uid_request(args, line)
+        if request is None:
             return
+        index, uids = request
         if index is not None:
             self._emit(Send(_ok(f"{index + 1} {uids[index]}")))
             return
