@@ -8,6 +8,7 @@ any more gives a clear -ERR, not a traceback or a wrong UID.
 
 from __future__ import annotations
 
+import gc
 import os
 import poplib
 from pathlib import Path
@@ -209,3 +210,43 @@ def test_maildir_names_unfit_for_uidl_get_digests_when_asked(tmp_path: Path, nam
         drop.close()
     assert len(set(uids)) == len(names)
     assert all(0 < len(u) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in u) for u in uids)
+
+
+# ---- no reference cycles ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["maildir", "mbox"])
+def test_a_closed_maildrop_is_freed_without_the_cycle_collector(tmp_path: Path, backend: str) -> None:
+    """A listing of 50,000 messages left to the garbage collector's next full
+    pass is ~10 MB per session: the deferred-UID functions must not point
+    back at their maildrop."""
+    if backend == "maildir":
+        md = tmp_path / "Maildir"
+        for n in range(50):
+            write_maildir_message(md, b"x\n", name=f"{n}.a,S=2,W=3")
+
+        def open_drop() -> MaildirMaildrop | MboxMaildrop:
+            return MaildirMaildrop(str(md))
+    else:
+        spool = tmp_path / "erin"
+        spool.write_bytes(mbox(MESSAGES * 10))
+
+        def open_drop() -> MaildirMaildrop | MboxMaildrop:
+            return MboxMaildrop(str(spool))
+
+    def one_session(resolve: bool) -> None:
+        drop = open_drop()
+        try:
+            if resolve:
+                drop.messages().resolve_uids()
+        finally:
+            drop.close()
+
+    gc.collect()
+    gc.disable()
+    try:
+        one_session(resolve=False)
+        one_session(resolve=True)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

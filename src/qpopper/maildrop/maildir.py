@@ -95,6 +95,30 @@ def _flags(name: str) -> str:
     return name.split(":2,", 1)[1] if ":2," in name else ""
 
 
+def _uids_of(names: list[str]) -> list[str]:
+    """UIDs for these names, in order: the unique parts, or digests where a
+    unique part is unfit for UIDL or taken twice."""
+    uids = [name.partition(",")[0].partition(":")[0] for name in names]
+    if len(set(uids)) == len(uids) and not _NOT_UID_CHAR.search("".join(uids)) \
+            and all(0 < len(uid) <= 70 for uid in uids):
+        return uids
+    uids = []
+    taken: set[str] = set()
+    for name in names:
+        uid = uid_from_name(name)
+        if uid in taken:
+            # Two files with one unique part (a copy by hand): keep both,
+            # tell them apart by a digest of the whole name.
+            uid = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()
+        taken.add(uid)
+        uids.append(uid)
+    return uids
+
+
+def _seen_of(names: list[str]) -> bytearray:
+    return bytearray(1 if "S" in _flags(name) else 0 for name in names)
+
+
 class MaildirMaildrop:
     """An open Maildir; holds the POP session lock until closed."""
 
@@ -164,29 +188,11 @@ class MaildirMaildrop:
             self._names = names
         else:
             sizes = self._sizes_one_by_one(names)
-        # UIDs and seen flags come from the names when first asked for.
-        self._infos = MessageList(list(map(int, sizes)), self._uids, self._seen)
-
-    def _uids(self) -> list[str]:
+        # UIDs and seen flags come from the names when first asked for. The
+        # functions hold the names, not this object: a cycle through it would
+        # keep a big listing alive until the garbage collector's next full pass.
         names = self._names
-        uids = [name.partition(",")[0].partition(":")[0] for name in names]
-        if len(set(uids)) == len(uids) and not _NOT_UID_CHAR.search("".join(uids)) \
-                and all(0 < len(uid) <= 70 for uid in uids):
-            return uids
-        uids = []
-        taken: set[str] = set()
-        for name in names:
-            uid = uid_from_name(name)
-            if uid in taken:
-                # Two files with one unique part (a copy by hand): keep both,
-                # tell them apart by a digest of the whole name.
-                uid = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()
-            taken.add(uid)
-            uids.append(uid)
-        return uids
-
-    def _seen(self) -> bytearray:
-        return bytearray(1 if "S" in _flags(name) else 0 for name in self._names)
+        self._infos = MessageList(list(map(int, sizes)), lambda: _uids_of(names), lambda: _seen_of(names))
 
     def _subdir(self, index: int) -> str:
         return "new" if self._names[index] in self._in_new else "cur"

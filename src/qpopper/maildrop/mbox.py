@@ -209,6 +209,15 @@ class _Copy:
 Piece = _Copy | bytes
 
 
+def _uids_from_file(index: MboxIndex, fd: int | None, path: str) -> list[str]:
+    if fd is None:
+        return []
+    try:
+        return work_out_uids(index, lambda a, n: read_exact(fd, a, n))
+    except (OSError, EOFError) as exc:
+        raise MaildropError(f"cannot read {path} for its UIDs: {exc}", ResponseCode.SYS_TEMP) from exc
+
+
 class MboxMaildrop:
     """An open mbox spool; holds the POP session lock until closed.
 
@@ -650,10 +659,14 @@ class MboxMaildrop:
             self._hidden = 1
         h = self._hidden
         if not s.update_status_headers:
-            # UIDs wait for the first UIDL (MessageList), read from the file then.
-            self._infos = MessageList(idx.sizes[h:] if h else idx.sizes, self._visible_uids, idx.seen[h:])
+            # UIDs wait for the first UIDL (MessageList), read from the file then,
+            # by a function that holds the index and descriptor but not this
+            # object (a cycle would keep it until a full garbage collection).
+            fd, path = self._fd, self.path
+            self._infos = MessageList(idx.sizes[h:] if h else idx.sizes,
+                                      lambda: _uids_from_file(idx, fd, path)[h:], idx.seen[h:])
             return
-        uids = self._uids()
+        uids = _uids_from_file(idx, self._fd, self.path)
         sizes = array("q")
         for i in range(h, len(idx)):
             size = idx.sizes[i]
@@ -667,17 +680,6 @@ class MboxMaildrop:
             sizes.append(size)
         self._infos = MessageList(sizes, uids[h:], idx.seen[h:])
 
-    def _uids(self) -> list[str]:
-        fd = self._fd
-        if fd is None:
-            return []
-        try:
-            return work_out_uids(self._index, lambda a, n: read_exact(fd, a, n))
-        except (OSError, EOFError) as exc:
-            raise MaildropError(f"cannot read {self.path} for its UIDs: {exc}", ResponseCode.SYS_TEMP) from exc
-
-    def _visible_uids(self) -> list[str]:
-        return self._uids()[self._hidden :]
 
     def _is_uw_internal(self, i: int) -> bool:
         """qpopper's UW kluge: two of its three signs in the first message."""
