@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,6 +115,8 @@ class ApopDatabase:
             os.close(fd)
 
     def _write(self, secrets: dict[str, str]) -> None:
+        import tempfile  # only popauth writes: the server need not load it (and shutil, bz2, lzma)
+
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", dir=directory)
         try:

@@ -650,7 +650,8 @@ class Connection:
         self.maildrop = maildrop
         self._times.opened = time.monotonic()
         log.debug("%s: opened %s in %.3f s", self.peer, principal.mail, self._times.opened - (self._times.authenticated or 0))
-        self.services.login_delays.record(principal.user)
+        if self.options.enforce_login_delay:  # a record per user otherwise kept for nothing
+            self.services.login_delays.record(principal.user)
         messages = maildrop.messages()
         log.info("%s: %s logged in, %d messages", self.peer, principal.user, len(messages))
         if self.options.log_login:

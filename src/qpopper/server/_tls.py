@@ -13,7 +13,6 @@ import ctypes
 import logging
 import os
 import ssl
-import tempfile
 
 
 from ..errors import ConfigError
@@ -60,6 +59,8 @@ def _load_chain(ctx: ssl.SSLContext, options: Options) -> None:
         if options.tls_chain_file:
             # Python loads a chain only from the certificate file itself.
             _readable(options.tls_chain_file, "tls-chain-file")
+            import tempfile  # here: it pulls in shutil, bz2 and lzma, ~0.5 MB a server rarely needs
+
             fd, combined = tempfile.mkstemp(prefix="qpopper-chain-", suffix=".pem")
             with os.fdopen(fd, "wb") as out:
                 for part in (cert, options.tls_chain_file):
