@@ -751,6 +751,22 @@ def compile_sources(python: str, src: Path) -> None:
     subprocess.run([python, "-m", "compileall", "-q", str(src)], check=True, stdout=subprocess.DEVNULL)
 
 
+def other_servers() -> list[str]:
+    """Running qpopper servers that are not this benchmark's (left by a test
+    or by hand), as "PID command" strings."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"qpopper" in argv and b"-m" in argv:
+            found.append(f"{entry} {b' '.join(argv).decode(errors='replace')[:120]}")
+    return found
+
+
 def default_python() -> str:
     venv = REPO / ".venv" / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
@@ -789,6 +805,12 @@ def main(argv: list[str] | None = None) -> int:
         if not port_free(port):
             print(f"bench/run.py: port {port} is in use (choose --port-base)", file=sys.stderr)
             return 2
+    strays = other_servers()
+    if strays:
+        # They map the same interpreter and libraries, so they take a share
+        # of those pages: qpopper's PSS (the idle target) would read too low.
+        env.notes.append("other qpopper processes were running (PSS figures read low): " + "; ".join(strays))
+        log("warning: " + env.notes[-1])
     bench = Bench(args, env)
     log(f"results -> {bench.out}; {bench.rounds} rounds per side; python {env.python}")
     if not args.no_ceiling:
