@@ -146,3 +146,24 @@ def test_fifty_thousand_messages_listed_without_reading_them(tmp_path: Path, mon
         assert infos[0].uid == "1700000000.M0P1.host"
     finally:
         drop.close()
+
+
+@pytest.mark.parametrize("hinted", [True, False])
+def test_one_name_in_both_cur_and_new_stays_two_messages(tmp_path: Path, hinted: bool) -> None:
+    """Nothing delivers that, but a hand can: each file is read and deleted as itself."""
+    md = tmp_path / "Maildir"
+    name = "9.twin,S=6,W=7" if hinted else "9.twin"
+    write_maildir_message(md, b"first\n", name=name, sub="cur")
+    write_maildir_message(md, b"other\n", name=name, sub="new")
+    write_maildir_message(md, b"third\n", name="8.x", sub="new")
+    drop = MaildirMaildrop(str(md))
+    try:
+        bodies = [b"".join(drop.read(i)) for i in range(len(drop.messages()))]
+        assert sorted(bodies) == [b"first\n", b"other\n", b"third\n"]
+        assert len(set(drop.messages().uids)) == 3
+        twins = [i for i, body in enumerate(bodies) if body in (b"first\n", b"other\n")]
+        drop.commit({twins[1]}, set())
+    finally:
+        drop.close()
+    left = {p.read_bytes() for sub in ("cur", "new") for p in (md / sub).iterdir()}
+    assert left == {bodies[twins[0]], b"third\n"}

@@ -115,6 +115,19 @@ def _uids_of(names: list[str]) -> list[str]:
     return uids
 
 
+def _subdirs_of(names: list[str], in_new: set[str], in_both: set[str]) -> list[str]:
+    """Per message, "cur" or "new"; of two equal names the first is cur/'s."""
+    subdirs = []
+    seen_once: set[str] = set()
+    for name in names:
+        if name in in_both and name not in seen_once:
+            seen_once.add(name)
+            subdirs.append("cur")
+        else:
+            subdirs.append("new" if name in in_new else "cur")
+    return subdirs
+
+
 def _seen_of(names: list[str]) -> bytearray:
     return bytearray(1 if "S" in _flags(name) else 0 for name in names)
 
@@ -129,6 +142,8 @@ class MaildirMaildrop:
         # Per message, its file name; and the names that are in new/ now.
         self._names: list[str] = []
         self._in_new: set[str] = set()
+        # Each message's subdirectory, kept only when a name is in both.
+        self._subdirs: list[str] | None = None
         self._infos = MessageList((), ())
         try:
             if create:
@@ -160,10 +175,12 @@ class MaildirMaildrop:
                 return True  # let the slow road find out and say why
         return total > QUICK_DIR_BYTES
 
-    def _list(self) -> tuple[list[str], set[str]]:
-        """Regular files of cur/ and new/ in name order, and the names in new/."""
+    def _list(self) -> tuple[list[str], set[str], set[str]]:
+        """Regular files of cur/ and new/ in name order, the names in new/,
+        and the names that are in both (nothing writes those, but a hand can)."""
         names: list[str] = []
         in_new: set[str] = set()
+        in_cur: list[str] = []
         for sub in _SUBDIRS:
             directory = os.path.join(self.path, sub)
             try:
@@ -176,18 +193,21 @@ class MaildirMaildrop:
                 raise MaildropError(f"cannot list {directory}: {exc}") from exc
             if sub == "new":
                 in_new.update(found)
+            else:
+                in_cur = found
             names += found
-        names.sort()
-        return names, in_new
+        names.sort()  # stable: of two equal names, cur/'s (listed first) stays first
+        return names, in_new, in_new.intersection(in_cur)
 
     def _scan(self) -> None:
-        names, in_new = self._list()
+        names, in_new, in_both = self._list()
         self._in_new = in_new
+        subdirs = _subdirs_of(names, in_new, in_both) if in_both else None
         sizes = _HINTED_NAME.findall("\n".join(names))
         if len(sizes) == len(names):
-            self._names = names
+            self._names, self._subdirs = names, subdirs
         else:
-            sizes = self._sizes_one_by_one(names)
+            sizes = self._sizes_one_by_one(names, subdirs)
         # UIDs and seen flags come from the names when first asked for. The
         # functions hold the names, not this object: a cycle through it would
         # keep a big listing alive until the garbage collector's next full pass.
@@ -195,14 +215,17 @@ class MaildirMaildrop:
         self._infos = MessageList(list(map(int, sizes)), lambda: _uids_of(names), lambda: _seen_of(names))
 
     def _subdir(self, index: int) -> str:
+        if self._subdirs is not None:
+            return self._subdirs[index]
         return "new" if self._names[index] in self._in_new else "cur"
 
-    def _sizes_one_by_one(self, names: list[str]) -> list[int]:
-        """The general case: any name; a file without a `,W=` is read to size it."""
+    def _sizes_one_by_one(self, names: list[str], subdirs: list[str] | None) -> list[int]:
+        """The general case: any name; a file without a `,W=` is read to size it.
+        Sets the names (and subdirectories) of the files still there."""
         sizes: list[int] = []
-        kept: list[str] = []
-        for name in names:
-            sub = "new" if name in self._in_new else "cur"
+        kept: list[int] = []
+        for i, name in enumerate(names):
+            sub = subdirs[i] if subdirs is not None else "new" if name in self._in_new else "cur"
             path = os.path.join(self.path, sub, name)
             size = _hints(name)[1]
             if size is None:
@@ -214,9 +237,10 @@ class MaildirMaildrop:
                     continue
                 except OSError as exc:
                     raise MaildropError(f"cannot read {path}: {exc}") from exc
-            kept.append(name)
+            kept.append(i)
             sizes.append(size)
-        self._names = kept
+        self._names = [names[i] for i in kept]
+        self._subdirs = None if subdirs is None else [subdirs[i] for i in kept]
         return sizes
 
     def messages(self) -> MessageList:
@@ -271,11 +295,9 @@ class MaildirMaildrop:
                 continue
             for name in names:
                 if name.split(":", 1)[0] == base:
-                    self._names[index] = name
-                    if sub == "new":
-                        self._in_new.add(name)
-                    else:
-                        self._in_new.discard(name)
+                    if self._subdirs is None:
+                        self._subdirs = _subdirs_of(self._names, self._in_new, set())
+                    self._names[index], self._subdirs[index] = name, sub
                     return
         raise MaildropError(f"message {self._names[index]} vanished", ResponseCode.SYS_TEMP)
 
