@@ -250,3 +250,21 @@ def test_a_closed_maildrop_is_freed_without_the_cycle_collector(tmp_path: Path, 
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_a_spool_rewritten_in_place_after_login_gives_sys_temp_not_other_uids(tmp_path: Path) -> None:
+    """Same length, other From_ line: the UIDs would belong to other mail."""
+    spool = tmp_path / "frank"
+    data = mbox(MESSAGES)
+    spool.write_bytes(data)
+    drop = MboxMaildrop(str(spool))
+    try:
+        second = data.index(b"\n\nFrom ") + 2
+        with open(spool, "r+b") as f:  # an MUA that ignores the session rewrites it
+            f.seek(second + 5)
+            f.write(b"z" if data[second + 5 : second + 6] != b"z" else b"y")
+        with pytest.raises(MaildropError) as caught:
+            drop.messages().resolve_uids()
+        assert caught.value.code is ResponseCode.SYS_TEMP
+    finally:
+        drop.close()

@@ -214,7 +214,7 @@ def _uids_from_file(index: MboxIndex, fd: int | None, path: str) -> list[str]:
         return []
     try:
         return work_out_uids(index, lambda a, n: read_exact(fd, a, n))
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, ValueError) as exc:
         raise MaildropError(f"cannot read {path} for its UIDs: {exc}", ResponseCode.SYS_TEMP) from exc
 
 

@@ -310,11 +310,21 @@ def fingerprint(read_at: Callable[[int, int], bytes], index: MboxIndex) -> bytes
     From_ lines no longer sit where the index says and UPDATE refuses to
     run rather than cut messages in the wrong places.
     """
-    h = hashlib.blake2b(digest_size=20)
-    h.update(index.length.to_bytes(8, "little"))
+    h = _fingerprint_start(index)
     for i in range(len(index)):
         a = index.from_starts[i]
         h.update(read_at(a, index.starts[i] - a))
+    return _fingerprint_end(h, read_at, index)
+
+
+def _fingerprint_start(index: MboxIndex) -> "hashlib.blake2b":
+    h = hashlib.blake2b(digest_size=20)
+    h.update(index.length.to_bytes(8, "little"))
+    return h
+
+
+def _fingerprint_end(h: "hashlib.blake2b", read_at: Callable[[int, int], bytes], index: MboxIndex) -> bytes:
+    """The fingerprint once every From_ line went into `h`: both ends of the file."""
     h.update(read_at(0, min(4096, index.length)))
     tail = min(4096, index.length)
     h.update(read_at(index.length - tail, tail))
@@ -373,19 +383,28 @@ def work_out_uids(index: MboxIndex, read_at: Callable[[int, int], bytes]) -> lis
 
     `read_at(offset, n)` reads the indexed file (pread on a spool: the
     mapping is gone by now, and a pread past a truncation fails cleanly
-    where a mapped page would fault).
+    where a mapped page would fault). The spool is not locked while a
+    session reads it, so the From_ lines read here are checked against the
+    index's fingerprint: a spool rewritten since (an MUA ignoring the
+    session) raises ValueError rather than yield UIDs of other messages.
     """
     if index.uids is not None:
         return index.uids
     uids: list[str] = []
+    check = _fingerprint_start(index)
     starts, from_starts, body_starts, xuidls = index.starts, index.from_starts, index.body_starts, index.xuidls
     for i in range(len(starts)):
+        a, s = from_starts[i], starts[i]
         uid = xuidls.get(i)
         if uid is None:
-            a, s = from_starts[i], starts[i]
             head = read_at(a, min(body_starts[i], s + MAX_HEADER_PARSE) - a)
             uid = computed_uid(head[: s - a], header_facts(head[s - a :]).hashed_lines)
+            check.update(head[: s - a])
+        else:
+            check.update(read_at(a, s - a))
         uids.append(uid)
+    if uids and _fingerprint_end(check, read_at, index) != index.fingerprint:
+        raise ValueError("the spool changed since it was indexed")
     index.renamed = _make_unique(uids)
     index.uids = uids
     return uids
