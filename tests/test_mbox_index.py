@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 
 import pytest
 
 from qpopper.maildrop import is_valid_uid
-from qpopper.maildrop.mboxindex import base80, computed_uid, index_buffer, is_from_line, parse_headers
+from qpopper.maildrop.mboxindex import base80, computed_uid, index_buffer, index_file, is_from_line, parse_headers
 from qpopper.protocol import wire_size
 
 from mbox_helpers import entry, from_line, mbox, stored
@@ -229,3 +231,41 @@ def test_uid_does_not_depend_on_position_or_neighbours() -> None:
     full = index_buffer(mbox(msgs)).uids
     fewer = index_buffer(b"".join(entry(m, n) for n, m in enumerate(msgs) if n in (1, 4))).uids
     assert fewer == [full[1], full[4]]
+
+
+def test_a_spool_cut_short_while_indexed_is_a_value_error(tmp_path: Path) -> None:
+    """index_file's callers turn ValueError into "cannot index"; a shorter
+    file than the length asked for must not escape as anything else."""
+    spool = tmp_path / "cut"
+    spool.write_bytes(mbox([b"Subject: a\n\nbody\n"]))
+    fd = os.open(spool, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError):
+            index_file(fd, spool.stat().st_size + 100)
+    finally:
+        os.close(fd)
+
+
+def test_mapped_and_read_whole_spools_index_alike(tmp_path: Path) -> None:
+    """Spools over READ_WHOLE_BYTES are mapped and counted in copied pieces;
+    smaller ones are read whole and counted in place: same sizes either way."""
+    from qpopper.maildrop.mboxindex import READ_WHOLE_BYTES
+
+    kinds = [b"Subject: lf\n\nline\n" * 40, b"Subject: crlf\r\n\r\nline\r\n" * 40, b"Subject: cr\n\nbare\rcr\n" * 40,
+             b"Subject: end\n\nno final newline"]
+    data = b""
+    n = 0
+    while len(data) <= READ_WHOLE_BYTES:
+        data += entry(kinds[n % len(kinds)], n)
+        n += 1
+    spool = tmp_path / "big"
+    spool.write_bytes(data)
+    fd = os.open(spool, os.O_RDONLY)
+    try:
+        mapped = index_file(fd, len(data))
+    finally:
+        os.close(fd)
+    whole = index_buffer(data)
+    assert len(mapped) == len(whole) == n
+    assert list(mapped.sizes) == list(whole.sizes) and list(mapped.starts) == list(whole.starts)
+    assert mapped.fingerprint == whole.fingerprint

@@ -59,6 +59,8 @@ MAX_FROM_LINE = 4096
 MAX_HEADER_PARSE = 256 * 1024
 # Messages are counted in pieces of this size so no large copy is made.
 COUNT_CHUNK = 4 * 1024 * 1024
+# Spools up to this size are read whole rather than mapped.
+READ_WHOLE_BYTES = 1024 * 1024
 # qpopper accepts an X-UIDL value (with its line end) of 12..33 octets.
 XUIDL_MIN, XUIDL_MAX = 12, 33
 
@@ -190,7 +192,15 @@ def computed_uid(from_line: bytes, hashed_lines: list[bytes]) -> str:
 
 
 def wire_size_of(buf: bytes | mmap.mmap, start: int, end: int) -> int:
-    """RFC 1939 size of buf[start:end], counted in bounded pieces."""
+    """RFC 1939 size of buf[start:end]: counted in place in bytes, in
+    bounded pieces copied out of a mapping (which has no count)."""
+    if isinstance(buf, bytes):
+        size = end - start + buf.count(b"\n", start, end)
+        if buf.find(b"\r", start, end) >= 0:
+            size -= buf.count(b"\r\n", start, end)
+        if end > start and buf[end - 1] != 0x0A:
+            size += 2
+        return size
     size = 0
     pos = start
     while pos < end:
@@ -512,6 +522,14 @@ def index_file(
     """
     if length == 0:
         return MboxIndex(length=0)
+    if length <= READ_WHOLE_BYTES:
+        # One read and no copy per message: faster, and the heap is left
+        # with one freed block instead of one per message.
+        try:
+            data = read_exact(fd, 0, length)
+        except EOFError as exc:  # cut short under us: the callers' "cannot index"
+            raise ValueError(str(exc)) from exc
+        return index_buffer(data, length, use_content_length=use_content_length, tick=tick, with_uids=False)
     with mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
         if hasattr(mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
             mm.madvise(mmap.MADV_SEQUENTIAL)
