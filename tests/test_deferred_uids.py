@@ -117,11 +117,14 @@ def test_a_bad_message_number_is_refused_before_any_uid_is_worked_out() -> None:
 # ---- mbox ---------------------------------------------------------------------------
 
 
-def test_mbox_open_reads_no_uid_and_the_uids_match_the_full_index(tmp_path: Path) -> None:
-    spool = tmp_path / "alice"
-    data = mbox(MESSAGES)
+def _spool_drop(spool: Path, data: bytes) -> MboxMaildrop:
     spool.write_bytes(data)
-    drop = MboxMaildrop(str(spool))
+    return MboxMaildrop(str(spool))
+
+
+def test_mbox_open_reads_no_uid_and_the_uids_match_the_full_index(tmp_path: Path) -> None:
+    data = mbox(MESSAGES)
+    drop = _spool_drop(tmp_path / "alice", data)
     try:
         table = drop.messages()
         assert not table.uids_ready
@@ -136,8 +139,7 @@ def test_mbox_open_reads_no_uid_and_the_uids_match_the_full_index(tmp_path: Path
 def test_deferred_uids_equal_the_indexed_ones(tmp_path_factory: pytest.TempPathFactory, messages: list[bytes]) -> None:
     spool = tmp_path_factory.mktemp("d") / "bob"
     data = b"".join(entry(m, n) for n, m in enumerate(messages))
-    spool.write_bytes(data)
-    drop = MboxMaildrop(str(spool))
+    drop = _spool_drop(spool, data)
     try:
         assert list(drop.messages().uids) == index_buffer(data).uids
     finally:
@@ -146,8 +148,7 @@ def test_deferred_uids_equal_the_indexed_ones(tmp_path_factory: pytest.TempPathF
 
 def test_a_spool_cut_short_after_login_gives_sys_temp_not_wrong_uids(tmp_path: Path) -> None:
     spool = tmp_path / "carol"
-    spool.write_bytes(mbox(MESSAGES))
-    drop = MboxMaildrop(str(spool))
+    drop = _spool_drop(spool, mbox(MESSAGES))
     try:
         os.truncate(spool, 10)  # another program rewrote the spool behind every lock
         with pytest.raises(MaildropError) as caught:
@@ -256,8 +257,7 @@ def test_a_spool_rewritten_in_place_after_login_gives_sys_temp_not_other_uids(tm
     """Same length, other From_ line: the UIDs would belong to other mail."""
     spool = tmp_path / "frank"
     data = mbox(MESSAGES)
-    spool.write_bytes(data)
-    drop = MboxMaildrop(str(spool))
+    drop = _spool_drop(spool, data)
     try:
         second = data.index(b"\n\nFrom ") + 2
         with open(spool, "r+b") as f:  # an MUA that ignores the session rewrites it
