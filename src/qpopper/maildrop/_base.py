@@ -118,8 +118,6 @@ class MessageList(Sequence[MessageInfo]):
         return MessageInfo(self.sizes[i], self.uids[i], bool(seen[i]) if seen else False)
 
 
-
-
 def size_of(messages: Sequence[MessageInfo], index: int) -> int:
     """One message's size without working out UIDs a MessageList defers."""
     if isinstance(messages, MessageList):

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".qpopper-pop3.lock"
 _SIZE_HINTS = re.compile(r",S=(\d+)|,W=(\d+)")
-_S_HINT = re.compile(r",S=(\d+)")
 # The common name, matched over all names at once (one line each): unique
 # part, S=, W= (the group), flags. Names that all match list without a stat.
 _HINTED_NAME = re.compile(r"^[^\n,:]{1,70},S=\d+,W=(\d+)(?::2,[^\n,]*)?$", re.MULTILINE)
@@ -52,9 +51,14 @@ _SUBDIRS = ("cur", "new")
 QUICK_DIR_BYTES = 64 * 1024
 
 
+def _unique_part(name: str) -> str:
+    """The part of a name before its size hints and flags."""
+    return name.partition(",")[0].partition(":")[0]
+
+
 def uid_from_name(name: str) -> str:
     """The stable UID of a Maildir file name."""
-    base = name.split(":", 1)[0].split(",", 1)[0]
+    base = _unique_part(name)
     if is_valid_uid(base):
         return base
     return hashlib.sha1(name.split(":", 1)[0].encode("utf-8", "surrogateescape")).hexdigest()
@@ -69,11 +73,6 @@ def _hints(name: str) -> tuple[int | None, int | None]:
         else:
             w_hint = int(match.group(2))
     return s_hint, w_hint
-
-
-def _s_hint(name: str) -> int | None:
-    match = _S_HINT.search(name.split(":", 1)[0])
-    return int(match.group(1)) if match else None
 
 
 def _says_size(name: str, size: int) -> bool:
@@ -98,7 +97,7 @@ def _flags(name: str) -> str:
 def _uids_of(names: list[str]) -> list[str]:
     """UIDs for these names, in order: the unique parts, or digests where a
     unique part is unfit for UIDL or taken twice."""
-    uids = [name.partition(",")[0].partition(":")[0] for name in names]
+    uids = [_unique_part(name) for name in names]
     if len(set(uids)) == len(uids) and not _NOT_UID_CHAR.search("".join(uids)) \
             and all(0 < len(uid) <= 70 for uid in uids):
         return uids
@@ -115,16 +114,23 @@ def _uids_of(names: list[str]) -> list[str]:
     return uids
 
 
-def _subdirs_of(names: list[str], in_new: set[str], in_both: set[str]) -> list[str]:
-    """Per message, "cur" or "new"; of two equal names the first is cur/'s."""
+def _subdirs_of(names: list[str], in_cur: list[str], in_new: list[str]) -> list[str]:
+    """Per name of the sorted listing, "cur" or "new" (of two equal names,
+    cur/'s comes first: the sort is stable and cur/ is listed first)."""
+    if not in_cur or not in_new:  # the usual Maildir: one subdirectory in use
+        return ["cur" if in_cur else "new"] * len(names)
+    new = set(in_new)
+    both = new.intersection(in_cur)
+    if not both:
+        return ["new" if name in new else "cur" for name in names]
     subdirs = []
     seen_once: set[str] = set()
     for name in names:
-        if name in in_both and name not in seen_once:
+        if name in both and name not in seen_once:
             seen_once.add(name)
             subdirs.append("cur")
         else:
-            subdirs.append("new" if name in in_new else "cur")
+            subdirs.append("new" if name in new else "cur")
     return subdirs
 
 
@@ -139,11 +145,9 @@ class MaildirMaildrop:
         self.path = path
         self._quick = quick
         self._lock: SessionLock | None = None
-        # Per message, its file name; and the names that are in new/ now.
+        # Per message: its file name and the subdirectory it is in now.
         self._names: list[str] = []
-        self._in_new: set[str] = set()
-        # Each message's subdirectory, kept only when a name is in both.
-        self._subdirs: list[str] | None = None
+        self._subdirs: list[str] = []
         self._infos = MessageList((), ())
         try:
             if create:
@@ -175,12 +179,9 @@ class MaildirMaildrop:
                 return True  # let the slow road find out and say why
         return total > QUICK_DIR_BYTES
 
-    def _list(self) -> tuple[list[str], set[str], set[str]]:
-        """Regular files of cur/ and new/ in name order, the names in new/,
-        and the names that are in both (nothing writes those, but a hand can)."""
-        names: list[str] = []
-        in_new: set[str] = set()
-        in_cur: list[str] = []
+    def _list(self) -> tuple[list[str], list[str]]:
+        """Regular files of cur/ and new/ in name order, and the subdirectory of each."""
+        listed: dict[str, list[str]] = {}
         for sub in _SUBDIRS:
             directory = os.path.join(self.path, sub)
             try:
@@ -191,18 +192,14 @@ class MaildirMaildrop:
                 continue
             except OSError as exc:
                 raise MaildropError(f"cannot list {directory}: {exc}") from exc
-            if sub == "new":
-                in_new.update(found)
-            else:
-                in_cur = found
-            names += found
+            listed[sub] = found
+        in_cur, in_new = listed.get("cur", []), listed.get("new", [])
+        names = in_cur + in_new
         names.sort()  # stable: of two equal names, cur/'s (listed first) stays first
-        return names, in_new, in_new.intersection(in_cur)
+        return names, _subdirs_of(names, in_cur, in_new)
 
     def _scan(self) -> None:
-        names, in_new, in_both = self._list()
-        self._in_new = in_new
-        subdirs = _subdirs_of(names, in_new, in_both) if in_both else None
+        names, subdirs = self._list()
         sizes = _HINTED_NAME.findall("\n".join(names))
         if len(sizes) == len(names):
             self._names, self._subdirs = names, subdirs
@@ -214,18 +211,13 @@ class MaildirMaildrop:
         names = self._names
         self._infos = MessageList(list(map(int, sizes)), lambda: _uids_of(names), lambda: _seen_of(names))
 
-    def _subdir(self, index: int) -> str:
-        if self._subdirs is not None:
-            return self._subdirs[index]
-        return "new" if self._names[index] in self._in_new else "cur"
-
-    def _sizes_one_by_one(self, names: list[str], subdirs: list[str] | None) -> list[int]:
+    def _sizes_one_by_one(self, names: list[str], subdirs: list[str]) -> list[int]:
         """The general case: any name; a file without a `,W=` is read to size it.
         Sets the names (and subdirectories) of the files still there."""
         sizes: list[int] = []
         kept: list[int] = []
         for i, name in enumerate(names):
-            sub = subdirs[i] if subdirs is not None else "new" if name in self._in_new else "cur"
+            sub = subdirs[i]
             path = os.path.join(self.path, sub, name)
             size = _hints(name)[1]
             if size is None:
@@ -240,7 +232,7 @@ class MaildirMaildrop:
             kept.append(i)
             sizes.append(size)
         self._names = [names[i] for i in kept]
-        self._subdirs = None if subdirs is None else [subdirs[i] for i in kept]
+        self._subdirs = [subdirs[i] for i in kept]
         return sizes
 
     def messages(self) -> MessageList:
@@ -252,7 +244,7 @@ class MaildirMaildrop:
         fd, size = self._open(index)
         try:
             name = self._names[index]
-            if not _says_size(name, size) and (s_hint := _s_hint(name)) is not None and s_hint != size:
+            if not _says_size(name, size) and (s_hint := _hints(name)[0]) is not None and s_hint != size:
                 log.warning("%s: %s no longer has the size its name says; sent as it is", self.path, name)
             want = size + 1 if size < 4 * chunk_size else chunk_size  # small: whole in one read
             while chunk := os.read(fd, want):
@@ -262,7 +254,7 @@ class MaildirMaildrop:
             os.close(fd)
 
     def _path(self, index: int) -> str:
-        return f"{self.path}/{self._subdir(index)}/{self._names[index]}"
+        return f"{self.path}/{self._subdirs[index]}/{self._names[index]}"
 
     def _open(self, index: int) -> tuple[int, int]:
         """The message's file descriptor and size, never through a link nor
@@ -295,14 +287,12 @@ class MaildirMaildrop:
                 continue
             for name in names:
                 if name.split(":", 1)[0] == base:
-                    if self._subdirs is None:
-                        self._subdirs = _subdirs_of(self._names, self._in_new, set())
                     self._names[index], self._subdirs[index] = name, sub
                     return
         raise MaildropError(f"message {self._names[index]} vanished", ResponseCode.SYS_TEMP)
 
     def writes_nothing(self, deleted: Set[int], retrieved: Set[int]) -> bool:
-        return not deleted and all(self._subdir(i) != "new" for i in retrieved)
+        return not deleted and all(self._subdirs[i] != "new" for i in retrieved)
 
     def commit(self, deleted: Set[int], retrieved: Set[int]) -> None:
         if self.writes_nothing(deleted, retrieved):
@@ -320,7 +310,7 @@ class MaildirMaildrop:
             except OSError:
                 errors += 1
         for index in sorted(set(retrieved) - set(deleted)):
-            if self._subdir(index) != "new":
+            if self._subdirs[index] != "new":
                 continue
             target = os.path.join(self.path, "cur", self._names[index] + ":2,S")
             try:
