@@ -10,8 +10,8 @@ server keeps its own logging set-up.
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
+import socket
 import stat
 import sys
 
@@ -21,22 +21,58 @@ from .options import Options
 TRACE_LOGGER = "qpopper.trace"
 RECORD_FORMAT = "%(name)s: %(message)s"
 
-_FACILITIES = {
-    "mail": logging.handlers.SysLogHandler.LOG_MAIL,
-    "daemon": logging.handlers.SysLogHandler.LOG_DAEMON,
-    "user": logging.handlers.SysLogHandler.LOG_USER,
-    **{f"local{i}": getattr(logging.handlers.SysLogHandler, f"LOG_LOCAL{i}") for i in range(8)},
-}
+# syslog(3) facility numbers (RFC 5424 section 6.2.1).
+_FACILITIES = {"user": 1, "mail": 2, "daemon": 3, **{f"local{i}": 16 + i for i in range(8)}}
+# Severities; INFO records go out at notice, qpopper's priority for its
+# normal records.
+_SEVERITIES = {logging.DEBUG: 7, logging.INFO: 5, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
-class QpopperSyslogHandler(logging.handlers.SysLogHandler):
-    """INFO records go out at LOG_NOTICE, qpopper's priority for its
-    normal records; the others map as usual."""
+class SyslogHandler(logging.Handler):
+    """Records to the local syslog daemon's socket as syslog(3) sends them:
+    "<PRI>ident[pid]: message", one datagram each.
 
-    def mapPriority(self, levelName: str) -> str:  # noqa: N802 - the stdlib's name
-        if levelName == "INFO":
-            return "notice"
-        return super().mapPriority(levelName)
+    The stdlib's SysLogHandler would do, but its module also loads pickle
+    and friends, about 0.7 MB that a daemon holding thousands of sessions
+    keeps for its whole life.
+    """
+
+    def __init__(self, address: str, facility: int, ident: str) -> None:
+        super().__init__()
+        self.address = address
+        self.facility = facility
+        self.ident = ident
+        self._socket = self._connect()
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.connect(self.address)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            severity = _SEVERITIES.get(record.levelno, 4)
+            data = f"<{self.facility * 8 + severity}>{self.ident}{self.format(record)}".encode("utf-8", "replace")
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            self._socket.send(data)
+        except OSError:  # syslogd restarted: its socket is a new one
+            try:
+                self._socket.close()
+                self._socket = self._connect()
+                self._socket.send(data)
+            except OSError:
+                pass  # no syslogd: the record is lost, as with syslog(3)
+
+    def close(self) -> None:
+        self._socket.close()
+        super().close()
 
 
 def _stderr_is_journal() -> bool:
@@ -59,8 +95,6 @@ def _stderr_is_socket() -> bool:
 def _reachable(address: str) -> bool:
     """Whether a syslog daemon listens there; without one, every record
     would cost a failed send and a printed error."""
-    import socket
-
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
         try:
             probe.connect(address)
@@ -80,11 +114,10 @@ def configure_logging(options: Options, *, foreground: bool) -> None:
     address = options.syslog_socket
     if address and _reachable(address):
         try:
-            syslog = QpopperSyslogHandler(address=address, facility=_FACILITIES[options.log_facility])
+            syslog = SyslogHandler(address, _FACILITIES[options.log_facility], "qpopper[%d]: " % os.getpid())
         except OSError:
             syslog = None  # the daemon went away between the probe and now
         if syslog is not None:
-            syslog.ident = "qpopper[%d]: " % os.getpid()
             syslog.setFormatter(formatter)
             root.addHandler(syslog)
     # In inetd mode stderr is usually the client's socket: never write there.

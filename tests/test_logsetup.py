@@ -1,0 +1,51 @@
+"""The syslog handler: the wire format syslogd expects, a syslogd that
+restarts, one that is gone."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+from qpopper.logsetup import SyslogHandler
+
+
+def _listener(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(5)
+    return sock
+
+
+def _record(level: int, text: str) -> logging.LogRecord:
+    return logging.LogRecord("qpopper.test", level, __file__, 1, text, None, None)
+
+
+def test_priority_ident_and_text(tmp_path: Path) -> None:
+    path = tmp_path / "log.sock"
+    syslogd = _listener(path)
+    handler = SyslogHandler(str(path), 2, "qpopper[7]: ")  # facility mail
+    try:
+        handler.emit(_record(logging.INFO, "Stats: carol 0 0 1 10"))
+        handler.emit(_record(logging.ERROR, "caf\u00e9 broken"))
+        assert syslogd.recv(4096) == b"<21>qpopper[7]: Stats: carol 0 0 1 10"  # mail.notice
+        assert syslogd.recv(4096) == "<19>qpopper[7]: caf\u00e9 broken".encode()  # mail.err
+    finally:
+        handler.close()
+        syslogd.close()
+
+
+def test_syslogd_restart_and_absence(tmp_path: Path) -> None:
+    path = tmp_path / "log.sock"
+    syslogd = _listener(path)
+    handler = SyslogHandler(str(path), 16, "x: ")
+    try:
+        syslogd.close()
+        path.unlink()
+        handler.emit(_record(logging.WARNING, "lost"))  # nobody listens: dropped, no error
+        syslogd = _listener(path)  # a restarted syslogd binds a new socket
+        handler.emit(_record(logging.WARNING, "found"))
+        assert syslogd.recv(4096) == b"<132>x: found"
+    finally:
+        handler.close()
+        syslogd.close()
