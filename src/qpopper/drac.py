@@ -12,10 +12,11 @@ calls: the stdlib's xdrlib is deprecated.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import struct
+
+from .netaddr import ipv4_octets
 
 DRAC_PROGRAM = 900101
 DRAC_VERSION = 1
@@ -82,10 +83,9 @@ def drac_port(host: str, timeout: float) -> int:
 def drac_add(host: str, client_address: str, timeout: float = 2.0) -> str:
     """Register `client_address` with the DRAC daemon; returns its status
     word. Raises RpcError or OSError when the daemon cannot be reached."""
-    address = ipaddress.ip_address(client_address)
-    if address.version != 4:
+    args = ipv4_octets(client_address)
+    if args is None:
         raise RpcError("DRAC knows IPv4 addresses only")
-    args = struct.pack(">I", int(address))
     result = rpc_call(host, drac_port(host, timeout), DRAC_PROGRAM, DRAC_VERSION, DRACPROC_ADD, args, timeout)
     (status,) = struct.unpack(">I", result[:4])
     return ADD_STATUS.get(status, f"status {status}")

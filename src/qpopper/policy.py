@@ -7,9 +7,8 @@ TLS is configured, passwords travel only over TLS or loopback.
 
 from __future__ import annotations
 
-import ipaddress
-
 from .errors import ConfigError
+from .netaddr import is_loopback as _is_loopback_address
 
 CLEAR_TEXT_POLICIES = ("default", "never", "always", "local", "tls")
 # qpopper's -p numbers (note: not the order of its config-file names).
@@ -27,10 +26,7 @@ def parse_clear_text_policy(value: str) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "local"  # stdio (inetd on a pipe) has no address
+    return _is_loopback_address(host) or host == "local"  # stdio (inetd on a pipe) has no address
 
 
 def plaintext_allowed(policy: str | None, *, tls_active: bool, peer: str, tls_configured: bool) -> bool:
