@@ -28,9 +28,7 @@ from .errors import ConfigError
 from .logsetup import configure_logging
 from .options import ListenAddress, Options, apply_settings, parse_listen_address
 from .server import Server, listen_fds, notify, serve_inetd
-from .server._forking import ForkingServer
 from .server._memory import limit_malloc_arenas
-from .server._workers import WorkerPool, worker_options
 from .settings import BY_LONG, BY_SWITCH, SETTINGS, Kind, Setting
 
 log = logging.getLogger("qpopper")
@@ -234,6 +232,8 @@ def _reloader(server: Server, inv: Invocation, adjust: Callable[[Options], Optio
 
 def _serve_workers(options: Options, inv: Invocation) -> None:
     """Virtual users on several cores: a pool of forked event-loop servers."""
+    from .server._workers import WorkerPool, worker_options  # only this mode needs them
+
     count = options.effective_workers
 
     def adjust(new: Options) -> Options:
@@ -312,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 loop.close()
             return 0
         if options.system_users:
+            from .server._forking import ForkingServer  # only this mode needs it
+
             system_server = Server(options)
             forking = ForkingServer(system_server, listen_fds(), _reloader(system_server, inv))
             forking.bind()

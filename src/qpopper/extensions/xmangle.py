@@ -136,12 +136,21 @@ mangles in about 0.2 s.
 from __future__ import annotations
 
 import binascii
-import codecs
-import functools
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from .manglespec import (
+    CAPABILITY,
+    MAX_ARGUMENT_LENGTH,
+    MAX_HEADERS,
+    NO_MIME,
+    MangleSpec,
+    ascii_compatible as _ascii_compatible,
+    codec_name as _codec,
+    parse_modifier,
+    parse_xmangle,
+)
 
 # The email package and html's entity table (2 MB of a server's memory)
 # are imported by the functions that mangle, on first use: the protocol
@@ -160,14 +169,9 @@ __all__ = [
     "parse_xmangle",
 ]
 
-CAPABILITY = "X-MANGLE"
-MAX_ARGUMENT_LENGTH = 200
-MAX_HEADERS = 50
 MAX_DEPTH = 32
 MAX_LINE_OCTETS = 998
 
-_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")
-_LABEL = re.compile(r"[a-z0-9][a-z0-9._:+()-]{0,39}")
 _TOKEN_LABEL = re.compile(r"[a-z0-9][a-z0-9._+-]{0,39}")
 
 # Header fields that describe the original body and never survive.
@@ -198,60 +202,8 @@ _ADDRESS_FIELDS = frozenset(
 # Charsets
 # --------------------------------------------------------------------------
 
-_CODEC_ALIASES = {
-    "gb2312": "gb18030",
-    "gbk": "gb18030",
-    "x-gbk": "gb18030",
-    "cn-gb": "gb18030",
-    "euc-cn": "gb18030",
-    "ks_c_5601-1987": "cp949",
-    "euc-kr": "cp949",
-    "shift_jis": "cp932",
-    "shift-jis": "cp932",
-    "x-sjis": "cp932",
-    "sjis": "cp932",
-    "windows-874": "cp874",
-    "tis-620": "cp874",
-    "iso-8859-8-i": "iso8859-8",
-    "iso-8859-6-i": "iso8859-6",
-    "x-mac-roman": "mac-roman",
-    "unicode-1-1-utf-8": "utf-8",
-    "x-unicode20utf8": "utf-8",
-}
-# Codecs that are "text encodings" to Python but no charset a mail uses, or
-# that are slow or surprising on hostile input.
-_REFUSED_CODECS = frozenset(
-    {
-        "idna", "punycode", "raw-unicode-escape", "unicode-escape", "undefined",
-        "charmap", "mbcs", "oem",
-    }
-)
 _MIME_NAMES = {"utf-8": "utf-8", "ascii": "us-ascii", "cp932": "shift_jis", "gb18030": "gb18030"}
-_ASCII_PROBE = "Aa09 \t\n!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
 _C1_BYTES = re.compile(rb"[\x80-\x9f]")
-
-
-@functools.lru_cache(maxsize=256)
-def _codec(label: str) -> str | None:
-    """Python codec name for a charset label, or None when unusable."""
-    label = label.strip().strip("\"'").lower()
-    if _LABEL.fullmatch(label) is None:
-        return None
-    try:
-        info = codecs.lookup(_CODEC_ALIASES.get(label, label))
-    except (LookupError, ValueError, TypeError):
-        return None
-    if not getattr(info, "_is_text_encoding", True) or info.name in _REFUSED_CODECS:
-        return None
-    return info.name
-
-
-@functools.lru_cache(maxsize=256)
-def _ascii_compatible(codec: str) -> bool:
-    try:
-        return _ASCII_PROBE.encode(codec) == _ASCII_PROBE.encode("ascii")
-    except Exception:
-        return False
 
 
 def _mime_name(label: str, codec: str) -> str:
@@ -266,17 +218,6 @@ def _mime_name(label: str, codec: str) -> str:
         return f"windows-{m.group(1)}"
     label = label.strip().strip("\"'").lower()
     return label if _TOKEN_LABEL.fullmatch(label) else codec
-
-
-def _check_output_charset(label: str) -> str:
-    if not isinstance(label, str):
-        raise ValueError("XMANGLE charset must be a string")
-    codec = _codec(label)
-    if codec is None:
-        raise ValueError(f"XMANGLE charset {label!r} is not a known charset")
-    if not _ascii_compatible(codec):
-        raise ValueError(f"XMANGLE charset {label!r} is not ASCII-compatible")
-    return label.strip().strip("\"'").lower()
 
 
 def _guess_8bit(data: bytes) -> tuple[str, str, str]:
@@ -327,124 +268,6 @@ def _as_text(value: str) -> str:
     except UnicodeError:
         return value.encode("utf-8", "replace").decode("utf-8")
     return _decode_text(raw, None)[0]
-
-
-# --------------------------------------------------------------------------
-# The spec
-# --------------------------------------------------------------------------
-
-
-def _normalise_header_names(names: Iterable[str]) -> tuple[str, ...]:
-    out: list[str] = []
-    for raw in names:
-        if not isinstance(raw, str):
-            raise ValueError("XMANGLE header names must be strings")
-        name = raw.strip()
-        if name.endswith(":"):
-            name = name[:-1].rstrip()
-        if not name:
-            continue
-        if _FIELD_NAME.fullmatch(name) is None:
-            raise ValueError(f"XMANGLE header name {raw!r} is not a valid field name")
-        name = name.lower()
-        if name not in out:
-            out.append(name)
-    if len(out) > MAX_HEADERS:
-        raise ValueError(f"XMANGLE lists more than {MAX_HEADERS} header names")
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class MangleSpec:
-    """What to condense a message into.
-
-    ``text``: ``"plain"`` or ``"html"``; ``charset``: output charset label, or
-    None for the message's own (UTF-8 when its parts differ); ``headers``:
-    lower-case field names to keep, or None to keep all.  Values are
-    normalised on construction (``text="HTML"``, ``headers=("To:",)`` are
-    accepted) and validated (``ValueError``), so equal specs compare and hash
-    equal.
-    """
-
-    text: str = "plain"
-    charset: str | None = None
-    headers: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.text, str):
-            raise ValueError("XMANGLE text must be 'plain' or 'html'")
-        text = self.text.strip().lower()
-        if text.startswith("text/"):
-            text = text[5:]
-        if text not in ("plain", "html"):
-            raise ValueError(f"XMANGLE text must be 'plain' or 'html', not {self.text!r}")
-        object.__setattr__(self, "text", text)
-        if self.charset is not None:
-            object.__setattr__(self, "charset", _check_output_charset(self.charset))
-        if self.headers is not None:
-            object.__setattr__(self, "headers", _normalise_header_names(self.headers))
-
-
-NO_MIME = MangleSpec()
-"""What the ``-no-mime`` user-name suffix asks for: everything as text/plain,
-every header kept, the message's own charset."""
-
-
-def parse_xmangle(argument: str) -> MangleSpec:
-    """Parse the text inside ``XMANGLE(...)``, e.g.
-    ``"text=html;headers=to:,cc:,from:,date:"``."""
-    if not isinstance(argument, str):
-        raise ValueError("XMANGLE argument must be a string")
-    if len(argument) > MAX_ARGUMENT_LENGTH:
-        raise ValueError(f"XMANGLE argument is longer than {MAX_ARGUMENT_LENGTH} characters")
-    if not argument.isascii() or not argument.isprintable():
-        raise ValueError("XMANGLE argument must be printable ASCII")
-    seen: set[str] = set()
-    text = "plain"
-    charset: str | None = None
-    headers: tuple[str, ...] | None = None
-    for item in argument.split(";"):
-        item = item.strip()
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        key = key.strip().lower()
-        value = value.strip()
-        if not sep:
-            raise ValueError(f"XMANGLE parameter {item!r} has no '=value'")
-        if key in seen:
-            raise ValueError(f"XMANGLE parameter {key!r} given twice")
-        seen.add(key)
-        if key == "text":
-            text = value
-        elif key == "charset":
-            if not value:
-                raise ValueError("XMANGLE charset is empty")
-            charset = value
-        elif key == "headers":
-            names = value.split(",")
-            if len(names) > MAX_HEADERS:
-                raise ValueError(f"XMANGLE lists more than {MAX_HEADERS} header names")
-            headers = _normalise_header_names(names)
-        else:
-            raise ValueError(
-                f"unknown XMANGLE parameter {key!r} (expected text, charset or headers)"
-            )
-    return MangleSpec(text=text, charset=charset, headers=headers)
-
-
-def parse_modifier(word: str) -> MangleSpec | None:
-    """``"XMANGLE(text=html)"`` -> spec; a bare ``"XMANGLE"`` -> the default
-    spec; a word that is not XMANGLE -> None.  A malformed XMANGLE word
-    raises ``ValueError``."""
-    if word[:7].upper() != "XMANGLE":
-        return None
-    rest = word[7:]
-    if not rest:
-        return MangleSpec()
-    if not (rest.startswith("(") and rest.endswith(")")):
-        raise ValueError("XMANGLE modifier must be XMANGLE(...)")
-    return parse_xmangle(rest[1:-1])
 
 
 # --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from .._version import __version__
 from ..auth import sasl
 from ..auth.credentials import ApopDigest, ScramSecret, UserPass
 from ..errors import ResponseCode
-from ..extensions import xmangle
+from ..extensions import manglespec
 from ..maildrop import MessageInfo, MessageList
 from ._effects import (
     Authenticate,
@@ -184,7 +184,7 @@ class Session:
         self.trace: Callable[[str], None] | None = None
         self._macros: dict[bytes, bytes] = {}
         # XMANGLE sizes learnt so far, and the command waiting for some.
-        self._mangled_sizes: dict[tuple[xmangle.MangleSpec, int], int] = {}
+        self._mangled_sizes: dict[tuple[manglespec.MangleSpec, int], int] = {}
         self._pending_line: bytes | None = None
         self._xmit: bytearray | None = None  # an XTND XMIT message being received
         self._xmit_overflow = False
@@ -319,7 +319,7 @@ class Session:
     def _waiting_xmit(self) -> None:
         self._waiting = _Waiting.SUBMIT
 
-    def sizes_computed(self, spec: xmangle.MangleSpec, sizes: dict[int, int]) -> None:
+    def sizes_computed(self, spec: manglespec.MangleSpec, sizes: dict[int, int]) -> None:
         """Answer to ComputeSizes; the command that asked runs again."""
         self._expect(_Waiting.SIZES)
         self._waiting = _Waiting.NOTHING
@@ -350,20 +350,20 @@ class Session:
         self._emit(ResolveUids(self._messages))
         return None
 
-    def _mangle_spec(self, args: list[bytes]) -> tuple[list[bytes], xmangle.MangleSpec | None] | None:
+    def _mangle_spec(self, args: list[bytes]) -> tuple[list[bytes], manglespec.MangleSpec | None] | None:
         """Split an XMANGLE(...) modifier off the arguments (it may hold
         spaces); without one, -no-mime's spec applies. None: refused."""
         for i, arg in enumerate(args):
             if arg[:7].upper() == b"XMANGLE":
                 try:
-                    spec = xmangle.parse_modifier(b" ".join(args[i:]).decode("ascii"))
+                    spec = manglespec.parse_modifier(b" ".join(args[i:]).decode("ascii"))
                 except ValueError as exc:
                     self._bad(f"Bad XMANGLE modifier: {exc}"[:200])
                     return None
                 return args[:i], spec
-        return args, (xmangle.NO_MIME if self.mangle else None)
+        return args, (manglespec.NO_MIME if self.mangle else None)
 
-    def _sizes(self, indices: list[int], spec: xmangle.MangleSpec | None, line: bytes) -> dict[int, int] | None:
+    def _sizes(self, indices: list[int], spec: manglespec.MangleSpec | None, line: bytes) -> dict[int, int] | None:
         """Sizes of these messages as they will be sent; None if some must
         be computed first (the command is then run again)."""
         if spec is None:
@@ -644,7 +644,7 @@ class Session:
             caps.append(f"EXPIRE {cfg.expire}")
         caps.append("XTND XMIT XLST" if cfg.xmit else "XTND XLST")
         caps.append("X-MACRO")
-        caps.append(xmangle.CAPABILITY)
+        caps.append(manglespec.CAPABILITY)
         caps.extend(cfg.extra_capabilities)
         if self.state is State.TRANSACTION and not cfg.shy:
             caps.append(f"IMPLEMENTATION {cfg.implementation}")
@@ -767,7 +767,7 @@ class Session:
         if not self._need_args(args, 0, 0):
             return
         visible = self._visible()
-        sizes = self._sizes(visible, xmangle.NO_MIME if self.mangle else None, line)
+        sizes = self._sizes(visible, manglespec.NO_MIME if self.mangle else None, line)
         if sizes is not None:
             self._emit(Send(_ok(f"{len(visible)} {sum(sizes.values())}")))
 

@@ -29,7 +29,6 @@ from ..auth.sasl import Fail
 from ..configfile import Context, read_config
 from ..errors import AuthUnavailable, ConfigError, MaildropError, ResponseCode, WouldBlock
 from ..logsetup import TRACE_LOGGER, printable
-from .. import bulletins
 from ..maildrop import Maildrop, MaildropSettings
 from ..maildrop._base import QuickUpdate, size_of
 from ..maildrop.location import open_maildrop
@@ -56,7 +55,7 @@ from ..protocol import (
     wire_size,
 )
 from ._privileges import SpoolPrivilege, check_spool, drop_to_user
-from ..extensions.xmangle import MangleSpec
+from ..extensions.manglespec import MangleSpec
 from ..postlogin import after_login
 from ._mangling import mangle_message, too_big_to_mangle
 from ._spool import maildrop_settings, resolve_spool
@@ -685,6 +684,8 @@ class Connection:
         """Deliver new bulletins while the POP lock is held; if any arrived,
         list the maildrop again so they are in this session. Returns the
         reopened maildrop, or None if nothing changed."""
+        from .. import bulletins  # imported by the servers that have bulletins only
+
         options = self.options
         bulldir = options.bulldir
         assert bulldir is not None

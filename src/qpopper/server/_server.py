@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..auth import Authenticator
-from ..auth.apopdb import ApopAuthenticator, ApopDatabase
 from ..auth.passwdfile import PasswdFileAuthenticator
 from ..errors import ConfigError
 from ..access import AccessPolicy
@@ -125,6 +124,8 @@ class Server:
         self.options = options
         base = authenticator if authenticator is not None else make_authenticator(options)
         if options.apop_file:
+            from ..auth.apopdb import ApopAuthenticator, ApopDatabase  # an APOP database is optional
+
             base = ApopAuthenticator(base, ApopDatabase(options.apop_file), options.clear_text_password)
         self.authenticator: Authenticator = base
         self._given_sockets = list(sockets)
