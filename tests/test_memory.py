@@ -10,6 +10,7 @@ import ctypes.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,28 @@ def test_threads_share_one_arena_once_limited() -> None:
 def test_an_administrators_malloc_arena_max_is_left_alone() -> None:
     limited, arenas = _arenas("limit", {"MALLOC_ARENA_MAX": "4"})
     assert limited == "False" and arenas > 1
+
+
+# A daemon's modules stay with it for its whole life: the ones a plain
+# session does not need are loaded on first use instead (each costs a few
+# hundred kB per server process).
+_SESSION_PROGRAM = r"""
+import poplib, sys
+import qpopper.cli
+from qpopper import Controller, StaticAuthenticator
+root = sys.argv[1]  # (pathlib and tempfile would load ipaddress themselves)
+with open(root + "/carol", "wb") as spool:
+    spool.write(b"From a@b Sat Jan  3 01:05:34 1996\nSubject: x\n\n.dot\n\n")
+auth = StaticAuthenticator({"carol": "pw"}, mail_location=f"mbox:{root}/%u")
+with Controller(authenticator=auth) as pop:
+    c = poplib.POP3(pop.host, pop.port)
+    c.user("carol"); c.pass_("pw"); c.stat(); c.list(); c.uidl(); c.retr(1); c.top(1, 0); c.quit()
+print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("email", "html", "ipaddress", "pickle", "logging")
+                      or m in ("logging.handlers", "qpopper.extensions.xmangle", "qpopper.bulletins",
+                               "qpopper.server._forking", "qpopper.server._workers"))))
+"""
+
+
+def test_a_plain_session_loads_no_optional_modules(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", _SESSION_PROGRAM, str(tmp_path)], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.split() == ["logging"]
