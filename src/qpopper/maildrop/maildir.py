@@ -249,6 +249,8 @@ class MaildirMaildrop:
             want = size + 1 if size < 4 * chunk_size else chunk_size  # small: whole in one read
             while chunk := os.read(fd, want):
                 yield chunk
+                if len(chunk) < want:
+                    break  # a short read of a regular file is its end: no read to hear b""
                 want = chunk_size
         finally:
             os.close(fd)
