@@ -87,3 +87,44 @@ def test_fast_header_scan_agrees_with_the_full_parse(block: bytes) -> None:
     fast, full = header_facts(block), parse_headers(block)
     assert (fast.xuidl, fast.seen, fast.content_length) == (full.xuidl, full.seen, full.content_length)
     assert b"".join(fast.hashed_lines) == b"".join(full.hashed_lines)
+
+
+SPOOL_TOKENS = TOKENS + [b"status: R", b"x-uidl: 0123456789abcdef", b"\r\n\r\n", b"\n\r\n"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(SPOOL_TOKENS) | st.binary(max_size=6), max_size=40).map(b"".join))
+def test_one_scan_per_header_block_agrees_with_the_full_parse(spool: bytes) -> None:
+    """The index finds each body and the headers that matter (Status, X-UIDL)
+    with one search per message; parsing every header block must agree."""
+    from qpopper.maildrop.mboxindex import MAX_HEADER_PARSE, _body_start, index_buffer, parse_headers
+
+    index = index_buffer(spool, use_content_length=False)
+    for i in range(len(index)):
+        start, end = index.starts[i], index.ends[i]
+        body = _body_start(spool, start, end)
+        facts = parse_headers(spool[start : min(body, start + MAX_HEADER_PARSE)])
+        assert index.body_starts[i] == body
+        assert bool(index.seen[i]) == facts.seen
+        assert index.xuidls.get(i) == facts.xuidl
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(SPOOL_TOKENS) | st.binary(max_size=6), max_size=40).map(b"".join))
+def test_a_mapped_spool_indexes_like_bytes(spool: bytes) -> None:
+    """Big spools are mapped (no count() on a mapping: sizes from copies),
+    small ones read whole; both roads give one index."""
+    import mmap
+
+    from qpopper.maildrop.mboxindex import index_buffer
+
+    if not spool:
+        return
+    with tempfile.TemporaryFile() as f:
+        f.write(spool)
+        f.flush()
+        with mmap.mmap(f.fileno(), len(spool), access=mmap.ACCESS_READ) as mapped:
+            a, b = index_buffer(spool), index_buffer(mapped)
+    for name in ("from_starts", "starts", "body_starts", "ends", "seg_ends", "sizes", "seen", "crlf"):
+        assert list(getattr(a, name)) == list(getattr(b, name)), name
+    assert (a.xuidls, a.uids, a.fingerprint) == (b.xuidls, b.uids, b.fingerprint)

@@ -87,6 +87,9 @@ _HASHED = frozenset((b"received", b"date", b"message-id", b"subject"))
 # the block with a newline in front; the line end of a hashed line is put
 # back by the caller, so that adjacent lines each keep their newline.
 _RARE_HEADER = re.compile(rb"\n(?i:x-uidl|status|content-length):")
+# Whichever comes first from a message's From_ line end: one of those
+# headers, or the empty line that ends the header block (group 1).
+_HEADER_END_OR_RARE = re.compile(rb"\n(?:(\r?\n)|(?i:x-uidl|status|content-length):)")
 _HASHED_LINE = re.compile(rb"\n((?i:received|date|message-id|subject):[^\n]*)")
 _CONTENT_LENGTH = re.compile(rb"[ \t]*([0-9]{1,15})[ \t]*\r?\n?\Z")
 
@@ -327,6 +330,14 @@ def fingerprint(read_at: Callable[[int, int], bytes], index: MboxIndex) -> bytes
     return _fingerprint_end(h, read_at, index)
 
 
+def _fingerprint_of_buffer(buf: bytes | mmap.mmap, index: MboxIndex) -> bytes:
+    """`fingerprint` of the buffer just indexed: the From_ lines joined
+    into one update (the digest is the same as line by line)."""
+    h = _fingerprint_start(index)
+    h.update(b"".join([buf[a:s] for a, s in zip(index.from_starts, index.starts)]))
+    return _fingerprint_end(h, lambda a, n: bytes(buf[a : a + n]), index)
+
+
 def _fingerprint_start(index: MboxIndex) -> "hashlib.blake2b":
     h = hashlib.blake2b(digest_size=20)
     h.update(index.length.to_bytes(8, "little"))
@@ -364,25 +375,68 @@ def index_buffer(
         # Text before the first From_ line: serve it rather than refuse the
         # whole maildrop (qpopper answers [SYS/PERM] and locks the user out).
         _add(index, buf, 0, 0, first)
-    position_of = {p: k for k, p in enumerate(positions)}
+    position_of: dict[int, int] | None = None  # made for the first Content-Length
+    seg_ends = positions[1:]
+    seg_ends.append(length)
+    count = len(positions)
+    # The loop below serves the usual message inline (no header that
+    # matters before its empty line): a 50,000-message spool spends most
+    # of its indexing time in per-message Python otherwise.
+    scan = _HEADER_END_OR_RARE.search
+    lf_count = buf.count if isinstance(buf, bytes) else None  # a mapping has no count()
+    find = buf.find
+    add_from, add_start, add_body = index.from_starts.append, index.starts.append, index.body_starts.append
+    add_end, add_seg_end, add_size = index.ends.append, index.seg_ends.append, index.sizes.append
+    add_seen, add_crlf = index.seen.append, index.crlf.append
     k = 0
-    while k < len(positions):
+    while k < count:
         if tick is not None and k % 512 == 0:
             tick()
-        naive_next = k + 1
-        limit = positions[naive_next] if naive_next < len(positions) else length
-        nxt = naive_next
-        facts = _add(index, buf, positions[k], line_ends[k], limit)
+        from_start, start, seg_end = positions[k], line_ends[k], seg_ends[k]
+        if seg_end - 1 > start and buf[seg_end - 1] == 0x0A and buf[seg_end - 2] == 0x0A:
+            end = seg_end - 1  # LF mail: the separating empty line
+        else:
+            end = _message_end(buf, start, seg_end)
+        found = scan(buf, start - 1, end)
+        if found is not None and found.group(1) is not None:
+            if lf_count is not None:
+                size = end - start + lf_count(b"\n", start, end)
+                if find(b"\r", start, end) >= 0:
+                    size -= lf_count(b"\r\n", start, end)
+                if end > start and buf[end - 1] != 0x0A:
+                    size += 2
+            elif end - start <= COUNT_CHUNK:
+                piece = buf[start:end]  # one copy, counted in place
+                size = len(piece) + piece.count(b"\n")
+                if piece.find(b"\r") >= 0:
+                    size -= piece.count(b"\r\n")
+                if piece and piece[-1] != 0x0A:
+                    size += 2
+            else:
+                size = wire_size_of(buf, start, end)
+            add_from(from_start)
+            add_start(start)
+            add_body(found.end())
+            add_end(end)
+            add_seg_end(seg_end)
+            add_size(size)
+            add_seen(0)
+            add_crlf(start - from_start >= 2 and buf[start - 1] == 0x0A and buf[start - 2] == 0x0D)
+            k += 1
+            continue
+        nxt = k + 1
+        facts = _add(index, buf, from_start, start, seg_end)
         if use_content_length and facts.content_length is not None:
+            if position_of is None:
+                position_of = {p: i for i, p in enumerate(positions)}
             target = index.body_starts[-1] + facts.content_length
             jump = _content_length_target(buf, length, target, position_of)
             if jump is not None and jump > k + 1:
                 nxt = jump
-                seg_end = positions[jump] if jump < len(positions) else length
                 _drop_last(index)
-                _add(index, buf, positions[k], line_ends[k], seg_end)
+                _add(index, buf, from_start, start, positions[jump] if jump < count else length)
         k = nxt
-    index.fingerprint = fingerprint(lambda a, n: bytes(buf[a : a + n]), index)
+    index.fingerprint = _fingerprint_of_buffer(buf, index)
     if with_uids:
         work_out_uids(index, lambda a, n: bytes(buf[a : a + n]))
     return index
@@ -451,12 +505,13 @@ def _add(index: MboxIndex, buf: bytes | mmap.mmap, from_start: int, start: int, 
     says so without copying the block.
     """
     end = _message_end(buf, start, seg_end)
-    body = _body_start(buf, start, end)
-    header_end = min(body, start + MAX_HEADER_PARSE)
-    if start > from_start and _RARE_HEADER.search(buf, start - 1, header_end) is None:
+    found = _HEADER_END_OR_RARE.search(buf, start - 1, end) if start > from_start else None
+    if found is not None and found.group(1) is not None:
+        body = found.end()  # the usual case: no such header before the empty line
         facts = _NO_FACTS
     else:
-        facts = parse_headers(bytes(buf[start:header_end]))
+        body = _body_start(buf, start, end)
+        facts = _NO_FACTS if start > from_start and found is None else parse_headers(bytes(buf[start : min(body, start + MAX_HEADER_PARSE)]))
     n = len(index.starts)
     index.from_starts.append(from_start)
     index.starts.append(start)
@@ -530,7 +585,7 @@ def index_file(
         except EOFError as exc:  # cut short under us: the callers' "cannot index"
             raise ValueError(str(exc)) from exc
         return index_buffer(data, length, use_content_length=use_content_length, tick=tick, with_uids=False)
-    with mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
+    with mmap.mmap(fd, length, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), mmap.PROT_READ) as mm:
         if hasattr(mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
             mm.madvise(mmap.MADV_SEQUENTIAL)
         return index_buffer(mm, length, use_content_length=use_content_length, tick=tick, with_uids=False)
