@@ -388,11 +388,12 @@ def index_buffer(
     add_from, add_start, add_body = index.from_starts.append, index.starts.append, index.body_starts.append
     add_end, add_seg_end, add_size = index.ends.append, index.seg_ends.append, index.sizes.append
     add_seen, add_crlf = index.seen.append, index.crlf.append
-    k = 0
-    while k < count:
-        if tick is not None and k % 512 == 0:
+    skip_to = 0  # separators a Content-Length put inside a message body
+    for k, (from_start, start, seg_end) in enumerate(zip(positions, line_ends, seg_ends)):
+        if k < skip_to:
+            continue
+        if tick is not None and not k & 511:
             tick()
-        from_start, start, seg_end = positions[k], line_ends[k], seg_ends[k]
         if seg_end - 1 > start and buf[seg_end - 1] == 0x0A and buf[seg_end - 2] == 0x0A:
             end = seg_end - 1  # LF mail: the separating empty line
         else:
@@ -422,9 +423,7 @@ def index_buffer(
             add_size(size)
             add_seen(0)
             add_crlf(start - from_start >= 2 and buf[start - 1] == 0x0A and buf[start - 2] == 0x0D)
-            k += 1
             continue
-        nxt = k + 1
         facts = _add(index, buf, from_start, start, seg_end)
         if use_content_length and facts.content_length is not None:
             if position_of is None:
@@ -432,10 +431,9 @@ def index_buffer(
             target = index.body_starts[-1] + facts.content_length
             jump = _content_length_target(buf, length, target, position_of)
             if jump is not None and jump > k + 1:
-                nxt = jump
+                skip_to = jump
                 _drop_last(index)
                 _add(index, buf, from_start, start, positions[jump] if jump < count else length)
-        k = nxt
     index.fingerprint = _fingerprint_of_buffer(buf, index)
     if with_uids:
         work_out_uids(index, lambda a, n: bytes(buf[a : a + n]))
