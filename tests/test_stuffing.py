@@ -110,3 +110,13 @@ def test_line_buffer_never_holds_more_than_the_limit(data: bytes, cuts: list[int
             assert isinstance(item, OverlongLine)
         else:
             assert isinstance(item, Line) and item.data == raw.removesuffix(b"\r")
+
+
+@settings(max_examples=400)
+@given(stored=message_bytes)
+def test_whole_message_encoding_equals_the_streaming_encoder(stored: bytes) -> None:
+    from qpopper.protocol import encode_whole
+
+    assert encode_whole(stored) == encode(stored, [])
+    if b"\r" not in stored.replace(b"\r\n", b""):
+        assert encode_whole(stored) == reference_wire(stored)

@@ -22,7 +22,7 @@ from ._effects import (
 )
 from ._framing import LineBuffer
 from ._session import COMMAND_LINE_MAX, ConnectionSecurity, Session, SessionConfig, State, apop_digest
-from ._stuffing import SizeCounter, StuffingEncoder, wire_size
+from ._stuffing import SizeCounter, StuffingEncoder, encode_whole, wire_size
 
 __all__ = [
     "Authenticate",
@@ -48,5 +48,6 @@ __all__ = [
     "apop_digest",
     "SizeCounter",
     "StuffingEncoder",
+    "encode_whole",
     "wire_size",
 ]

@@ -63,6 +63,20 @@ def to_crlf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
+def encode_whole(data: bytes) -> bytes:
+    """A whole stored message as RETR sends it, before the final ".":
+    what StuffingEncoder gives for one chunk, without its bookkeeping
+    (most messages are read in one piece)."""
+    text = to_crlf(data)
+    if _DOT_AFTER_LF.search(text):
+        text = text.replace(b"\r\n.", b"\r\n..")
+    if text[:1] == b".":
+        text = b"." + text
+    if text and not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    return text
+
+
 class StuffingEncoder:
     """Streams one message: CRLF conversion, dot-stuffing, optional TOP cut.
 

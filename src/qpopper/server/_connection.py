@@ -52,6 +52,7 @@ from ..protocol import (
     StartTls,
     StuffingEncoder,
     SubmitMessage,
+    encode_whole,
     wire_size,
 )
 from ._privileges import SpoolPrivilege, check_spool, drop_to_user
@@ -751,9 +752,13 @@ class Connection:
                 log.error("%s: cannot read message %d of %s: %s", self.peer, effect.index + 1, self.session.user, exc)
                 self.session.message_unavailable()
                 return
-            encoder = StuffingEncoder(effect.body_lines)
+            if effect.body_lines is None:
+                body = encode_whole(mangled)
+            else:
+                top = StuffingEncoder(effect.body_lines)
+                body = top.encode(mangled) + top.finish()
             self._trace_out(effect.status)
-            self._out += effect.status + encoder.encode(mangled) + encoder.finish() + b".\r\n"
+            self._out += effect.status + body + b".\r\n"
             return
         chunks = self.maildrop.read(effect.index)
         try:
@@ -762,18 +767,23 @@ class Connection:
             log.error("%s: cannot read message %d of %s: %s", self.peer, effect.index + 1, self.session.user, exc)
             self.session.message_unavailable()
             return
-        encoder = StuffingEncoder(effect.body_lines)
         out = self._out
         self._trace_out(effect.status)
         out += effect.status
-        out += encoder.encode(first)
+        encoder: StuffingEncoder | None = None
         try:
-            for chunk in chunks:
-                if encoder.done:
-                    break
-                out += encoder.encode(chunk)
-                if len(out) >= WRITE_CHUNK:
-                    await self._flush()
+            second = next(chunks, None)
+            if second is None and effect.body_lines is None:
+                out += encode_whole(first)  # the usual RETR: the message came in one read
+            else:
+                encoder = StuffingEncoder(effect.body_lines)
+                out += encoder.encode(first)
+                chunk = second
+                while chunk is not None and not encoder.done:
+                    out += encoder.encode(chunk)
+                    if len(out) >= WRITE_CHUNK:
+                        await self._flush()
+                    chunk = next(chunks, None)
         except (MaildropError, OSError) as exc:
             # Half a message is on the wire: the only honest end is a close.
             log.error("%s: reading message %d of %s failed: %s", self.peer, effect.index + 1, self.session.user, exc)
@@ -782,7 +792,8 @@ class Connection:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
-        out += encoder.finish()
+        if encoder is not None:
+            out += encoder.finish()
         out += b".\r\n"
 
     def _privileged(self, func: Callable[..., T], *args: Any) -> T:
