@@ -197,6 +197,8 @@ def computed_uid(from_line: bytes, hashed_lines: list[bytes]) -> str:
 def wire_size_of(buf: bytes | mmap.mmap, start: int, end: int) -> int:
     """RFC 1939 size of buf[start:end]: counted in place in bytes, in
     bounded pieces copied out of a mapping (which has no count)."""
+    if not isinstance(buf, bytes) and end - start <= COUNT_CHUNK:
+        buf, start, end = buf[start:end], 0, end - start  # one copy, counted in place
     if isinstance(buf, bytes):
         size = end - start + buf.count(b"\n", start, end)
         if buf.find(b"\r", start, end) >= 0:
@@ -379,12 +381,11 @@ def index_buffer(
     seg_ends = positions[1:]
     seg_ends.append(length)
     count = len(positions)
-    # The loop below serves the usual message inline (no header that
-    # matters before its empty line): a 50,000-message spool spends most
-    # of its indexing time in per-message Python otherwise.
+    # The loop below adds the usual message inline (no header that matters
+    # before its empty line, found by one search); `_add` takes the others.
+    # A 50,000-message spool would spend most of its indexing time in
+    # per-message Python otherwise.
     scan = _HEADER_END_OR_RARE.search
-    lf_count = buf.count if isinstance(buf, bytes) else None  # a mapping has no count()
-    find = buf.find
     add_from, add_start, add_body = index.from_starts.append, index.starts.append, index.body_starts.append
     add_end, add_seg_end, add_size = index.ends.append, index.seg_ends.append, index.sizes.append
     add_seen, add_crlf = index.seen.append, index.crlf.append
@@ -400,27 +401,12 @@ def index_buffer(
             end = _message_end(buf, start, seg_end)
         found = scan(buf, start - 1, end)
         if found is not None and found.group(1) is not None:
-            if lf_count is not None:
-                size = end - start + lf_count(b"\n", start, end)
-                if find(b"\r", start, end) >= 0:
-                    size -= lf_count(b"\r\n", start, end)
-                if end > start and buf[end - 1] != 0x0A:
-                    size += 2
-            elif end - start <= COUNT_CHUNK:
-                piece = buf[start:end]  # one copy, counted in place
-                size = len(piece) + piece.count(b"\n")
-                if piece.find(b"\r") >= 0:
-                    size -= piece.count(b"\r\n")
-                if piece and piece[-1] != 0x0A:
-                    size += 2
-            else:
-                size = wire_size_of(buf, start, end)
             add_from(from_start)
             add_start(start)
             add_body(found.end())
             add_end(end)
             add_seg_end(seg_end)
-            add_size(size)
+            add_size(wire_size_of(buf, start, end))
             add_seen(0)
             add_crlf(start - from_start >= 2 and buf[start - 1] == 0x0A and buf[start - 2] == 0x0D)
             continue
@@ -503,13 +489,12 @@ def _add(index: MboxIndex, buf: bytes | mmap.mmap, from_start: int, start: int, 
     says so without copying the block.
     """
     end = _message_end(buf, start, seg_end)
-    found = _HEADER_END_OR_RARE.search(buf, start - 1, end) if start > from_start else None
-    if found is not None and found.group(1) is not None:
-        body = found.end()  # the usual case: no such header before the empty line
+    body = _body_start(buf, start, end)
+    header_end = min(body, start + MAX_HEADER_PARSE)
+    if start > from_start and _RARE_HEADER.search(buf, start - 1, header_end) is None:
         facts = _NO_FACTS
     else:
-        body = _body_start(buf, start, end)
-        facts = _NO_FACTS if start > from_start and found is None else parse_headers(bytes(buf[start : min(body, start + MAX_HEADER_PARSE)]))
+        facts = parse_headers(bytes(buf[start:header_end]))
     n = len(index.starts)
     index.from_starts.append(from_start)
     index.starts.append(start)

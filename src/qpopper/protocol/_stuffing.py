@@ -63,13 +63,17 @@ def to_crlf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
+def _stuff_line_starts(text: bytes) -> bytes:
+    """One more "." on every line after the first that starts with one
+    (CRLF text)."""
+    return text.replace(b"\r\n.", b"\r\n..") if _DOT_AFTER_LF.search(text) else text
+
+
 def encode_whole(data: bytes) -> bytes:
     """A whole stored message as RETR sends it, before the final ".":
     what StuffingEncoder gives for one chunk, without its bookkeeping
     (most messages are read in one piece)."""
-    text = to_crlf(data)
-    if _DOT_AFTER_LF.search(text):
-        text = text.replace(b"\r\n.", b"\r\n..")
+    text = _stuff_line_starts(to_crlf(data))
     if text[:1] == b".":
         text = b"." + text
     if text and not text.endswith(b"\r\n"):
@@ -160,7 +164,7 @@ class StuffingEncoder:
     def _stuff(self, text: bytes) -> bytes:
         if not text:
             return text
-        out = text.replace(b"\r\n.", b"\r\n..") if _DOT_AFTER_LF.search(text) else text
+        out = _stuff_line_starts(text)
         if self._at_line_start and out.startswith(b"."):
             out = b"." + out
         self._at_line_start = out.endswith(b"\r\n")
