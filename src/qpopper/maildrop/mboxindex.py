@@ -336,7 +336,8 @@ def _fingerprint_of_buffer(buf: bytes | mmap.mmap, index: MboxIndex) -> bytes:
     """`fingerprint` of the buffer just indexed: the From_ lines joined
     into one update (the digest is the same as line by line)."""
     h = _fingerprint_start(index)
-    h.update(b"".join([buf[a:s] for a, s in zip(index.from_starts, index.starts)]))
+    with memoryview(buf) as view:  # slices of a view are not copied before the join
+        h.update(b"".join([view[a:s] for a, s in zip(index.from_starts, index.starts)]))
     return _fingerprint_end(h, lambda a, n: bytes(buf[a : a + n]), index)
 
 
