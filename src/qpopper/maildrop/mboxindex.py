@@ -61,6 +61,10 @@ MAX_HEADER_PARSE = 256 * 1024
 COUNT_CHUNK = 4 * 1024 * 1024
 # Spools up to this size are read whole rather than mapped.
 READ_WHOLE_BYTES = 1024 * 1024
+# Mappings up to this size are populated at once (fewer page faults); the
+# populating read runs before the first dotlock refresh, so a bigger spool
+# on a slow disk is left to fault in as the scan goes, refreshing as it goes.
+POPULATE_BYTES = 1024 * 1024 * 1024
 # qpopper accepts an X-UIDL value (with its line end) of 12..33 octets.
 XUIDL_MIN, XUIDL_MAX = 12, 33
 
@@ -569,7 +573,8 @@ def index_file(
         except EOFError as exc:  # cut short under us: the callers' "cannot index"
             raise ValueError(str(exc)) from exc
         return index_buffer(data, length, use_content_length=use_content_length, tick=tick, with_uids=False)
-    with mmap.mmap(fd, length, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), mmap.PROT_READ) as mm:
+    populate = getattr(mmap, "MAP_POPULATE", 0) if length <= POPULATE_BYTES else 0
+    with mmap.mmap(fd, length, mmap.MAP_SHARED | populate, mmap.PROT_READ) as mm:
         if hasattr(mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
             mm.madvise(mmap.MADV_SEQUENTIAL)
         return index_buffer(mm, length, use_content_length=use_content_length, tick=tick, with_uids=False)
