@@ -90,10 +90,11 @@ _HASHED = frozenset((b"received", b"date", b"message-id", b"subject"))
 # Both start with a literal newline (searched for in C) and are applied to
 # the block with a newline in front; the line end of a hashed line is put
 # back by the caller, so that adjacent lines each keep their newline.
-_RARE_HEADER = re.compile(rb"\n(?i:x-uidl|status|content-length):")
+_RARE_NAMES = rb"(?i:x-uidl|status|content-length):"
+_RARE_HEADER = re.compile(rb"\n" + _RARE_NAMES)
 # Whichever comes first from a message's From_ line end: one of those
 # headers, or the empty line that ends the header block (group 1).
-_HEADER_END_OR_RARE = re.compile(rb"\n(?:(\r?\n)|(?i:x-uidl|status|content-length):)")
+_HEADER_END_OR_RARE = re.compile(rb"\n(?:(\r?\n)|" + _RARE_NAMES + rb")")
 _HASHED_LINE = re.compile(rb"\n((?i:received|date|message-id|subject):[^\n]*)")
 _CONTENT_LENGTH = re.compile(rb"[ \t]*([0-9]{1,15})[ \t]*\r?\n?\Z")
 
