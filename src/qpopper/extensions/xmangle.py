@@ -153,8 +153,8 @@ from .manglespec import (
 )
 
 # The email package and html's entity table (2 MB of a server's memory)
-# are imported by the functions that mangle, on first use: the protocol
-# core needs only MangleSpec and its parser.
+# are imported by the functions that mangle, on first use; the protocol
+# core does not import this module at all, only `manglespec`.
 if TYPE_CHECKING:
     from email.message import Message
 
