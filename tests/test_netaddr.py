@@ -27,7 +27,7 @@ def test_agrees_with_ipaddress(address: ipaddress.IPv4Address | ipaddress.IPv6Ad
 
 
 def test_forms_getpeername_does_not_produce() -> None:
-    for text in ("", "local", "1.2.3", "127.1", "localhost", "::1::", "300.1.1.1"):
+    for text in ("", "local", "1.2.3", "127.1", "localhost", "::1::", "300.1.1.1", "127.0.0.1\x00", "::1\x00"):
         assert ipv4_octets(text) is None
         assert not is_loopback(text)
     assert is_loopback("::1%lo") and ipv4_octets("::ffff:127.0.0.1%eth0") == bytes([127, 0, 0, 1])

@@ -18,7 +18,7 @@ _V6_LOOPBACK = bytes(15) + b"\x01"
 def _ipv6_octets(address: str) -> bytes | None:
     try:
         return socket.inet_pton(socket.AF_INET6, address.partition("%")[0])
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL
         return None
 
 
@@ -27,7 +27,7 @@ def ipv4_octets(address: str) -> bytes | None:
     shows it as ::ffff:a.b.c.d; None for any other address."""
     try:
         return socket.inet_pton(socket.AF_INET, address)
-    except OSError:
+    except (OSError, ValueError):
         pass
     packed = _ipv6_octets(address)
     if packed is not None and packed[:12] == _V4_MAPPED:
