@@ -4,7 +4,7 @@ Split from the mangler (`xmangle`) because the protocol core parses the
 modifier on every RETR, TOP and LIST argument and keeps the spec type,
 while the mangler itself, with its MIME walking and HTML tables, is needed
 only once a client actually asks for XMANGLE or logs in with -no-mime;
-a daemon that never mangles does not load it (~0.3 MB per process).
+a daemon that never mangles does not load it (a few hundred kB per process).
 The grammar is documented in `xmangle`.
 """
 
@@ -52,6 +52,7 @@ _REFUSED_CODECS = frozenset(
     }
 )
 _ASCII_PROBE = "Aa09 \t\n!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+
 
 @functools.lru_cache(maxsize=256)
 def codec_name(label: str) -> str | None:

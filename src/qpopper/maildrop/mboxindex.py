@@ -401,10 +401,7 @@ def index_buffer(
             continue
         if tick is not None and not k & 511:
             tick()
-        if seg_end - 1 > start and buf[seg_end - 1] == 0x0A and buf[seg_end - 2] == 0x0A:
-            end = seg_end - 1  # LF mail: the separating empty line
-        else:
-            end = _message_end(buf, start, seg_end)
+        end = _message_end(buf, start, seg_end)
         found = scan(buf, start - 1, end)
         if found is not None and found.group(1) is not None:
             add_from(from_start)
