@@ -308,9 +308,20 @@ def test_retr_asks_to_stream_with_size() -> None:  # rows 34, 38
 def test_unreadable_message_gets_sys_temp() -> None:
     session = logged_in()
     run(session, b"RETR 1\r\n")
-    session.message_unavailable()
+    session.message_unavailable(0)
     out, _ = run(session, b"NOOP\r\n")
     assert lines(out) == [b"-ERR [SYS/TEMP] Message cannot be read now.", b"+OK no big woop"]
+
+
+def test_an_unreadable_message_is_not_retrieved_for_auto_delete() -> None:
+    """Auto-delete removes what was retrieved: a message that could not be
+    sent must stay (so must one sent earlier that fails the second time)."""
+    session = logged_in(auto_delete=True)
+    run(session, b"RETR 1\r\nRETR 2\r\n")
+    session.message_unavailable(0)
+    _, effects = run(session, b"QUIT\r\n")
+    commit = next(e for e in effects if isinstance(e, Commit))
+    assert commit.deleted == frozenset({1}) and commit.retrieved == frozenset({1})
 
 
 def test_dele_twice_and_numbers_stay() -> None:  # rows 39, 40

@@ -327,6 +327,57 @@ def test_message_vanishing_under_the_session(pop_server: Controller, fill: Fill)
     assert client.quit().startswith(b"+OK")
 
 
+def _pipelined(server: Controller, commands: bytes) -> bytes:
+    """Everything the server sends for these commands, until it closes."""
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    sock.sendall(b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\n" + commands)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    sock.close()
+    return received
+
+
+@pytest.mark.parametrize("sent_before_failure", [False, True])
+def test_read_failing_mid_message(
+    pop_server: Controller, fill: Fill, monkeypatch: pytest.MonkeyPatch, sent_before_failure: bool
+) -> None:
+    """Message 2 fails after its first piece. If nothing of it has gone out
+    yet, the client hears -ERR [SYS/TEMP] and the session goes on (the DELE
+    before it is committed at QUIT); if part of it is on the wire, the
+    connection closes without the final "." and nothing is committed. No
+    traceback either way. (A disk failing mid-read cannot be made here: the
+    maildrop's read is replaced for message 2.)"""
+    from qpopper.errors import MaildropError
+    from qpopper.maildrop.maildir import MaildirMaildrop
+
+    maildir = fill("alice", [message(1), message(2)])
+    real_read = MaildirMaildrop.read
+    big = b"x" * 70 + b"\n"
+
+    def failing_read(self: MaildirMaildrop, index: int, chunk_size: int = 65536):  # type: ignore[no-untyped-def]
+        if index != 1:
+            yield from real_read(self, index, chunk_size)
+            return
+        yield b"Subject: half\n\nfirst piece\n"
+        if sent_before_failure:
+            yield big * 4000  # past the write threshold: flushed to the client
+        raise MaildropError("disk gone")
+
+    monkeypatch.setattr(MaildirMaildrop, "read", failing_read)
+    received = _pipelined(pop_server, b"DELE 1\r\nRETR 2\r\nQUIT\r\n")
+    assert b"Traceback" not in received and b"Internal" not in received
+    left = list((maildir / "new").iterdir()) + list((maildir / "cur").iterdir())
+    if sent_before_failure:
+        assert b"first piece" in received and not received.endswith(b"\r\n.\r\n")
+        assert b"signing off" not in received and len(left) == 2
+    else:
+        assert b"first piece" not in received
+        assert b"-ERR [SYS/TEMP] Message cannot be read now.\r\n+OK" in received
+        assert received.endswith(b"\r\n") and b"signing off" in received
+        assert len(left) == 1 and b"test 2" in left[0].read_bytes()
+
+
 def test_many_concurrent_sessions(pop_server: Controller, fill: Fill, mailroot: Path) -> None:
     users = [f"user{i}" for i in range(20)]
     auth = StaticAuthenticator({u: PASSWORD for u in users}, mail_location=f"maildir:{mailroot}/%u/Maildir")

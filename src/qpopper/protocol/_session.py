@@ -435,8 +435,14 @@ class Session:
         self._emit(Close("quit"))
         self.state = State.CLOSED
 
-    def message_unavailable(self) -> None:
-        """A message listed at login can no longer be read."""
+    def message_unavailable(self, index: int) -> None:
+        """Message `index`, listed at login, could not be read (none of it
+        was sent). It no longer counts as retrieved: auto-delete and the
+        Status update must not act on mail the client never got."""
+        if index in self._retrieved:
+            kept = set(self._retrieved)
+            kept.discard(index)
+            self._retrieved = kept
         self._emit(Send(_err("Message cannot be read now.", ResponseCode.SYS_TEMP)))
 
     def internal_error(self) -> None:

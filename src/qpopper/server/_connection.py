@@ -750,7 +750,7 @@ class Connection:
                 mangled = await self._mangled(effect.index, effect.mangle)
             except (MaildropError, OSError) as exc:
                 log.error("%s: cannot read message %d of %s: %s", self.peer, effect.index + 1, self.session.user, exc)
-                self.session.message_unavailable()
+                self.session.message_unavailable(effect.index)
                 return
             if effect.body_lines is None:
                 body = encode_whole(mangled)
@@ -765,10 +765,10 @@ class Connection:
             first = next(chunks, b"")
         except (MaildropError, OSError) as exc:
             log.error("%s: cannot read message %d of %s: %s", self.peer, effect.index + 1, self.session.user, exc)
-            self.session.message_unavailable()
+            self.session.message_unavailable(effect.index)
             return
         out = self._out
-        self._trace_out(effect.status)
+        start = len(out)  # this reply's first byte while nothing of it has been sent
         out += effect.status
         encoder: StuffingEncoder | None = None
         try:
@@ -782,16 +782,23 @@ class Connection:
                 while chunk is not None and not encoder.done:
                     out += encoder.encode(chunk)
                     if len(out) >= WRITE_CHUNK:
+                        self._trace_out(effect.status)
+                        start = -1
                         await self._flush()
                     chunk = next(chunks, None)
         except (MaildropError, OSError) as exc:
-            # Half a message is on the wire: the only honest end is a close.
             log.error("%s: reading message %d of %s failed: %s", self.peer, effect.index + 1, self.session.user, exc)
-            raise _Abort() from exc
+            if start < 0:
+                raise _Abort() from exc  # half a message is on the wire: the only honest end is a close
+            del out[start:]  # none of it went out: take it back and answer like an unreadable message
+            self.session.message_unavailable(effect.index)
+            return
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
+        if start >= 0:
+            self._trace_out(effect.status)
         if encoder is not None:
             out += encoder.finish()
         out += b".\r\n"
