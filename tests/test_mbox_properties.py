@@ -128,3 +128,49 @@ def test_a_mapped_spool_indexes_like_bytes(spool: bytes) -> None:
     for name in ("from_starts", "starts", "body_starts", "ends", "seg_ends", "sizes", "seen", "crlf"):
         assert list(getattr(a, name)) == list(getattr(b, name)), name
     assert (a.xuidls, a.uids, a.fingerprint) == (b.xuidls, b.uids, b.fingerprint)
+
+
+def _separators_line_by_line(spool: bytes) -> tuple[list[int], list[int]]:
+    """The module docstring's rule, one line at a time: a valid From_ line
+    that starts the file or follows an empty line (LF or CRLF)."""
+    from qpopper.maildrop.mboxindex import MAX_FROM_LINE, is_from_line
+
+    positions: list[int] = []
+    line_ends: list[int] = []
+    pos, previous_empty = 0, True
+    while pos < len(spool):
+        nl = spool.find(b"\n", pos)
+        end = len(spool) if nl < 0 else nl + 1
+        line = spool[pos:end]
+        if previous_empty and len(line) <= MAX_FROM_LINE and is_from_line(line):
+            positions.append(pos)
+            line_ends.append(end)
+        previous_empty = line in (b"\n", b"\r\n")
+        pos = end
+    return positions, line_ends
+
+
+FROM_TOKENS = SPOOL_TOKENS + [
+    b"From a Wed Dec  2 05:53 1992\n", b"From a Wed Dec  2 05:53 1992\r\n", b"From b Wed Dec 12 05:53 PST 1992\n",
+    b"From c Wed Dec  2 05:53:01 +0100 1992 remote from h\n", b"From d Wed Dec  2 05:53 1992 PST\n",
+    b"From e Wed Dec  2 05:53 1992", b"From f Wed Dec  2 5:53 1992\n", b"From \n", b"\r\r\n",
+]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(FROM_TOKENS) | st.binary(max_size=6), max_size=40).map(b"".join))
+def test_separators_agree_with_a_line_by_line_reading(spool: bytes) -> None:
+    """The From_ lines found by searching the whole spool at once are the
+    ones a reader going line by line accepts, at the same offsets."""
+    from qpopper.maildrop.mboxindex import _separators
+
+    assert _separators(spool, len(spool)) == _separators_line_by_line(spool)
+
+
+def test_separators_reject_an_overlong_from_line() -> None:
+    from qpopper.maildrop.mboxindex import MAX_FROM_LINE, _separators
+
+    tail = b" Wed Dec  2 05:53 1992\n"
+    for pad, found in ((MAX_FROM_LINE - 5 - len(tail), True), (MAX_FROM_LINE - 4 - len(tail), False)):
+        spool = b"From a Wed Dec  2 05:53 1992\nx\n\nFrom " + b"x" * pad + tail
+        assert len(_separators(spool, len(spool))[0]) == (2 if found else 1)
