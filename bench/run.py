@@ -221,6 +221,24 @@ def mem_status(pid: int) -> dict[str, int]:
     return out
 
 
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and kernel CPU seconds of a process and its children so far
+    (utime+cutime, stime+cstime): what share of a server's cost lies in
+    system calls and the network stack rather than in its own code."""
+    user = kernel = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after the name: [0] state ... [11] utime [12] stime [13] cutime [14] cstime
+        user += (int(fields[11]) + int(fields[13])) / tick
+        kernel += (int(fields[12]) + int(fields[14])) / tick
+    return user, kernel
+
+
 class MemSampler:
     """Samples a process's anonymous and file-backed RSS every 20 ms; keeps the peaks."""
 
@@ -481,12 +499,17 @@ class Bench:
         argv = ["compare", sc.popbench, "--a", f"127.0.0.1:{a[0]}", "--a-pid", str(a[1]),
                 "--b", f"127.0.0.1:{b[0]}", "--b-pid", str(b[1]), "--rounds", str(self.rounds),
                 "--pause", "1", "--password", PASSWORD, *sc.args]
+        # Only B (ours) is split: A's work is spread over Dovecot's short-lived
+        # login processes. Ours is idle while A runs, so the delta is B's runs.
+        split0 = cpu_split(b[1])
         rc, lines, err = self.popbench(argv, timeout=1800)
+        split1 = cpu_split(b[1])
         (self.raw / f"{fmt}-{sc.name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         runs = [x for x in lines if "side" in x]
         data: dict[str, Any] = {"scenario": sc, "argv": argv, "rc": rc, "runs": runs,
                                 "errors": [x.get("error_samples") for x in runs if not x.get("ok", True)],
-                                "stderr": err[-3000:] if rc != 0 else ""}
+                                "stderr": err[-3000:] if rc != 0 else "",
+                                "ours_user_kernel_s": (split1[0] - split0[0], split1[1] - split0[1])}
         self.results[key] = data
         bad = sum(1 for x in runs if not x.get("ok", True))
         log(f"{key}: rc={rc}, {len(runs)} runs, {bad} with errors")
@@ -609,6 +632,43 @@ def side_values(runs: list[dict[str, Any]], side: str, key: str) -> list[float]:
     return [float(x[key]) for x in runs if x.get("side") == side and x.get(key) is not None]
 
 
+def ceiling_figure(bench: Bench, scenario: str, concurrency: int | None, key: str) -> float | None:
+    """A figure of the canned server from this run's ceiling measurement."""
+    for x in bench.extra.get("ceiling") or []:
+        if x.get("scenario") == scenario and x.get(key) is not None and (
+                concurrency is None or x.get("params", {}).get("concurrency") == concurrency):
+            return float(x[key])
+    return None
+
+
+def cost_notes(bench: Bench, name: str, data: dict[str, Any]) -> list[str]:
+    """Where our CPU goes, for the sections with a CPU target: the kernel's
+    share of it, and the floor a server that only answers from memory sets."""
+    runs = data["runs"]
+    notes: list[str] = []
+    user, kernel = data.get("ours_user_kernel_s") or (0.0, 0.0)
+    if name in ("login", "tls-login", "retr-c1", "retr-c8") and user + kernel > 0:
+        notes.append(f"\nqpopper's CPU over the comparison, warm-ups included (/proc utime and stime): {user:.1f} s user, {kernel:.1f} s "
+                     f"kernel ({100 * kernel / (user + kernel):.0f} % in system calls and the network stack).")
+    dovecot = side_values(runs, "A", "server_cpu_s_per_gb")
+    ours = side_values(runs, "B", "server_cpu_s_per_gb")
+    if name.startswith("retr-c") and dovecot and ours:
+        floor = ceiling_figure(bench, "retr", int(name[len("retr-c"):]), "server_cpu_s_per_gb")
+        sizes = [x["mbytes"] * 1e6 / x["messages"] for x in runs if x.get("side") == "B" and x.get("messages")]
+        if floor is not None and sizes:
+            bound = 0.5 * statistics.median(dovecot)
+            mine = statistics.median(ours)
+            per_msg_us = statistics.median(sizes) / 1e3  # µs per message for each s/GB
+            notes.append(
+                f"\nFloor: popbench's canned server (answers from memory: no file read, no encoding, no session "
+                f"state) used {floor:.2f} s/GB at this concurrency in the ceiling run. The CPU target "
+                f"(<= {bound:.2f} s/GB, half of Dovecot's) leaves {bound - floor:.2f} s/GB above that floor, "
+                f"{(bound - floor) * per_msg_us:.0f} µs per average message ({statistics.median(sizes) / 1e3:.1f} kB); "
+                f"qpopper spends {mine - floor:.2f} s/GB above it, {(mine - floor) * per_msg_us:.0f} µs per message "
+                f"(reading the file, line ends and dot-stuffing, the command).")
+    return notes
+
+
 def write_report(bench: Bench, args: argparse.Namespace, argv: list[str]) -> Path:
     env = bench.env
     lines: list[str] = []
@@ -666,6 +726,8 @@ def write_report(bench: Bench, args: argparse.Namespace, argv: list[str]) -> Pat
             if m.chart and ratio:
                 adv = ratio if m.higher_is_better else 1 / ratio
                 chart_points.append((f"{fmt} {name}\n{m.label}", adv))
+        for note in cost_notes(bench, name, data):
+            w(note)
         if name == "bigbox":
             cold = bench.extra.get(f"{fmt}/bigbox_cold") or []
             ours = side_values(runs, "B", "ready_s_median")
