@@ -130,7 +130,7 @@ def test_a_mapped_spool_indexes_like_bytes(spool: bytes) -> None:
     assert (a.xuidls, a.uids, a.fingerprint) == (b.xuidls, b.uids, b.fingerprint)
 
 
-def _separators_line_by_line(spool: bytes) -> tuple[list[int], list[int]]:
+def _separators_line_by_line(spool: bytes) -> tuple[list[int], list[int], list[bytes]]:
     """The module docstring's rule, one line at a time: a valid From_ line
     that starts the file or follows an empty line (LF or CRLF)."""
     from qpopper.maildrop.mboxindex import MAX_FROM_LINE, is_from_line
@@ -147,7 +147,7 @@ def _separators_line_by_line(spool: bytes) -> tuple[list[int], list[int]]:
             line_ends.append(end)
         previous_empty = line in (b"\n", b"\r\n")
         pos = end
-    return positions, line_ends
+    return positions, line_ends, [spool[p:e] for p, e in zip(positions, line_ends)]
 
 
 FROM_TOKENS = SPOOL_TOKENS + [
@@ -161,7 +161,8 @@ FROM_TOKENS = SPOOL_TOKENS + [
 @given(st.lists(st.sampled_from(FROM_TOKENS) | st.binary(max_size=6), max_size=40).map(b"".join))
 def test_separators_agree_with_a_line_by_line_reading(spool: bytes) -> None:
     """The From_ lines found by searching the whole spool at once are the
-    ones a reader going line by line accepts, at the same offsets."""
+    ones a reader going line by line accepts, at the same offsets (and the
+    lines handed on for the fingerprint are those lines)."""
     from qpopper.maildrop.mboxindex import _separators
 
     assert _separators(spool, len(spool)) == _separators_line_by_line(spool)
@@ -174,3 +175,29 @@ def test_separators_reject_an_overlong_from_line() -> None:
     for pad, found in ((MAX_FROM_LINE - 5 - len(tail), True), (MAX_FROM_LINE - 4 - len(tail), False)):
         spool = b"From a Wed Dec  2 05:53 1992\nx\n\nFrom " + b"x" * pad + tail
         assert len(_separators(spool, len(spool))[0]) == (2 if found else 1)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(FROM_TOKENS + [b"Content-Length: 0\n", b"Content-Length: 12\n\n"])
+                | st.binary(max_size=6), max_size=40).map(b"".join), st.booleans())
+def test_the_index_fingerprint_is_the_one_update_recomputes(spool: bytes, use_content_length: bool) -> None:
+    """UPDATE recomputes the fingerprint from the file and refuses to write
+    on a mismatch: for an unchanged spool the two must always agree,
+    whichever way the index hashed the From_ lines."""
+    from qpopper.maildrop.mboxindex import fingerprint, index_buffer
+
+    index = index_buffer(spool, use_content_length=use_content_length)
+    assert index.fingerprint == fingerprint(lambda a, n: spool[a : a + n], index)
+
+
+def test_the_fingerprint_after_a_content_length_jump() -> None:
+    """A Content-Length that puts a From_ line inside a body: that line is
+    not a boundary and is not hashed as one."""
+    from qpopper.maildrop.mboxindex import fingerprint, index_buffer
+
+    body = b"x\n\nFrom b Wed Dec  2 05:53 1992\nquoted, not a message\n"
+    spool = (b"From a Wed Dec  2 05:53 1992\nContent-Length: %d\n\n" % len(body) + body
+             + b"\nFrom c Wed Dec  2 05:53 1992\n\nbody\n")
+    index = index_buffer(spool)
+    assert len(index) == 2
+    assert index.fingerprint == fingerprint(lambda a, n: spool[a : a + n], index)

@@ -68,9 +68,9 @@ POPULATE_BYTES = 1024 * 1024 * 1024
 # qpopper accepts an X-UIDL value (with its line end) of 12..33 octets.
 XUIDL_MIN, XUIDL_MAX = 12, 33
 
-# A line starting "From " (after the newline before it) up to and with its
-# newline; a line longer than MAX_FROM_LINE ends the match without one.
-_FROM_LINE = re.compile(rb"\nFrom [^\n]{0,%d}\n?" % (MAX_FROM_LINE - 6))
+# A line starting "From " (group 1, after the newline before it) up to and
+# with its newline; a line longer than MAX_FROM_LINE ends the match without one.
+_FROM_LINE = re.compile(rb"\n(From [^\n]{0,%d}\n?)" % (MAX_FROM_LINE - 6))
 _FIRST_FROM_LINE = re.compile(rb"From [^\n]{0,%d}\n?" % (MAX_FROM_LINE - 6))
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 # The tail of a valid From_ line: the c-client date layouts.
@@ -263,15 +263,18 @@ class MboxIndex:
         return i in self.xuidls
 
 
-def _separators(buf: bytes | mmap.mmap, length: int) -> tuple[list[int], list[int]]:
-    """Offsets of valid From_ lines and of the line after each.
+def _separators(buf: bytes | mmap.mmap, length: int) -> tuple[list[int], list[int], list[bytes]]:
+    """Offsets of valid From_ lines, of the line after each, and the lines.
 
     One regex walk finds every line starting "From " together with its end
     (at most MAX_FROM_LINE octets; a longer line is body text), so the
-    per-candidate Python is two byte tests and the date check.
+    per-candidate Python is two byte tests and the date check. The lines
+    are kept for the fingerprint, which would otherwise slice them out of
+    the buffer again.
     """
     positions: list[int] = []
     line_ends: list[int] = []
+    lines: list[bytes] = []
     if buf[:5] == b"From ":
         first = _FIRST_FROM_LINE.match(buf)
         assert first is not None
@@ -279,6 +282,7 @@ def _separators(buf: bytes | mmap.mmap, length: int) -> tuple[list[int], list[in
         if (eol == length or buf[eol - 1] == 0x0A) and _FROM_DATE.search(buf, 0, eol):
             positions.append(0)
             line_ends.append(eol)
+            lines.append(first.group())
     date = _FROM_DATE.search
     for m in _FROM_LINE.finditer(buf):
         nl, eol = m.span()
@@ -288,7 +292,8 @@ def _separators(buf: bytes | mmap.mmap, length: int) -> tuple[list[int], list[in
             if (eol == length or buf[eol - 1] == 0x0A) and date(buf, nl + 1, eol):
                 positions.append(nl + 1)
                 line_ends.append(eol)
-    return positions, line_ends
+                lines.append(m.group(1))
+    return positions, line_ends, lines
 
 
 def _message_end(buf: bytes | mmap.mmap, start: int, seg_end: int) -> int:
@@ -337,12 +342,16 @@ def fingerprint(read_at: Callable[[int, int], bytes], index: MboxIndex) -> bytes
     return _fingerprint_end(h, read_at, index)
 
 
-def _fingerprint_of_buffer(buf: bytes | mmap.mmap, index: MboxIndex) -> bytes:
-    """`fingerprint` of the buffer just indexed: the From_ lines joined
-    into one update (the digest is the same as line by line)."""
+def _fingerprint_of_buffer(buf: bytes | mmap.mmap, index: MboxIndex, from_lines: list[bytes] | None) -> bytes:
+    """`fingerprint` of the buffer just indexed, the From_ lines joined into
+    one update (the digest is the same as line by line): `from_lines` when
+    they are exactly the indexed messages' From_ lines, else sliced out."""
     h = _fingerprint_start(index)
-    with memoryview(buf) as view:  # slices of a view are not copied before the join
-        h.update(b"".join([view[a:s] for a, s in zip(index.from_starts, index.starts)]))
+    if from_lines is not None:
+        h.update(b"".join(from_lines))
+    else:
+        with memoryview(buf) as view:  # slices of a view are not copied before the join
+            h.update(b"".join([view[a:s] for a, s in zip(index.from_starts, index.starts)]))
     return _fingerprint_end(h, lambda a, n: bytes(buf[a : a + n]), index)
 
 
@@ -377,7 +386,7 @@ def index_buffer(
     if length is None:
         length = len(buf)
     index = MboxIndex(length=length)
-    positions, line_ends = _separators(buf, length)
+    positions, line_ends, from_lines = _separators(buf, length)
     first = positions[0] if positions else length
     if buf[:first].strip(b"\r\n\t \0"):
         # Text before the first From_ line: serve it rather than refuse the
@@ -396,6 +405,7 @@ def index_buffer(
     add_end, add_seg_end, add_size = index.ends.append, index.seg_ends.append, index.sizes.append
     add_seen, add_crlf = index.seen.append, index.crlf.append
     skip_to = 0  # separators a Content-Length put inside a message body
+    jumped = False  # some were: not every From_ line found starts a message
     for k, (from_start, start, seg_end) in enumerate(zip(positions, line_ends, seg_ends)):
         if k < skip_to:
             continue
@@ -421,9 +431,12 @@ def index_buffer(
             jump = _content_length_target(buf, length, target, position_of)
             if jump is not None and jump > k + 1:
                 skip_to = jump
+                jumped = True
                 _drop_last(index)
                 _add(index, buf, from_start, start, positions[jump] if jump < count else length)
-    index.fingerprint = _fingerprint_of_buffer(buf, index)
+    # Text before the first From_ line adds a message with an empty From_
+    # line, so without a jump the lines found are the messages' From_ lines.
+    index.fingerprint = _fingerprint_of_buffer(buf, index, None if jumped else from_lines)
     if with_uids:
         work_out_uids(index, lambda a, n: bytes(buf[a : a + n]))
     return index
