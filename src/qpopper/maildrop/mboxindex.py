@@ -49,6 +49,7 @@ import re
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ._base import is_valid_uid
 
@@ -263,18 +264,29 @@ class MboxIndex:
         return i in self.xuidls
 
 
-def _separators(buf: bytes | mmap.mmap, length: int) -> tuple[list[int], list[int], list[bytes]]:
-    """Offsets of valid From_ lines, of the line after each, and the lines.
+class _Separators(NamedTuple):
+    """The valid From_ lines of a buffer, in order."""
 
-    One regex walk finds every line starting "From " together with its end
-    (at most MAX_FROM_LINE octets; a longer line is body text), so the
-    per-candidate Python is two byte tests and the date check. The lines
-    are kept for the fingerprint, which would otherwise slice them out of
-    the buffer again.
+    positions: list[int]  # where each starts
+    line_ends: list[int]  # where the line after each starts
+    lines: list[bytes]  # the lines themselves, for the fingerprint
+    # Where the message before each ends: the empty line that must come
+    # before a From_ line is the format's, not the message's (see
+    # `_message_end`, which says the same for the last message).
+    ends_before: list[int]
+
+
+def _separators(buf: bytes | mmap.mmap, length: int) -> _Separators:
+    """Every valid From_ line, found by one regex walk.
+
+    The walk finds every line starting "From " together with its end (at
+    most MAX_FROM_LINE octets; a longer line is body text), so the
+    per-candidate Python is two byte tests and the date check. What the
+    index needs of each line is kept: reading it out of the buffer again
+    per message would cost more than keeping it.
     """
-    positions: list[int] = []
-    line_ends: list[int] = []
-    lines: list[bytes] = []
+    found = _Separators([], [], [], [])
+    positions, line_ends, lines, ends_before = found
     if buf[:5] == b"From ":
         first = _FIRST_FROM_LINE.match(buf)
         assert first is not None
@@ -283,17 +295,24 @@ def _separators(buf: bytes | mmap.mmap, length: int) -> tuple[list[int], list[in
             positions.append(0)
             line_ends.append(eol)
             lines.append(first.group())
+            ends_before.append(0)
     date = _FROM_DATE.search
     for m in _FROM_LINE.finditer(buf):
         nl, eol = m.span()
         # The line before must be empty: "\n\n", "\n\r\n", or the file's
         # first line ("\n" or "\r\n" at offset 0).
-        if nl == 0 or buf[nl - 1] == 0x0A or (buf[nl - 1] == 0x0D and (nl == 1 or buf[nl - 2] == 0x0A)):
-            if (eol == length or buf[eol - 1] == 0x0A) and date(buf, nl + 1, eol):
-                positions.append(nl + 1)
-                line_ends.append(eol)
-                lines.append(m.group(1))
-    return positions, line_ends, lines
+        if nl == 0 or buf[nl - 1] == 0x0A:
+            end_before = nl
+        elif buf[nl - 1] == 0x0D and (nl == 1 or buf[nl - 2] == 0x0A):
+            end_before = nl - 1
+        else:
+            continue
+        if (eol == length or buf[eol - 1] == 0x0A) and date(buf, nl + 1, eol):
+            positions.append(nl + 1)
+            line_ends.append(eol)
+            lines.append(m.group(1))
+            ends_before.append(end_before)
+    return found
 
 
 def _message_end(buf: bytes | mmap.mmap, start: int, seg_end: int) -> int:
@@ -386,7 +405,7 @@ def index_buffer(
     if length is None:
         length = len(buf)
     index = MboxIndex(length=length)
-    positions, line_ends, from_lines = _separators(buf, length)
+    positions, line_ends, from_lines, ends_before = _separators(buf, length)
     first = positions[0] if positions else length
     if buf[:first].strip(b"\r\n\t \0"):
         # Text before the first From_ line: serve it rather than refuse the
@@ -396,6 +415,9 @@ def index_buffer(
     seg_ends = positions[1:]
     seg_ends.append(length)
     count = len(positions)
+    ends = ends_before[1:]
+    if count:
+        ends.append(_message_end(buf, line_ends[-1], length))
     # The loop below adds the usual message inline (no header that matters
     # before its empty line, found by one search); `_add` takes the others.
     # A 50,000-message spool would spend most of its indexing time in
@@ -406,12 +428,11 @@ def index_buffer(
     add_seen, add_crlf = index.seen.append, index.crlf.append
     skip_to = 0  # separators a Content-Length put inside a message body
     jumped = False  # some were: not every From_ line found starts a message
-    for k, (from_start, start, seg_end) in enumerate(zip(positions, line_ends, seg_ends)):
+    for k, (from_start, start, seg_end, end) in enumerate(zip(positions, line_ends, seg_ends, ends)):
         if k < skip_to:
             continue
         if tick is not None and not k & 511:
             tick()
-        end = _message_end(buf, start, seg_end)
         found = scan(buf, start - 1, end)
         if found is not None and found.group(1) is not None:
             add_from(from_start)
