@@ -76,6 +76,11 @@ _FIRST_FROM_LINE = re.compile(rb"From [^\n]{0,%d}\n?" % (MAX_FROM_LINE - 6))
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 # The tail of a valid From_ line: the c-client date layouts.
 _ZONE = rb"(?:[A-Za-z]{3}|[+-][0-9]{4})"
+# The layout nearly every delivery agent writes (" Wed Dec  2 05:53:22 1992"
+# and an LF), checked at its fixed place at the end of the line before the
+# search above has to look for a date anywhere in it.
+_USUAL_DATE_TAIL = re.compile(rb" [A-Za-z]{3} [A-Za-z]{3} [ 0-9][0-9] [0-9]{2}:[0-9]{2}:[0-9]{2} [0-9]{4}\n")
+_USUAL_TAIL_LEN = 26
 _FROM_DATE = re.compile(
     rb" [A-Za-z]{3} [A-Za-z]{3} [ 0-9][0-9] [0-9]{2}:[0-9]{2}(?::[0-9]{2})?"
     rb"(?: " + _ZONE + rb" [0-9]{4}| [0-9]{4}(?: " + _ZONE + rb")?)"
@@ -296,7 +301,7 @@ def _separators(buf: bytes | mmap.mmap, length: int) -> _Separators:
             line_ends.append(eol)
             lines.append(first.group())
             ends_before.append(0)
-    date = _FROM_DATE.search
+    date, usual = _FROM_DATE.search, _USUAL_DATE_TAIL.fullmatch
     for m in _FROM_LINE.finditer(buf):
         nl, eol = m.span()
         # The line before must be empty: "\n\n", "\n\r\n", or the file's
@@ -307,7 +312,10 @@ def _separators(buf: bytes | mmap.mmap, length: int) -> _Separators:
             end_before = nl - 1
         else:
             continue
-        if (eol == length or buf[eol - 1] == 0x0A) and date(buf, nl + 1, eol):
+        # (A line too short for the usual tail puts its newline before "From "
+        # in the window, which the tail cannot match: the search decides.)
+        if usual(buf, eol - _USUAL_TAIL_LEN, eol) or (
+                (eol == length or buf[eol - 1] == 0x0A) and date(buf, nl + 1, eol)):
             positions.append(nl + 1)
             line_ends.append(eol)
             lines.append(m.group(1))
