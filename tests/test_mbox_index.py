@@ -246,16 +246,14 @@ def test_a_spool_cut_short_while_indexed_is_a_value_error(tmp_path: Path) -> Non
         os.close(fd)
 
 
-def test_mapped_and_read_whole_spools_index_alike(tmp_path: Path) -> None:
-    """Spools over READ_WHOLE_BYTES are mapped and counted in copied pieces;
-    smaller ones are read whole and counted in place: same sizes either way."""
-    from qpopper.maildrop.mboxindex import READ_WHOLE_BYTES
-
+def test_a_mapped_spool_indexes_like_the_same_bytes_in_memory(tmp_path: Path) -> None:
+    """Spools are mapped and counted in copied pieces; bytes in memory are
+    counted in place: same sizes either way, over a megabyte of mixed mail."""
     kinds = [b"Subject: lf\n\nline\n" * 40, b"Subject: crlf\r\n\r\nline\r\n" * 40, b"Subject: cr\n\nbare\rcr\n" * 40,
              b"Subject: end\n\nno final newline"]
     data = b""
     n = 0
-    while len(data) <= READ_WHOLE_BYTES:
+    while len(data) <= 1024 * 1024:
         data += entry(kinds[n % len(kinds)], n)
         n += 1
     spool = tmp_path / "big"

@@ -60,8 +60,6 @@ MAX_FROM_LINE = 4096
 MAX_HEADER_PARSE = 256 * 1024
 # Messages are counted in pieces of this size so no large copy is made.
 COUNT_CHUNK = 4 * 1024 * 1024
-# Spools up to this size are read whole rather than mapped.
-READ_WHOLE_BYTES = 1024 * 1024
 # Mappings up to this size are populated at once (fewer page faults); the
 # populating read runs before the first dotlock refresh, so a bigger spool
 # on a slow disk is left to fault in as the scan goes, refreshing as it goes.
@@ -312,8 +310,8 @@ def _separators(buf: bytes | mmap.mmap, length: int) -> _Separators:
             end_before = nl - 1
         else:
             continue
-        # (A line too short for the usual tail puts its newline before "From "
-        # in the window, which the tail cannot match: the search decides.)
+        # (On a line too short for the usual tail, the window takes in the
+        # newline before "From ", which the tail cannot match: the search decides.)
         if usual(buf, eol - _USUAL_TAIL_LEN, eol) or (
                 (eol == length or buf[eol - 1] == 0x0A) and date(buf, nl + 1, eol)):
             positions.append(nl + 1)
@@ -601,18 +599,13 @@ def index_file(
     """Index the first `length` bytes of the open spool `fd` through mmap.
 
     The caller holds the spool locks, so no writer truncates the file while
-    it is mapped (which would fault the process).
+    it is mapped (which would fault the process). Small spools are mapped
+    too: read whole into a buffer that is freed while the session's own
+    objects stay, they left the heap of a daemon holding hundreds of
+    sessions full of holes (see server/_memory.py).
     """
     if length == 0:
         return MboxIndex(length=0)
-    if length <= READ_WHOLE_BYTES:
-        # One read and no copy per message: faster, and the heap is left
-        # with one freed block instead of one per message.
-        try:
-            data = read_exact(fd, 0, length)
-        except EOFError as exc:  # cut short under us: the callers' "cannot index"
-            raise ValueError(str(exc)) from exc
-        return index_buffer(data, length, use_content_length=use_content_length, tick=tick, with_uids=False)
     populate = getattr(mmap, "MAP_POPULATE", 0) if length <= POPULATE_BYTES else 0
     with mmap.mmap(fd, length, mmap.MAP_SHARED | populate, mmap.PROT_READ) as mm:
         if hasattr(mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
