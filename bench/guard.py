@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from run import wait_port  # bench/run.py, beside this script
+
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "pass"
 USERS = 30
@@ -216,20 +218,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with status {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.recv(64)
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
-
-
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -255,7 +243,7 @@ def run(work: Path, seconds: float) -> dict[str, Any]:
             stdout=log, stderr=log, env=env, cwd=work,
         )
         try:
-            wait_listening(server, port)
+            wait_port(port, 20.0, server)
             figures = measure(port, server.pid, seconds)
         finally:
             stop(server)
