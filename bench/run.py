@@ -632,11 +632,11 @@ def side_values(runs: list[dict[str, Any]], side: str, key: str) -> list[float]:
     return [float(x[key]) for x in runs if x.get("side") == side and x.get(key) is not None]
 
 
-def ceiling_figure(bench: Bench, scenario: str, concurrency: int | None, key: str) -> float | None:
+def ceiling_figure(bench: Bench, scenario: str, concurrency: int, key: str) -> float | None:
     """A figure of the canned server from this run's ceiling measurement."""
     for x in bench.extra.get("ceiling") or []:
-        if x.get("scenario") == scenario and x.get(key) is not None and (
-                concurrency is None or x.get("params", {}).get("concurrency") == concurrency):
+        if (x.get("scenario") == scenario and x.get(key) is not None
+                and x.get("params", {}).get("concurrency") == concurrency):
             return float(x[key])
     return None
 
@@ -648,8 +648,9 @@ def cost_notes(bench: Bench, name: str, data: dict[str, Any]) -> list[str]:
     notes: list[str] = []
     user, kernel = data.get("ours_user_kernel_s") or (0.0, 0.0)
     if name in ("login", "tls-login", "retr-c1", "retr-c8") and user + kernel > 0:
-        notes.append(f"\nqpopper's CPU over the comparison, warm-ups included (/proc utime and stime): {user:.1f} s user, {kernel:.1f} s "
-                     f"kernel ({100 * kernel / (user + kernel):.0f} % in system calls and the network stack).")
+        notes.append(f"\nqpopper's CPU over the comparison, warm-ups included (/proc utime and stime): "
+                     f"{user:.1f} s user, {kernel:.1f} s kernel "
+                     f"({100 * kernel / (user + kernel):.0f} % in system calls and the network stack).")
     dovecot = side_values(runs, "A", "server_cpu_s_per_gb")
     ours = side_values(runs, "B", "server_cpu_s_per_gb")
     if name.startswith("retr-c") and dovecot and ours:
