@@ -208,6 +208,19 @@ def test_trace_file_masks_secrets(daemon: Callable[..., Daemon], tmp_path: Path)
     assert "pw\n" not in text and " pw " not in text
 
 
+def test_trace_file_logs_a_big_message_reply_once(daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """A message sent in several writes (over 256 kB) is one reply in the trace."""
+    trace = tmp_path / "trace.log"
+    d = daemon("-t", str(trace))
+    d.deliver("carol", b"Subject: big\n\n" + b"line of a big message\n" * 40000)
+    c = d.client(password="pw")
+    c.retr(1)
+    c.quit()
+    d.stop()
+    replies = re.findall(r"> \+OK \d+ octets", trace.read_text())
+    assert len(replies) == 1, replies
+
+
 def test_debug_switch_logs_debug_records(daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     d = daemon("-d")
     d.client().quit()

@@ -782,8 +782,9 @@ class Connection:
                 while chunk is not None and not encoder.done:
                     out += encoder.encode(chunk)
                     if len(out) >= WRITE_CHUNK:
-                        self._trace_out(effect.status)
-                        start = -1
+                        if start >= 0:  # the reply starts going out: trace it, once
+                            self._trace_out(effect.status)
+                            start = -1
                         await self._flush()
                     chunk = next(chunks, None)
         except (MaildropError, OSError) as exc:
