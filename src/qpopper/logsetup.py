@@ -92,17 +92,6 @@ def _stderr_is_socket() -> bool:
         return False
 
 
-def _reachable(address: str) -> bool:
-    """Whether a syslog daemon listens there; without one, every record
-    would cost a failed send and a printed error."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(address)
-        except OSError:
-            return False
-    return True
-
-
 def configure_logging(options: Options, *, foreground: bool) -> None:
     root = logging.getLogger("qpopper")
     root.setLevel(logging.DEBUG if options.debug else logging.INFO)
@@ -112,12 +101,12 @@ def configure_logging(options: Options, *, foreground: bool) -> None:
         handler.close()
     formatter = logging.Formatter(RECORD_FORMAT)
     address = options.syslog_socket
-    if address and _reachable(address):
+    if address:
         try:
             syslog = SyslogHandler(address, _FACILITIES[options.log_facility], "qpopper[%d]: " % os.getpid())
         except OSError:
-            syslog = None  # the daemon went away between the probe and now
-        if syslog is not None:
+            pass  # no syslog daemon listens there: records go to the other handlers only
+        else:
             syslog.setFormatter(formatter)
             root.addHandler(syslog)
     # In inetd mode stderr is usually the client's socket: never write there.
