@@ -7,7 +7,7 @@ import logging
 import socket
 from pathlib import Path
 
-from qpopper.logsetup import SyslogHandler
+from qpopper.daemon.logsetup import SyslogHandler
 
 
 def _listener(path: Path) -> socket.socket:

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from qpopper.manpages import PAGES
-from qpopper.settings import SETTINGS
+from qpopper.config.manpages import PAGES
+from qpopper.config.settings import SETTINGS
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "man"
 
 
 @pytest.mark.parametrize("name", sorted(PAGES))
 def test_committed_page_is_current(name: str) -> None:
-    assert (DOCS / name).read_text() == PAGES[name](), "run: python -m qpopper.manpages docs/man"
+    assert (DOCS / name).read_text() == PAGES[name](), "run: python -m qpopper.config.manpages docs/man"
 
 
 def test_every_setting_and_switch_is_documented() -> None:

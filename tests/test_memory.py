@@ -66,7 +66,7 @@ def test_an_administrators_malloc_arena_max_is_left_alone() -> None:
 # hundred kB per server process).
 _SESSION_PROGRAM = r"""
 import poplib, sys
-import qpopper.cli
+import qpopper.daemon.cli
 from qpopper import Controller, StaticAuthenticator
 root = sys.argv[1]  # (pathlib and tempfile would load ipaddress themselves)
 with open(root + "/carol", "wb") as spool:
@@ -76,8 +76,8 @@ with Controller(authenticator=auth) as pop:
     c = poplib.POP3(pop.host, pop.port)
     c.user("carol"); c.pass_("pw"); c.stat(); c.list(); c.uidl(); c.retr(1); c.top(1, 0); c.quit()
 print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("email", "html", "ipaddress", "pickle", "logging")
-                      or m in ("logging.handlers", "qpopper.extensions.xmangle", "qpopper.bulletins",
-                               "qpopper.server._forking", "qpopper.server._workers"))))
+                      or m in ("logging.handlers", "qpopper.extensions.xmangle.condense", "qpopper.extensions.bulletins",
+                               "qpopper.daemon.forking", "qpopper.daemon.workers"))))
 """
 
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qpopper.netaddr import ipv4_octets, is_loopback
-from qpopper.policy import plaintext_allowed
+from qpopper.auth.cleartext import plaintext_allowed
 
 
 @given(st.ip_addresses())

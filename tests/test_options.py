@@ -10,7 +10,7 @@ import pytest
 
 from qpopper import ListenAddress, Options, Server, StaticAuthenticator
 from qpopper.errors import ConfigError
-from qpopper.options import parse_listen_address
+from qpopper.config.options import parse_listen_address
 
 
 @pytest.mark.parametrize(

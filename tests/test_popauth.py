@@ -13,7 +13,7 @@ import pytest
 
 from qpopper import Controller, StaticAuthenticator
 
-POPAUTH = [sys.executable, "-m", "qpopper.popauth"]
+POPAUTH = [sys.executable, "-m", "qpopper.daemon.popauth"]
 Fill = Callable[[str, list[bytes]], Path]
 
 
@@ -68,7 +68,7 @@ def test_missing_database_is_reported(tmp_path: Path) -> None:
 def test_ordinary_user_may_only_change_their_own_secret(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from qpopper import popauth as tool
+    from qpopper.daemon import popauth as tool
 
     db = tmp_path / "pop.auth"
     popauth(db, "-init")

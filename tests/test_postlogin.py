@@ -19,7 +19,7 @@ import pytest
 
 from conftest import PASSWORD
 from qpopper import Controller, StaticAuthenticator
-from qpopper.drac import (
+from qpopper.extensions.drac import (
     DRAC_PROGRAM,
     DRAC_VERSION,
     DRACPROC_ADD,

@@ -275,7 +275,7 @@ def test_mda_delivers_while_sessions_run_nothing_lost_or_merged(daemon: Daemon, 
 
 
 def test_refuses_to_start_without_root() -> None:
-    from qpopper import cli
+    from qpopper.daemon import cli
 
     original = os.geteuid
     os.geteuid = lambda: 1000  # type: ignore[assignment]

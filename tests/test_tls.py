@@ -19,7 +19,7 @@ import trustme
 from conftest import PASSWORD
 from qpopper import Controller, ListenAddress, Options, StaticAuthenticator
 from qpopper.errors import ConfigError
-from qpopper.policy import plaintext_allowed
+from qpopper.auth.cleartext import plaintext_allowed
 from qpopper.server import Server
 from cryptography import x509
 from qpopper.server._channel_binding import server_end_point

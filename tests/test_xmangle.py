@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qpopper.extensions.xmangle import (
+from qpopper.extensions.xmangle.condense import (
     CAPABILITY,
     NO_MIME,
     MangleSpec,
@@ -485,7 +485,7 @@ def test_corpus_is_all_used() -> None:
 
 def test_corpus_never_takes_the_fallback_path() -> None:
     # mangle() swallows every exception; make sure none is hiding a bug.
-    from qpopper.extensions import xmangle
+    from qpopper.extensions.xmangle import condense as xmangle
 
     for path in sorted(CORPUS.glob("*.eml")):
         data = path.read_bytes().replace(b"\r\n", b"\n")
@@ -735,7 +735,7 @@ def test_deterministic_in_process() -> None:
 def _digest_script() -> str:
     return (
         "import hashlib, pathlib, sys\n"
-        "from qpopper.extensions.xmangle import mangle, MangleSpec, NO_MIME\n"
+        "from qpopper.extensions.xmangle.condense import mangle, MangleSpec, NO_MIME\n"
         "specs = [NO_MIME, MangleSpec(text='html'), MangleSpec(charset='utf-8'),"
         " MangleSpec(text='html', charset='iso-8859-1', headers=('to', 'subject'))]\n"
         "h = hashlib.sha256()\n"

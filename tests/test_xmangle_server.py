@@ -11,7 +11,7 @@ import pytest
 
 from conftest import PASSWORD
 from qpopper import Controller
-from qpopper.extensions.xmangle import NO_MIME, mangle, parse_xmangle
+from qpopper.extensions.xmangle.condense import NO_MIME, mangle, parse_xmangle
 from qpopper.protocol import ComputeSizes, SendMessage, wire_size
 from test_protocol import logged_in, run
 

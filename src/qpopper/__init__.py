@@ -12,7 +12,7 @@ from .auth.static import StaticAuthenticator
 from .controller import Controller
 from .errors import ConfigError, MaildropBusy, MaildropError, ResponseCode
 from .maildrop import Maildrop, MessageInfo
-from .options import ListenAddress, Options
+from .config.options import ListenAddress, Options
 from .protocol import Session, SessionConfig
 from .server import Server
 

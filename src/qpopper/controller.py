@@ -17,7 +17,7 @@ import threading
 from typing import Any
 
 from .auth import Authenticator
-from .options import ListenAddress, Options
+from .config.options import ListenAddress, Options
 from .server import Server
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..auth.credentials import Credentials
-from ..extensions.manglespec import MangleSpec
+from ..extensions.xmangle.spec import MangleSpec
 from ..maildrop._base import MessageList
 
 

@@ -24,7 +24,7 @@ from .._version import __version__
 from ..auth import sasl
 from ..auth.credentials import ApopDigest, ScramSecret, UserPass
 from ..errors import ResponseCode
-from ..extensions import manglespec
+from ..extensions.xmangle import spec as manglespec
 from ..maildrop import MessageInfo, MessageList
 from ._effects import (
     Authenticate,

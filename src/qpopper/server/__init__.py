@@ -1,8 +1,8 @@
-"""The asyncio side: listeners, connections, systemd and inetd plumbing."""
+"""The asyncio side: listeners, connections, TLS and the login and
+retrieval steps a connection runs. The process models around it (forking,
+workers, inetd, systemd) are in `qpopper.daemon`."""
 
 from ._connection import Connection, Peer
 from ._server import Server, bind_socket, make_authenticator
-from ._inetd import serve_inetd
-from ._systemd import listen_fds, notify
 
-__all__ = ["Connection", "Peer", "Server", "bind_socket", "make_authenticator", "serve_inetd", "listen_fds", "notify"]
+__all__ = ["Connection", "Peer", "Server", "bind_socket", "make_authenticator"]

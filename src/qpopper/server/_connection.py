@@ -22,18 +22,18 @@ from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..access import AccessPolicy, FailureDelays, LoginDelays
+from ..auth.access import AccessPolicy, FailureDelays, LoginDelays
 from ..auth import Authenticator, Principal
 from ..auth.credentials import Rejected
 from ..auth.sasl import Fail
-from ..configfile import Context, read_config
+from ..config.configfile import Context, read_config
 from ..errors import AuthUnavailable, ConfigError, MaildropError, ResponseCode, WouldBlock
-from ..logsetup import TRACE_LOGGER, printable
+from ..logtext import TRACE_LOGGER, printable
 from ..maildrop import Maildrop, MaildropSettings
 from ..maildrop._base import QuickUpdate, size_of
 from ..maildrop.location import open_maildrop
-from ..options import Options, apply_settings
-from ..policy import plaintext_allowed
+from ..config.options import Options, apply_settings
+from ..auth.cleartext import plaintext_allowed
 from ..protocol import (
     Authenticate,
     Close,
@@ -56,14 +56,14 @@ from ..protocol import (
     wire_size,
 )
 from ._privileges import SpoolPrivilege, check_spool, drop_to_user
-from ..extensions.manglespec import MangleSpec
-from ..postlogin import after_login
-from ._mangling import mangle_message, too_big_to_mangle
+from ..extensions.xmangle.spec import MangleSpec
+from ..extensions.postlogin import after_login
+from ..extensions.xmangle.messages import mangle_message, too_big_to_mangle
 from ._spool import maildrop_settings, resolve_spool
 from ._stream import PopStream
 from ._records import SessionTimes, expand_login_template, reverse_lookup, statistics_record
 from ._tls import certificate_identity
-from ._xtnd import euidl_value, find_header, header_lines, submit, xlst_lines
+from ..extensions.xtnd import euidl_value, find_header, header_lines, submit, xlst_lines
 
 log = logging.getLogger("qpopper.session")
 trace_log = logging.getLogger(TRACE_LOGGER)
@@ -685,7 +685,7 @@ class Connection:
         """Deliver new bulletins while the POP lock is held; if any arrived,
         list the maildrop again so they are in this session. Returns the
         reopened maildrop, or None if nothing changed."""
-        from .. import bulletins  # imported by the servers that have bulletins only
+        from ..extensions import bulletins
 
         options = self.options
         bulldir = options.bulldir

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._version import __version__
-from ..logsetup import printable
+from ..logtext import printable
 
 log = logging.getLogger("qpopper.session")
 

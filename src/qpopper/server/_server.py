@@ -3,7 +3,7 @@
 One `Server` serves any mix of listening sockets: addresses it binds
 itself, sockets handed over by systemd, or a single inetd connection on
 stdin/stdout. It never configures logging, installs signal handlers or
-exits the process; the command line (`qpopper.cli`) and the embedding
+exits the process; the command line (`qpopper.daemon.cli`) and the embedding
 `Controller` do those things.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 from ..auth import Authenticator
 from ..auth.passwdfile import PasswdFileAuthenticator
 from ..errors import ConfigError
-from ..access import AccessPolicy
-from ..options import ListenAddress, Options
+from ..auth.access import AccessPolicy
+from ..config.options import ListenAddress, Options
 from ._connection import Connection, Peer, Services, TlsState
 from ._channel_binding import server_end_point
 from ._memory import TRIM_INTERVAL, release_free_memory

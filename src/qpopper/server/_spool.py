@@ -16,7 +16,7 @@ import os
 from ..auth import Principal
 from ..maildrop import MaildropSettings
 from ..maildrop.spoolpath import hash_dirs, make_hash_dirs, spool_path
-from ..options import Options
+from ..config.options import Options
 
 
 def _in_group(principal: Principal, group: str | None) -> bool:

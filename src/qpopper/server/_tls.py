@@ -16,7 +16,7 @@ import ssl
 
 
 from ..errors import ConfigError
-from ..options import Options
+from ..config.options import Options
 
 log = logging.getLogger("qpopper.tls")
 

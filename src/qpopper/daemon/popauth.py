@@ -21,8 +21,8 @@ import pwd
 import sys
 from collections.abc import Sequence
 
-from .auth.apopdb import DEFAULT_APOP_FILE, ApopDatabase
-from .errors import ConfigError
+from ..auth.apopdb import DEFAULT_APOP_FILE, ApopDatabase
+from ..errors import ConfigError
 
 USAGE = (
     "usage: popauth [-file PATH] -init [-force]\n"

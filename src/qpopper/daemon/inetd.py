@@ -10,8 +10,8 @@ import socket
 import stat
 import sys
 
-from ._server import Server, accepted_socket_stream
-from ._stream import PopStream
+from ..server._server import Server, accepted_socket_stream
+from ..server._stream import PopStream
 
 
 class _PipeReader(asyncio.Protocol):

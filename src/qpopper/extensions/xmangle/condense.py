@@ -140,7 +140,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .manglespec import (
+from .spec import (
     CAPABILITY,
     MAX_ARGUMENT_LENGTH,
     MAX_HEADERS,

@@ -1,6 +1,6 @@
 """Manual pages generated from the settings registry, so they cannot drift.
 
-    python -m qpopper.manpages docs/man     # writes qpopper.8, qpopper.conf.5, popauth.8
+    python -m qpopper.config.manpages docs/man     # writes qpopper.8, qpopper.conf.5, popauth.8
 
 A test compares the committed pages with what this module generates.
 """
@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ._version import __version__
+from .._version import __version__
 from .options import Options
 from .settings import SETTINGS, Kind, Restriction, Setting
 

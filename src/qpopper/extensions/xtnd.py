@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Iterator
 
 from ..errors import ResponseCode
-from ..logsetup import printable
+from ..logtext import printable
 from ..maildrop import Maildrop
 
 log = logging.getLogger("qpopper.xtnd")

@@ -7,8 +7,8 @@ TLS is configured, passwords travel only over TLS or loopback.
 
 from __future__ import annotations
 
-from .errors import ConfigError
-from .netaddr import is_loopback as _is_loopback_address
+from ..errors import ConfigError
+from ..netaddr import is_loopback as _is_loopback_address
 
 CLEAR_TEXT_POLICIES = ("default", "never", "always", "local", "tls")
 # qpopper's -p numbers (note: not the order of its config-file names).

@@ -30,9 +30,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .auth import Principal
-from .logsetup import printable
-from .maildrop.dotlock import SpoolLock
+from ..auth import Principal
+from ..logtext import printable
+from ..maildrop.dotlock import SpoolLock
 
 log = logging.getLogger("qpopper.bulletins")
 
@@ -89,7 +89,7 @@ def for_user(bulletins: list[Bulletin], principal: Principal, group_bulletins: b
 def render(raw: bytes, user: str, host: str) -> tuple[bytes, bytes] | None:
     """(From_ line, message) for a bulletin file, or None if it is not one."""
     # Here, not at the top: a Maildir server without bulletins never loads the mbox indexer.
-    from .maildrop.mboxindex import is_from_line
+    from ..maildrop.mboxindex import is_from_line
 
     raw = raw.replace(b"\r\n", b"\n")
     first, _, rest = raw.partition(b"\n")

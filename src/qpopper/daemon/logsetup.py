@@ -15,10 +15,10 @@ import socket
 import stat
 import sys
 
-from .errors import ConfigError
-from .options import Options
+from ..errors import ConfigError
+from ..config.options import Options
+from ..logtext import TRACE_LOGGER
 
-TRACE_LOGGER = "qpopper.trace"
 RECORD_FORMAT = "%(name)s: %(message)s"
 
 # syslog(3) facility numbers (RFC 5424 section 6.2.1).
@@ -127,21 +127,3 @@ def configure_logging(options: Options, *, foreground: bool) -> None:
         fh.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(message)s"))
         trace.addHandler(fh)
         trace.setLevel(logging.DEBUG)
-
-
-def printable(data: bytes | str, limit: int = 512) -> str:
-    """Client data made safe for a log line: no CR, LF, ESC or other
-    control characters, no unbounded length."""
-    if isinstance(data, bytes):
-        data = data.decode("utf-8", "backslashreplace")
-    out = []
-    for ch in data[:limit]:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            out.append(ch.encode("unicode_escape").decode("ascii"))
-    if len(data) > limit:
-        out.append(f"...({len(data) - limit} more)")
-    return "".join(out)

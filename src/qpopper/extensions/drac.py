@@ -16,7 +16,7 @@ import os
 import socket
 import struct
 
-from .netaddr import ipv4_octets
+from ..netaddr import ipv4_octets
 
 DRAC_PROGRAM = 900101
 DRAC_VERSION = 1

@@ -25,10 +25,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from ..options import Options
-from ._privileges import preload_session_modules
-from ._server import Server, bind_socket
-from ._systemd import notify
+from ..config.options import Options
+from ..server._privileges import preload_session_modules
+from ..server._server import Server, bind_socket
+from .systemd import notify
 
 log = logging.getLogger("qpopper.server")
 

@@ -22,14 +22,16 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ._version import __version__
-from .configfile import Context, read_config
-from .errors import ConfigError
+from .._version import __version__
+from ..config.configfile import Context, read_config
+from ..errors import ConfigError
 from .logsetup import configure_logging
-from .options import ListenAddress, Options, apply_settings, parse_listen_address
-from .server import Server, listen_fds, notify, serve_inetd
-from .server._memory import limit_malloc_arenas
-from .settings import BY_LONG, BY_SWITCH, SETTINGS, Kind, Setting
+from ..config.options import ListenAddress, Options, apply_settings, parse_listen_address
+from ..server import Server
+from .inetd import serve_inetd
+from .systemd import listen_fds, notify
+from ..server._memory import limit_malloc_arenas
+from ..config.settings import BY_LONG, BY_SWITCH, SETTINGS, Kind, Setting
 
 log = logging.getLogger("qpopper")
 
@@ -232,7 +234,7 @@ def _reloader(server: Server, inv: Invocation, adjust: Callable[[Options], Optio
 
 def _serve_workers(options: Options, inv: Invocation) -> None:
     """Virtual users on several cores: a pool of forked event-loop servers."""
-    from .server._workers import WorkerPool, worker_options  # only this mode needs them
+    from .workers import WorkerPool, worker_options  # only this mode needs them
 
     count = options.effective_workers
 
@@ -312,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 loop.close()
             return 0
         if options.system_users:
-            from .server._forking import ForkingServer  # only this mode needs it
+            from .forking import ForkingServer  # only this mode needs it
 
             system_server = Server(options)
             forking = ForkingServer(system_server, listen_fds(), _reloader(system_server, inv))

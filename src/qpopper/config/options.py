@@ -13,9 +13,9 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .auth.sasl import ALL_MECHANISMS
-from .errors import ConfigError
-from .maildrop.location import DEFAULT_LOCATION
+from ..auth.sasl import ALL_MECHANISMS
+from ..errors import ConfigError
+from ..maildrop.location import DEFAULT_LOCATION
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ import subprocess
 import time
 
 from .drac import RpcError, drac_add
-from .logsetup import printable
+from ..logtext import printable
 
 log = logging.getLogger("qpopper.postlogin")
 

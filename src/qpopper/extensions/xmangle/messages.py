@@ -7,9 +7,9 @@ and, being decided by the stored size, keeps LIST and RETR consistent.
 
 from __future__ import annotations
 
-from ..extensions.manglespec import MangleSpec
-from ..maildrop import Maildrop
-from ..maildrop._base import size_of
+from .spec import MangleSpec
+from ...maildrop import Maildrop
+from ...maildrop._base import size_of
 
 MANGLE_MAX_SIZE = 32 * 1024 * 1024
 
@@ -19,6 +19,6 @@ def too_big_to_mangle(maildrop: Maildrop, index: int) -> bool:
 
 
 def mangle_message(maildrop: Maildrop, index: int, spec: MangleSpec) -> bytes:
-    from ..extensions.xmangle import mangle  # loaded by the first session that mangles
+    from .condense import mangle  # loaded by the first session that mangles
 
     return mangle(b"".join(maildrop.read(index)), spec)

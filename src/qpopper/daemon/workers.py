@@ -27,10 +27,10 @@ import socket
 import time
 from collections.abc import Callable
 
-from ..options import Options
-from ._privileges import preload_session_modules
-from ._server import bind_socket
-from ._systemd import notify
+from ..config.options import Options
+from ..server._privileges import preload_session_modules
+from ..server._server import bind_socket
+from .systemd import notify
 
 log = logging.getLogger("qpopper.server")
 

@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .settings import Kind, Restriction, Setting, lookup
 
 log = logging.getLogger("qpopper.config")

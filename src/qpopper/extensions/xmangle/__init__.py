@@ -1,0 +1,3 @@
+"""qpopper's XMANGLE: the modifier's grammar (`spec`), the condensing of
+a message into one text part (`condense`) and the reading of a stored
+message for it (`messages`)."""
