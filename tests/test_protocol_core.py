@@ -213,3 +213,8 @@ def test_a_session_walks_the_table_from_greeting_to_close() -> None:
     assert (State.AUTHORIZATION, Awaiting.MAILDROP) in seen
     assert (State.UPDATE, Awaiting.COMMIT) in seen
     assert seen[-1] == (State.CLOSED, Awaiting.NOTHING)
+
+
+def test_xtnd_loads_its_server_half_only_when_asked() -> None:
+    assert _loaded_after("import qpopper.extensions.xtnd, qpopper.extensions.xtnd.commands") == []
+    assert "subprocess" in _loaded_after("from qpopper.extensions.xtnd import submit, header_lines")
