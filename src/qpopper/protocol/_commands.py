@@ -11,7 +11,7 @@ in `qpopper.extensions` and are named here beside the standard ones.
 from __future__ import annotations
 
 from ..auth.credentials import ApopDigest, UserPass
-from ..extensions.xmangle import commands as xmangle
+from ..extensions.xmangle.commands import sizes_as_sent, split_modifier
 from ..extensions.xmangle.spec import NO_MIME
 from ..extensions.xtnd import commands as xtnd
 from ..usernames import is_valid_username
@@ -130,13 +130,13 @@ def cmd_stat(ctx: CommandContext, args: list[bytes], line: bytes) -> None:
         ctx.reply(ok(f"{count} {octets}"))
         return
     visible = ctx.visible()
-    sizes = xmangle.sizes(ctx, visible, NO_MIME, line)
+    sizes = sizes_as_sent(ctx, visible, NO_MIME, line)
     if sizes is not None:
         ctx.reply(ok(f"{len(visible)} {sum(sizes.values())}"))
 
 
 def cmd_list(ctx: CommandContext, args: list[bytes], line: bytes) -> None:
-    split = xmangle.split_modifier(ctx, args)
+    split = split_modifier(ctx, args)
     if split is None:
         return
     args, spec = split
@@ -145,12 +145,12 @@ def cmd_list(ctx: CommandContext, args: list[bytes], line: bytes) -> None:
     if args:
         index = ctx.message_index(args[0])
         if index is not None:
-            sizes = xmangle.sizes(ctx, [index], spec, line)
+            sizes = sizes_as_sent(ctx, [index], spec, line)
             if sizes is not None:
                 ctx.reply(ok(f"{index + 1} {sizes[index]}"))
         return
     visible = ctx.visible()
-    sizes = xmangle.sizes(ctx, visible, spec, line)
+    sizes = sizes_as_sent(ctx, visible, spec, line)
     if sizes is None:
         return
     head = ok(f"{len(visible)} visible messages ({sum(sizes.values())} octets)")
@@ -170,7 +170,7 @@ def cmd_uidl(ctx: CommandContext, args: list[bytes], line: bytes) -> None:
 
 
 def cmd_retr(ctx: CommandContext, args: list[bytes], line: bytes) -> None:
-    split = xmangle.split_modifier(ctx, args)
+    split = split_modifier(ctx, args)
     if split is None:
         return
     args, spec = split
@@ -179,7 +179,7 @@ def cmd_retr(ctx: CommandContext, args: list[bytes], line: bytes) -> None:
     index = ctx.message_index(args[0])
     if index is None:
         return
-    sizes = xmangle.sizes(ctx, [index], spec, line)
+    sizes = sizes_as_sent(ctx, [index], spec, line)
     if sizes is None:
         return
     ctx.mark_retrieved(index)
@@ -188,7 +188,7 @@ def cmd_retr(ctx: CommandContext, args: list[bytes], line: bytes) -> None:
 
 
 def cmd_top(ctx: CommandContext, args: list[bytes], _line: bytes) -> None:
-    split = xmangle.split_modifier(ctx, args)
+    split = split_modifier(ctx, args)
     if split is None:
         return
     args, spec = split
