@@ -66,12 +66,12 @@ def drive_blindly(session: Session, chunks: list[bytes], rng: random.Random) -> 
                 raise Finding("an offloaded SASL step without an offloading mechanism configured")
             elif isinstance(effect, SendMessage):
                 if rng.random() < 0.1:
-                    session.message_unavailable()
+                    session.message_unavailable(effect.index)
             elif isinstance(effect, Close):
                 return
             elif not isinstance(effect, (Send, ListHeaders)):
                 raise Finding(f"unknown effect {effect!r}")
-            if len(session._buffer) > BUFFER_BOUND:  # noqa: SLF001 - the bound is the point
+            if session.buffered > BUFFER_BOUND:
                 raise Finding("unbounded input buffer")
         else:
             raise Finding("effects without end")

@@ -3,18 +3,63 @@
 Embedding: `Controller` runs a real server in a thread (tests, tools);
 `Server` is the asyncio service for callers that own an event loop;
 `Session` is the sans-IO protocol core.
+
+The names below are loaded on first use, not when the package is imported:
+`import qpopper.protocol` runs this file too, and the protocol core must not
+drag in asyncio, ssl, socket or threading with the server and Controller.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .auth import Authenticator, Principal
-from .auth.passwdfile import PasswdFileAuthenticator
-from .auth.static import StaticAuthenticator
-from .controller import Controller
-from .errors import ConfigError, MaildropBusy, MaildropError, ResponseCode
-from .maildrop import Maildrop, MessageInfo
-from .config.options import ListenAddress, Options
-from .protocol import Session, SessionConfig
-from .server import Server
+
+if TYPE_CHECKING:
+    from .auth import Authenticator, Principal
+    from .auth.passwdfile import PasswdFileAuthenticator
+    from .auth.static import StaticAuthenticator
+    from .config.options import ListenAddress, Options
+    from .controller import Controller
+    from .errors import ConfigError, MaildropBusy, MaildropError, ResponseCode
+    from .maildrop import Maildrop, MessageInfo
+    from .protocol import Session, SessionConfig
+    from .server import Server
+
+# Public name -> the module (relative to this package) that defines it.
+_LAZY = {
+    "Authenticator": ".auth",
+    "Principal": ".auth",
+    "PasswdFileAuthenticator": ".auth.passwdfile",
+    "StaticAuthenticator": ".auth.static",
+    "Controller": ".controller",
+    "ConfigError": ".errors",
+    "MaildropBusy": ".errors",
+    "MaildropError": ".errors",
+    "ResponseCode": ".errors",
+    "Maildrop": ".maildrop",
+    "MessageInfo": ".maildrop",
+    "ListenAddress": ".config.options",
+    "Options": ".config.options",
+    "Session": ".protocol",
+    "SessionConfig": ".protocol",
+    "Server": ".server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "__version__",

@@ -13,9 +13,9 @@ import shlex
 import subprocess
 from collections.abc import Iterator
 
-from ..errors import ResponseCode
-from ..logtext import printable
-from ..maildrop import Maildrop
+from ...errors import ResponseCode
+from ...logtext import printable
+from ...maildrop import Maildrop
 
 log = logging.getLogger("qpopper.xtnd")
 
