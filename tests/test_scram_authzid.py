@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import socket
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +121,29 @@ def test_the_binding_covers_the_header_as_sent(mechanism: str) -> None:
 def test_a_malformed_authzid_is_a_malformed_exchange(authzid: str) -> None:
     _, out, effects = exchange("SCRAM-SHA-256", Client("SCRAM-SHA-256", b"pencil", f"n,{authzid},"))
     assert out.startswith(b"-ERR ") and effects == []
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-1"])
+def test_a_real_server_takes_neomutts_client_first(tmp_path: Path, mechanism: str) -> None:
+    from qpopper import Controller, StaticAuthenticator
+
+    (tmp_path / "user").write_bytes(b"From a@b Sat Jan  3 01:05:34 1996\nSubject: x\n\nhello\n")
+    auth = StaticAuthenticator({"user": "pencil"}, mail_location=f"mbox:{tmp_path}/%u")
+    with Controller(authenticator=auth, apop_file=str(tmp_path / "pop.auth")) as pop:
+        for authzid, expected in (("a=user", b"+OK"), ("a=other", b"-ERR")):
+            with socket.create_connection((pop.host, pop.port), timeout=10) as sock:
+                reader = sock.makefile("rb")
+                reader.readline()
+                client = Client(mechanism, b"pencil", f"n,{authzid},")
+                sock.sendall(f"AUTH {mechanism} ".encode() + b64(client.first()) + b"\r\n")
+                reply = reader.readline()
+                if authzid == "a=user":
+                    sock.sendall(b64(client.final(base64.b64decode(reply[2:]).decode())) + b"\r\n")
+                    assert base64.b64decode(reader.readline()[2:]) == b"v=" + base64.b64encode(client.server_signature)
+                    sock.sendall(b"\r\n")
+                    reply = reader.readline()
+                assert reply.startswith(expected), reply
+                if expected == b"+OK":
+                    sock.sendall(b"STAT\r\n")
+                    assert reader.readline().startswith(b"+OK 1 ")
+                sock.sendall(b"QUIT\r\n")

@@ -182,6 +182,9 @@ class ApopAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource, Us
         self.inner = inner
         self.database = database
         self.policy = clear_text_policy
+        # Asked once: a Protocol isinstance check costs microseconds, and
+        # authenticate_quickly runs on the event loop at every login.
+        self._inner_quick = inner.authenticate_quickly if isinstance(inner, QuickAuthenticator) else None
 
     def authenticate(self, credentials: Credentials) -> Principal | None:
         secret = self.database.secret(credentials.user)
@@ -198,9 +201,9 @@ class ApopAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource, Us
         return self.inner.authenticate(credentials)
 
     def authenticate_quickly(self, credentials: Credentials) -> Principal | None:
-        if not isinstance(self.inner, QuickAuthenticator):
+        quick = self._inner_quick
+        if quick is None:
             return None
-        quick = self.inner.authenticate_quickly
         current, secret = self.database.secret_if_current(credentials.user)
         if not current:
             return None
