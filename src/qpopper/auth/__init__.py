@@ -2,8 +2,13 @@
 
 An `Authenticator` turns `Credentials` into a `Principal` or None. The
 server runs it off the event loop (hash checks are slow on purpose), so
-implementations are plain blocking code. Backends: a Dovecot-style
-passwd-file today; PAM and SQL in their own issues.
+implementations are plain blocking code. Backends: Unix accounts through
+PAM (system.py), a Dovecot-style passwd-file (passwdfile.py), users given
+in code (static.py), and the APOP database in front of either (apopdb.py).
+
+What a backend can do beyond `authenticate` is said by the protocols
+below, each checked one way, `isinstance(auth, ScramSecretSource)`, and
+declared by the classes that implement them (so mypy checks them too).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from .credentials import ApopDigest, Credentials, UserPass
+from .credentials import ApopDigest, Credentials, ScramSecret, UserPass
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,4 +57,41 @@ class QuickAuthenticator(Protocol):
     def authenticate_quickly(self, credentials: Credentials) -> Principal | None: ...
 
 
-__all__ = ["ApopDigest", "Authenticator", "Credentials", "Principal", "QuickAuthenticator", "UserPass"]
+@runtime_checkable
+class ScramSecretSource(Protocol):
+    """An authenticator that can hand out a user's stored SCRAM secret.
+
+    Without one SCRAM still runs, against a made-up secret, and fails at
+    the proof as a wrong password does.
+    """
+
+    def scram_secret(self, user: str, mechanism: str) -> ScramSecret | None:
+        """The secret for `mechanism` ("SCRAM-SHA-256", never -PLUS), or
+        None for an unknown user; AuthUnavailable if the store is broken."""
+        ...
+
+
+@runtime_checkable
+class UserLookup(Protocol):
+    """An authenticator over a user database it can look a user up in.
+
+    `lookup` re-reads the database first when it changed on disk, so a
+    SIGHUP calls it to pick up an edited database at once (a broken edit
+    is logged and the last good copy kept).
+    """
+
+    def lookup(self, user: str) -> object | None:
+        """The user's entry, or None; AuthUnavailable if there is no copy."""
+        ...
+
+
+__all__ = [
+    "ApopDigest",
+    "Authenticator",
+    "Credentials",
+    "Principal",
+    "QuickAuthenticator",
+    "ScramSecretSource",
+    "UserLookup",
+    "UserPass",
+]

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 from ..errors import ConfigError
 from ..usernames import is_valid_username
-from . import Authenticator, Principal, QuickAuthenticator
+from . import Authenticator, Principal, QuickAuthenticator, ScramSecretSource, UserLookup
 from .credentials import ApopDigest, CramMD5, Credentials, ScramSecret, UserPass, Verified
 from .sasl import scram_secret_from_password
 from .secrets import matches_secret
@@ -169,17 +169,22 @@ class ApopDatabase:
             self._write(secrets)
 
 
-class ApopAuthenticator:
+class ApopAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource, UserLookup):
     """Puts the APOP database in front of another authenticator.
 
     The inner authenticator still says who exists and where their mail is;
-    the database supplies the shared secret for APOP-style checks.
+    the database supplies the shared secret for APOP-style checks. The
+    abilities the inner one lacks answer "ask the slow road" (quick
+    authentication) or "nothing known" (SCRAM secret, lookup).
     """
 
     def __init__(self, inner: Authenticator, database: ApopDatabase, clear_text_policy: str | None) -> None:
         self.inner = inner
         self.database = database
         self.policy = clear_text_policy
+        # Asked once: a Protocol isinstance check costs microseconds, and
+        # authenticate_quickly runs on the event loop at every login.
+        self._inner_quick = inner.authenticate_quickly if isinstance(inner, QuickAuthenticator) else None
 
     def authenticate(self, credentials: Credentials) -> Principal | None:
         secret = self.database.secret(credentials.user)
@@ -196,9 +201,9 @@ class ApopAuthenticator:
         return self.inner.authenticate(credentials)
 
     def authenticate_quickly(self, credentials: Credentials) -> Principal | None:
-        if not isinstance(self.inner, QuickAuthenticator):
+        quick = self._inner_quick
+        if quick is None:
             return None
-        quick = self.inner.authenticate_quickly
         current, secret = self.database.secret_if_current(credentials.user)
         if not current:
             return None
@@ -216,5 +221,9 @@ class ApopAuthenticator:
         secret = self.database.secret(user)
         if secret is not None:
             return scram_secret_from_password(secret.encode("utf-8"), mechanism)
-        lookup = getattr(self.inner, "scram_secret", None)
-        return lookup(user, mechanism) if lookup is not None else None
+        return self.inner.scram_secret(user, mechanism) if isinstance(self.inner, ScramSecretSource) else None
+
+    def lookup(self, user: str) -> object | None:
+        """The inner database's entry (the APOP database reloads itself on
+        every use), so that a SIGHUP reaches the passwd-file behind it."""
+        return self.inner.lookup(user) if isinstance(self.inner, UserLookup) else None

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..usernames import is_valid_username
 from .credentials import Rejected, Verified
-from .sasl import Challenge, Fail, Finish, Mechanism, Step
+from .sasl_types import Challenge, Fail, Finish, Mechanism, Step
 
 log = logging.getLogger("qpopper.auth")
 

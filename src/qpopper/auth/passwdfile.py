@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import AuthUnavailable, ConfigError
 from ..maildrop.location import DEFAULT_LOCATION, expand_location
 from ..usernames import is_valid_username
-from . import Principal
+from . import Authenticator, Principal, QuickAuthenticator, ScramSecretSource, UserLookup
 from .credentials import Credentials, ScramSecret, UserPass, Verified
 from .sasl import scram_secret_from_password
 from .secrets import matches_secret
@@ -202,7 +202,7 @@ def load_passwd_file(path: str, default_scheme: str = "CRYPT") -> dict[str, Pass
     return entries
 
 
-class PasswdFileAuthenticator:
+class PasswdFileAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource, UserLookup):
     """Authenticator over one passwd-file, reloaded when it changes."""
 
     def __init__(

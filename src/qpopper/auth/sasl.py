@@ -9,55 +9,61 @@ uses as well. The protocol core does the base64 and the POP3 framing
 
 from __future__ import annotations
 
-import abc
+import base64
+import binascii
 import hashlib
 import hmac
 import os
 import secrets
-from dataclasses import dataclass, field
-
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
+
+from ..usernames import is_valid_username
+from .credentials import CramMD5, Rejected, ScramSecret, UserPass, Verified
+from .sasl_types import Challenge, Fail, Finish, Mechanism, NeedScramSecret, Step
 
 if TYPE_CHECKING:
     import scramp
-
-from ..usernames import is_valid_username
-from .credentials import CramMD5, Credentials, Rejected, ScramSecret, UserPass, Verified
 
 # RFC 4616: implementations must accept 255 octets for each PLAIN field.
 PLAIN_FIELD_MAX = 255
 SCRAM_MECHANISMS = ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-1")
 ALL_MECHANISMS = ("GSSAPI", "EXTERNAL") + SCRAM_MECHANISMS + ("CRAM-MD5", "PLAIN", "LOGIN")
+# The sasl-mechanisms setting's default: what a site offers unless it says.
+DEFAULT_MECHANISMS = ALL_MECHANISMS
 # Mechanisms that send the password itself: subject to the clear-text policy.
 CLEARTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
 # Channel binding type this server offers for the -PLUS variants.
 CHANNEL_BINDING = "tls-server-end-point"
 
 
-@dataclass(frozen=True, slots=True)
-class Challenge:
-    data: bytes
+def offered_mechanisms(
+    configured: Iterable[str],
+    *,
+    plaintext_allowed: bool,
+    channel_binding: bool,
+    client_certificate: bool,
+    kerberos: bool,
+) -> list[str]:
+    """The configured mechanisms a connection can use, in the configured order.
 
-
-@dataclass(frozen=True, slots=True)
-class Finish:
-    credentials: Credentials = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class NeedScramSecret:
-    user: str
-    mechanism: str
-
-
-@dataclass(frozen=True, slots=True)
-class Fail:
-    """The exchange is malformed (not a credential failure)."""
-
-    reason: str
-
-
-Step = Challenge | Finish | NeedScramSecret | Fail
+    The one rule for CAPA, AUTH and `--show-config`: PLAIN and LOGIN need
+    the clear-text policy's consent, the -PLUS variants a TLS channel to
+    bind to, EXTERNAL a client certificate (so a tls-client-ca-file), and
+    GSSAPI a Kerberos set-up.
+    """
+    out = []
+    for name in configured:
+        if name in CLEARTEXT_MECHANISMS and not plaintext_allowed:
+            continue
+        if name.endswith("-PLUS") and not channel_binding:
+            continue
+        if name == "EXTERNAL" and not client_certificate:
+            continue
+        if name == "GSSAPI" and not kerberos:
+            continue
+        out.append(name)
+    return out
 
 
 def _user(raw: bytes) -> str | None:
@@ -66,27 +72,6 @@ def _user(raw: bytes) -> str | None:
     except UnicodeDecodeError:
         return None
     return name if is_valid_username(name) else None
-
-
-class Mechanism(abc.ABC):
-    name = ""
-    # Server-first mechanisms must not get an initial response (RFC 5034).
-    server_first = False
-    # Steps that do I/O (GSSAPI reads a keytab) run in the server's worker
-    # threads, not inside the protocol core.
-    offload = False
-
-    def start(self, initial: bytes | None) -> Step:
-        if initial is None:
-            return Challenge(b"")
-        return self.step(initial)
-
-    @abc.abstractmethod
-    def step(self, response: bytes) -> Step:
-        """The next step after the client's decoded response."""
-
-    def secret(self, secret: ScramSecret | None) -> Step:
-        return Fail("unexpected secret")
 
 
 class Plain(Mechanism):
@@ -152,21 +137,35 @@ class CramMd5(Mechanism):
         return Finish(CramMD5(user, self.challenge, hexdigest))
 
 
-def _scram_username(client_first: str) -> str | None:
-    """The user name of a SCRAM client-first message, unescaped."""
-    parts = client_first.split(",", 3)
-    if len(parts) < 4 or not parts[2].startswith("n="):
+def _scram_name(escaped: str) -> str | None:
+    """A SCRAM saslname unescaped (RFC 5802: "=2C" is ",", "=3D" is "=")."""
+    if "=" in escaped.replace("=2C", "").replace("=3D", ""):
         return None
-    if parts[1] and parts[1] != "a=" + parts[2][2:]:
-        return None  # an authzid naming another user
-    name = parts[2][2:]
-    if "=" in name.replace("=2C", "").replace("=3D", ""):
-        return None
-    return name.replace("=2C", ",").replace("=3D", "=")
+    return escaped.replace("=2C", ",").replace("=3D", "=")
+
+
+def _scram_attributes(message: str) -> list[tuple[str, str]] | None:
+    """`k=v,k=v` as pairs, or None if malformed (RFC 5802 section 7)."""
+    pairs = []
+    for item in message.split(","):
+        if len(item) < 3 or item[1] != "=" or not (item[0].isascii() and item[0].isalpha()) or "\0" in item:
+            return None
+        pairs.append((item[0], item[2:]))
+    if len({k for k, _ in pairs}) != len(pairs) or any(k == "m" for k, _ in pairs):
+        return None  # duplicates; "m" is a mandatory extension nobody defines
+    return pairs
 
 
 class Scram(Mechanism):
     """SCRAM-SHA-1/-256 (RFC 5802, 7677), with -PLUS channel binding.
+
+    scramp parses the client-first message and writes the server-first;
+    the client-final proof is checked here, because the GS2 header may
+    carry an authorisation identity (`n,a=user,`) that scramp refuses.
+    One equal to the user is allowed, as for PLAIN; any other is refused
+    as a failed login. scramp sees the header without it, while the
+    channel-binding check (`c=`) uses the header exactly as the client
+    sent it, which is what the client encoded.
 
     Unknown users get a made-up secret, so the exchange runs to the proof
     and fails there exactly as a wrong password does.
@@ -178,14 +177,19 @@ class Scram(Mechanism):
         self._scramp = scramp
         self.name = name
         base = name.removesuffix("-PLUS")
+        self._hash = hashlib.sha256 if base == "SCRAM-SHA-256" else hashlib.sha1
         self._mechanism = scramp.ScramMechanism(name)
         self._base = scramp.ScramMechanism(base)
         # Passed even to the non-PLUS variant, so that a client claiming we
         # lack channel binding ("y" flag) is caught as a downgrade.
-        cb = (CHANNEL_BINDING, channel_binding) if channel_binding is not None else None
-        self._cb = cb
+        self._cb = (CHANNEL_BINDING, channel_binding) if channel_binding is not None else None
+        self._cb_data = channel_binding or b""
         self._server: scramp.ScramServer | None = None
-        self._client_first = ""
+        self._gs2_header = ""  # as the client sent it, authzid included
+        self._client_first_bare = ""
+        self._server_first = ""
+        self._nonce = ""
+        self._secret: ScramSecret | None = None
         self._user = ""
         self._stage = 0
 
@@ -195,25 +199,37 @@ class Scram(Mechanism):
         except UnicodeDecodeError:
             return Fail("SCRAM message is not UTF-8")
         if self._stage == 0:
-            user = _scram_username(text)
-            if user is None or not is_valid_username(user):
-                return Fail("malformed SCRAM client-first message")
-            self._client_first, self._user, self._stage = text, user, 1
-            return NeedScramSecret(user, self._base.name)
+            return self._client_first(text)
         if self._stage == 2:
-            assert self._server is not None
-            try:
-                self._server.set_client_final(text)
-            except self._scramp.ScramException:
+            signature = self._verify_client_final(text)
+            if signature is None:
                 self._stage = 4
                 return Finish(Rejected(self._user, self.name))
             self._stage = 3
-            return Challenge(self._server.get_server_final().encode("utf-8"))
+            return Challenge(b"v=" + base64.b64encode(signature))
         if self._stage == 3:
             if response:
                 return Fail("SCRAM expects an empty response after server-final")
             return Finish(Verified(self._user, self.name))
         return Fail("SCRAM exchange out of order")
+
+    def _client_first(self, text: str) -> Step:
+        flag, comma1, rest = text.partition(",")
+        authzid, comma2, bare = rest.partition(",")
+        name = bare[2:].partition(",")[0] if bare.startswith("n=") else ""
+        user = _scram_name(name)
+        if not (comma1 and comma2) or user is None or not is_valid_username(user):
+            return Fail("malformed SCRAM client-first message")
+        if authzid:
+            if not authzid.startswith("a=") or not _scram_name(authzid[2:]):
+                return Fail("malformed SCRAM authorisation identity")
+            if _scram_name(authzid[2:]) != user:
+                # Logging in as somebody else needs a proxy right nobody has here.
+                self._stage = 4
+                return Finish(Rejected(user, self.name))
+        self._gs2_header = f"{flag},{authzid},"
+        self._client_first_bare, self._user, self._stage = bare, user, 1
+        return NeedScramSecret(user, self._base.name)
 
     def secret(self, secret: ScramSecret | None) -> Step:
         if self._stage != 1:
@@ -221,14 +237,43 @@ class Scram(Mechanism):
         if secret is None:
             secret = ScramSecret(secrets.token_bytes(16), secrets.token_bytes(32), secrets.token_bytes(32), 4096)
         info = (secret.salt, secret.stored_key, secret.server_key, secret.iterations)
+        flag = self._gs2_header.partition(",")[0]
         try:
             self._server = self._mechanism.make_server(lambda _user: info, channel_binding=self._cb)
-            self._server.set_client_first(self._client_first)
+            self._server.set_client_first(f"{flag},,{self._client_first_bare}")
             server_first = self._server.get_server_first()
         except self._scramp.ScramException as exc:
             return Fail(f"SCRAM client-first refused: {exc}")
+        self._secret, self._server_first = secret, server_first
+        self._nonce = server_first.partition(",")[0].removeprefix("r=")
         self._stage = 2
         return Challenge(server_first.encode("utf-8"))
+
+    def _verify_client_final(self, text: str) -> bytes | None:
+        """The server signature if the proof holds (RFC 5802 section 3), else None."""
+        without_proof, _, proof_text = text.rpartition(",p=")
+        attributes = _scram_attributes(text)
+        if attributes is None or [k for k, _ in attributes[:2]] != ["c", "r"] or attributes[-1][0] != "p":
+            return None
+        assert self._secret is not None
+        try:
+            cbind = base64.b64decode(attributes[0][1], validate=True)
+            proof = base64.b64decode(proof_text, validate=True)
+        except binascii.Error:
+            return None
+        expected = self._gs2_header.encode("utf-8")
+        if self._gs2_header.startswith("p="):
+            expected += self._cb_data
+        if not hmac.compare_digest(cbind, expected) or attributes[1][1] != self._nonce:
+            return None
+        message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode("utf-8")
+        signature = hmac.new(self._secret.stored_key, message, self._hash).digest()
+        if len(proof) != len(signature):
+            return None
+        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
+        if not hmac.compare_digest(self._hash(client_key).digest(), self._secret.stored_key):
+            return None
+        return hmac.new(self._secret.server_key, message, self._hash).digest()
 
 
 class External(Mechanism):
@@ -258,7 +303,7 @@ def make_mechanism(
     if name == "GSSAPI":
         if kerberos is None:
             return None
-        from .gssapi_mech import Gssapi, KerberosAcceptor
+        from .gssapi_mech import Gssapi, KerberosAcceptor  # Kerberos sites only
 
         assert isinstance(kerberos, KerberosAcceptor)
         return Gssapi(kerberos)
@@ -288,3 +333,10 @@ def scram_secret_from_password(password: bytes, mechanism: str, salt: bytes | No
 
 def cram_md5_digest(secret: bytes, challenge: bytes) -> str:
     return hmac.new(secret, challenge, hashlib.md5).hexdigest()
+
+
+__all__ = [
+    "ALL_MECHANISMS", "CHANNEL_BINDING", "CLEARTEXT_MECHANISMS", "DEFAULT_MECHANISMS", "SCRAM_MECHANISMS",
+    "Challenge", "CramMd5", "External", "Fail", "Finish", "Login", "Mechanism", "NeedScramSecret", "Plain",
+    "Scram", "Step", "cram_md5_digest", "make_mechanism", "offered_mechanisms", "scram_secret_from_password",
+]

@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..maildrop.location import DEFAULT_LOCATION, expand_location
-from . import Principal
+from . import Authenticator, Principal, QuickAuthenticator, ScramSecretSource
 from .credentials import Credentials, ScramSecret, Verified
 from .sasl import scram_secret_from_password
 from .secrets import matches_secret
 
 
-class StaticAuthenticator:
+class StaticAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource):
     def __init__(self, users: Mapping[str, str], mail_location: str = DEFAULT_LOCATION, home: str | None = None) -> None:
         self._users = {name: secret.encode("utf-8") for name, secret in users.items()}
         self.mail_location = mail_location

@@ -14,14 +14,13 @@ loop, in the process that will serve the session.
 from __future__ import annotations
 
 import logging
-import os
 import pwd
 import time
 
 from ..errors import AuthUnavailable
 from ..maildrop.location import expand_location
 from ..usernames import is_valid_username
-from . import Principal
+from . import Authenticator, Principal
 from .credentials import Credentials, UserPass, Verified
 
 log = logging.getLogger("qpopper.auth")
@@ -60,7 +59,7 @@ def shadow_refusal(user: str, shadow_file: str = SHADOW_FILE, today: int | None 
     return "no shadow entry"
 
 
-class SystemAuthenticator:
+class SystemAuthenticator(Authenticator):
     """Unix accounts through PAM; maildrops from a template (qpopper's
     /var/mail/USER by default)."""
 
@@ -121,7 +120,3 @@ class SystemAuthenticator:
             uid=entry.pw_uid,
             gid=entry.pw_gid,
         )
-
-
-def running_as_root() -> bool:
-    return os.geteuid() == 0

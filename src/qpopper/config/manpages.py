@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from .._version import __version__
-from .options import Options
-from .settings import SETTINGS, Kind, Restriction, Setting
+from .commandline import FLAGS, option_settings
+from .settings import SETTINGS, Restriction
 
 _DATE = "2026-11-27"
 
@@ -23,35 +23,12 @@ def _esc(text: str) -> str:
     return "\n".join("\\&" + line if line.startswith((".", "'")) else line for line in out.split("\n"))
 
 
-def _default(setting: Setting) -> str:
-    if setting.field is None:
-        return "none"
-    value = getattr(Options(hostname="(this host's name)"), setting.field)
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, tuple):
-        return " ".join(str(v) for v in value)
-    return str(value)
-
-
 def _header(name: str, section: str, title: str) -> list[str]:
     return [
         f'.TH {name.upper()} {section} "{_DATE}" "qpopper {__version__}" "{title}"',
         ".SH NAME",
         f"{_esc(name)} \\- {_esc(title)}",
     ]
-
-
-def _value_word(setting: Setting) -> str:
-    if setting.kind is Kind.BOOL:
-        return ""
-    if setting.mnemonics:
-        return "|".join(dict.fromkeys(w for w, _ in setting.mnemonics))
-    return str(setting.kind.value)
 
 
 def qpopper_8() -> str:
@@ -73,31 +50,19 @@ def qpopper_8() -> str:
         ".SH SWITCHES",
     ]
     switches = sorted((s for s in SETTINGS if s.switch), key=lambda s: (s.switch or "").lower() + (s.switch or ""))
-    extra = [
-        ("-e", "login_delay=N,expire=N", "announce LOGIN-DELAY and EXPIRE in CAPA (announce-login-delay, announce-expire)"),
-        ("-f", "file", "read a configuration file at this point of the command line"),
-        ("-i", "", "inetd mode: one session on standard input and output"),
-        ("-R", "", "no reverse lookup of the client's address (reset reverse-lookup)"),
-        ("-v, -V", "", "print the version and exit"),
-    ]
+    extra = [(", ".join(f.switches), f.arg or "", f.help) for f in FLAGS if f.switches]
     entries = [
-        (s.switch or "", _value_word(s), f"{s.help} ({s.name})" + (f"; accepted, no effect: {s.ignored}" if s.ignored else ""))
+        (s.switch or "", s.value_word(), f"{s.help} ({s.name})" + (f"; accepted, no effect: {s.ignored}" if s.ignored else ""))
         for s in switches
-        if s.switch != "-f"
+        if s in option_settings()
     ]
     for flag, arg, text in sorted(entries + extra, key=lambda e: (e[0].lower(), e[0])):
         lines += [".TP", f"\\fB{_esc(flag)}\\fR" + (f" \\fI{_esc(arg)}\\fR" if arg else ""), _esc(text)]
+    lines.append(".SH OPTIONS OF THIS SERVER")
+    for f in FLAGS:
+        if f.long and not f.switches:
+            lines += [".TP", f"\\fB{_esc('--' + f.long)}\\fR" + (f"=\\fI{_esc(f.arg)}\\fR" if f.arg else ""), _esc(f.help)]
     lines += [
-        ".SH OPTIONS OF THIS SERVER",
-        ".TP",
-        "\\fB\\-\\-demo\\fR",
-        "serve a demo user and Maildir from ./qpopper\\-demo, with a throwaway certificate",
-        ".TP",
-        "\\fB\\-\\-show\\-config\\fR",
-        "print every setting, its value and where it came from (default, file:line, switch), then exit",
-        ".TP",
-        "\\fB\\-\\-tls\\-listen\\fR=[\\fIaddress\\fR][:\\fIport\\fR]",
-        "an extra listener speaking implicit TLS (port 995 unless given)",
         ".TP",
         "\\fB\\-\\-\\fIsetting\\fB=\\fIvalue\\fR, \\fB\\-\\-\\fIsetting\\fR, \\fB\\-\\-no\\-\\fIsetting\\fR",
         "any setting of \\fBqpopper.conf\\fR(5) by its name; Booleans without a value.",
@@ -141,9 +106,9 @@ def qpopper_conf_5() -> str:
         ".SH OPTIONS",
     ]
     for setting in sorted(SETTINGS, key=lambda s: s.name.lower()):
-        word = _value_word(setting)
+        word = setting.value_word()
         head = f"\\fB{_esc(setting.name)}\\fR" + (f" = \\fI{_esc(word)}\\fR" if word else "")
-        notes = [f"default: {_default(setting)}"]
+        notes = [f"default: {setting.describe_default()}"]
         if setting.switch:
             notes.append(f"switch {setting.switch}")
         if setting.restriction is Restriction.USER:

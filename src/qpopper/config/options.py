@@ -1,21 +1,22 @@
 """All run-time settings in one frozen object.
 
-Built once (from defaults, then the command line; the config file and the
-per-user option files join in the administrator-surface issue) and passed
-down read-only. `replace` gives a changed copy, e.g. for a SIGHUP reload.
+Built once (the registry's defaults, then -f config files and switches in
+command-line order) and passed down read-only; after login the user option
+files give a changed copy for that session (`apply_settings`), as does a
+SIGHUP reload (`replace`). Each field's default and check belong to its
+setting in the registry (settings.py); this class only declares the types.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from ..auth.sasl import ALL_MECHANISMS
 from ..errors import ConfigError
-from ..maildrop.location import DEFAULT_LOCATION
+from .settings import BY_FIELD, lookup
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,122 +62,137 @@ def parse_listen_address(text: str, default_port: int = 110, tls: bool = False) 
     return ListenAddress(host or None, port, tls)
 
 
+def _default(name: str) -> Any:
+    """The registry's default for field `name` (typed by the field)."""
+    return BY_FIELD[name].default
+
+
+def _default_factory(name: str) -> Callable[[], Any]:
+    factory = BY_FIELD[name].default_factory
+    assert factory is not None
+    return factory
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
+    """Every setting (see settings.SETTINGS for each one's meaning), plus
+    the listeners, the switches embedders set in code (`apop`,
+    `allow_user_pass`) and where each value came from."""
+
     listen: tuple[ListenAddress, ...] = (ListenAddress(None, 110),)
-    passwd_file: str | None = None
-    mail_location: str = DEFAULT_LOCATION
-    default_password_scheme: str = "CRYPT"
-    hostname: str = field(default_factory=socket.getfqdn)
+    passwd_file: str | None = _default("passwd_file")
+    mail_location: str = _default("mail_location")
+    default_password_scheme: str = _default("default_password_scheme")
+    hostname: str = field(default_factory=_default_factory("hostname"))
     # RFC 1939: an autologout timer must be at least 10 minutes.
-    timeout: float = 600.0
+    timeout: float = _default("timeout")
     # Every failed login is answered this long after it was sent, at least;
     # each recent failure from the same address doubles it, up to the max.
-    auth_fail_delay: float = 1.0
-    auth_fail_delay_max: float = 15.0
+    auth_fail_delay: float = _default("auth_fail_delay")
+    auth_fail_delay_max: float = _default("auth_fail_delay_max")
     # One log line per failed login in a form fail2ban matches easily.
-    log_auth_failures: bool = False
+    log_auth_failures: bool = _default("log_auth_failures")
     # Seconds a client has to log in, in all (a slow-drip client cannot
     # hold a connection by sending a byte now and then).
-    login_timeout: float = 60.0
-    max_connections: int = 1000
-    max_connections_per_ip: int = 100
+    login_timeout: float = _default("login_timeout")
+    max_connections: int = _default("max_connections")
+    max_connections_per_ip: int = _default("max_connections_per_ip")
     # Serving processes for virtual users (one core each); 0: one per CPU.
-    workers: int = 1
-    update_on_abort: bool = False
-    shy: bool = False
+    workers: int = _default("workers")
+    update_on_abort: bool = _default("update_on_abort")
+    shy: bool = _default("shy")
     apop: bool = True
     allow_user_pass: bool = True
-    announce_login_delay: int | None = None
-    announce_expire: str | None = "NEVER"
+    announce_login_delay: int | None = _default("announce_login_delay")
+    announce_expire: str | None = _default("announce_expire")
     # Seconds a SIGTERM waits for sessions in UPDATE before exiting.
-    drain_timeout: float = 30.0
-    use_uvloop: bool = True
+    drain_timeout: float = _default("drain_timeout")
+    use_uvloop: bool = _default("use_uvloop")
     # TLS (qpopper's tls-* options). tls_support None means: STLS when a
     # certificate is configured, nothing otherwise.
-    tls_support: str | None = None  # "none" | "stls" | "alternate-port"
-    tls_cert_file: str | None = None
-    tls_key_file: str | None = None
-    tls_chain_file: str | None = None
-    tls_cipher_list: str | None = None
-    tls_ciphersuites: str | None = None
-    tls_version: str = "default"
-    tls_handshake_timeout: float = 30.0
+    tls_support: str | None = _default("tls_support")  # "none" | "stls" | "alternate-port"
+    tls_cert_file: str | None = _default("tls_cert_file")
+    tls_key_file: str | None = _default("tls_key_file")
+    tls_chain_file: str | None = _default("tls_chain_file")
+    tls_cipher_list: str | None = _default("tls_cipher_list")
+    tls_ciphersuites: str | None = _default("tls_ciphersuites")
+    tls_version: str = _default("tls_version")
+    tls_handshake_timeout: float = _default("tls_handshake_timeout")
     # SASL EXTERNAL: clients presenting a certificate from this CA log in as
     # the certificate's common name. Off unless a CA file is given.
-    tls_client_ca_file: str | None = None
+    tls_client_ca_file: str | None = _default("tls_client_ca_file")
     # qpopper's clear-text-password (-p): default/never/always/local/tls.
     # None: allowed on TLS and loopback connections only when TLS is
     # configured, everywhere when it is not.
-    clear_text_password: str | None = None
+    clear_text_password: str | None = _default("clear_text_password")
     # Offered where usable: EXTERNAL needs a client certificate, -PLUS TLS,
     # PLAIN and LOGIN the clear-text policy's consent.
-    sasl_mechanisms: tuple[str, ...] = ALL_MECHANISMS
+    sasl_mechanisms: tuple[str, ...] = _default("sasl_mechanisms")
     # Logging and records (qpopper's -d, -s, -t, -y, log-login, timing).
-    debug: bool = False
-    statistics: bool = False
-    timing: bool = False
-    trace_file: str | None = None
-    log_facility: str = "mail"
-    log_login: str | None = None
-    syslog_socket: str | None = "/dev/log"
+    debug: bool = _default("debug")
+    statistics: bool = _default("statistics")
+    timing: bool = _default("timing")
+    trace_file: str | None = _default("trace_file")
+    log_facility: str = _default("log_facility")
+    log_login: str | None = _default("log_login")
+    syslog_socket: str | None = _default("syslog_socket")
     # Who may log in, and under which name.
-    downcase_user: bool = False
-    trim_domain: bool = False
-    nonauth_file: str | None = "/etc/ftpusers"
-    auth_file: str | None = None
-    reverse_lookup: bool = True
-    enforce_login_delay: bool = False
-    auto_delete: bool = False
-    user_options: bool = False
-    spool_options: bool = False
+    downcase_user: bool = _default("downcase_user")
+    trim_domain: bool = _default("trim_domain")
+    nonauth_file: str | None = _default("nonauth_file")
+    auth_file: str | None = _default("auth_file")
+    reverse_lookup: bool = _default("reverse_lookup")
+    enforce_login_delay: bool = _default("enforce_login_delay")
+    auto_delete: bool = _default("auto_delete")
+    user_options: bool = _default("user_options")
+    spool_options: bool = _default("spool_options")
     # Bulletins (-b, -B): directory, mark database, first-contact count.
-    bulldir: str | None = None
-    bulldb: bool = False
-    bulldb_nonfatal: bool = False
-    bulldb_max_tries: int = 75
-    max_bulletins: int = 1
-    group_bulletins: bool = False
+    bulldir: str | None = _default("bulldir")
+    bulldb: bool = _default("bulldb")
+    bulldb_nonfatal: bool = _default("bulldb_nonfatal")
+    bulldb_max_tries: int = _default("bulldb_max_tries")
+    max_bulletins: int = _default("max_bulletins")
+    group_bulletins: bool = _default("group_bulletins")
     # Kerberos 5 through SASL GSSAPI (-k, -K): service, keytab, realms.
-    kerberos: bool = False
-    kerberos_service: str = "pop"
-    kerberos_keytab: str | None = None
-    kerberos_realms: str | None = None  # space separated; default realm if unset
+    kerberos: bool = _default("kerberos")
+    kerberos_service: str = _default("kerberos_service")
+    kerberos_keytab: str | None = _default("kerberos_keytab")
+    kerberos_realms: str | None = _default("kerberos_realms")  # space separated; default realm if unset
     # After each login: DRAC (-D), a hook command (no shell), a hook file.
-    drac_host: str | None = None
-    post_login_command: str | None = None
-    post_login_file: str | None = None
+    drac_host: str | None = _default("drac_host")
+    post_login_command: str | None = _default("post_login_command")
+    post_login_file: str | None = _default("post_login_file")
     # XTND XMIT: the sendmail-compatible command (no shell), -x, size limit.
-    mail_command: str = "/usr/sbin/sendmail"
-    xmit_disable: bool = False
-    xmit_max_size: int = 10 * 1024 * 1024
+    mail_command: str = _default("mail_command")
+    xmit_disable: bool = _default("xmit_disable")
+    xmit_max_size: int = _default("xmit_max_size")
     # The APOP database (popauth); a missing file means no APOP secrets.
-    apop_file: str | None = "/etc/qpopper/pop.auth"
+    apop_file: str | None = _default("apop_file")
     # mbox spools live here; so do qpopper's per-user spool option files.
-    spool_dir: str = "/var/mail"
-    hash_spool: int = 0
-    home_dir_mail: str | None = None
-    check_hash_dir: bool = True
+    spool_dir: str = _default("spool_dir")
+    hash_spool: int = _default("hash_spool")
+    home_dir_mail: str | None = _default("home_dir_mail")
+    check_hash_dir: bool = _default("check_hash_dir")
     # qpopper's spool handling (-S, -F, temp drop, write-back, UW kluge).
     # Server mode is the default here: the spool is locked only while it is
     # indexed and committed, so the temp copy buys nothing and costs I/O.
-    server_mode: bool = True
-    group_server_mode: str | None = None
-    group_no_server_mode: str | None = None
-    fast_update: bool = False
-    keep_temp_drop: bool = False
-    temp_dir: str | None = None
-    temp_name: str = ".%s.pop"
+    server_mode: bool = _default("server_mode")
+    group_server_mode: str | None = _default("group_server_mode")
+    group_no_server_mode: str | None = _default("group_no_server_mode")
+    fast_update: bool = _default("fast_update")
+    keep_temp_drop: bool = _default("keep_temp_drop")
+    temp_dir: str | None = _default("temp_dir")
+    temp_name: str = _default("temp_name")
     # Off: messages are served exactly as delivered (qpopper added an
     # X-UIDL header); UIDs are stable without it. `set` it to write
     # Status: RO and X-UIDL: back as qpopper did.
-    update_status_headers: bool = False
-    uw_kluge: bool = False
+    update_status_headers: bool = _default("update_status_headers")
+    uw_kluge: bool = _default("uw_kluge")
     # System users (Unix accounts through PAM, a process per session that
     # drops to the user) unless a passwd-file of virtual users is given.
-    auth_backend: str = "auto"  # "auto" | "pam" | "passwd-file"
-    pam_service: str = "pop3"
-    min_uid: int = 1000
+    auth_backend: str = _default("auth_backend")  # "auto" | "pam" | "passwd-file"
+    pam_service: str = _default("pam_service")
+    min_uid: int = _default("min_uid")
     # Where each value came from ("default", "file:line", "-T", "--name"),
     # and the settings given that have no effect in this server.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -218,45 +234,10 @@ class Options:
         return self.sources.get(name, "default")
 
 
-def _convert(name: str, value: object, where: str) -> object:
-    """Field-specific forms and checks beyond the setting's kind."""
-    if name == "announce_expire":
-        text = str(value).strip()
-        if text.lower() == "never":
-            return "NEVER"
-        if not text.isdigit():
-            raise ConfigError(f"{where}: announce-expire must be a number of days or never", where)
-        return str(int(text))
-    if name == "announce_login_delay":
-        if not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{where}: announce-login-delay must be a number of seconds", where)
-    if name in ("timeout", "auth_fail_delay", "auth_fail_delay_max", "tls_handshake_timeout", "drain_timeout", "login_timeout"):
-        if not isinstance(value, float) or value < 0 or (name == "timeout" and value == 0):
-            raise ConfigError(f"{where}: {name.replace('_', '-')} must be a positive number of seconds", where)
-    if name == "workers" and (not isinstance(value, int) or not 0 <= value <= 256):
-        raise ConfigError(f"{where}: workers must be 0 (one per CPU) to 256", where)
-    if name in ("max_connections", "max_connections_per_ip"):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}: {name.replace('_', '-')} must be at least 1", where)
-    if name == "sasl_mechanisms":
-        names = tuple(m.upper() for m in str(value).replace(",", " ").split())
-        unknown = [m for m in names if m not in ALL_MECHANISMS]
-        if unknown:
-            raise ConfigError(f"{where}: unknown SASL mechanism {unknown[0]} (known: {' '.join(ALL_MECHANISMS)})", where)
-        return names
-    if name in ("nonauth_file", "auth_file", "trace_file", "log_login", "home_dir_mail", "temp_dir", "group_server_mode", "group_no_server_mode", "bulldir", "drac_host", "post_login_command", "post_login_file", "kerberos_keytab", "kerberos_realms") and value == "":
-        return None
-    if name == "hash_spool" and value not in (0, 1, 2):
-        raise ConfigError(f"{where}: hash-spool must be 0, 1 or 2", where)
-    if name == "temp_name" and (str(value).count("%s") != 1 or "/" in str(value)):
-        raise ConfigError(f"{where}: temp-name must hold one %s and no slash", where)
-    return value
-
-
 def apply_settings(options: Options, assignments: Iterable[tuple[str, object, str]]) -> Options:
-    """Apply (setting name, value, source) in order; later ones win."""
-    from .settings import lookup
-
+    """Apply (setting name, value, source) in order; later ones win. Each
+    value is one its setting parsed (or a switch gave) and is checked here
+    by the setting's own rule."""
     changes: dict[str, object] = {}
     sources = dict(options.sources)
     ignored = list(options.ignored)
@@ -269,6 +250,6 @@ def apply_settings(options: Options, assignments: Iterable[tuple[str, object, st
                 ignored.append(setting.name)
             sources[setting.name] = where
             continue
-        changes[setting.field] = _convert(setting.field, value, where)
+        changes[setting.field] = setting.convert(value, where)
         sources[setting.field] = where
     return dataclasses.replace(options, sources=sources, ignored=tuple(ignored), **changes)  # type: ignore[arg-type]

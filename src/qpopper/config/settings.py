@@ -2,20 +2,25 @@
 and this server's own.
 
 Everything that reads or documents settings works from this table: the
-command line (`cli`), the config file and the per-user option files
+`Options` defaults, the command line (getopt's strings, the usage line and
+`--help`, in `commandline`), the config file and the per-user option files
 (`configfile`), `qpopper --show-config`, and the generated manual pages.
-A setting names the `Options` field it fills, how its text is parsed, its
-qpopper switch, and where it may be set: qpopper's restriction classes,
-read strictly (a restricted option is refused in both user option files).
+A setting names the `Options` field it fills, its default, how its text is
+parsed and then checked, its qpopper switch, and where it may be set:
+qpopper's restriction classes, read strictly (a restricted option is
+refused in both user option files).
 """
 
 from __future__ import annotations
 
 import enum
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..auth.sasl import ALL_MECHANISMS, DEFAULT_MECHANISMS
 from ..errors import ConfigError
+from ..maildrop.location import DEFAULT_LOCATION
 
 
 class Restriction(enum.Enum):
@@ -32,6 +37,11 @@ class Kind(enum.Enum):
     MNEMONIC = "mnemonic"
 
 
+# A setting's own rule, run on every value it is given (from any source)
+# after its kind's parser: returns the value to store, or ConfigError.
+Check = Callable[["Setting", object, str], object]
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     name: str  # config-file name (case-insensitive)
@@ -43,6 +53,11 @@ class Setting:
     mnemonics: tuple[tuple[str, object], ...] = ()  # accepted words -> value
     ignored: str | None = None  # why a C-only option has no effect here
     qpopper: bool = True  # in qpopper 4.1's table (else our own)
+    default: object = None  # the field's value when nothing sets it
+    # For a default known only at run time (the host name), and its wording.
+    default_factory: Callable[[], object] | None = None
+    default_text: str | None = None
+    check: Check | None = None
 
     def parse(self, text: str, where: str) -> object:
         """Turn the text of a value into the field's value, or ConfigError."""
@@ -50,6 +65,35 @@ class Setting:
             return _PARSERS[self.kind](self, text)
         except ValueError as exc:
             raise ConfigError(f"{where}: {self.name}: {exc}", where) from None
+
+    def convert(self, value: object, where: str) -> object:
+        """A parsed value (or one a switch gave) as the field holds it."""
+        return value if self.check is None else self.check(self, value, where)
+
+    def value_word(self) -> str:
+        """What the value is called in the usage and the manual pages."""
+        if self.kind is Kind.BOOL:
+            return ""
+        if self.mnemonics:
+            return "|".join(dict.fromkeys(w for w, _ in self.mnemonics))
+        return str(self.kind.value)
+
+    def describe_default(self) -> str:
+        """The default as the manual pages and `--help` write it."""
+        if self.field is None:
+            return "none"
+        if self.default_text is not None:
+            return self.default_text
+        value = self.default
+        if value is None:
+            return "unset"
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, float):
+            return f"{value:g}"
+        if isinstance(value, tuple):
+            return " ".join(str(v) for v in value)
+        return str(value)
 
 
 def _bool(setting: Setting, text: str) -> object:
@@ -111,6 +155,77 @@ _PARSERS: dict[Kind, Callable[[Setting, str], object]] = {
     Kind.MNEMONIC: _mnemonic,
 }
 
+# ---- the settings' own checks -----------------------------------------------
+
+
+def _refuse(setting: Setting, where: str, rule: str) -> ConfigError:
+    return ConfigError(f"{where}: {setting.name} {rule}", where)
+
+
+def _expire_days(setting: Setting, value: object, where: str) -> object:
+    text = str(value).strip()
+    if text.lower() == "never":
+        return "NEVER"
+    if not text.isdigit():
+        raise _refuse(setting, where, "must be a number of days or never")
+    return str(int(text))
+
+
+def _delay_seconds(setting: Setting, value: object, where: str) -> object:
+    if not isinstance(value, int) or value < 0:
+        raise _refuse(setting, where, "must be a number of seconds")
+    return value
+
+
+def _seconds(setting: Setting, value: object, where: str) -> object:
+    if not isinstance(value, float) or value < 0:
+        raise _refuse(setting, where, "must be a positive number of seconds")
+    return value
+
+
+def _timer_seconds(setting: Setting, value: object, where: str) -> object:
+    if value == 0:
+        raise _refuse(setting, where, "must be a positive number of seconds")
+    return _seconds(setting, value, where)
+
+
+def _worker_count(setting: Setting, value: object, where: str) -> object:
+    if not isinstance(value, int) or not 0 <= value <= 256:
+        raise _refuse(setting, where, "must be 0 (one per CPU) to 256")
+    return value
+
+
+def _at_least_one(setting: Setting, value: object, where: str) -> object:
+    if not isinstance(value, int) or value < 1:
+        raise _refuse(setting, where, "must be at least 1")
+    return value
+
+
+def _mechanism_list(setting: Setting, value: object, where: str) -> object:
+    words = value if isinstance(value, tuple) else str(value).replace(",", " ").split()
+    names = tuple(str(m).upper() for m in words)
+    unknown = [m for m in names if m not in ALL_MECHANISMS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown SASL mechanism {unknown[0]} (known: {' '.join(ALL_MECHANISMS)})", where)
+    return names
+
+
+def _empty_is_unset(setting: Setting, value: object, where: str) -> object:
+    return None if value == "" else value
+
+
+def _hash_method(setting: Setting, value: object, where: str) -> object:
+    if value not in (0, 1, 2):
+        raise _refuse(setting, where, "must be 0, 1 or 2")
+    return value
+
+
+def _temp_drop_name(setting: Setting, value: object, where: str) -> object:
+    if str(value).count("%s") != 1 or "/" in str(value):
+        raise _refuse(setting, where, "must hold one %s and no slash")
+    return value
+
+
 B, I, F, S, M = Kind.BOOL, Kind.INT, Kind.FLOAT, Kind.STR, Kind.MNEMONIC
 U, INIT = Restriction.USER, Restriction.INIT
 
@@ -137,53 +252,53 @@ _C_ONLY = "an OpenSSL/SSL Plus build detail of the C qpopper"
 
 SETTINGS: tuple[Setting, ...] = (
     # ---- qpopper 4.1 -----------------------------------------------------
-    Setting("announce-expire", "announce_expire", S, "days announced as EXPIRE in CAPA, or never (-e expire=N)"),
-    Setting("announce-login-delay", "announce_login_delay", I, "seconds announced as LOGIN-DELAY in CAPA (-e login_delay=N)"),
-    Setting("auth-file", "auth_file", S, "only users listed in this file may log in", INIT),
-    Setting("auto-delete", "auto_delete", B, "delete retrieved messages at QUIT; announces EXPIRE 0", U),
-    Setting("bulldb-max-tries", "bulldb_max_tries", I, "attempts to lock the bulletin database"),
-    Setting("bulldb-nonfatal", "bulldb_nonfatal", B, "let the login go on when the bulletin database cannot be opened", switch="-B"),
-    Setting("bulldir", "bulldir", S, "bulletin directory (turns bulletins on)", switch="-b"),
+    Setting("announce-expire", "announce_expire", S, "days announced as EXPIRE in CAPA, or never (-e expire=N)", default="NEVER", check=_expire_days),
+    Setting("announce-login-delay", "announce_login_delay", I, "seconds announced as LOGIN-DELAY in CAPA (-e login_delay=N)", check=_delay_seconds),
+    Setting("auth-file", "auth_file", S, "only users listed in this file may log in", INIT, check=_empty_is_unset),
+    Setting("auto-delete", "auto_delete", B, "delete retrieved messages at QUIT; announces EXPIRE 0", U, default=False),
+    Setting("bulldb-max-tries", "bulldb_max_tries", I, "attempts to lock the bulletin database", default=75),
+    Setting("bulldb-nonfatal", "bulldb_nonfatal", B, "let the login go on when the bulletin database cannot be opened", switch="-B", default=False),
+    Setting("bulldir", "bulldir", S, "bulletin directory (turns bulletins on)", switch="-b", check=_empty_is_unset),
     Setting("cache-dir", None, S, "qpopper's drop cache directory", U, ignored="this server keeps no drop cache file"),
     Setting("cache-name", None, S, "qpopper's drop cache file name", U, ignored="this server keeps no drop cache file"),
-    Setting("check-hash-dir", "check_hash_dir", B, "create missing hashed spool directories"),
+    Setting("check-hash-dir", "check_hash_dir", B, "create missing hashed spool directories", default=True),
     Setting("check-old-spool-loc", None, B, "look for a temp drop in the pre-hashing place", ignored="temp drops are looked for where the current settings put them"),
-    Setting("check-password-expired", None, B, "refuse accounts whose password expired", INIT, ignored="system users arrive with their own issue"),
+    Setting("check-password-expired", None, B, "refuse accounts whose password expired", INIT, ignored="expired passwords and accounts are always refused: PAM's account stage checks them, and the shadow entry for logins proved otherwise"),
     Setting("chunky-writes", None, M, "output buffering of the C qpopper", mnemonics=(("default", "always"), ("always", "always"), ("tls", "tls"), ("ssl", "tls"), ("never", "never")), ignored="replies are always batched here"),
     Setting("clear-text-password", "clear_text_password", M, "where USER/PASS and SASL PLAIN/LOGIN are allowed", U, "-p", mnemonics=_CLEAR_TEXT),
     Setting("config-file", None, S, "read another config file here", switch="-f"),
-    Setting("debug", "debug", B, "log debug records", switch="-d"),
-    Setting("downcase-user", "downcase_user", B, "lower-case user names before lookup", U, "-c"),
-    Setting("drac-host", "drac_host", S, "DRAC server told the address of each client that logs in", switch="-D"),
-    Setting("fast-update", "fast_update", B, "rename instead of copy where the temp drop allows it", switch="-F"),
-    Setting("group-bulletins", "group_bulletins", B, "NUMBER.GROUP bulletin files go to that group only", U),
-    Setting("group-no-server-mode", "group_no_server_mode", S, "group whose members never get server mode", U),
-    Setting("group-server-mode", "group_server_mode", S, "group whose members get server mode", U),
-    Setting("hash-spool", "hash_spool", I, "hashed spool directories, method 1 or 2", U),
-    Setting("home-dir-mail", "home_dir_mail", S, "the spool is ~/<this> instead of <spool-dir>/<user>", U),
-    Setting("keep-temp-drop", "keep_temp_drop", B, "keep .<user>.pop after the session", U),
-    Setting("kerberos", "kerberos", B, "Kerberos 5 logins through SASL GSSAPI", U, "-k"),
-    Setting("kerberos-service", "kerberos_service", S, "Kerberos service name (principal service/host)", U, "-K"),
-    Setting("kerberos-keytab", "kerberos_keytab", S, "keytab with the service key (default: the system's)", INIT, qpopper=False),
-    Setting("kerberos-realms", "kerberos_realms", S, "realms whose user@REALM principals are local users (default: the default realm)", INIT, qpopper=False),
-    Setting("log-facility", "log_facility", M, "syslog facility", INIT, "-y", mnemonics=_FACILITIES),
-    Setting("log-login", "log_login", S, "template of the login record: %0 version, %1 user, %2 host, %3 address", INIT),
-    Setting("mail-command", "mail_command", S, "sendmail-compatible command for XTND XMIT (run without a shell)", U),
+    Setting("debug", "debug", B, "log debug records", switch="-d", default=False),
+    Setting("downcase-user", "downcase_user", B, "lower-case user names before lookup", U, "-c", default=False),
+    Setting("drac-host", "drac_host", S, "DRAC server told the address of each client that logs in", switch="-D", check=_empty_is_unset),
+    Setting("fast-update", "fast_update", B, "rename instead of copy where the temp drop allows it", switch="-F", default=False),
+    Setting("group-bulletins", "group_bulletins", B, "NUMBER.GROUP bulletin files go to that group only", U, default=False),
+    Setting("group-no-server-mode", "group_no_server_mode", S, "group whose members never get server mode", U, check=_empty_is_unset),
+    Setting("group-server-mode", "group_server_mode", S, "group whose members get server mode", U, check=_empty_is_unset),
+    Setting("hash-spool", "hash_spool", I, "hashed spool directories, method 1 or 2", U, default=0, check=_hash_method),
+    Setting("home-dir-mail", "home_dir_mail", S, "the spool is ~/<this> instead of <spool-dir>/<user>", U, check=_empty_is_unset),
+    Setting("keep-temp-drop", "keep_temp_drop", B, "keep .<user>.pop after the session", U, default=False),
+    Setting("kerberos", "kerberos", B, "Kerberos 5 logins through SASL GSSAPI", U, "-k", default=False),
+    Setting("kerberos-service", "kerberos_service", S, "Kerberos service name (principal service/host)", U, "-K", default="pop"),
+    Setting("kerberos-keytab", "kerberos_keytab", S, "keytab with the service key", INIT, qpopper=False, default_text="the system's", check=_empty_is_unset),
+    Setting("kerberos-realms", "kerberos_realms", S, "realms whose user@REALM principals are local users", INIT, qpopper=False, default_text="the default realm", check=_empty_is_unset),
+    Setting("log-facility", "log_facility", M, "syslog facility", INIT, "-y", mnemonics=_FACILITIES, default="mail"),
+    Setting("log-login", "log_login", S, "template of the login record: %0 version, %1 user, %2 host, %3 address", INIT, check=_empty_is_unset),
+    Setting("mail-command", "mail_command", S, "sendmail-compatible command for XTND XMIT (run without a shell)", U, default="/usr/sbin/sendmail"),
     Setting("mail-lock-check", None, I, "refresh the mail lock every n messages while copying", switch="-L", ignored="the dotlock is refreshed by time, at least every 60 s"),
-    Setting("max-bulletins", "max_bulletins", I, "bulletins a user seen for the first time gets (the newest ones)"),
+    Setting("max-bulletins", "max_bulletins", I, "bulletins a user seen for the first time gets (the newest ones)", default=1),
     Setting("no-atomic-open", None, B, "do not trust O_EXCL (old NFS)", U, ignored="lock files are made by link(2), which NFS honours"),
-    Setting("nonauth-file", "nonauth_file", S, "users listed in this file may not log in", INIT),
+    Setting("nonauth-file", "nonauth_file", S, "users listed in this file may not log in", INIT, default="/etc/ftpusers", check=_empty_is_unset),
     Setting("old-style-uid", None, B, "qpopper 2.x hex UIDs", ignored="UIDs are qpopper 4's; spools from before 3.0 keep theirs only through X-UIDL headers"),
-    Setting("reverse-lookup", "reverse_lookup", B, "look up the client's host name (-R turns it off)", U),
-    Setting("server-mode", "server_mode", B, "serve the spool in place, no temp copy (the default here)", switch="-S"),
-    Setting("shy", "shy", B, "hide the version in the greeting and CAPA", INIT),
-    Setting("spool-dir", "spool_dir", S, "mbox spool directory; also holds .<user>.qpopper-options", U),
-    Setting("spool-options", "spool_options", B, "read <spool-dir>/.<user>.qpopper-options after login", U, "-U"),
-    Setting("statistics", "statistics", B, "log a statistics record at session end", switch="-s"),
-    Setting("temp-dir", "temp_dir", S, "directory of the temp drop (default: the spool's)", U),
-    Setting("temp-name", "temp_name", S, "name of the temp drop, %s being the spool's name", U),
-    Setting("timeout", "timeout", F, "autologout timer in seconds (RFC 1939: at least 600)", switch="-T"),
-    Setting("timing", "timing", B, "log a timing record at session end"),
+    Setting("reverse-lookup", "reverse_lookup", B, "look up the client's host name (-R turns it off)", U, default=True),
+    Setting("server-mode", "server_mode", B, "serve the spool in place, no temp copy (the default here)", switch="-S", default=True),
+    Setting("shy", "shy", B, "hide the version in the greeting and CAPA", INIT, default=False),
+    Setting("spool-dir", "spool_dir", S, "mbox spool directory; also holds .<user>.qpopper-options", U, default="/var/mail"),
+    Setting("spool-options", "spool_options", B, "read <spool-dir>/.<user>.qpopper-options after login", U, "-U", default=False),
+    Setting("statistics", "statistics", B, "log a statistics record at session end", switch="-s", default=False),
+    Setting("temp-dir", "temp_dir", S, "directory of the temp drop", U, default_text="the spool's", check=_empty_is_unset),
+    Setting("temp-name", "temp_name", S, "name of the temp drop, %s being the spool's name", U, default=".%s.pop", check=_temp_drop_name),
+    Setting("timeout", "timeout", F, "autologout timer in seconds (RFC 1939: at least 600)", switch="-T", default=600.0, check=_timer_seconds),
+    Setting("timing", "timing", B, "log a timing record at session end", default=False),
     Setting("tls-cipher-list", "tls_cipher_list", S, "OpenSSL cipher list for TLS 1.2", INIT),
     Setting("tls-identity-file", None, S, "SSL Plus identity", INIT, ignored=_C_ONLY),
     Setting("tls-options", None, I, "OpenSSL SSL_OP_* bits", U, ignored=_C_ONLY),
@@ -191,47 +306,48 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls-private-key-file", "tls_key_file", S, "private key of the certificate", INIT),
     Setting("tls-server-cert-file", "tls_cert_file", S, "server certificate (PEM)", INIT),
     Setting("tls-support", "tls_support", M, "none, stls, or alternate-port (implicit TLS)", INIT, "-l", mnemonics=_TLS_SUPPORT),
-    Setting("tls-version", "tls_version", S, "minimum TLS version: TLSv1.2 or TLSv1.3; older names mean TLSv1.2", INIT),
+    Setting("tls-version", "tls_version", S, "minimum TLS version: TLSv1.2 or TLSv1.3; older names mean TLSv1.2", INIT, default="default"),
     Setting("tls-workarounds", None, B, "OpenSSL SSL_OP_ALL", U, ignored=_C_ONLY),
-    Setting("tracefile", "trace_file", S, "append every command and reply here (passwords masked)", INIT, "-t"),
-    Setting("trim-domain", "trim_domain", B, "drop @domain from user names", U, "-C"),
-    Setting("update-on-abort", "update_on_abort", B, "commit deletions when the connection is lost (off: RFC 1939)"),
-    Setting("update-status-headers", "update_status_headers", B, "write Status: RO and X-UIDL: into mbox spools when they are rewritten"),
-    Setting("user-options", "user_options", B, "read ~/.qpopper-options after login", U, "-u"),
-    Setting("UW-kluge", "uw_kluge", B, "hide UW-IMAP's folder-data first message"),
-    Setting("xmit-disable", "xmit_disable", B, "refuse XTND XMIT (qpopper 4.1 -x)", U, "-x"),
-    Setting("xmit-max-size", "xmit_max_size", I, "largest message XTND XMIT accepts, in octets", U, qpopper=False),
+    Setting("tracefile", "trace_file", S, "append every command and reply here (passwords masked)", INIT, "-t", check=_empty_is_unset),
+    Setting("trim-domain", "trim_domain", B, "drop @domain from user names", U, "-C", default=False),
+    Setting("update-on-abort", "update_on_abort", B, "commit deletions when the connection is lost (off: RFC 1939)", default=False),
+    Setting("update-status-headers", "update_status_headers", B, "write Status: RO and X-UIDL: into mbox spools when they are rewritten", default=False),
+    Setting("user-options", "user_options", B, "read ~/.qpopper-options after login", U, "-u", default=False),
+    Setting("UW-kluge", "uw_kluge", B, "hide UW-IMAP's folder-data first message", default=False),
+    Setting("xmit-disable", "xmit_disable", B, "refuse XTND XMIT (qpopper 4.1 -x)", U, "-x", default=False),
+    Setting("xmit-max-size", "xmit_max_size", I, "largest message XTND XMIT accepts, in octets", U, qpopper=False, default=10 * 1024 * 1024),
     # ---- this server's own -----------------------------------------------
-    Setting("bulldb", "bulldb", B, "keep bulletin marks in <bulldir>/bulldb instead of ~/.popbull (qpopper: --enable-bulldb)", qpopper=False),
-    Setting("post-login-command", "post_login_command", S, "run after each login (no shell) with arguments: user, address, time", INIT, qpopper=False),
-    Setting("post-login-file", "post_login_file", S, "append \"TIME USER ADDRESS\" to this file after each login", INIT, qpopper=False),
-    Setting("apop-file", "apop_file", S, "the APOP database managed with popauth (qpopper: --enable-apop=path)", INIT, qpopper=False),
-    Setting("auth-backend", "auth_backend", M, "pam: system users, a process per session; passwd-file: virtual users; auto: pam unless passwd-file is set", INIT, mnemonics=(("auto", "auto"), ("pam", "pam"), ("passwd-file", "passwd-file")), qpopper=False),
-    Setting("pam-service", "pam_service", S, "PAM service name for system users", INIT, qpopper=False),
-    Setting("min-uid", "min_uid", I, "lowest uid that may log in (root never may)", INIT, qpopper=False),
+    Setting("bulldb", "bulldb", B, "keep bulletin marks in <bulldir>/bulldb instead of ~/.popbull (qpopper: --enable-bulldb)", qpopper=False, default=False),
+    Setting("post-login-command", "post_login_command", S, "run after each login (no shell) with arguments: user, address, time", INIT, qpopper=False, check=_empty_is_unset),
+    Setting("post-login-file", "post_login_file", S, "append \"TIME USER ADDRESS\" to this file after each login", INIT, qpopper=False, check=_empty_is_unset),
+    Setting("apop-file", "apop_file", S, "the APOP database managed with popauth (qpopper: --enable-apop=path)", INIT, qpopper=False, default="/etc/qpopper/pop.auth"),
+    Setting("auth-backend", "auth_backend", M, "pam: system users, a process per session; passwd-file: virtual users; auto: pam unless passwd-file is set", INIT, mnemonics=(("auto", "auto"), ("pam", "pam"), ("passwd-file", "passwd-file")), qpopper=False, default="auto"),
+    Setting("pam-service", "pam_service", S, "PAM service name for system users", INIT, qpopper=False, default="pop3"),
+    Setting("min-uid", "min_uid", I, "lowest uid that may log in (root never may)", INIT, qpopper=False, default=1000),
     Setting("passwd-file", "passwd_file", S, "virtual users, Dovecot passwd-file format", INIT, qpopper=False),
-    Setting("mail-location", "mail_location", S, "maildrop template, e.g. maildir:~/Maildir", INIT, qpopper=False),
-    Setting("default-password-scheme", "default_password_scheme", S, "scheme of hashes without {SCHEME}", INIT, qpopper=False),
-    Setting("hostname", "hostname", S, "name in the greeting and APOP stamp", INIT, qpopper=False),
-    Setting("auth-fail-delay", "auth_fail_delay", F, "seconds before a failed login is answered", INIT, qpopper=False),
-    Setting("auth-fail-delay-max", "auth_fail_delay_max", F, "cap of the failure delay, which doubles per recent failure from one address", INIT, qpopper=False),
-    Setting("log-auth-failures", "log_auth_failures", B, "log each failed login as 'authentication failure; rhost=ADDRESS user=NAME' (fail2ban)", INIT, qpopper=False),
-    Setting("login-timeout", "login_timeout", F, "seconds a client has to log in after connecting", INIT, qpopper=False),
-    Setting("enforce-login-delay", "enforce_login_delay", B, "refuse logins within announce-login-delay of the last one", U, qpopper=False),
-    Setting("max-connections", "max_connections", I, "sessions at once in total", INIT, qpopper=False),
-    Setting("max-connections-per-ip", "max_connections_per_ip", I, "sessions at once per client address", INIT, qpopper=False),
+    Setting("mail-location", "mail_location", S, "maildrop template, e.g. maildir:~/Maildir", INIT, qpopper=False, default=DEFAULT_LOCATION),
+    Setting("default-password-scheme", "default_password_scheme", S, "scheme of hashes without {SCHEME}", INIT, qpopper=False, default="CRYPT"),
+    Setting("hostname", "hostname", S, "name in the greeting and APOP stamp", INIT, qpopper=False, default_factory=socket.getfqdn, default_text="this host's name"),
+    Setting("auth-fail-delay", "auth_fail_delay", F, "seconds before a failed login is answered", INIT, qpopper=False, default=1.0, check=_seconds),
+    Setting("auth-fail-delay-max", "auth_fail_delay_max", F, "cap of the failure delay, which doubles per recent failure from one address", INIT, qpopper=False, default=15.0, check=_seconds),
+    Setting("log-auth-failures", "log_auth_failures", B, "log each failed login as 'authentication failure; rhost=ADDRESS user=NAME' (fail2ban)", INIT, qpopper=False, default=False),
+    Setting("login-timeout", "login_timeout", F, "seconds a client has to log in after connecting", INIT, qpopper=False, default=60.0, check=_seconds),
+    Setting("enforce-login-delay", "enforce_login_delay", B, "refuse logins within announce-login-delay of the last one", U, qpopper=False, default=False),
+    Setting("max-connections", "max_connections", I, "sessions at once in total", INIT, qpopper=False, default=1000, check=_at_least_one),
+    Setting("max-connections-per-ip", "max_connections_per_ip", I, "sessions at once per client address", INIT, qpopper=False, default=100, check=_at_least_one),
     Setting("tls-chain-file", "tls_chain_file", S, "intermediate certificates", INIT, qpopper=False),
     Setting("tls-ciphersuites", "tls_ciphersuites", S, "TLS 1.3 cipher suites", INIT, qpopper=False),
     Setting("tls-client-ca-file", "tls_client_ca_file", S, "CA of client certificates for SASL EXTERNAL", INIT, qpopper=False),
-    Setting("tls-handshake-timeout", "tls_handshake_timeout", F, "seconds a TLS handshake may take", INIT, qpopper=False),
-    Setting("sasl-mechanisms", "sasl_mechanisms", S, "SASL mechanisms to offer (space separated)", INIT, qpopper=False),
-    Setting("syslog-socket", "syslog_socket", S, "syslog's socket; empty: no syslog", INIT, qpopper=False),
-    Setting("drain-timeout", "drain_timeout", F, "seconds SIGTERM waits for sessions in UPDATE", INIT, qpopper=False),
-    Setting("use-uvloop", "use_uvloop", B, "use uvloop when installed", INIT, qpopper=False),
-    Setting("workers", "workers", I, "serving processes sharing the listeners (virtual users; 0: one per CPU)", INIT, qpopper=False),
+    Setting("tls-handshake-timeout", "tls_handshake_timeout", F, "seconds a TLS handshake may take", INIT, qpopper=False, default=30.0, check=_seconds),
+    Setting("sasl-mechanisms", "sasl_mechanisms", S, "SASL mechanisms to offer (space separated)", INIT, qpopper=False, default=DEFAULT_MECHANISMS, check=_mechanism_list),
+    Setting("syslog-socket", "syslog_socket", S, "syslog's socket; empty: no syslog", INIT, qpopper=False, default="/dev/log"),
+    Setting("drain-timeout", "drain_timeout", F, "seconds SIGTERM waits for sessions in UPDATE", INIT, qpopper=False, default=30.0, check=_seconds),
+    Setting("use-uvloop", "use_uvloop", B, "use uvloop when installed", INIT, qpopper=False, default=True),
+    Setting("workers", "workers", I, "serving processes sharing the listeners (virtual users; 0: one per CPU)", INIT, qpopper=False, default=1, check=_worker_count),
 )
 
 BY_NAME: dict[str, Setting] = {s.name.lower(): s for s in SETTINGS}
+BY_FIELD: dict[str, Setting] = {s.field: s for s in SETTINGS if s.field is not None}
 BY_NAME["uw-kludge"] = BY_NAME["uw-kluge"]
 BY_SWITCH: dict[str, Setting] = {s.switch: s for s in SETTINGS if s.switch}
 # Every setting is also a long option: --name=value, and --name / --no-name

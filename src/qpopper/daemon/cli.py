@@ -9,6 +9,8 @@ The switches are qpopper's, parsed as qpopper's getopt did (`-T600` and
 `-T 600`, switches in any order, processed left to right so that `-f`
 files and later switches override earlier ones); every setting of the
 registry is also a long option (`--timeout=600`, `--no-reverse-lookup`).
+getopt's strings, the usage and `--help` come from the registry
+(config/commandline.py); this module acts on what they accept.
 """
 
 from __future__ import annotations
@@ -31,32 +33,17 @@ from ..server import Server
 from .inetd import serve_inetd
 from .systemd import listen_fds, notify
 from ..server._memory import limit_malloc_arenas
+from ..auth.cleartext import plaintext_allowed
+from ..auth.sasl import offered_mechanisms
+from ..config.commandline import help_text, long_options, short_options, usage
 from ..config.settings import BY_LONG, BY_SWITCH, SETTINGS, Kind, Setting
 
 log = logging.getLogger("qpopper")
 
 EXIT_USAGE = 2
-# qpopper 4.1's switches with an argument (":"), plus -i (inetd mode).
-SHORT_OPTIONS = "b:BcCdD:e:f:FikK:l:L:p:RsSt:T:uUvVxy:"
-_OWN_LONG = ["demo", "inetd", "show-config", "help", "version", "tls-listen=", "config-file="]
-USAGE = (
-    "usage: qpopper [-b bulldir] [-B] [-c] [-C] [-d] [-D drac-host] [-e login_delay=nn,expire=nn]\n"
-    "               [-f config-file] [-F] [-i] [-k] [-K service] [-l 0-2] [-L lock-refresh] [-p 0-4]\n"
-    "               [-R] [-s] [-S] [-t trace-file] [-T timeout] [-u] [-U] [-v] [-x] [-y facility]\n"
-    "               [--demo] [--show-config] [--SETTING=VALUE ...] [[address][:port] ...]"
-)
-
-
-def _long_options() -> list[str]:
-    out = list(_OWN_LONG)
-    for name, setting in BY_LONG.items():
-        if name == "config-file":
-            continue
-        if setting.kind is Kind.BOOL:
-            out += [name, f"no-{name}"]
-        else:
-            out.append(f"{name}=")
-    return out
+SHORT_OPTIONS = short_options()
+LONG_OPTIONS = long_options()
+USAGE = usage()
 
 
 @dataclass
@@ -86,7 +73,7 @@ def _switch_value(setting: Setting, value: str, where: str) -> object:
 
 def parse_command_line(argv: Sequence[str]) -> Invocation:
     try:
-        opts, positional = getopt.gnu_getopt(list(argv), SHORT_OPTIONS, _long_options())
+        opts, positional = getopt.gnu_getopt(list(argv), SHORT_OPTIONS, LONG_OPTIONS)
     except getopt.GetoptError as exc:
         raise _usage_error(str(exc)) from None
     inv = Invocation(listen=list(positional), argv=list(argv))
@@ -178,6 +165,56 @@ def build_options(inv: Invocation) -> Options:
     return opts.replace(sources=sources, **changes)
 
 
+def _with_source(text: str, source: str) -> str:
+    """A line and, in a column (or after one space if it is long), its source."""
+    return f"{text.ljust(51)} # {source}"
+
+
+def offered_sasl_lines(options: Options) -> list[str]:
+    """Which of the configured mechanisms CAPA offers, per kind of connection.
+
+    The rule is `auth.sasl.offered_mechanisms`, the one the protocol uses;
+    what it needs to know about a connection is filled in here from the
+    settings: a TLS connection has the certificate to bind to, one without
+    TLS from another host gets PLAIN and LOGIN only if the clear-text
+    policy allows them there.
+    """
+    configured = options.sasl_mechanisms
+    policy = options.clear_text_password
+    client_ca = options.tls_client_ca_file is not None
+    tls_connections = options.tls_configured and (options.effective_tls_support != "none" or any(a.tls for a in options.listen))
+    lines = []
+    if tls_connections:
+        over_tls = offered_mechanisms(
+            configured,
+            plaintext_allowed=plaintext_allowed(policy, tls_active=True, peer="192.0.2.1", tls_configured=True),
+            channel_binding=True,
+            client_certificate=client_ca,
+            kerberos=options.kerberos,
+        )
+        note = " (EXTERNAL: to clients with a certificate from tls-client-ca-file)" if "EXTERNAL" in over_tls else ""
+        lines.append(f"#   offered over TLS: {' '.join(over_tls) or 'none'}{note}")
+    remote, local = (
+        offered_mechanisms(
+            configured,
+            plaintext_allowed=plaintext_allowed(policy, tls_active=False, peer=peer, tls_configured=options.tls_configured),
+            channel_binding=False,
+            client_certificate=False,
+            kerberos=options.kerberos,
+        )
+        for peer in ("192.0.2.1", "127.0.0.1")
+    )
+    extra = [m for m in local if m not in remote]
+    note = f" (from loopback also {' '.join(extra)})" if extra else ""
+    lines.append(f"#   offered without TLS: {' '.join(remote) or 'none'}{note}")
+    if "GSSAPI" in configured and not options.kerberos:
+        lines.append("#   not offered: GSSAPI (kerberos is off)")
+    if "EXTERNAL" in configured and not (tls_connections and client_ca):
+        reason = "no TLS connections" if client_ca else "tls-client-ca-file is not set"
+        lines.append(f"#   not offered: EXTERNAL ({reason})")
+    return lines
+
+
 def show_config(options: Options) -> str:
     """Every setting with its effective value and where it came from."""
     lines = []
@@ -189,7 +226,7 @@ def show_config(options: Options) -> str:
         value = getattr(options, setting.field)
         source = options.source_of(setting.field)
         if value is None:
-            lines.append(f"# {setting.name} is not set".ljust(52) + f"# {source}")
+            lines.append(_with_source(f"# {setting.name} is not set", source))
             continue
         if isinstance(value, bool):
             text = "true" if value else "false"
@@ -201,7 +238,9 @@ def show_config(options: Options) -> str:
             text = str(value)
             if any(c in text for c in " \t#\"'"):
                 text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        lines.append(f"set {setting.name} = {text}".ljust(52) + f"# {source}")
+        lines.append(_with_source(f"set {setting.name} = {text}", source))
+        if setting.field == "sasl_mechanisms":
+            lines += offered_sasl_lines(options)
     listen = " ".join(str(a) for a in options.listen)
     lines.append(f"# listen: {listen}  ({options.source_of('listen')})")
     return "\n".join(lines) + "\n"
@@ -289,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"qpopper {__version__} (Python)")
             return 0
         if inv.help:
-            print(USAGE)
+            print(help_text())
             return 0
         options = build_options(inv)
         if inv.show_config:
