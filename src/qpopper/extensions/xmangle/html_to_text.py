@@ -138,20 +138,19 @@ class _Reader:
             if not self.in_head:
                 self.writer.text("<", self.pre > 0)
             return lt + 1
+        closing = m.group(1) == "/"
+        name = m.group(2).lower()
         self.pos = gt + 1
-        self.tag(m.group(1) == "/", m.group(2).lower(), doc[m.end() : gt])
-        return self.pos
-
-    def tag(self, closing: bool, name: str, attrs: str) -> None:
         if self.in_head:
             # Only <body> or </head> ends a head; nothing in it is shown.
             if name == "body" or (closing and name == "head"):
                 self.in_head = False
             if name != "body":
-                return
+                return self.pos
         handler = (_END_TAGS if closing else _START_TAGS).get(name)
         if handler is not None:
-            handler(self, name, attrs)
+            handler(self, name, doc[m.end() : gt])
+        return self.pos
 
     def end_link(self) -> None:
         """After a link's label: its URL, unless the label already shows it."""
