@@ -76,7 +76,8 @@ with Controller(authenticator=auth) as pop:
     c = poplib.POP3(pop.host, pop.port)
     c.user("carol"); c.pass_("pw"); c.stat(); c.list(); c.uidl(); c.retr(1); c.top(1, 0); c.quit()
 print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("email", "html", "ipaddress", "pickle", "logging")
-                      or m in ("logging.handlers", "qpopper.extensions.xmangle.condense", "qpopper.extensions.bulletins",
+                      or m.startswith("qpopper.extensions.xmangle.") and m.rsplit(".", 1)[1] not in ("spec", "messages", "commands")
+                      or m in ("logging.handlers", "qpopper.extensions.bulletins",
                                "qpopper.daemon.forking", "qpopper.daemon.workers"))))
 """
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from email.errors import HeaderParseError
 from pathlib import Path
 
 import pytest
@@ -484,7 +485,8 @@ def test_corpus_is_all_used() -> None:
 
 
 def test_corpus_never_takes_the_fallback_path() -> None:
-    # mangle() swallows every exception; make sure none is hiding a bug.
+    # mangle() sends malformed mail unmangled; make sure no corpus message
+    # is sent that way by accident.
     from qpopper.extensions.xmangle import condense as xmangle
 
     for path in sorted(CORPUS.glob("*.eml")):
@@ -655,6 +657,141 @@ def test_html_to_text_details() -> None:
     assert _plain_body("<script>x</script>kept<style>y") == "kept\n"
     assert _plain_body("<!-- unterminated comment") == ""
     assert _plain_body("<pre>  a\n   b</pre>c") == "  a\n   b\n\nc\n"
+
+
+# -- HTML to text, handler by handler -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("doc", "text"),
+    [
+        # <br>: a line break, but none at the start or right after a block
+        ("a<br>b", "a\nb"),
+        ("<br>a", "a"),
+        ("<p>a</p><br>b", "a\n\nb"),
+        ("a<br><br><br><br>b", "a\n\nb"),  # never more than one blank line
+        # paragraphs, headings, lists and tables: a blank line; other blocks: a line break
+        ("<p>a</p>b", "a\n\nb"),
+        ("<h1>T</h1><div>x</div><div>y</div>", "T\n\nx\ny"),
+        ("<blockquote>q</blockquote>after", "q\n\nafter"),
+        ("<P>A<P>B", "A\n\nB"),
+        # <li>: its own line, starred; the list ends with a blank line
+        ("<ul><li>one<li>two</ul>after", "* one\n* two\n\nafter"),
+        ("<ol><li>a</li><li>b</li></ol>", "* a\n* b"),
+        # table cells are separated by a space, rows by a line break
+        ("<table><tr><td>a<td>b</tr><tr><th>c</table>", "a b\nc"),
+        # <hr>: a line of dashes
+        ("a<hr>b", "a\n" + "-" * 40 + "\nb"),
+        # <a>: the text, then the URL unless the text shows it
+        ('<a href="https://e.org/">site</a>', "site <https://e.org/>"),
+        ('<a href="https://e.org/">https://e.org/</a>', "https://e.org/"),
+        ('<a href="mailto:x@y.z">mail</a>', "mail <x@y.z>"),
+        ('<a href="mailto:x@y.z">x@y.z</a>', "x@y.z"),
+        ('<a href="#top">up</a>', "up"),
+        ("<A HREF=javascript:x()>js</A>", "js"),
+        ('<a href="/a">x<a href="/b">y</a>', "x </a>y </b>"),  # an unclosed link ends at the next
+        ('<a href="/a">never closed', "never closed </a>"),
+        ('<a href="/a\r\nb">x</a>', "x </ab>"),  # control characters never reach the URL
+        ('<a href="http://x/' + "y" * 2048 + '">long</a>', "long"),
+        # <img>: its alt text
+        ('<img src=x alt="a  cat">', "[image: a cat]"),
+        ("<img src=x>", ""),
+        ("<img alt='&lt;3'>", "[image: <3]"),
+        # <pre>: white space kept, nested ones counted
+        ("<pre>  a\n b</pre><pre>c  d</pre>", "  a\n b\n\nc  d"),
+        ("<pre><pre>a  b</pre>c  d</pre>e  f", "a  b\n\nc  d\n\ne f"),
+        ("</pre>a  b", "a b"),
+        # script, style, title and template: skipped to their end tag; unclosed, the rest is hidden
+        ("x<script>alert(1)</script>y", "xy"),
+        ("x<STYLE>p{}</STYLE >y", "xy"),
+        ("x<title>t</title>y", "xy"),
+        ("x<template><p>t</p></template>y", "xy"),
+        ("x<script>never closed", "x"),
+        # <head>: nothing in it shown, up to </head> or <body>
+        ("<head><style>x</style>t</head>b", "b"),
+        ("<head>t<body>b", "b"),
+        ("<head>t</head>b</head>c", "bc"),
+        # comments, declarations and processing instructions vanish
+        ("<!DOCTYPE html><?xml x?>a", "a"),
+        ("a<!-- c -->b", "ab"),
+        ("a<!-- <p>never</p>", "a"),
+        # tags without a handler leave their text; a '<' that opens no tag is text
+        ("a <b>bold</b> <span class=x>s</span>", "a bold s"),
+        ("a < b", "a < b"),
+        ("1 <2> 3", "1 <2> 3"),
+        ("a <", "a <"),
+        # entities are decoded, &nbsp; is a space, white space collapses
+        ("&amp;&lt;&gt;&quot;&#39;&#x41;&euro;&nbsp;x", "&<>\"'A\u20ac x"),
+        ("&bogus; &amp", "&bogus; &"),
+        ("a\n\n\n  b  ", "a b"),
+        ("<p>a\xa0b</p>", "a b"),
+    ],
+)
+def test_html_to_text_handlers(doc: str, text: str) -> None:
+    from qpopper.extensions.xmangle.html_to_text import html_to_text
+
+    assert html_to_text(doc) == text
+
+
+# -- what falls back to the unmangled message, and what is a bug --------------------
+
+_HTML_MESSAGE = b"Subject: s\nContent-Type: text/html; charset=utf-8\n\n<p>hello</p>\n"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+        LookupError("unknown encoding: x-bogus"),
+        binascii.Error("Incorrect padding"),
+        ValueError("malformed"),
+        HeaderParseError("bad header"),
+        RecursionError("maximum recursion depth exceeded"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_malformed_mail_errors_send_the_message_unmangled(
+    monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    from qpopper.extensions.xmangle import assemble
+
+    def fail(doc: str) -> str:
+        raise error
+
+    monkeypatch.setattr(assemble, "html_to_text", fail)
+    assert mangle(_HTML_MESSAGE.replace(b"\n", b"\r\n")) == _HTML_MESSAGE
+
+
+@pytest.mark.parametrize("error", [TypeError, AttributeError, KeyError, IndexError, AssertionError, ZeroDivisionError])
+def test_a_bug_propagates_instead_of_sending_unmangled(
+    monkeypatch: pytest.MonkeyPatch, error: type[Exception]
+) -> None:
+    # A coding bug must not pass for malformed mail: the server turns it
+    # into an internal error (logged, -ERR [SYS/TEMP]) instead.
+    from qpopper.extensions.xmangle import assemble, pieces
+
+    def fail(*args: object) -> str:
+        raise error("a bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(assemble, "html_to_text", fail)
+        with pytest.raises(error):
+            mangle(_HTML_MESSAGE)
+    with monkeypatch.context() as patch:
+        patch.setattr(pieces, "decode_text", fail)
+        with pytest.raises(error):
+            mangle(_HTML_MESSAGE, HTML)
+
+
+def test_nesting_beyond_the_parsers_recursion_limit_is_sent_unmangled() -> None:
+    depth = 3000
+    msg = b"".join(
+        f"--b{i - 1}\n".encode() * (i > 0) + f"Content-Type: multipart/mixed; boundary=b{i}\n\n".encode()
+        for i in range(depth)
+    )
+    assert mangle(msg) == msg
+    forwarded = b"Content-Type: message/rfc822\n\n" * depth + b"Subject: x\n\nhi\n"
+    assert mangle(forwarded, HTML) == forwarded
 
 
 def test_alternative_prefers_first_matching_part() -> None:

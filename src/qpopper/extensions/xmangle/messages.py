@@ -7,9 +7,9 @@ and, being decided by the stored size, keeps LIST and RETR consistent.
 
 from __future__ import annotations
 
-from .spec import MangleSpec
 from ...maildrop import Maildrop
 from ...maildrop._base import size_of
+from .spec import MangleSpec
 
 MANGLE_MAX_SIZE = 32 * 1024 * 1024
 

@@ -1,11 +1,11 @@
 """XMANGLE's argument: what a client may ask a message to be condensed into.
 
-Split from the mangler (`xmangle`) because the protocol core parses the
+Split from the mangler (`condense` and the modules it uses) because the protocol core parses the
 modifier on every RETR, TOP and LIST argument and keeps the spec type,
 while the mangler itself, with its MIME walking and HTML tables, is needed
 only once a client actually asks for XMANGLE or logs in with -no-mime;
 a daemon that never mangles does not load it (a few hundred kB per process).
-The grammar is documented in `xmangle`.
+The grammar is documented in `condense`.
 """
 
 from __future__ import annotations
@@ -71,9 +71,11 @@ def codec_name(label: str) -> str | None:
 
 @functools.lru_cache(maxsize=256)
 def ascii_compatible(codec: str) -> bool:
+    """Whether ``codec`` writes ASCII text as ASCII bytes (so header lines
+    and markup stay readable)."""
     try:
         return _ASCII_PROBE.encode(codec) == _ASCII_PROBE.encode("ascii")
-    except Exception:
+    except (UnicodeError, LookupError):  # a codec that cannot write ASCII, or no codec
         return False
 
 
@@ -133,8 +135,7 @@ class MangleSpec:
         if not isinstance(self.text, str):
             raise ValueError("XMANGLE text must be 'plain' or 'html'")
         text = self.text.strip().lower()
-        if text.startswith("text/"):
-            text = text[5:]
+        text = text.removeprefix("text/")
         if text not in ("plain", "html"):
             raise ValueError(f"XMANGLE text must be 'plain' or 'html', not {self.text!r}")
         object.__setattr__(self, "text", text)
