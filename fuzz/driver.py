@@ -66,7 +66,7 @@ def drive_blindly(session: Session, chunks: list[bytes], rng: random.Random) -> 
                 raise Finding("an offloaded SASL step without an offloading mechanism configured")
             elif isinstance(effect, SendMessage):
                 if rng.random() < 0.1:
-                    session.message_unavailable()
+                    session.message_unavailable(effect.index)
             elif isinstance(effect, Close):
                 return
             elif not isinstance(effect, (Send, ListHeaders)):

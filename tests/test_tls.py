@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import rawpop
 import scramp
 import trustme
 
@@ -218,12 +219,15 @@ def test_scram_plus_over_real_tls(tls_server: Controller, certs: Certs, fill: Fi
     client = poplib.POP3_SSL("127.0.0.1", implicit, context=certs.client_context(), timeout=10)
     assert "SCRAM-SHA-256-PLUS" in client.capa()["SASL"]
     # The client's side, computed independently from the certificate it got.
-    cb = reference_binding(x509.load_der_x509_certificate(client.sock.getpeercert(binary_form=True)))
+    assert isinstance(client.sock, ssl.SSLSocket)
+    der = client.sock.getpeercert(binary_form=True)
+    assert der is not None
+    cb = reference_binding(x509.load_der_x509_certificate(der))
     assert cb == server_end_point(str(certs.cert))
     scram = scramp.ScramClient(["SCRAM-SHA-256-PLUS"], "alice", PASSWORD, channel_binding=("tls-server-end-point", cb))
     def send(line: bytes) -> bytes:
-        client._putcmd(line.decode())  # noqa: SLF001 - poplib has no SASL helper
-        return client._getline()[0]  # noqa: SLF001
+        rawpop.putcmd(client, line.decode())  # poplib has no SASL helper
+        return rawpop.getline(client)
 
     reply = send(b"AUTH SCRAM-SHA-256-PLUS " + base64.b64encode(scram.get_client_first().encode()))
     scram.set_server_first(base64.b64decode(reply[2:]).decode())
@@ -254,7 +258,9 @@ def test_certificate_reload_keeps_sessions(tmp_path: Path, mailroot: Path, fill:
         old.pass_(PASSWORD)
         shutil.copy(second.cert, live_cert)
         shutil.copy(second.key, live_key)
-        server._loop.call_soon_threadsafe(server.server.reload)  # noqa: SLF001 - what SIGHUP does
+        loop = server._loop  # noqa: SLF001 - the reload runs on the server's own loop, as SIGHUP's does
+        assert loop is not None
+        loop.call_soon_threadsafe(server.server.reload)
         deadline = time.time() + 10
         while True:
             try:
@@ -322,8 +328,8 @@ def test_sasl_external_with_a_client_certificate(certs: Certs, mailroot: Path, f
         assert "EXTERNAL" in client.capa()["SASL"]
         # Asking to be somebody else is a credential failure.
         with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
-            client._shortcmd("AUTH EXTERNAL " + base64.b64encode(b"bob").decode())  # noqa: SLF001
-        assert client._shortcmd("AUTH EXTERNAL =").startswith(b"+OK")  # noqa: SLF001
+            rawpop.shortcmd(client, "AUTH EXTERNAL " + base64.b64encode(b"bob").decode())
+        assert rawpop.shortcmd(client, "AUTH EXTERNAL =").startswith(b"+OK")
         assert client.stat()[0] == 1
         client.quit()
 
