@@ -34,7 +34,7 @@ _SigningHash = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
 
 def _certificate(key: Any, algorithm: _SigningHash | None, **sign: Any) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pop.example.org")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)

@@ -13,16 +13,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import rawpop
 import scramp
 import trustme
+from cryptography import x509
 
+import rawpop
 from conftest import PASSWORD
 from qpopper import Controller, ListenAddress, Options, StaticAuthenticator
-from qpopper.errors import ConfigError
 from qpopper.auth.cleartext import plaintext_allowed
+from qpopper.errors import ConfigError
 from qpopper.server import Server
-from cryptography import x509
 from qpopper.server._channel_binding import server_end_point
 from test_channel_binding import _reference as reference_binding
 
@@ -114,10 +114,12 @@ def test_old_tls_versions_are_refused(tls_server: Controller, version: str) -> N
     ctx.verify_mode = ssl.CERT_NONE
     ctx.set_ciphers("DEFAULT@SECLEVEL=0")
     ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version)
-    with socket.create_connection(("127.0.0.1", implicit), timeout=10) as raw:
-        with pytest.raises(ssl.SSLError):
-            with ctx.wrap_socket(raw) as tls:
-                tls.recv(10)
+    with (
+        socket.create_connection(("127.0.0.1", implicit), timeout=10) as raw,
+        pytest.raises(ssl.SSLError),
+        ctx.wrap_socket(raw) as tls,
+    ):
+        tls.recv(10)
 
 
 def test_curl_pop3s_and_stls_with_each_mechanism(tls_server: Controller, certs: Certs, fill: Fill) -> None:
@@ -143,7 +145,9 @@ def test_curl_pop3s_and_stls_with_each_mechanism(tls_server: Controller, certs: 
 def test_plaintext_refused_without_tls_when_policy_says_tls(certs: Certs, mailroot: Path, fill: Fill) -> None:
     fill("alice", [MSG])
     auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
-    with Controller(authenticator=auth, tls_cert_file=str(certs.cert), tls_key_file=str(certs.key), clear_text_password="tls") as server:
+    with Controller(
+        authenticator=auth, tls_cert_file=str(certs.cert), tls_key_file=str(certs.key), clear_text_password="tls"
+    ) as server:
         client = poplib.POP3(server.host, server.port, timeout=10)
         caps = client.capa()
         assert "USER" not in caps and "PLAIN" not in caps.get("SASL", [])
@@ -282,7 +286,7 @@ def test_startup_errors_are_clear(tmp_path: Path, certs: Certs) -> None:
     def start(**settings: object) -> None:
         Server(Options(**settings), auth)  # type: ignore[arg-type]
 
-    with pytest.raises(ConfigError, match="tls-server-cert-file .*missing"):
+    with pytest.raises(ConfigError, match=r"tls-server-cert-file .*missing"):
         start(tls_cert_file=str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="does not match"):
         start(tls_cert_file=str(certs.cert), tls_key_file=str(other.key))
@@ -358,7 +362,6 @@ def test_incomplete_handshake_times_out(certs: Certs, mailroot: Path) -> None:
         tls_cert_file=str(certs.cert),
         tls_key_file=str(certs.key),
         tls_handshake_timeout=0.5,
-    ) as server:
-        with socket.create_connection((server.host, server.port), timeout=10) as sock:
-            sock.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then silence
-            assert sock.recv(100) == b""  # closed by the server, not by our timeout
+    ) as server, socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then silence
+        assert sock.recv(100) == b""  # closed by the server, not by our timeout
