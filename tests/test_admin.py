@@ -240,7 +240,7 @@ def test_syslog_facility_and_priority(daemon: Callable[..., Daemon], tmp_path: P
     try:
         d = daemon("-y", "local3", f"--syslog-socket={path}", "-s")
         d.client().quit()
-        records = []
+        records: list[bytes] = []
         deadline = time.monotonic() + 10
         while not any(b"Stats:" in r for r in records) and time.monotonic() < deadline:
             records.append(listener.recv(4096))
@@ -330,6 +330,10 @@ def test_sighup_rereads_the_config_file(daemon: Callable[..., Daemon], tmp_path:
         time.sleep(0.05)
     conf.write_text("set nonsense\n")  # a broken edit keeps the running settings
     d.proc.send_signal(signal.SIGHUP)
-    time.sleep(0.5)
+    # The daemon logs the refusal once it has read the file: wait for that line, not for a fixed time.
+    deadline = time.monotonic() + 10
+    while "reload refused" not in d.log.read_text():
+        assert time.monotonic() < deadline, d.log.read_text()
+        time.sleep(0.02)
     assert _welcome(d.port).startswith(b"+OK ready")
     assert "reload refused" in d.stop()

@@ -22,11 +22,14 @@ pytestmark = pytest.mark.slow
 
 
 def _guard(work: Path) -> dict[str, object]:
-    r = subprocess.run([sys.executable, str(GUARD), "--work", str(work)], check=False, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(GUARD), "--work", str(work)], check=False, capture_output=True, text=True, timeout=120
+    )
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     assert lines, f"guard printed nothing (status {r.returncode}): {r.stderr[-2000:]}"
     result: dict[str, object] = json.loads(lines[-1])
-    assert "error" not in result, f"guard run failed: {result['error']}; log: {(work / 'qpopper.log').read_text()[-2000:]}"
+    log = (work / "qpopper.log").read_text()[-2000:] if "error" in result else ""
+    assert "error" not in result, f"guard run failed: {result['error']}; log: {log}"
     return result
 
 

@@ -28,9 +28,13 @@ def _reference(cert: x509.Certificate) -> bytes:
     return digest.finalize()
 
 
-def _certificate(key: Any, algorithm: hashes.HashAlgorithm | None, **sign: Any) -> x509.Certificate:
+# The digests a certificate may be signed with (cryptography's own annotation of sign()).
+_SigningHash = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
+
+
+def _certificate(key: Any, algorithm: _SigningHash | None, **sign: Any) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pop.example.org")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)

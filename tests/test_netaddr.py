@@ -8,8 +8,8 @@ import ipaddress
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qpopper.netaddr import ipv4_octets, is_loopback
 from qpopper.auth.cleartext import plaintext_allowed
+from qpopper.netaddr import ipv4_octets, is_loopback
 
 
 @given(st.ip_addresses())

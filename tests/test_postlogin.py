@@ -59,7 +59,7 @@ class DracDaemon:
                 continue
             except OSError:
                 return
-            xid, mtype, rpcvers, prog, vers, proc = struct.unpack(">IIIIII", data[:24])
+            xid, _mtype, _rpcvers, prog, vers, proc = struct.unpack(">IIIIII", data[:24])
             offset = 24
             for _ in range(2):  # credentials, verifier
                 _flavor, length = struct.unpack(">II", data[offset : offset + 8])
@@ -75,7 +75,8 @@ class DracDaemon:
 
     def register(self) -> None:
         args = struct.pack(">IIII", DRAC_PROGRAM, DRAC_VERSION, 17, self.port)
-        assert rpc_call("127.0.0.1", PMAP_PORT, PMAP_PROGRAM, PMAP_VERSION, PMAPPROC_SET, args, 5) == struct.pack(">I", 1)
+        reply = rpc_call("127.0.0.1", PMAP_PORT, PMAP_PROGRAM, PMAP_VERSION, PMAPPROC_SET, args, 5)
+        assert reply == struct.pack(">I", 1)
 
     def start(self) -> None:
         self._thread.start()
@@ -130,7 +131,9 @@ def drac(rpcbind: None) -> Iterator[DracDaemon]:
 
 def test_rpc_message_format() -> None:
     message = call_message(0x01020304, DRAC_PROGRAM, DRAC_VERSION, DRACPROC_ADD, struct.pack(">I", 0x7F000001))
-    assert message == bytes.fromhex("01020304 00000000 00000002 000dbc05 00000001 00000001 00000000 00000000 00000000 00000000 7f000001".replace(" ", ""))
+    assert message == bytes.fromhex(
+        "01020304 00000000 00000002 000dbc05 00000001 00000001 00000000 00000000 00000000 00000000 7f000001"
+    )
     reply = struct.pack(">IIIIII", 7, 1, 0, 0, 0, 0) + struct.pack(">I", 0)
     assert parse_reply(7, reply) == struct.pack(">I", 0)
     with pytest.raises(RpcError):
@@ -176,7 +179,9 @@ def test_unreachable_drac_never_fails_or_delays_a_login(mailroot: Path, caplog: 
 def test_post_login_command_and_file(tmp_path: Path, mailroot: Path) -> None:
     record = tmp_path / "hook.txt"
     script = tmp_path / "hook"
-    script.write_text(f"#!{sys.executable}\nimport sys\nopen({str(record)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n")
+    script.write_text(
+        f"#!{sys.executable}\nimport sys\nopen({str(record)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+    )
     script.chmod(0o755)
     logfile = tmp_path / "logins.txt"
     auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import scramp
 import trustme
+from cryptography import x509
 
+import rawpop
 from conftest import PASSWORD
 from qpopper import Controller, ListenAddress, Options, StaticAuthenticator
-from qpopper.errors import ConfigError
 from qpopper.auth.cleartext import plaintext_allowed
+from qpopper.errors import ConfigError
 from qpopper.server import Server
-from cryptography import x509
 from qpopper.server._channel_binding import server_end_point
 from test_channel_binding import _reference as reference_binding
 
@@ -113,10 +114,12 @@ def test_old_tls_versions_are_refused(tls_server: Controller, version: str) -> N
     ctx.verify_mode = ssl.CERT_NONE
     ctx.set_ciphers("DEFAULT@SECLEVEL=0")
     ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version)
-    with socket.create_connection(("127.0.0.1", implicit), timeout=10) as raw:
-        with pytest.raises(ssl.SSLError):
-            with ctx.wrap_socket(raw) as tls:
-                tls.recv(10)
+    with (
+        socket.create_connection(("127.0.0.1", implicit), timeout=10) as raw,
+        pytest.raises(ssl.SSLError),
+        ctx.wrap_socket(raw) as tls,
+    ):
+        tls.recv(10)
 
 
 def test_curl_pop3s_and_stls_with_each_mechanism(tls_server: Controller, certs: Certs, fill: Fill) -> None:
@@ -142,7 +145,9 @@ def test_curl_pop3s_and_stls_with_each_mechanism(tls_server: Controller, certs: 
 def test_plaintext_refused_without_tls_when_policy_says_tls(certs: Certs, mailroot: Path, fill: Fill) -> None:
     fill("alice", [MSG])
     auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
-    with Controller(authenticator=auth, tls_cert_file=str(certs.cert), tls_key_file=str(certs.key), clear_text_password="tls") as server:
+    with Controller(
+        authenticator=auth, tls_cert_file=str(certs.cert), tls_key_file=str(certs.key), clear_text_password="tls"
+    ) as server:
         client = poplib.POP3(server.host, server.port, timeout=10)
         caps = client.capa()
         assert "USER" not in caps and "PLAIN" not in caps.get("SASL", [])
@@ -218,12 +223,15 @@ def test_scram_plus_over_real_tls(tls_server: Controller, certs: Certs, fill: Fi
     client = poplib.POP3_SSL("127.0.0.1", implicit, context=certs.client_context(), timeout=10)
     assert "SCRAM-SHA-256-PLUS" in client.capa()["SASL"]
     # The client's side, computed independently from the certificate it got.
-    cb = reference_binding(x509.load_der_x509_certificate(client.sock.getpeercert(binary_form=True)))
+    assert isinstance(client.sock, ssl.SSLSocket)
+    der = client.sock.getpeercert(binary_form=True)
+    assert der is not None
+    cb = reference_binding(x509.load_der_x509_certificate(der))
     assert cb == server_end_point(str(certs.cert))
     scram = scramp.ScramClient(["SCRAM-SHA-256-PLUS"], "alice", PASSWORD, channel_binding=("tls-server-end-point", cb))
     def send(line: bytes) -> bytes:
-        client._putcmd(line.decode())  # noqa: SLF001 - poplib has no SASL helper
-        return client._getline()[0]  # noqa: SLF001
+        rawpop.putcmd(client, line.decode())  # poplib has no SASL helper
+        return rawpop.getline(client)
 
     reply = send(b"AUTH SCRAM-SHA-256-PLUS " + base64.b64encode(scram.get_client_first().encode()))
     scram.set_server_first(base64.b64decode(reply[2:]).decode())
@@ -254,7 +262,9 @@ def test_certificate_reload_keeps_sessions(tmp_path: Path, mailroot: Path, fill:
         old.pass_(PASSWORD)
         shutil.copy(second.cert, live_cert)
         shutil.copy(second.key, live_key)
-        server._loop.call_soon_threadsafe(server.server.reload)  # noqa: SLF001 - what SIGHUP does
+        loop = server._loop  # noqa: SLF001 - the reload runs on the server's own loop, as SIGHUP's does
+        assert loop is not None
+        loop.call_soon_threadsafe(server.server.reload)
         deadline = time.time() + 10
         while True:
             try:
@@ -276,7 +286,7 @@ def test_startup_errors_are_clear(tmp_path: Path, certs: Certs) -> None:
     def start(**settings: object) -> None:
         Server(Options(**settings), auth)  # type: ignore[arg-type]
 
-    with pytest.raises(ConfigError, match="tls-server-cert-file .*missing"):
+    with pytest.raises(ConfigError, match=r"tls-server-cert-file .*missing"):
         start(tls_cert_file=str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="does not match"):
         start(tls_cert_file=str(certs.cert), tls_key_file=str(other.key))
@@ -322,8 +332,8 @@ def test_sasl_external_with_a_client_certificate(certs: Certs, mailroot: Path, f
         assert "EXTERNAL" in client.capa()["SASL"]
         # Asking to be somebody else is a credential failure.
         with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
-            client._shortcmd("AUTH EXTERNAL " + base64.b64encode(b"bob").decode())  # noqa: SLF001
-        assert client._shortcmd("AUTH EXTERNAL =").startswith(b"+OK")  # noqa: SLF001
+            rawpop.shortcmd(client, "AUTH EXTERNAL " + base64.b64encode(b"bob").decode())
+        assert rawpop.shortcmd(client, "AUTH EXTERNAL =").startswith(b"+OK")
         assert client.stat()[0] == 1
         client.quit()
 
@@ -352,7 +362,6 @@ def test_incomplete_handshake_times_out(certs: Certs, mailroot: Path) -> None:
         tls_cert_file=str(certs.cert),
         tls_key_file=str(certs.key),
         tls_handshake_timeout=0.5,
-    ) as server:
-        with socket.create_connection((server.host, server.port), timeout=10) as sock:
-            sock.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then silence
-            assert sock.recv(100) == b""  # closed by the server, not by our timeout
+    ) as server, socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then silence
+        assert sock.recv(100) == b""  # closed by the server, not by our timeout
