@@ -13,7 +13,7 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from ..auth.sasl import ALL_MECHANISMS
+from ..auth.sasl import ALL_MECHANISMS, DEFAULT_MECHANISMS
 from ..errors import ConfigError
 from ..maildrop.location import DEFAULT_LOCATION
 
@@ -109,9 +109,10 @@ class Options:
     # None: allowed on TLS and loopback connections only when TLS is
     # configured, everywhere when it is not.
     clear_text_password: str | None = None
-    # Offered where usable: EXTERNAL needs a client certificate, -PLUS TLS,
-    # PLAIN and LOGIN the clear-text policy's consent.
-    sasl_mechanisms: tuple[str, ...] = ALL_MECHANISMS
+    # Offered where usable: EXTERNAL needs a client certificate, -PLUS TLS
+    # (and being named here: not offered by default), PLAIN and LOGIN the
+    # clear-text policy's consent.
+    sasl_mechanisms: tuple[str, ...] = DEFAULT_MECHANISMS
     # Logging and records (qpopper's -d, -s, -t, -y, log-login, timing).
     debug: bool = False
     statistics: bool = False

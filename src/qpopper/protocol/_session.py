@@ -125,7 +125,7 @@ class SessionConfig:
     xmit: bool = True
     xmit_max_size: int = 10 * 1024 * 1024
     # SASL mechanisms offered (filtered per connection by the policy).
-    sasl_mechanisms: tuple[str, ...] = sasl.ALL_MECHANISMS
+    sasl_mechanisms: tuple[str, ...] = sasl.DEFAULT_MECHANISMS
     implementation: str = f"qpopper-python-{__version__}"
     extra_capabilities: tuple[str, ...] = field(default=())
 
@@ -701,11 +701,16 @@ class Session:
             return
         name = args[0].decode("ascii").upper()
         mechanism = None
-        if name in self.sasl_mechanisms():
+        offered = self.sasl_mechanisms()
+        if name in offered:
+            # The channel is offered for binding only where a -PLUS mechanism
+            # was listed: a client that saw none rightly answers SCRAM with
+            # "y" (RFC 5802 section 6), which is a downgrade only if we had.
+            binding = self.security.channel_binding if any(m.endswith("-PLUS") for m in offered) else None
             mechanism = sasl.make_mechanism(
                 name,
                 self.config.hostname,
-                self.security.channel_binding,
+                binding,
                 self.security.certificate_user,
                 self.kerberos,
             )
