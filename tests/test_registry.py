@@ -132,17 +132,19 @@ def test_show_config_prints_what_capa_offers_by_default() -> None:
     assert "not offered: GSSAPI (kerberos is off)" in out[1]
     assert "not offered: EXTERNAL (tls-client-ca-file is not set)" in out[2]
     text = show_config(Options())
-    assert '"GSSAPI EXTERNAL SCRAM-SHA-256-PLUS SCRAM-SHA-256 SCRAM-SHA-1-PLUS SCRAM-SHA-1 CRAM-MD5 PLAIN LOGIN" # default' in text
+    assert '"GSSAPI EXTERNAL SCRAM-SHA-256 SCRAM-SHA-1 CRAM-MD5 PLAIN LOGIN" # default' in text  # -PLUS only when named
 
 
 def test_show_config_per_condition_with_tls_kerberos_and_a_client_ca() -> None:
     out = sasl_lines("--tls-server-cert-file=/c.pem", "--tls-client-ca-file=/ca.pem", "-k")
     assert out[0] == (
-        "#   offered over TLS: GSSAPI EXTERNAL SCRAM-SHA-256-PLUS SCRAM-SHA-256 SCRAM-SHA-1-PLUS SCRAM-SHA-1 CRAM-MD5 PLAIN LOGIN"
+        "#   offered over TLS: GSSAPI EXTERNAL SCRAM-SHA-256 SCRAM-SHA-1 CRAM-MD5 PLAIN LOGIN"
         " (EXTERNAL: to clients with a certificate from tls-client-ca-file)"
     )
     # The default clear-text policy with TLS configured: passwords only over TLS or from loopback.
     assert out[1] == "#   offered without TLS: GSSAPI SCRAM-SHA-256 SCRAM-SHA-1 CRAM-MD5 (from loopback also PLAIN LOGIN)"
     assert len(out) == 2
+    out = sasl_lines("--tls-server-cert-file=/c.pem", f"--sasl-mechanisms={' '.join(ALL_MECHANISMS)}")
+    assert out[0].startswith("#   offered over TLS: SCRAM-SHA-256-PLUS SCRAM-SHA-256 SCRAM-SHA-1-PLUS SCRAM-SHA-1 CRAM-MD5")
     out = sasl_lines("--tls-server-cert-file=/c.pem", "-p", "never", "--sasl-mechanisms=SCRAM-SHA-256 PLAIN")
     assert out == ["#   offered over TLS: SCRAM-SHA-256", "#   offered without TLS: SCRAM-SHA-256"]

@@ -10,6 +10,7 @@ import pytest
 import scramp
 
 from qpopper.auth.credentials import CramMD5, Rejected, UserPass, Verified
+from qpopper.auth import sasl
 from qpopper.auth.sasl import cram_md5_digest, scram_secret_from_password
 from qpopper.protocol import (
     Authenticate,
@@ -27,7 +28,7 @@ CB = hashlib.sha256(b"certificate").digest()
 
 def session(**security: object) -> Session:
     s = Session(
-        SessionConfig(hostname="pop.example.org"),
+        SessionConfig(hostname="pop.example.org", sasl_mechanisms=sasl.ALL_MECHANISMS),  # -PLUS configured
         timestamp=STAMP,
         security=ConnectionSecurity(**security),  # type: ignore[arg-type]
     )

@@ -20,6 +20,7 @@ from cryptography import x509
 import rawpop
 from conftest import PASSWORD
 from qpopper import Controller, ListenAddress, Options, StaticAuthenticator
+from qpopper.auth.sasl import ALL_MECHANISMS
 from qpopper.auth.cleartext import plaintext_allowed
 from qpopper.errors import ConfigError
 from qpopper.server import Server
@@ -53,10 +54,12 @@ def certs(tmp_path: Path) -> Certs:
 
 @pytest.fixture
 def tls_server(certs: Certs, mailroot: Path) -> Iterator[Controller]:
-    """STLS on one port, implicit TLS on another; clear-text policy automatic."""
+    """STLS on one port, implicit TLS on another; clear-text policy automatic;
+    every mechanism offered, the -PLUS ones included."""
     auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
     with Controller(
         authenticator=auth,
+        sasl_mechanisms=ALL_MECHANISMS,
         listen=(ListenAddress("127.0.0.1", 0), ListenAddress("127.0.0.1", 0, tls=True)),
         tls_cert_file=str(certs.cert),
         tls_key_file=str(certs.key),

@@ -29,8 +29,13 @@ if TYPE_CHECKING:
 PLAIN_FIELD_MAX = 255
 SCRAM_MECHANISMS = ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-1")
 ALL_MECHANISMS = ("GSSAPI", "EXTERNAL") + SCRAM_MECHANISMS + ("CRAM-MD5", "PLAIN", "LOGIN")
-# The sasl-mechanisms setting's default: what a site offers unless it says.
-DEFAULT_MECHANISMS = ALL_MECHANISMS
+# Offered unless sasl-mechanisms says otherwise: all but the -PLUS variants.
+# Clients pick the strongest listed mechanism they know, and some that know
+# SCRAM-*-PLUS cannot bind to every channel (neomutt with GNU SASL over
+# GnuTLS has no tls-server-end-point): they abort the exchange and lose
+# step with the server. Listed only where the site asks for them, -PLUS is
+# for clients known to bind.
+DEFAULT_MECHANISMS = tuple(m for m in ALL_MECHANISMS if not m.endswith("-PLUS"))
 # Mechanisms that send the password itself: subject to the clear-text policy.
 CLEARTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
 # Channel binding type this server offers for the -PLUS variants.

@@ -125,8 +125,9 @@ class Options:
     # None: allowed on TLS and loopback connections only when TLS is
     # configured, everywhere when it is not.
     clear_text_password: str | None = _default("clear_text_password")
-    # Offered where usable: EXTERNAL needs a client certificate, -PLUS TLS,
-    # PLAIN and LOGIN the clear-text policy's consent.
+    # Offered where usable: EXTERNAL needs a client certificate, -PLUS TLS
+    # (and being named: not offered by default), PLAIN and LOGIN the
+    # clear-text policy's consent.
     sasl_mechanisms: tuple[str, ...] = _default("sasl_mechanisms")
     # Logging and records (qpopper's -d, -s, -t, -y, log-login, timing).
     debug: bool = _default("debug")

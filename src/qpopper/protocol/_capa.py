@@ -18,19 +18,14 @@ from ._state import State
 
 def sasl_mechanisms(config: SessionConfig, security: ConnectionSecurity, kerberos: object | None) -> list[str]:
     """Mechanisms usable on this connection, in the configured order
-    (strongest first)."""
-    out = []
-    for name in config.sasl_mechanisms:
-        if name in sasl.CLEARTEXT_MECHANISMS and not security.plaintext_allowed:
-            continue
-        if name.endswith("-PLUS") and security.channel_binding is None:
-            continue
-        if name == "EXTERNAL" and security.certificate_user is None:
-            continue
-        if name == "GSSAPI" and kerberos is None:
-            continue
-        out.append(name)
-    return out
+    (strongest first): the one rule `--show-config` also prints."""
+    return sasl.offered_mechanisms(
+        config.sasl_mechanisms,
+        plaintext_allowed=security.plaintext_allowed,
+        channel_binding=security.channel_binding is not None,
+        client_certificate=security.certificate_user is not None,
+        kerberos=kerberos is not None,
+    )
 
 
 def capabilities(config: SessionConfig, security: ConnectionSecurity, state: State, kerberos: object | None) -> list[str]:

@@ -61,7 +61,7 @@ class SessionConfig:
     xmit: bool = True
     xmit_max_size: int = 10 * 1024 * 1024
     # SASL mechanisms offered (filtered per connection by the policy).
-    sasl_mechanisms: tuple[str, ...] = sasl.ALL_MECHANISMS
+    sasl_mechanisms: tuple[str, ...] = sasl.DEFAULT_MECHANISMS
     implementation: str = f"qpopper-python-{__version__}"
     extra_capabilities: tuple[str, ...] = field(default=())
     # The pid, clock and random bits of the APOP stamp and CRAM-MD5

@@ -47,10 +47,14 @@ def cmd_auth(ctx: CommandContext, args: list[bytes], _line: bytes) -> None:
     name = args[0].decode("ascii").upper()
     mechanism = None
     if name in offered:
+        # The channel is offered for binding only where a -PLUS mechanism was
+        # listed: a client that saw none rightly answers SCRAM with "y"
+        # (RFC 5802 section 6), which is a downgrade only if we had listed one.
+        binding = ctx.security.channel_binding if any(m.endswith("-PLUS") for m in offered) else None
         mechanism = sasl.make_mechanism(
             name,
             ctx.config.hostname,
-            ctx.security.channel_binding,
+            binding,
             ctx.security.certificate_user,
             ctx.kerberos,
         )

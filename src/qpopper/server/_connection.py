@@ -62,7 +62,7 @@ from ..extensions.xmangle.messages import mangle_message, too_big_to_mangle
 from ._spool import maildrop_settings, resolve_spool
 from ._stream import PopStream
 from ._records import SessionTimes, expand_login_template, reverse_lookup, statistics_record
-from ._tls import certificate_identity
+from ._tls import certificate_identity, tls_failure_reason
 from ..extensions.xtnd import euidl_value, find_header, header_lines, submit, xlst_lines
 
 log = logging.getLogger("qpopper.session")
@@ -328,6 +328,10 @@ class Connection:
         log.debug("%s: connected (%s)", self.peer, "TLS" if self.session.security.tls else "plain")
         try:
             await self._loop()
+        except ssl.SSLError as exc:
+            # An alert from the client or a broken record: the peer's doing,
+            # an ordinary disconnect; nothing is committed.
+            log.info("%s: TLS error, connection closed: %s", self.peer, tls_failure_reason(exc))
         except (ConnectionError, asyncio.IncompleteReadError):
             log.info("%s: connection lost", self.peer)
         except _Abort:

@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from ..auth import Authenticator
@@ -29,7 +29,7 @@ from ._connection import Connection, Peer, Services, TlsState
 from ._channel_binding import server_end_point
 from ._memory import TRIM_INTERVAL, release_free_memory
 from ._stream import PopStream
-from ._tls import build_context, reload_certificates
+from ._tls import build_context, reload_certificates, tls_failure_reason
 
 log = logging.getLogger("qpopper.server")
 
@@ -44,6 +44,54 @@ def _peer_of(stream: PopStream) -> Peer:
             host = host[7:]  # an IPv4 client on a dual-stack socket
         return Peer(host, int(info[1]))
     return Peer("local", 0)
+
+
+def _peer_of_socket(sock: socket.socket) -> Peer:
+    try:
+        info = sock.getpeername()
+    except OSError:
+        return Peer("unknown", 0)
+    if isinstance(info, tuple) and len(info) >= 2:
+        host = str(info[0])
+        return Peer(host[7:] if host.startswith("::ffff:") and "." in host else host, int(info[1]))
+    return Peer("local", 0)
+
+
+class TlsListener:
+    """An implicit-TLS listening socket, accepted by hand.
+
+    `loop.create_server(ssl=...)` would run the handshake itself and drop
+    a failed one without a word (asyncio logs it only in debug mode, uvloop
+    not at all); accepting here and shaking hands in `serve` (as a session
+    process does with its one socket) lets the failure and its reason be
+    logged. Shaped like the part of asyncio.Server the Server uses."""
+
+    def __init__(self, sock: socket.socket, serve: Callable[[socket.socket, bool], Coroutine[Any, Any, None]]) -> None:
+        self.sockets = (sock,)
+        self._serve = serve
+        sock.setblocking(False)
+        self._task = asyncio.get_running_loop().create_task(self._accept_forever(sock))
+
+    async def _accept_forever(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:  # out of descriptors, say: wait, do not spin
+                log.error("accept on %s failed: %s", sock.getsockname(), exc)
+                await asyncio.sleep(0.1)
+                continue
+            loop.create_task(self._serve(conn, True))
+
+    def close(self) -> None:
+        self._task.cancel()
+        self.sockets[0].close()
+
+    async def wait_closed(self) -> None:
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
 
 
 def _set_nodelay(stream: PopStream) -> None:
@@ -91,7 +139,10 @@ async def accepted_socket_stream(
     tls_args: dict[str, Any] = {}
     if ssl_context is not None:
         tls_args = {"ssl": ssl_context, "ssl_handshake_timeout": handshake_timeout}
-    _transport, stream = await loop.connect_accepted_socket(lambda: PopStream(loop), sock, **tls_args)
+    stream = PopStream(loop)
+    # Our protocol object, not the one returned: with TLS, uvloop returns
+    # its SSL protocol rather than the application's.
+    await loop.connect_accepted_socket(lambda: stream, sock, **tls_args)
     return stream
 
 
@@ -136,7 +187,7 @@ class Server:
             self.tls.channel_binding = server_end_point(options.tls_cert_file)
         elif options.effective_tls_support != "none" or any(a.tls for a in options.listen):
             raise ConfigError("TLS is enabled but no certificate is configured (tls-server-cert-file)")
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[asyncio.Server | TlsListener] = []
         self._implicit_tls: list[bool] = []  # per entry of _servers
         self._connections: dict[asyncio.Task[None], Connection | None] = {}
         self._per_ip: collections.Counter[str] = collections.Counter()
@@ -187,15 +238,17 @@ class Server:
                 raise
         try:
             for sock, implicit_tls in sockets:
-                tls_args: dict[str, Any] = {}
-                if implicit_tls or alternate_port:
+                handshake_first = implicit_tls or alternate_port
+                loop = asyncio.get_running_loop()
+                listener: asyncio.Server | TlsListener
+                if handshake_first:
                     if self.tls.context is None:
                         raise ConfigError("an implicit-TLS listener needs tls-server-cert-file")
-                    tls_args = {"ssl": self.tls.context, "ssl_handshake_timeout": self.options.tls_handshake_timeout}
-                loop = asyncio.get_running_loop()
-                server = await loop.create_server(lambda: PopStream(loop, self._accept), sock=sock, **tls_args)
-                self._servers.append(server)
-                self._implicit_tls.append(bool(tls_args))
+                    listener = TlsListener(sock, self.serve_socket)
+                else:
+                    listener = await loop.create_server(lambda: PopStream(loop, self._accept), sock=sock)
+                self._servers.append(listener)
+                self._implicit_tls.append(handshake_first)
         except BaseException:
             for sock, _ in sockets:
                 sock.close()
@@ -336,7 +389,7 @@ class Server:
         try:
             stream = await accepted_socket_stream(sock, context, self.options.tls_handshake_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
-            log.info("TLS handshake failed: %s", exc)
+            log.info("%s: TLS handshake failed: %s", _peer_of_socket(sock), tls_failure_reason(exc))
             sock.close()
             return
         await self.serve_stream(stream)

@@ -28,6 +28,11 @@ _MINIMUM_VERSIONS = {
 # qpopper 4.x names that asked for older protocols than we will speak.
 _LEGACY_VERSIONS = {"sslv2", "sslv3", "tlsv1", "sslv23", "all", "tlsv1.0", "tlsv1.1"}
 TLS_VERSIONS = sorted(_MINIMUM_VERSIONS) + sorted(_LEGACY_VERSIONS)
+# TLS 1.2 suites offered unless tls-cipher-list says otherwise: forward
+# secret and AEAD only. Python's own default adds the CBC suites with
+# SHA-256/384 MACs (Lucky 13 territory); every client that speaks TLS 1.2,
+# our floor, has AES-GCM or ChaCha20-Poly1305. TLS 1.3 suites are all AEAD.
+DEFAULT_CIPHER_LIST = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 
 
 def minimum_version(name: str) -> ssl.TLSVersion:
@@ -103,11 +108,11 @@ def build_context(options: Options) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = minimum_version(options.tls_version)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
-    if options.tls_cipher_list:
-        try:
-            ctx.set_ciphers(options.tls_cipher_list)
-        except ssl.SSLError as exc:
-            raise ConfigError(f"tls-cipher-list {options.tls_cipher_list!r} selects no cipher") from exc
+    ciphers = options.tls_cipher_list or DEFAULT_CIPHER_LIST
+    try:
+        ctx.set_ciphers(ciphers)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"tls-cipher-list {ciphers!r} selects no cipher") from exc
     if options.tls_ciphersuites:
         _set_tls13_ciphersuites(ctx, options.tls_ciphersuites)
     _load_chain(ctx, options)
@@ -119,6 +124,15 @@ def build_context(options: Options) -> ssl.SSLContext:
             raise ConfigError(f"tls-client-ca-file {options.tls_client_ca_file}: {exc.reason or exc}") from exc
         ctx.verify_mode = ssl.CERT_OPTIONAL  # a certificate is asked for, never required
     return ctx
+
+
+def tls_failure_reason(exc: BaseException) -> str:
+    """What went wrong in a handshake or a TLS record, in one log-line
+    phrase: OpenSSL's reason (an alert the client sent, a protocol
+    mismatch) rather than the exception's repr with its C file and line."""
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.lower().replace("_", " ")
+    return str(exc) or type(exc).__name__
 
 
 def certificate_identity(ssl_object: ssl.SSLObject | None) -> str | None:
