@@ -64,34 +64,45 @@ class TlsListener:
     a failed one without a word (asyncio logs it only in debug mode, uvloop
     not at all); accepting here and shaking hands in `serve` (as a session
     process does with its one socket) lets the failure and its reason be
-    logged. Shaped like the part of asyncio.Server the Server uses."""
+    logged. Connections are accepted from a reader callback, as many as
+    are waiting, so a stop never strands one accepted but unserved. Shaped
+    like the part of asyncio.Server the Server uses."""
+
+    # Accepts per wake-up, like asyncio's own listeners: the others wait.
+    BACKLOG_BURST = 100
 
     def __init__(self, sock: socket.socket, serve: Callable[[socket.socket, bool], Coroutine[Any, Any, None]]) -> None:
         self.sockets = (sock,)
         self._serve = serve
+        self._loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
         sock.setblocking(False)
-        self._task = asyncio.get_running_loop().create_task(self._accept_forever(sock))
+        self._loop.add_reader(sock.fileno(), self._accept_ready)
 
-    async def _accept_forever(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    def _accept_ready(self) -> None:
+        sock = self.sockets[0]
+        for _ in range(self.BACKLOG_BURST):
             try:
-                conn, _ = await loop.sock_accept(sock)
-            except OSError as exc:  # out of descriptors, say: wait, do not spin
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # taken by another worker, or none left
+            except OSError as exc:  # out of descriptors, say: log, and try at the next wake-up
                 log.error("accept on %s failed: %s", sock.getsockname(), exc)
-                await asyncio.sleep(0.1)
-                continue
-            loop.create_task(self._serve(conn, True))
+                return
+            conn.setblocking(False)
+            task = self._loop.create_task(self._serve(conn, True))
+            self._tasks.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._tasks.discard)
 
     def close(self) -> None:
-        self._task.cancel()
-        self.sockets[0].close()
+        if not self._closed.is_set():
+            self._loop.remove_reader(self.sockets[0].fileno())
+            self.sockets[0].close()
+            self._closed.set()
 
     async def wait_closed(self) -> None:
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        await self._closed.wait()
 
 
 def _set_nodelay(stream: PopStream) -> None:
@@ -190,6 +201,7 @@ class Server:
         self._servers: list[asyncio.Server | TlsListener] = []
         self._implicit_tls: list[bool] = []  # per entry of _servers
         self._connections: dict[asyncio.Task[None], Connection | None] = {}
+        self._handshaking: set[asyncio.Task[Any]] = set()
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._sessions_seen = 0  # sessions started + ended, for the housekeeping task
         self._housekeeping_task: asyncio.Task[None] | None = None
@@ -301,6 +313,9 @@ class Server:
             self._housekeeping_task.cancel()
         for server in self._servers:
             server.close()
+        await asyncio.sleep(0)  # connections accepted just now take their first step
+        for task in self._handshaking:
+            task.cancel()
         for task, conn in list(self._connections.items()):
             if conn is None:
                 task.cancel()
@@ -309,7 +324,7 @@ class Server:
                 # lost connection: nothing is deleted); cancelling a stream
                 # task would trip asyncio 3.11's connection callback.
                 conn.shutdown()
-        pending = list(self._connections)
+        pending = list(self._connections) + list(self._handshaking)
         if pending:
             _, late = await asyncio.wait(pending, timeout=self.options.drain_timeout if drain else 5)
             for task in late:
@@ -384,14 +399,24 @@ class Server:
                     self._per_ip[oldest.peer.host] -= 1
 
     async def serve_socket(self, sock: socket.socket, implicit_tls: bool = False) -> None:
-        """Serve one accepted connection (a forked session process)."""
+        """Serve one accepted connection (a forked session process, or one
+        accepted by an implicit-TLS listener)."""
         context = self.tls.context if implicit_tls else None
+        peer = _peer_of_socket(sock)  # asked now: a failed handshake closes the socket
+        task = asyncio.current_task()
+        assert task is not None
+        self._handshaking.add(task)  # a stop ends handshakes still under way
         try:
             stream = await accepted_socket_stream(sock, context, self.options.tls_handshake_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
-            log.info("%s: TLS handshake failed: %s", _peer_of_socket(sock), tls_failure_reason(exc))
+            log.info("%s: TLS handshake failed: %s", peer, tls_failure_reason(exc))
             sock.close()
             return
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        finally:
+            self._handshaking.discard(task)
         await self.serve_stream(stream)
 
     async def serve_stream(self, stream: PopStream) -> None:
