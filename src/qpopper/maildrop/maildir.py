@@ -32,7 +32,7 @@ import stat
 from collections.abc import Iterator, Set
 
 from ..errors import MaildropError, ResponseCode, WouldBlock
-from ..protocol._stuffing import SizeCounter
+from ..wiresize import SizeCounter
 from ._base import MessageList, is_valid_uid
 from .fsutil import fsync_dir
 from .sessionlock import SessionLock
