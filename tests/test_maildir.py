@@ -12,7 +12,7 @@ from qpopper.maildrop import is_valid_uid
 from qpopper.maildrop import maildir as maildir_module
 from qpopper.maildrop.maildir import MaildirMaildrop, uid_from_name
 from qpopper.maildrop.location import expand_location
-from qpopper.errors import MaildropError
+from qpopper.errors import MaildropError, ResponseCode
 from qpopper.protocol import wire_size
 
 MSG = b"Subject: x\n\nbody\n"
@@ -167,3 +167,17 @@ def test_one_name_in_both_cur_and_new_stays_two_messages(tmp_path: Path, hinted:
         drop.close()
     left = {p.read_bytes() for sub in ("cur", "new") for p in (md / sub).iterdir()}
     assert left == {bodies[twins[0]], b"third\n"}
+
+
+def test_location_is_parsed_once_and_unknown_kinds_are_refused() -> None:
+    from qpopper.maildrop.location import MaildropLocation, open_maildrop
+
+    loc = MaildropLocation.parse("mbox:/var/mail/a:b")
+    assert loc == MaildropLocation("mbox", "/var/mail/a:b") and str(loc) == "mbox:/var/mail/a:b"
+    assert MaildropLocation.parse("maildir:/x").kind == "maildir"
+    for text in ("mh:/var/mail/a", "/var/mail/a", "Maildir:/x", ""):
+        with pytest.raises(MaildropError) as info:
+            MaildropLocation.parse(text)
+        assert info.value.code is ResponseCode.SYS_PERM
+        with pytest.raises(MaildropError):
+            open_maildrop(text)
