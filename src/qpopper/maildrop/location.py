@@ -15,7 +15,7 @@ trusted to have done it.
 from __future__ import annotations
 
 import os
-from typing import Literal, NamedTuple, cast
+from typing import Literal, NamedTuple
 
 from ..errors import MaildropError, ResponseCode
 from ..usernames import is_valid_username
@@ -40,7 +40,7 @@ class MaildropLocation(NamedTuple):
         kind, sep, path = text.partition(":")
         if not sep or kind not in KINDS:
             raise MaildropError(f"unknown maildrop location {text!r}", ResponseCode.SYS_PERM)
-        return cls(cast(MaildropKind, kind), path)
+        return cls(kind, path)
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.path}"
