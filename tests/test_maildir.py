@@ -181,3 +181,21 @@ def test_location_is_parsed_once_and_unknown_kinds_are_refused() -> None:
         assert info.value.code is ResponseCode.SYS_PERM
         with pytest.raises(MaildropError):
             open_maildrop(text)
+
+
+def test_delivery_names_sort_in_delivery_order_and_never_replace(tmp_path: Path) -> None:
+    from qpopper.maildrop.delivery import deliver
+
+    md = tmp_path / "fresh" / "Maildir"  # created by the first delivery
+    paths = [deliver(f"maildir:{md}", b"Subject: %d\n\n" % i) for i in range(20)]
+    assert all(os.path.dirname(p) == str(md / "new") for p in paths)
+    assert sorted(paths) == paths and len(set(paths)) == 20
+    assert sorted(os.listdir(md)) == ["cur", "new", "tmp"] and os.listdir(md / "tmp") == []
+    assert deliver(f"maildir:{md}", b"bulletin\n", uid="1764630000.000.3") == str(md / "new" / "1764630000.000.3")
+    with pytest.raises(FileExistsError):
+        deliver(f"maildir:{md}", b"another\n", uid="1764630000.000.3")
+    assert (md / "new" / "1764630000.000.3").read_bytes() == b"bulletin\n"
+    assert os.listdir(md / "tmp") == []
+    for uid in ("a/b", "a:2,S", "a,S=5", ".hidden"):
+        with pytest.raises(MaildropError):
+            deliver(f"maildir:{md}", b"x\n", uid=uid)

@@ -20,7 +20,7 @@ def _imported_modules(path: Path) -> list[str]:
     package = ".".join(path.relative_to(SRC.parent).with_suffix("").parts)
     if path.name != "__init__.py":
         package = package.rpartition(".")[0]
-    out = []
+    out: list[str] = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             out.extend(alias.name for alias in node.names)

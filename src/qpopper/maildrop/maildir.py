@@ -24,17 +24,21 @@ it. Symbolic links are never listed and never followed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import re
+import socket
 import stat
+import time
 from collections.abc import Iterator, Set
 
 from ..errors import MaildropError, ResponseCode, WouldBlock
 from ..wiresize import SizeCounter
 from ._base import MessageList, is_valid_uid
 from .fsutil import fsync_dir
+from .fsutil import unlink_quietly as _unlink_quietly
 from .sessionlock import SessionLock
 
 log = logging.getLogger(__name__)
@@ -332,3 +336,56 @@ class MaildirMaildrop:
     def close(self) -> None:
         if self._lock is not None:
             self._lock.release()
+
+
+# ---- delivery ----------------------------------------------------------------------
+
+_delivered_at = 0  # the last delivery's time stamp (ns), to keep names in order
+
+
+def _unique_name() -> str:
+    """`<seconds>.M<microseconds>P<pid>.<host>`, the usual Maildir name,
+    later than any this process gave before (names sort in delivery order)."""
+    global _delivered_at
+    now = max(time.time_ns(), _delivered_at + 1000)
+    _delivered_at = now
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+    return f"{now // 10**9}.M{now // 1000 % 10**6:06d}P{os.getpid()}.{host}"
+
+
+def deliver_to_maildir(path: str, message: bytes, *, uid: str | None = None) -> str:
+    """Deliver as Maildir MDAs do: write and fsync in tmp/, rename into new/
+    (creating the Maildir if missing), fsync new/; a name already in new/ is
+    refused, never replaced. The file is named `uid`
+    (its UID, so it must be fit for UIDL and hold no "/", "," or ":") or a
+    fresh unique name. Returns the new file's path. File-system failures
+    raise OSError."""
+    if uid is None:
+        name = _unique_name()
+    elif is_valid_uid(uid) and not set(uid) & set("/,:") and uid[0] != ".":
+        name = uid
+    else:
+        raise MaildropError(f"{uid!r} cannot name a Maildir message", ResponseCode.SYS_PERM)
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+    tmp = os.path.join(path, "tmp", name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(message)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    target = os.path.join(path, "new", name)
+    try:
+        os.link(tmp, target)  # unlike rename, never replaces a message of that name
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP) or os.path.lexists(target):
+            _unlink_quietly(tmp)
+            raise
+        os.rename(tmp, target)  # a file system without hard links
+    else:
+        os.unlink(tmp)
+    fsync_dir(os.path.join(path, "new"))
+    return target
