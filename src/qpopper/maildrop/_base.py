@@ -181,4 +181,5 @@ class MaildropSettings:
     temp_name: str = ".%s.pop"  # %s is the spool's file name
     update_status_headers: bool = False
     uw_kluge: bool = False
-    mail_lock_check: int = 5000
+    # qpopper's mail-lock-check (-L) is accepted and ignored (config/settings.py):
+    # the dotlock is refreshed by time while a spool is copied, not by count.
