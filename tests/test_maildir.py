@@ -199,3 +199,27 @@ def test_delivery_names_sort_in_delivery_order_and_never_replace(tmp_path: Path)
     for uid in ("a/b", "a:2,S", "a,S=5", ".hidden"):
         with pytest.raises(MaildropError):
             deliver(f"maildir:{md}", b"x\n", uid=uid)
+
+
+def test_every_message_retrieved_whole_gets_the_seen_flag(tmp_path: Path) -> None:
+    """Wherever it was: new/ moves to cur/, a cur/ file without S gains it;
+    other flags stay, in ASCII order; messages not retrieved keep their names."""
+    md = tmp_path / "Maildir"
+    for name in ("1.a:2,", "2.b:2,RT", "3.c", "4.d:2,FS", "6.f:2,T"):
+        write_maildir_message(md, MSG, name=name, sub="cur")
+    write_maildir_message(md, MSG, name="5.e")
+    drop = MaildirMaildrop(str(md))
+    try:
+        assert drop.writes_nothing(set(), {3})  # 4.d is seen already
+        assert not drop.writes_nothing(set(), {0})  # 1.a is in cur/ but not seen
+        drop.commit(set(), {0, 1, 2, 3, 4})
+    finally:
+        drop.close()
+    assert sorted(os.listdir(md / "cur")) == ["1.a:2,S", "2.b:2,RST", "3.c:2,S", "4.d:2,FS", "5.e:2,S", "6.f:2,T"]
+    assert os.listdir(md / "new") == []
+    drop = MaildirMaildrop(str(md))
+    try:
+        assert [i.seen for i in drop.messages()] == [True] * 5 + [False]
+        assert drop.writes_nothing(set(), {0, 1, 2, 3, 4})
+    finally:
+        drop.close()

@@ -16,8 +16,9 @@ digest of itself, which is equally stable across sessions and restarts.
 Delivery order is name order: names start with the delivery time, and,
 unlike a modification time, a name never changes behind our back.
 
-Deletions happen only at UPDATE, one unlink each; messages read whole move
-from new/ to cur/ with the S flag so IMAP clients see them as seen. Mail
+Deletions happen only at UPDATE, one unlink each; messages read whole get
+the S flag (moving from new/ to cur/ if they were new, other flags kept) so
+IMAP clients see them as seen. Mail
 that arrives in new/ during a session is not listed; the next session sees
 it. Symbolic links are never listed and never followed.
 """
@@ -96,6 +97,15 @@ def _counted_size(path: str) -> int:
 
 def _flags(name: str) -> str:
     return name.split(":2,", 1)[1] if ":2," in name else ""
+
+
+def _with_seen_flag(name: str) -> str:
+    """The name with S among its flags, the others kept, in ASCII order as
+    Maildir wants them (`1.a` -> `1.a:2,S`, `1.a:2,RT` -> `1.a:2,RST`)."""
+    base, info, flags = name.partition(":2,")
+    if not info:
+        return name + ":2,S"
+    return base + ":2," + "".join(sorted(set(flags) | {"S"}))
 
 
 def _uids_of(names: list[str]) -> list[str]:
@@ -297,8 +307,12 @@ class MaildirMaildrop:
                     return
         raise MaildropError(f"message {self._names[index]} vanished", ResponseCode.SYS_TEMP)
 
+    def _lacks_seen(self, index: int) -> bool:
+        """In new/, or in cur/ without the S flag: UPDATE marks it seen."""
+        return self._subdirs[index] == "new" or "S" not in _flags(self._names[index])
+
     def writes_nothing(self, deleted: Set[int], retrieved: Set[int]) -> bool:
-        return not deleted and all(self._subdirs[i] != "new" for i in retrieved)
+        return not deleted and not any(self._lacks_seen(i) for i in retrieved)
 
     def commit(self, deleted: Set[int], retrieved: Set[int]) -> None:
         if self.writes_nothing(deleted, retrieved):
@@ -316,9 +330,9 @@ class MaildirMaildrop:
             except OSError:
                 errors += 1
         for index in sorted(set(retrieved) - set(deleted)):
-            if self._subdirs[index] != "new":
+            if not self._lacks_seen(index):
                 continue
-            target = os.path.join(self.path, "cur", self._names[index] + ":2,S")
+            target = os.path.join(self.path, "cur", _with_seen_flag(self._names[index]))
             try:
                 os.rename(self._path(index), target)
             except OSError:
