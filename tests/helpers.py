@@ -12,21 +12,26 @@ import time
 import uuid
 from pathlib import Path
 
+from qpopper.maildrop.delivery import deliver
+
 
 def write_maildir_message(maildir: Path, message: bytes, name: str | None = None, sub: str = "new") -> str:
-    """Deliver like a Maildir MDA: write in tmp/, rename into new/."""
+    """Deliver into a Maildir, then move to `sub`; returns the file's name.
+
+    Without `name`, through the maildrop's own delivery (a unique name).
+    With one (a name another MDA or an IMAP server would have written,
+    flags and all), the file is placed by hand, in tmp/ and renamed."""
+    if name is None:
+        name = os.path.basename(deliver(f"maildir:{maildir}", message))
+        if sub != "new":
+            os.rename(maildir / "new" / name, maildir / sub / name)
+        return name
     for d in ("cur", "new", "tmp"):
         (maildir / d).mkdir(parents=True, exist_ok=True)
-    if name is None:
-        name = f"{time.time_ns()}.P{os.getpid()}Q{write_maildir_message.counter}.test"  # type: ignore[attr-defined]
-        write_maildir_message.counter += 1  # type: ignore[attr-defined]
     tmp = maildir / "tmp" / name
     tmp.write_bytes(message)
     os.rename(tmp, maildir / sub / name)
     return name
-
-
-write_maildir_message.counter = 0  # type: ignore[attr-defined]
 
 
 QPOPPER = [sys.executable, "-m", "qpopper"]

@@ -8,6 +8,9 @@ fixtures:
   returned as an expanded location such as "maildir:/tmp/x/Maildir".
 * `deliver(location: str, message: bytes) -> None`: a delivery agent adding
   one message while sessions may be open.
+
+The backend's own delivery (`qpopper.maildrop.delivery.deliver`, used by
+bulletins) passes the same checks as that outside agent.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from collections.abc import Callable
 
 import pytest
 
-from qpopper.errors import MaildropBusy
+from qpopper.errors import MaildropBusy, MaildropError
 from qpopper.maildrop import is_valid_uid
+from qpopper.maildrop.delivery import deliver as deliver_into
 from qpopper.maildrop.location import open_maildrop
 from qpopper.protocol import wire_size
 
@@ -158,5 +162,66 @@ class MaildropContract:
             assert len(chunks) > 1 and max(len(c) for c in chunks) <= 65536
             assert b"".join(chunks).replace(b"\r\n", b"\n") == big
             assert md.messages()[0].size == wire_size(big)
+        finally:
+            md.close()
+
+    def test_delivered_message_is_listed_with_its_size_and_read_back(self, make_location: MakeLocation) -> None:
+        location = make_location([msg(1)])
+        deliver_into(location, msg(2, b"From here on, quoted in mbox\n"))
+        deliver_into(location, msg(3).replace(b"\n", b"\r\n"))
+        md = open_maildrop(location)
+        try:
+            infos = md.messages()
+            assert len(infos) == 3
+            got = [read_all(md, i) for i in range(3)]
+            assert got[0].replace(b"\r\n", b"\n") == msg(1)
+            assert got[1].replace(b">From here", b"From here") == msg(2, b"From here on, quoted in mbox\n")
+            assert got[2].replace(b"\r\n", b"\n") == msg(3)
+            assert [i.size for i in infos] == [wire_size(g) for g in got]
+            assert len({i.uid for i in infos}) == 3 and all(is_valid_uid(i.uid) for i in infos)
+        finally:
+            md.close()
+
+    def test_delivered_with_a_uid_is_listed_under_it(self, make_location: MakeLocation) -> None:
+        location = make_location([])
+        deliver_into(location, msg(1), uid="1764630000.000.7")
+        deliver_into(location, msg(2), uid="1764630000.001.8")
+        md = open_maildrop(location)
+        try:
+            assert [i.uid for i in md.messages()] == ["1764630000.000.7", "1764630000.001.8"]
+            assert [i.size for i in md.messages()] == [wire_size(read_all(md, i)) for i in range(2)]
+        finally:
+            md.close()
+        md = open_maildrop(location)  # and it stays so
+        try:
+            assert [i.uid for i in md.messages()] == ["1764630000.000.7", "1764630000.001.8"]
+        finally:
+            md.close()
+
+    def test_delivered_during_a_session_is_seen_at_the_next_login(self, make_location: MakeLocation) -> None:
+        location = make_location([msg(1), msg(2)])
+        md = open_maildrop(location)
+        deliver_into(location, msg(3))
+        assert len(md.messages()) == 2
+        md.commit({0}, {1})
+        md.close()
+        md = open_maildrop(location)
+        try:
+            got = [read_all(md, i).replace(b"\r\n", b"\n") for i in range(len(md.messages()))]
+            assert got == [msg(2), msg(3)]
+        finally:
+            md.close()
+
+    def test_delivery_refuses_an_unknown_kind_and_an_unfit_uid(self, make_location: MakeLocation) -> None:
+        location = make_location([msg(1)])
+        kind, _, path = location.partition(":")
+        with pytest.raises(MaildropError):
+            deliver_into(f"mh:{path}", msg(2))
+        for uid in ("has space here", "", "x" * 71, "tab\there", "\u00e9t\u00e9-2026-12-01"):
+            with pytest.raises(MaildropError):
+                deliver_into(location, msg(2), uid=uid)
+        md = open_maildrop(location)
+        try:
+            assert len(md.messages()) == 1
         finally:
             md.close()

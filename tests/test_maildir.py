@@ -12,7 +12,7 @@ from qpopper.maildrop import is_valid_uid
 from qpopper.maildrop import maildir as maildir_module
 from qpopper.maildrop.maildir import MaildirMaildrop, uid_from_name
 from qpopper.maildrop.location import expand_location
-from qpopper.errors import MaildropError
+from qpopper.errors import MaildropError, ResponseCode
 from qpopper.protocol import wire_size
 
 MSG = b"Subject: x\n\nbody\n"
@@ -167,3 +167,59 @@ def test_one_name_in_both_cur_and_new_stays_two_messages(tmp_path: Path, hinted:
         drop.close()
     left = {p.read_bytes() for sub in ("cur", "new") for p in (md / sub).iterdir()}
     assert left == {bodies[twins[0]], b"third\n"}
+
+
+def test_location_is_parsed_once_and_unknown_kinds_are_refused() -> None:
+    from qpopper.maildrop.location import MaildropLocation, open_maildrop
+
+    loc = MaildropLocation.parse("mbox:/var/mail/a:b")
+    assert loc == MaildropLocation("mbox", "/var/mail/a:b") and str(loc) == "mbox:/var/mail/a:b"
+    assert MaildropLocation.parse("maildir:/x").kind == "maildir"
+    for text in ("mh:/var/mail/a", "/var/mail/a", "Maildir:/x", ""):
+        with pytest.raises(MaildropError) as info:
+            MaildropLocation.parse(text)
+        assert info.value.code is ResponseCode.SYS_PERM
+        with pytest.raises(MaildropError):
+            open_maildrop(text)
+
+
+def test_delivery_names_sort_in_delivery_order_and_never_replace(tmp_path: Path) -> None:
+    from qpopper.maildrop.delivery import deliver
+
+    md = tmp_path / "fresh" / "Maildir"  # created by the first delivery
+    paths = [deliver(f"maildir:{md}", b"Subject: %d\n\n" % i) for i in range(20)]
+    assert all(os.path.dirname(p) == str(md / "new") for p in paths)
+    assert sorted(paths) == paths and len(set(paths)) == 20
+    assert sorted(os.listdir(md)) == ["cur", "new", "tmp"] and os.listdir(md / "tmp") == []
+    assert deliver(f"maildir:{md}", b"bulletin\n", uid="1764630000.000.3") == str(md / "new" / "1764630000.000.3")
+    with pytest.raises(FileExistsError):
+        deliver(f"maildir:{md}", b"another\n", uid="1764630000.000.3")
+    assert (md / "new" / "1764630000.000.3").read_bytes() == b"bulletin\n"
+    assert os.listdir(md / "tmp") == []
+    for uid in ("a/b", "a:2,S", "a,S=5", ".hidden"):
+        with pytest.raises(MaildropError):
+            deliver(f"maildir:{md}", b"x\n", uid=uid)
+
+
+def test_every_message_retrieved_whole_gets_the_seen_flag(tmp_path: Path) -> None:
+    """Wherever it was: new/ moves to cur/, a cur/ file without S gains it;
+    other flags stay, in ASCII order; messages not retrieved keep their names."""
+    md = tmp_path / "Maildir"
+    for name in ("1.a:2,", "2.b:2,RT", "3.c", "4.d:2,FS", "6.f:2,T"):
+        write_maildir_message(md, MSG, name=name, sub="cur")
+    write_maildir_message(md, MSG, name="5.e")
+    drop = MaildirMaildrop(str(md))
+    try:
+        assert drop.writes_nothing(set(), {3})  # 4.d is seen already
+        assert not drop.writes_nothing(set(), {0})  # 1.a is in cur/ but not seen
+        drop.commit(set(), {0, 1, 2, 3, 4})
+    finally:
+        drop.close()
+    assert sorted(os.listdir(md / "cur")) == ["1.a:2,S", "2.b:2,RST", "3.c:2,S", "4.d:2,FS", "5.e:2,S", "6.f:2,T"]
+    assert os.listdir(md / "new") == []
+    drop = MaildirMaildrop(str(md))
+    try:
+        assert [i.seen for i in drop.messages()] == [True] * 5 + [False]
+        assert drop.writes_nothing(set(), {0, 1, 2, 3, 4})
+    finally:
+        drop.close()

@@ -6,9 +6,13 @@ chunk split, with a plain line-by-line reference written for clarity.
 
 from __future__ import annotations
 
+import mmap
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import qpopper.wiresize
+from qpopper.maildrop import mboxindex
 from qpopper.protocol import LineBuffer, SizeCounter, StuffingEncoder, wire_size
 from qpopper.protocol._framing import Line, OverlongLine
 
@@ -67,6 +71,31 @@ def test_retr_matches_reference_at_any_chunk_split(stored: bytes, cuts: list[int
         counter.feed(stored[start:cut])
         start = cut
     assert counter.result() == wire_size(stored)
+
+
+def test_the_protocol_exports_the_one_size_rule() -> None:
+    assert wire_size is qpopper.wiresize.wire_size and SizeCounter is qpopper.wiresize.SizeCounter
+
+
+@settings(max_examples=300)
+@given(before=message_bytes, stored=message_bytes, after=message_bytes)
+def test_a_range_is_sized_as_the_message_alone(before: bytes, stored: bytes, after: bytes) -> None:
+    """wire_size over a range, and the mbox indexer's sizes over bytes and
+    over a mapping cut into pieces (a CRLF split between two), agree."""
+    buf = before + stored + after
+    start, end = len(before), len(before) + len(stored)
+    assert wire_size(buf, start, end) == wire_size(stored)
+    assert mboxindex.wire_size_of(buf, start, end) == wire_size(stored)
+    if not buf:
+        return
+    with mmap.mmap(-1, len(buf)) as mapped:
+        mapped[:] = buf
+        for chunk in (1, 2, 3, 1 << 20):
+            old, mboxindex.COUNT_CHUNK = mboxindex.COUNT_CHUNK, chunk
+            try:
+                assert mboxindex.wire_size_of(mapped, start, end) == wire_size(stored)
+            finally:
+                mboxindex.COUNT_CHUNK = old
 
 
 @settings(max_examples=400)

@@ -25,14 +25,14 @@ import fcntl
 import logging
 import os
 import re
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..auth import Principal
 from ..logtext import printable
-from ..maildrop.dotlock import SpoolLock
+from ..maildrop.delivery import deliver as deliver_message
+from ..maildrop.location import MaildropLocation
 
 log = logging.getLogger("qpopper.bulletins")
 
@@ -195,47 +195,12 @@ class BulletinDatabase:
 # ---- delivery -----------------------------------------------------------------
 
 
-def _append_mbox(spool: str, from_line: bytes, message: bytes, uid: str) -> None:
-    """Append like a delivery agent: dotlock + fcntl, blank line before."""
-    fd = os.open(spool, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with SpoolLock(spool, fd, exclusive=True):
-            size = os.fstat(fd).st_size
-            prefix = b""
-            if size:
-                tail = os.pread(fd, 2, size - 2) if size >= 2 else os.pread(fd, 1, 0)
-                prefix = b"" if tail.endswith(b"\n\n") or tail == b"\n" else (b"\n" if tail.endswith(b"\n") else b"\n\n")
-            head, sep, body = message.partition(b"\n\n")
-            stamped = b"X-UIDL: " + uid.encode("ascii") + b"\n" + head + sep + body
-            os.write(fd, prefix + from_line + _quote_from(stamped) + b"\n")
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _quote_from(message: bytes) -> bytes:
-    """mboxrd quoting, as delivery agents do, so the body cannot split."""
-    return re.sub(rb"(?m)^(>*From )", rb">\1", message)
-
-
-def _append_maildir(maildir: str, message: bytes, uid: str) -> None:
-    for sub in ("tmp", "new", "cur"):
-        os.makedirs(os.path.join(maildir, sub), mode=0o700, exist_ok=True)
-    name = f"{uid}.{os.getpid()}.{socket.gethostname().replace('/', '_').replace(':', '_')}"
-    tmp = os.path.join(maildir, "tmp", name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, message)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, os.path.join(maildir, "new", name))
-
-
 def deliver(location: str, bulletins: list[Bulletin], user: str, host: str) -> int:
-    """Deliver these bulletins; returns the highest number delivered (or
-    skipped as broken), 0 if none."""
-    fmt, _, path = location.partition(":")
+    """Deliver these bulletins into the maildrop at `location` (through the
+    maildrop's own delivery, whatever its format: mbox copies get a fresh
+    X-UIDL); returns the highest number delivered (or skipped as broken),
+    0 if none."""
+    where = MaildropLocation.parse(location)
     highest = 0
     for sequence, bulletin in enumerate(bulletins):
         try:
@@ -252,10 +217,7 @@ def deliver(location: str, bulletins: list[Bulletin], user: str, host: str) -> i
             continue
         from_line, message = rendered
         uid = f"{int(time.time())}.{sequence:03d}.{bulletin.number}"
-        if fmt == "mbox":
-            _append_mbox(path, from_line, message, uid)
-        else:
-            _append_maildir(path, message, uid)
+        deliver_message(where, message, from_line=from_line, uid=uid)
         log.info("bulletin %d delivered to %s", bulletin.number, user)
         highest = max(highest, bulletin.number)
     return highest

@@ -66,7 +66,8 @@ class MessageList(Sequence[MessageInfo]):
 
     @classmethod
     def of(cls, messages: Sequence[MessageInfo]) -> MessageList:
-        """`messages` as a MessageList (a backend may return a plain list)."""
+        """`messages` as a MessageList: for callers holding a plain list of
+        records (tests, embedders); a MessageList is returned as it is."""
         if isinstance(messages, MessageList):
             return messages
         return cls([m.size for m in messages], [m.uid for m in messages], [m.seen for m in messages])
@@ -118,19 +119,18 @@ class MessageList(Sequence[MessageInfo]):
         return MessageInfo(self.sizes[i], self.uids[i], bool(seen[i]) if seen else False)
 
 
-def size_of(messages: Sequence[MessageInfo], index: int) -> int:
-    """One message's size without working out UIDs a MessageList defers."""
-    if isinstance(messages, MessageList):
-        return messages.sizes[index]
-    return messages[index].size
+def size_of(messages: MessageList, index: int) -> int:
+    """One message's size without working out the UIDs it defers."""
+    return messages.sizes[index]
 
 
 @runtime_checkable
 class Maildrop(Protocol):
     """An open, POP-locked maildrop. Obtained from a backend's `open`."""
 
-    def messages(self) -> Sequence[MessageInfo]:
-        """The messages as they were when the maildrop was opened."""
+    def messages(self) -> MessageList:
+        """The messages as they were when the maildrop was opened (every
+        backend returns this one shape)."""
         ...
 
     def read(self, index: int, chunk_size: int = 65536) -> Iterator[bytes]:
@@ -181,4 +181,5 @@ class MaildropSettings:
     temp_name: str = ".%s.pop"  # %s is the spool's file name
     update_status_headers: bool = False
     uw_kluge: bool = False
-    mail_lock_check: int = 5000
+    # qpopper's mail-lock-check (-L) is accepted and ignored (config/settings.py):
+    # the dotlock is refreshed by time while a spool is copied, not by count.

@@ -113,10 +113,6 @@ class DotLock:
         self._stamp: tuple[int, int] | None = None
         self._touched = 0.0
 
-    @property
-    def held(self) -> bool:
-        return self._stamp is not None
-
     def _unique_name(self) -> str:
         directory, name = os.path.split(self.spool)
         host = socket.gethostname().replace("/", "_")[:64]

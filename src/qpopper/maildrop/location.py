@@ -1,4 +1,8 @@
-"""Maildrop locations: "FORMAT:PATH" strings built from a per-site template.
+"""Maildrop locations: "KIND:PATH" strings built from a per-site template.
+
+A location travels as text (in Options, in a Principal) and is parsed once
+where it is used, into a `MaildropLocation`; the kinds are the backends
+below, and an unknown one is refused, never taken for one of them.
 
 The template takes Dovecot's variables, so a passwd-file or an SQL table can
 name maildrops the way administrators already write them:
@@ -11,21 +15,41 @@ trusted to have done it.
 from __future__ import annotations
 
 import os
+from typing import Literal, NamedTuple
 
 from ..errors import MaildropError, ResponseCode
 from ..usernames import is_valid_username
 from ._base import Maildrop, MaildropSettings
 
 DEFAULT_LOCATION = "maildir:~/Maildir"
-FORMATS = ("maildir", "mbox")
+MaildropKind = Literal["maildir", "mbox"]
+KINDS: tuple[MaildropKind, ...] = ("maildir", "mbox")
+
+
+class MaildropLocation(NamedTuple):
+    """A parsed location: which backend (`kind`) and where (`path`).
+
+    `str()` gives the "KIND:PATH" text back."""
+
+    kind: MaildropKind
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> MaildropLocation:
+        """Split "KIND:PATH"; MaildropError (SYS/PERM) for an unknown kind."""
+        kind, sep, path = text.partition(":")
+        if not sep or kind not in KINDS:
+            raise MaildropError(f"unknown maildrop location {text!r}", ResponseCode.SYS_PERM)
+        return cls(kind, path)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.path}"
 
 
 def expand_location(template: str, user: str, home: str | None) -> str:
     if not is_valid_username(user):
         raise MaildropError(f"refusing to build a path for user name {user!r}", ResponseCode.SYS_PERM)
-    fmt, sep, path = template.partition(":")
-    if not sep or fmt not in FORMATS:
-        raise MaildropError(f"unknown maildrop location {template!r}", ResponseCode.SYS_PERM)
+    fmt, path = MaildropLocation.parse(template)
     local, _, domain = user.partition("@")
     values = {"u": user, "n": local, "d": domain, "%": "%"}
     if home:
@@ -53,20 +77,21 @@ def expand_location(template: str, user: str, home: str | None) -> str:
     return f"{fmt}:{os.path.normpath(expanded)}"
 
 
-def open_maildrop(location: str, settings: MaildropSettings | None = None, quick: bool = False) -> Maildrop:
+def open_maildrop(
+    location: MaildropLocation | str, settings: MaildropSettings | None = None, quick: bool = False
+) -> Maildrop:
     """Open and POP-lock the maildrop at an expanded location.
 
     `quick`: only if that takes a few system calls and no waiting, so it
     may run on the event loop; otherwise WouldBlock, with nothing changed.
     """
-    settings = settings or MaildropSettings()
-    fmt, _, path = location.partition(":")
-    if fmt == "maildir":
+    kind, path = location if isinstance(location, MaildropLocation) else MaildropLocation.parse(location)
+    if kind == "maildir":
         from .maildir import MaildirMaildrop
 
         return MaildirMaildrop(path, quick=quick)
-    if fmt == "mbox":
+    if kind == "mbox":
         from .mbox import MboxMaildrop
 
-        return MboxMaildrop(path, settings, quick=quick)
-    raise MaildropError(f"unknown maildrop format {fmt!r}", ResponseCode.SYS_PERM)
+        return MboxMaildrop(path, settings or MaildropSettings(), quick=quick)
+    raise MaildropError(f"no backend for maildrop kind {kind!r}", ResponseCode.SYS_PERM)

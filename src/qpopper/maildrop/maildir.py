@@ -16,25 +16,30 @@ digest of itself, which is equally stable across sessions and restarts.
 Delivery order is name order: names start with the delivery time, and,
 unlike a modification time, a name never changes behind our back.
 
-Deletions happen only at UPDATE, one unlink each; messages read whole move
-from new/ to cur/ with the S flag so IMAP clients see them as seen. Mail
+Deletions happen only at UPDATE, one unlink each; messages read whole get
+the S flag (moving from new/ to cur/ if they were new, other flags kept) so
+IMAP clients see them as seen. Mail
 that arrives in new/ during a session is not listed; the next session sees
 it. Symbolic links are never listed and never followed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import re
+import socket
 import stat
+import time
 from collections.abc import Iterator, Set
 
 from ..errors import MaildropError, ResponseCode, WouldBlock
-from ..protocol._stuffing import SizeCounter
+from ..wiresize import SizeCounter
 from ._base import MessageList, is_valid_uid
 from .fsutil import fsync_dir
+from .fsutil import unlink_quietly as _unlink_quietly
 from .sessionlock import SessionLock
 
 log = logging.getLogger(__name__)
@@ -92,6 +97,15 @@ def _counted_size(path: str) -> int:
 
 def _flags(name: str) -> str:
     return name.split(":2,", 1)[1] if ":2," in name else ""
+
+
+def _with_seen_flag(name: str) -> str:
+    """The name with S among its flags, the others kept, in ASCII order as
+    Maildir wants them (`1.a` -> `1.a:2,S`, `1.a:2,RT` -> `1.a:2,RST`)."""
+    base, info, flags = name.partition(":2,")
+    if not info:
+        return name + ":2,S"
+    return base + ":2," + "".join(sorted(set(flags) | {"S"}))
 
 
 def _uids_of(names: list[str]) -> list[str]:
@@ -293,8 +307,12 @@ class MaildirMaildrop:
                     return
         raise MaildropError(f"message {self._names[index]} vanished", ResponseCode.SYS_TEMP)
 
+    def _lacks_seen(self, index: int) -> bool:
+        """In new/, or in cur/ without the S flag: UPDATE marks it seen."""
+        return self._subdirs[index] == "new" or "S" not in _flags(self._names[index])
+
     def writes_nothing(self, deleted: Set[int], retrieved: Set[int]) -> bool:
-        return not deleted and all(self._subdirs[i] != "new" for i in retrieved)
+        return not deleted and not any(self._lacks_seen(i) for i in retrieved)
 
     def commit(self, deleted: Set[int], retrieved: Set[int]) -> None:
         if self.writes_nothing(deleted, retrieved):
@@ -312,9 +330,9 @@ class MaildirMaildrop:
             except OSError:
                 errors += 1
         for index in sorted(set(retrieved) - set(deleted)):
-            if self._subdirs[index] != "new":
+            if not self._lacks_seen(index):
                 continue
-            target = os.path.join(self.path, "cur", self._names[index] + ":2,S")
+            target = os.path.join(self.path, "cur", _with_seen_flag(self._names[index]))
             try:
                 os.rename(self._path(index), target)
             except OSError:
@@ -332,3 +350,56 @@ class MaildirMaildrop:
     def close(self) -> None:
         if self._lock is not None:
             self._lock.release()
+
+
+# ---- delivery ----------------------------------------------------------------------
+
+_delivered_at = 0  # the last delivery's time stamp (ns), to keep names in order
+
+
+def _unique_name() -> str:
+    """`<seconds>.M<microseconds>P<pid>.<host>`, the usual Maildir name,
+    later than any this process gave before (names sort in delivery order)."""
+    global _delivered_at
+    now = max(time.time_ns(), _delivered_at + 1000)
+    _delivered_at = now
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+    return f"{now // 10**9}.M{now // 1000 % 10**6:06d}P{os.getpid()}.{host}"
+
+
+def deliver_to_maildir(path: str, message: bytes, *, uid: str | None = None) -> str:
+    """Deliver as Maildir MDAs do: write and fsync in tmp/, rename into new/
+    (creating the Maildir if missing), fsync new/; a name already in new/ is
+    refused, never replaced. The file is named `uid`
+    (its UID, so it must be fit for UIDL and hold no "/", "," or ":") or a
+    fresh unique name. Returns the new file's path. File-system failures
+    raise OSError."""
+    if uid is None:
+        name = _unique_name()
+    elif is_valid_uid(uid) and not set(uid) & set("/,:") and uid[0] != ".":
+        name = uid
+    else:
+        raise MaildropError(f"{uid!r} cannot name a Maildir message", ResponseCode.SYS_PERM)
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+    tmp = os.path.join(path, "tmp", name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(message)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    target = os.path.join(path, "new", name)
+    try:
+        os.link(tmp, target)  # unlike rename, never replaces a message of that name
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP) or os.path.lexists(target):
+            _unlink_quietly(tmp)
+            raise
+        os.rename(tmp, target)  # a file system without hard links
+    else:
+        os.unlink(tmp)
+    fsync_dir(os.path.join(path, "new"))
+    return target

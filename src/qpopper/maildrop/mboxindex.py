@@ -51,6 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ..wiresize import SizeCounter, wire_size
 from ._base import is_valid_uid
 
 # Longest line we accept as a From_ line (qpopper reads 1 kB lines; we are
@@ -204,31 +205,17 @@ def computed_uid(from_line: bytes, hashed_lines: list[bytes]) -> str:
 
 
 def wire_size_of(buf: bytes | mmap.mmap, start: int, end: int) -> int:
-    """RFC 1939 size of buf[start:end]: counted in place in bytes, in
-    bounded pieces copied out of a mapping (which has no count)."""
-    if not isinstance(buf, bytes) and end - start <= COUNT_CHUNK:
-        buf, start, end = buf[start:end], 0, end - start  # one copy, counted in place
+    """RFC 1939 size of buf[start:end] by the one rule (`qpopper.wiresize`):
+    bytes are counted in place; a mapping, which has no count, is copied
+    out in bounded pieces."""
     if isinstance(buf, bytes):
-        size = end - start + buf.count(b"\n", start, end)
-        if buf.find(b"\r", start, end) >= 0:
-            size -= buf.count(b"\r\n", start, end)
-        if end > start and buf[end - 1] != 0x0A:
-            size += 2
-        return size
-    size = 0
-    pos = start
-    while pos < end:
-        stop = min(end, pos + COUNT_CHUNK)
-        piece = buf[pos:stop]
-        size += len(piece) + piece.count(b"\n")
-        if piece.find(b"\r") >= 0:  # memchr: LF-only mail skips the CRLF count
-            size -= piece.count(b"\r\n")
-        if stop < end and piece.endswith(b"\r") and buf[stop : stop + 1] == b"\n":
-            size -= 1  # a CRLF split between two pieces
-        pos = stop
-    if end > start and buf[end - 1 : end] != b"\n":
-        size += 2
-    return size
+        return wire_size(buf, start, end)
+    if end - start <= COUNT_CHUNK:
+        return wire_size(buf[start:end])  # one copy, counted in place
+    counter = SizeCounter()
+    for pos in range(start, end, COUNT_CHUNK):
+        counter.feed(buf[pos : min(end, pos + COUNT_CHUNK)])
+    return counter.result()
 
 
 @dataclass(slots=True)
@@ -446,7 +433,8 @@ def index_buffer(
             add_body(found.end())
             add_end(end)
             add_seg_end(seg_end)
-            add_size(wire_size_of(buf, start, end))
+            # wire_size_of, with its usual case inline: one call per message
+            add_size(wire_size(buf[start:end]) if end - start <= COUNT_CHUNK else wire_size_of(buf, start, end))
             add_seen(0)
             add_crlf(start - from_start >= 2 and buf[start - 1] == 0x0A and buf[start - 2] == 0x0D)
             continue

@@ -27,8 +27,6 @@ from ..errors import MaildropError, ResponseCode
 from ..usernames import is_valid_username
 from .fsutil import give_owner
 
-HASH_METHODS = (0, 1, 2)
-
 
 def hash_dirs(user: str, method: int) -> list[str]:
     """The hash directory components for `user` under `method` (0, 1 or 2)."""

@@ -7,53 +7,24 @@ transformation below is a bytes method running in C; the only state carried
 between chunks is whether we stand at a line start and whether a CR was held
 back, so a "." or a CRLF split across two chunks is handled exactly.
 
-`wire_size` gives the size LIST/STAT report: the octets of the converted
-message before dot-stuffing, counting the CRLF added after a missing final
-newline, so that RETR delivers exactly the announced size.
+The size LIST/STAT report (`wire_size`, `SizeCounter`) is what this
+conversion gives before dot-stuffing; the rule lives in `qpopper.wiresize`,
+which the maildrops use too, and is re-exported here for the protocol's users.
 """
 
 from __future__ import annotations
 
 import re
 
+from ..wiresize import SizeCounter, wire_size
+
+__all__ = ["SizeCounter", "StuffingEncoder", "encode_whole", "to_crlf", "wire_size"]
+
 # A "." that starts a line. Searching for the dot first and looking behind
 # for the LF runs at the speed of a one-byte scan; dots are sparse in mail,
 # line-leading dots rarer still, so most messages need no copy at all.
 # (bytes.replace with a three-byte pattern scans about twice as slowly.)
 _DOT_AFTER_LF = re.compile(rb"\.(?<=\n\.)")
-
-
-def wire_size(data: bytes) -> int:
-    """RFC 1939 size of a whole stored message held in `data`."""
-    lf = data.count(b"\n")
-    crlf = data.count(b"\r\n")
-    size = len(data) + lf - crlf
-    if data and not data.endswith(b"\n"):
-        size += 2
-    return size
-
-
-class SizeCounter:
-    """`wire_size` computed over chunks, for messages read as a stream."""
-
-    def __init__(self) -> None:
-        self._size = 0
-        self._last = b""
-
-    def feed(self, chunk: bytes) -> None:
-        if not chunk:
-            return
-        lf = chunk.count(b"\n")
-        crlf = chunk.count(b"\r\n")
-        if self._last == b"\r" and chunk[:1] == b"\n":
-            crlf += 1
-        self._size += len(chunk) + lf - crlf
-        self._last = chunk[-1:]
-
-    def result(self) -> int:
-        if self._last and self._last != b"\n":
-            return self._size + 2
-        return self._size
 
 
 def to_crlf(data: bytes) -> bytes:

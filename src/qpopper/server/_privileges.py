@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 from ..auth import Principal
 from ..errors import MaildropError, ResponseCode
+from ..maildrop.location import MaildropLocation
 
 log = logging.getLogger("qpopper.session")
 
@@ -35,7 +36,7 @@ SESSION_UMASK = 0o007
 def _spool_group(mail_location: str) -> int | None:
     """The group that grants write access to an mbox spool's directory,
     if the directory is group-writable."""
-    fmt, _, path = mail_location.partition(":")
+    fmt, path = MaildropLocation.parse(mail_location)
     if fmt != "mbox":
         return None
     try:
@@ -128,7 +129,7 @@ def check_spool(principal: Principal) -> None:
     """Refuse an mbox spool that is not plainly the user's own file: a
     symlink, a hard link (a second name for someone else's file), or a file
     of another owner. A missing spool is fine (nothing has arrived yet)."""
-    fmt, _, path = principal.mail.partition(":")
+    fmt, path = MaildropLocation.parse(principal.mail)
     if fmt != "mbox":
         return
     try:
