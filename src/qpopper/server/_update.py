@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Set
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING
 
 from ..maildrop import Maildrop
@@ -25,14 +25,14 @@ log = logging.getLogger("qpopper.session")
 _NOTHING: frozenset[int] = frozenset()
 
 
-def _writes_nothing(login: Login, maildrop: Maildrop, deleted: Set[int], retrieved: Set[int]) -> bool:
+def _writes_nothing(login: Login, maildrop: Maildrop, deleted: AbstractSet[int], retrieved: AbstractSet[int]) -> bool:
     """UPDATE and close would only release locks: done on the loop."""
     if login.spool_privilege is not None or not isinstance(maildrop, QuickUpdate):
         return False
     return maildrop.writes_nothing(deleted, retrieved)
 
 
-def _commit_and_close(login: Login, maildrop: Maildrop, deleted: Set[int], retrieved: Set[int]) -> None:
+def _commit_and_close(login: Login, maildrop: Maildrop, deleted: AbstractSet[int], retrieved: AbstractSet[int]) -> None:
     """UPDATE, then release the maildrop whatever UPDATE did: one trip
     to a worker thread for both, since each trip costs more CPU than a
     small commit."""
@@ -45,7 +45,7 @@ def _commit_and_close(login: Login, maildrop: Maildrop, deleted: Set[int], retri
             log.exception("%s: closing the maildrop of %s failed", login.peer, login.session.user)
 
 
-async def commit(login: Login, maildrop: Maildrop, deleted: Set[int], retrieved: Set[int]) -> None:
+async def commit(login: Login, maildrop: Maildrop, deleted: AbstractSet[int], retrieved: AbstractSet[int]) -> None:
     """UPDATE and close; raises what the commit raised (the maildrop is
     closed either way)."""
     if _writes_nothing(login, maildrop, deleted, retrieved):
