@@ -122,7 +122,7 @@ def test_a_good_password_opens_the_maildrop_on_the_quick_path(maildirs: Path) ->
     assert result.last.startswith(b"+OK") and b"2" in result.last
     assert result.maildrop is not None and len(result.maildrop.messages()) == 2
     assert result.login.principal is not None and result.login.principal.user == "alice"
-    assert result.login.records.times.authenticated is not None and result.login.records.times.opened is not None
+    assert result.login.records.authenticated is not None and result.login.records.opened is not None
     assert bench.runner.calls == []  # in-memory secrets and a small Maildir: no worker trip at all
 
 

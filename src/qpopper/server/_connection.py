@@ -22,7 +22,7 @@ import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from ..auth.cleartext import plaintext_allowed
 from ..config.options import Options
@@ -62,6 +62,7 @@ __all__ = ["Connection", "Peer", "Services", "TlsState", "new_timestamp"]
 log = logging.getLogger("qpopper.session")
 trace_log = logging.getLogger(TRACE_LOGGER)
 
+T = TypeVar("T")
 READ_SIZE = 65536
 _CRLF = b"\r\n"
 
@@ -86,7 +87,7 @@ class Connection:
 
     __slots__ = (
         "stream", "peer", "services", "session", "login", "records", "maildrop", "retrieval", "updating",
-        "connected_at", "_out", "_committed", "_idle", "_loop_ref", "_deadline", "_watchdog", "_watchdog_at",
+        "out", "_committed", "_idle", "_loop_ref", "_deadline", "_watchdog", "_watchdog_at",
         "_timed_out", "_login_deadline",
     )  # fmt: skip
 
@@ -106,7 +107,7 @@ class Connection:
         self.login = Login(services, peer, self.session, self.records)
         self.maildrop: Maildrop | None = None
         self.retrieval: Retrieval | None = None  # from the maildrop's opening on
-        self._out = bytearray()
+        self.out = bytearray()
         # True while UPDATE runs: a draining server waits for it.
         self.updating = False
         self._committed = False
@@ -119,10 +120,13 @@ class Connection:
         self._watchdog_at = 0.0
         self._timed_out = False
         self._login_deadline = time.monotonic() + options.login_timeout
-        self.connected_at = time.monotonic()
         self.session.kerberos = services.kerberos
         if trace_log.isEnabledFor(logging.DEBUG) and trace_log.handlers:
             self.session.trace = self._trace_in
+
+    @property
+    def connected_at(self) -> float:
+        return self.records.connected
 
     @property
     def options(self) -> Options:
@@ -153,10 +157,15 @@ class Connection:
             certificate_user=certificate_identity(self.stream.get_extra_info("ssl_object")) if tls_active else None,
         )
 
-    async def _flush(self) -> None:
-        if self._out:
-            self.stream.write(bytes(self._out))
-            self._out.clear()
+    async def blocking(self, func: Callable[..., T], *args: Any) -> T:
+        """`func(*args)` in the server's thread pool."""
+        result: T = await self.services.run_blocking(func, *args)
+        return result
+
+    async def flush(self) -> None:
+        if self.out:
+            self.stream.write(bytes(self.out))
+            self.out.clear()
         await self.stream.drain()
 
     @property
@@ -198,7 +207,7 @@ class Connection:
     def _trace_in(self, line: str) -> None:
         trace_log.debug("%s %s < %s", self.peer, self.session.user or "-", printable(line))
 
-    def _trace_out(self, data: bytes) -> None:
+    def trace_out(self, data: bytes) -> None:
         if self.session.trace is None:
             return
         first, _, rest = data.partition(b"\r\n")
@@ -225,12 +234,12 @@ class Connection:
 
     async def _report_internal_error(self) -> None:
         self.session.internal_error()
-        self._out.clear()
+        self.out.clear()
         try:
             while (effect := self.session.next_effect()) is not None:
                 if isinstance(effect, Send):
-                    self._out += effect.data
-            await asyncio.wait_for(self._flush(), 5)
+                    self.out += effect.data
+            await asyncio.wait_for(self.flush(), 5)
         except Exception:  # the peer may be gone; nothing more to tell it
             pass
 
@@ -273,7 +282,7 @@ class Connection:
         while True:
             effect = session.next_effect()
             if effect is None:
-                await self._flush()
+                await self.flush()
                 self._idle = True
                 timeout = self.options.timeout
                 if not session.authenticated:
@@ -292,32 +301,30 @@ class Connection:
                     return
                 session.receive_data(data)
             elif type(effect) is Send:  # most effects are replies: no table, no call
-                self._trace_out(effect.data)
-                self._out += effect.data
+                self.trace_out(effect.data)
+                self.out += effect.data
             elif await handlers[type(effect)](self, effect):
                 return
 
     # ---- effect handlers (see _HANDLERS) -------------------------------------
 
     async def _authenticate(self, effect: Authenticate) -> None:
-        await self._flush()
+        await self.flush()
         await self.login.authenticate(effect)
 
     async def _lookup_scram_secret(self, effect: LookupScramSecret) -> None:
-        await self._flush()
+        await self.flush()
         await self.login.lookup_scram_secret(effect)
 
     async def _sasl_step(self, effect: SaslStep) -> None:
-        await self._flush()
+        await self.flush()
         await self.login.sasl_step(effect)
 
     async def _open_maildrop(self, effect: OpenMaildrop) -> None:
         maildrop = await self.login.open_maildrop()
         if maildrop is not None:
             self.maildrop = maildrop
-            self.retrieval = Retrieval(
-                maildrop, self.session, self._out, self._flush, self._trace_out, self.services.run_blocking, self.peer
-            )
+            self.retrieval = Retrieval(maildrop, self)
 
     def _retrieval(self) -> Retrieval:
         assert self.retrieval is not None, "a retrieval effect before the maildrop opened"
@@ -336,8 +343,8 @@ class Connection:
         return self._retrieval().resolve_uids(effect)
 
     async def _submit(self, effect: SubmitMessage) -> None:
-        await self._flush()
-        error, text = await self.services.run_blocking(submit, self.options.mail_command, effect.sender, effect.data)
+        await self.flush()
+        error, text = await self.blocking(submit, self.options.mail_command, effect.sender, effect.data)
         self.session.submit_done(error, text)
 
     async def _start_tls(self, effect: StartTls) -> bool:
@@ -345,7 +352,7 @@ class Connection:
         handshake ends the session."""
         context = self.services.tls.context
         assert context is not None
-        await self._flush()
+        await self.flush()
         discarded = self.stream.discard_buffered()
         if discarded:
             log.warning("%s: discarding %d bytes sent in clear after STLS", self.peer, discarded)
@@ -382,7 +389,7 @@ class Connection:
         self._committed = True
 
     async def _close(self, effect: Close) -> bool:
-        await self._flush()
+        await self.flush()
         return True
 
 

@@ -149,7 +149,7 @@ class Login:
             self.session.auth_failed(ResponseCode.AUTH)
             return
         self.principal = principal
-        self.records.times.authenticated = time.monotonic()
+        self.records.authenticated = time.monotonic()
         self._after_login(principal.user)
         log.debug("%s: authenticated %s (%s)", self.peer, principal.user, type(effect.credentials).__name__)
         self.session.auth_succeeded(principal.user)
@@ -255,9 +255,9 @@ class Login:
                 await _update.close(self, maildrop)
                 self._failed(exc.code)
                 return None
-        times = self.records.times
-        times.opened = time.monotonic()
-        log.debug("%s: opened %s in %.3f s", self.peer, principal.mail, times.opened - (times.authenticated or 0))
+        records = self.records
+        records.opened = time.monotonic()
+        log.debug("%s: opened %s in %.3f s", self.peer, principal.mail, records.opened - (records.authenticated or 0))
         if self.options.enforce_login_delay:  # a record per user otherwise kept for nothing
             self.services.login_delays.record(principal.user)
         messages = maildrop.messages()

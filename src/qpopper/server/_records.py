@@ -96,14 +96,15 @@ def statistics_record(user: str, stats: tuple[int, int, int, int], host: str, ad
     )
 
 
-class SessionRecords:
-    """One session's share of the records: its timing marks and the
-    client's host name, asked for only when a record will print it."""
+class SessionRecords(SessionTimes):
+    """One session's share of the records: its timing marks (inherited, so
+    a session carries one object for both) and the client's host name,
+    asked for only when a record will print it."""
 
-    __slots__ = ("times", "_address", "_host_name")
+    __slots__ = ("_address", "_host_name")
 
     def __init__(self, options: Options, address: str, run_blocking: Callable[..., Any]) -> None:
-        self.times = SessionTimes()
+        super().__init__()
         self._address = address
         self._host_name: asyncio.Task[str] | None = None
         # The name only appears in the records that ask for it, so a server
@@ -129,7 +130,7 @@ class SessionRecords:
         """The statistics (-s) and timing records of a session that logged in."""
         if principal is None or not (options.statistics or options.timing):
             return
-        self.times.finished = time.monotonic()
+        self.finished = time.monotonic()
         host = await self.host_name()
         if options.statistics:
             deleted, octets, left, left_octets = session.drop_stats()
@@ -137,4 +138,4 @@ class SessionRecords:
                 left, left_octets, deleted, octets = left + deleted, left_octets + octets, 0, 0
             log.info("%s", statistics_record(principal.user, (deleted, octets, left, left_octets), host, self._address))
         if options.timing:
-            log.info("%s", self.times.record(principal.user, host, committed))
+            log.info("%s", self.record(principal.user, host, committed))

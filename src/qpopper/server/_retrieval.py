@@ -13,15 +13,16 @@ output buffer.
   condenses once.
 - The UIDs a backend deferred (`ResolveUids`).
 
-It writes into the connection's buffer and calls its flush; nothing here
-knows the stream, so tests give it a bytearray and a fake flush.
+It writes into its connection's buffer and calls its flush (the `Output`
+it is given); nothing here knows the stream, so tests give it an object
+with a bytearray and a fake flush.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from ..errors import MaildropError
 from ..extensions.xmangle.messages import mangle_message, too_big_to_mangle
@@ -42,6 +43,8 @@ from ..protocol import (
 
 log = logging.getLogger("qpopper.session")
 
+T = TypeVar("T")
+
 # Messages are written in chunks of about this size, waiting for the
 # client to take each before reading the next from disk.
 WRITE_CHUNK = 256 * 1024
@@ -54,31 +57,34 @@ class Abort(Exception):
     """End the connection at once, without a reply: half a message is out."""
 
 
+class Output(Protocol):
+    """What retrieval needs of its connection (the Connection is one)."""
+
+    @property
+    def session(self) -> Session: ...
+    @property
+    def peer(self) -> object: ...
+    out: bytearray  # the reply buffer; flush() sends it
+    async def flush(self) -> None: ...
+    def trace_out(self, data: bytes) -> None: ...
+    async def blocking(self, func: Callable[..., T], *args: Any) -> T: ...
+
+
 class Retrieval:
-    """Serves one open maildrop's messages into an output buffer."""
+    """Serves one open maildrop's messages into its connection's buffer.
 
-    __slots__ = ("maildrop", "peer", "session", "_run_blocking", "_out", "_flush", "_trace", "_last_mangled")
+    Holds the connection, not copies of its parts: one of these lives as
+    long as every logged-in session, and idle sessions are counted in bytes."""
 
-    def __init__(
-        self,
-        maildrop: Maildrop,
-        session: Session,
-        out: bytearray,
-        flush: Callable[[], Awaitable[None]],
-        trace: Callable[[bytes], None],
-        run_blocking: Callable[..., Any],
-        peer: object,
-    ) -> None:
+    __slots__ = ("maildrop", "_conn", "_last_mangled")
+
+    def __init__(self, maildrop: Maildrop, conn: Output) -> None:
         self.maildrop = maildrop
-        self.session = session
-        self.peer = peer
-        self._out = out
-        self._flush = flush
-        self._trace = trace
-        self._run_blocking = run_blocking
+        self._conn = conn
         self._last_mangled: tuple[tuple[int, MangleSpec], bytes] | None = None
 
     async def send_message(self, effect: SendMessage) -> None:
+        conn = self._conn
         if effect.mangle is not None and not too_big_to_mangle(self.maildrop, effect.index):
             await self._send_mangled(effect, effect.mangle)
             return
@@ -86,10 +92,10 @@ class Retrieval:
         try:
             first = next(chunks, b"")
         except (MaildropError, OSError) as exc:
-            log.error("%s: cannot read message %d of %s: %s", self.peer, effect.index + 1, self.session.user, exc)
-            self.session.message_unavailable(effect.index)
+            log.error("%s: cannot read message %d of %s: %s", conn.peer, effect.index + 1, conn.session.user, exc)
+            conn.session.message_unavailable(effect.index)
             return
-        out = self._out
+        out = conn.out
         start = len(out)  # this reply's first byte while nothing of it has been sent
         out += effect.status
         encoder: StuffingEncoder | None = None
@@ -105,41 +111,42 @@ class Retrieval:
                     out += encoder.encode(chunk)
                     if len(out) >= WRITE_CHUNK:
                         if start >= 0:  # the reply starts going out: trace it, once
-                            self._trace(effect.status)
+                            conn.trace_out(effect.status)
                             start = -1
-                        await self._flush()
+                        await conn.flush()
                     chunk = next(chunks, None)
         except (MaildropError, OSError) as exc:
-            log.error("%s: reading message %d of %s failed: %s", self.peer, effect.index + 1, self.session.user, exc)
+            log.error("%s: reading message %d of %s failed: %s", conn.peer, effect.index + 1, conn.session.user, exc)
             if start < 0:
                 raise Abort() from exc  # half a message is on the wire: the only honest end is a close
             del out[start:]  # none of it went out: take it back and answer like an unreadable message
-            self.session.message_unavailable(effect.index)
+            conn.session.message_unavailable(effect.index)
             return
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
         if start >= 0:
-            self._trace(effect.status)
+            conn.trace_out(effect.status)
         if encoder is not None:
             out += encoder.finish()
         out += b".\r\n"
 
     async def _send_mangled(self, effect: SendMessage, spec: MangleSpec) -> None:
+        conn = self._conn
         try:
             mangled = await self.mangled(effect.index, spec)
         except (MaildropError, OSError) as exc:
-            log.error("%s: cannot read message %d of %s: %s", self.peer, effect.index + 1, self.session.user, exc)
-            self.session.message_unavailable(effect.index)
+            log.error("%s: cannot read message %d of %s: %s", conn.peer, effect.index + 1, conn.session.user, exc)
+            conn.session.message_unavailable(effect.index)
             return
         if effect.body_lines is None:
             body = encode_whole(mangled)
         else:
             top = StuffingEncoder(effect.body_lines)
             body = top.encode(mangled) + top.finish()
-        self._trace(effect.status)
-        self._out += effect.status + body + b".\r\n"
+        conn.trace_out(effect.status)
+        conn.out += effect.status + body + b".\r\n"
 
     async def mangled(self, index: int, spec: MangleSpec) -> bytes:
         """Message `index` condensed by XMANGLE; the last one is kept, so
@@ -147,29 +154,29 @@ class Retrieval:
         key = (index, spec)
         if self._last_mangled is not None and self._last_mangled[0] == key:
             return self._last_mangled[1]
-        result: bytes = await self._run_blocking(mangle_message, self.maildrop, index, spec)
+        result = await self._conn.blocking(mangle_message, self.maildrop, index, spec)
         self._last_mangled = (key, result)
         return result
 
     async def compute_sizes(self, effect: ComputeSizes) -> None:
         """The sizes LIST shows under XMANGLE: those of the condensed form."""
-        await self._flush()
+        await self._conn.flush()
         sizes = {}
         for index in effect.indices:
             if too_big_to_mangle(self.maildrop, index):
                 sizes[index] = size_of(self.maildrop.messages(), index)  # sent as stored
             else:
                 sizes[index] = wire_size(await self.mangled(index, effect.spec))
-        self.session.sizes_computed(effect.spec, sizes)
+        self._conn.session.sizes_computed(effect.spec, sizes)
 
     async def list_headers(self, effect: ListHeaders) -> None:
         """XTND XLST and EUIDL: one header field of each message listed."""
         out = bytearray() if effect.single else bytearray(effect.status)
         for index, size, uid in effect.entries:
             try:
-                lines = await self._run_blocking(header_lines, self.maildrop, index)
+                lines = await self._conn.blocking(header_lines, self.maildrop, index)
             except (MaildropError, OSError) as exc:
-                log.error("%s: cannot read message %d: %s", self.peer, index + 1, exc)
+                log.error("%s: cannot read message %d: %s", self._conn.peer, index + 1, exc)
                 lines = []
             field = find_header(lines, effect.header)
             if effect.style == "xlst":
@@ -178,22 +185,23 @@ class Retrieval:
             else:
                 out += b"%d %s %d " % (index + 1, uid.encode("ascii"), size) + euidl_value(field) + b"\r\n"
         if effect.single:
-            self._out += effect.status + bytes(out)
+            self._conn.out += effect.status + bytes(out)
         else:
-            self._out += out + b".\r\n"
+            self._conn.out += out + b".\r\n"
 
     async def resolve_uids(self, effect: ResolveUids) -> None:
         """UIDs a backend left for first use: worked out on the loop for a
         small maildrop, in a worker for a big one (a 50,000-message mbox
         takes a few tenths of a second to hash)."""
+        conn = self._conn
         try:
             if len(effect.messages) <= QUICK_UIDS:
                 effect.messages.resolve_uids()
             else:
-                await self._flush()
-                await self._run_blocking(effect.messages.resolve_uids)
+                await conn.flush()
+                await conn.blocking(effect.messages.resolve_uids)
         except (MaildropError, OSError) as exc:
-            log.error("%s: cannot work out the UIDs of %s: %s", self.peer, self.session.user, exc)
-            self.session.uids_resolved(ok=False)
+            log.error("%s: cannot work out the UIDs of %s: %s", conn.peer, conn.session.user, exc)
+            conn.session.uids_resolved(ok=False)
             return
-        self.session.uids_resolved()
+        conn.session.uids_resolved()
