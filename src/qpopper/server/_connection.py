@@ -51,7 +51,7 @@ from ..protocol import (
 from . import _update
 from ._login import Login
 from ._records import SessionRecords
-from ._retrieval import Abort as _Abort
+from ._retrieval import Abort as _Abort  # raised by retrieval, ends run() without a reply
 from ._retrieval import Retrieval
 from ._services import Peer, Services, TlsState
 from ._stream import PopStream
@@ -86,7 +86,7 @@ class Connection:
     """Serves one session over a client's stream."""
 
     __slots__ = (
-        "stream", "peer", "services", "session", "login", "records", "maildrop", "retrieval", "updating",
+        "stream", "peer", "services", "session", "login", "records", "retrieval", "updating",
         "out", "_committed", "_idle", "_loop_ref", "_deadline", "_watchdog", "_watchdog_at",
         "_timed_out", "_login_deadline",
     )  # fmt: skip
@@ -105,8 +105,8 @@ class Connection:
         )
         self.records = SessionRecords(options, peer.host, services.run_blocking)
         self.login = Login(services, peer, self.session, self.records)
-        self.maildrop: Maildrop | None = None
-        self.retrieval: Retrieval | None = None  # from the maildrop's opening on
+        # The open maildrop and what serves it, from its opening to UPDATE.
+        self.retrieval: Retrieval | None = None
         self.out = bytearray()
         # True while UPDATE runs: a draining server waits for it.
         self.updating = False
@@ -248,8 +248,9 @@ class Connection:
             self._watchdog.cancel()
             self._watchdog = None
         try:
-            maildrop, self.maildrop = self.maildrop, None
-            if maildrop is not None:
+            retrieval, self.retrieval = self.retrieval, None
+            if retrieval is not None:
+                maildrop = retrieval.maildrop
                 try:
                     if self.options.update_on_abort and self.session.in_transaction:
                         # qpopper's update-on-abort: commit marks on a lost connection.
@@ -323,7 +324,6 @@ class Connection:
     async def _open_maildrop(self, effect: OpenMaildrop) -> None:
         maildrop = await self.login.open_maildrop()
         if maildrop is not None:
-            self.maildrop = maildrop
             self.retrieval = Retrieval(maildrop, self)
 
     def _retrieval(self) -> Retrieval:
@@ -365,8 +365,8 @@ class Connection:
         return False
 
     async def _commit(self, effect: Commit) -> None:
-        maildrop = self.maildrop
-        assert maildrop is not None
+        assert self.retrieval is not None
+        maildrop = self.retrieval.maildrop
         self.updating = True
         try:
             await asyncio.shield(self._commit_maildrop(maildrop, effect))
@@ -381,8 +381,7 @@ class Connection:
             self.session.commit_done()
         finally:
             self.updating = False
-            self.maildrop = None  # closed by the commit
-            self.retrieval = None
+            self.retrieval = None  # its maildrop is closed by the commit
 
     async def _commit_maildrop(self, maildrop: Maildrop, effect: Commit) -> None:
         await _update.commit(self.login, maildrop, effect.deleted, effect.retrieved)
