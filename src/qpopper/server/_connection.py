@@ -326,21 +326,28 @@ class Connection:
         if maildrop is not None:
             self.retrieval = Retrieval(maildrop, self)
 
-    def _retrieval(self) -> Retrieval:
-        assert self.retrieval is not None, "a retrieval effect before the maildrop opened"
-        return self.retrieval
+    # Retrieval's effects come only while the maildrop is open. These hand
+    # over the coroutine itself (no frame of their own on every RETR).
 
     def _send_message(self, effect: SendMessage) -> Awaitable[None]:
-        return self._retrieval().send_message(effect)
+        retrieval = self.retrieval
+        assert retrieval is not None
+        return retrieval.send_message(effect)
 
     def _list_headers(self, effect: ListHeaders) -> Awaitable[None]:
-        return self._retrieval().list_headers(effect)
+        retrieval = self.retrieval
+        assert retrieval is not None
+        return retrieval.list_headers(effect)
 
     def _compute_sizes(self, effect: ComputeSizes) -> Awaitable[None]:
-        return self._retrieval().compute_sizes(effect)
+        retrieval = self.retrieval
+        assert retrieval is not None
+        return retrieval.compute_sizes(effect)
 
     def _resolve_uids(self, effect: ResolveUids) -> Awaitable[None]:
-        return self._retrieval().resolve_uids(effect)
+        retrieval = self.retrieval
+        assert retrieval is not None
+        return retrieval.resolve_uids(effect)
 
     async def _submit(self, effect: SubmitMessage) -> None:
         await self.flush()
