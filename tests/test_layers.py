@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     # The protocol core, and the protocol halves of qpopper's extensions
     # (extensions/*/commands.py), which plug into its command table.
     "protocol": BASE | {"auth", "maildrop", "extensions"},
-    "extensions": BASE | {"auth", "maildrop", "protocol"},
+    "extensions": BASE | {"auth", "maildrop", "protocol", "config"},  # config: read the Options they run by
     "server": BASE | {"auth", "maildrop", "protocol", "extensions", "config"},
     "controller": BASE | {"auth", "config", "server"},
     "daemon": BASE | {"auth", "maildrop", "protocol", "extensions", "config", "server"},

@@ -28,11 +28,16 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..auth import Principal
+from ..errors import MaildropError, ResponseCode
 from ..logtext import printable
 from ..maildrop.delivery import deliver as deliver_message
 from ..maildrop.location import MaildropLocation
+
+if TYPE_CHECKING:
+    from ..config.options import Options
 
 log = logging.getLogger("qpopper.bulletins")
 
@@ -233,3 +238,63 @@ def pending(bulletins: list[Bulletin], mark: int | None, max_bulletins: int) -> 
     if mark is None:
         mark = newest - max(0, max_bulletins)
     return [b for b in bulletins if b.number > mark], newest
+
+
+# ---- the login step -------------------------------------------------------------
+
+
+def _plainly(func: Callable[..., Any], *args: Any) -> Any:
+    return func(*args)
+
+
+def deliver_new_bulletins(
+    options: Options, principal: Principal, privileged: Callable[..., Any] = _plainly, *, peer: object = "-"
+) -> int:
+    """Deliver the bulletins this user has not had yet; returns how many
+    arrived, so the caller lists the maildrop again only if any did.
+
+    Blocking (it reads files and takes locks): run it in a worker thread,
+    while the session holds the maildrop's POP lock. `privileged(func,
+    *args)` runs what writes the spool or the bulletin database (with the
+    spool's group, for system users). Raises MaildropError (SYS/TEMP) only
+    when the bulletin database cannot be used and bulldb-nonfatal is off;
+    every other failure is logged and costs the user only the bulletins.
+    """
+    bulldir = options.bulldir
+    assert bulldir is not None
+    candidates = for_user(scan(bulldir), principal, options.group_bulletins)
+    host = options.hostname
+    delivered = 0
+    if options.bulldb:
+        db = BulletinDatabase(bulldir, options.bulldb_max_tries)
+
+        def change(mark: int | None) -> int | None:
+            nonlocal delivered
+            if mark is None:
+                mark = read_popbull(principal.home)  # import the old file once
+            todo, newest = pending(candidates, mark, options.max_bulletins)
+            delivered = len(todo)
+            deliver(principal.mail, todo, principal.user, host)
+            return newest if candidates else mark
+
+        try:
+            privileged(db.update, principal.user, change)
+        except (OSError, TimeoutError) as exc:
+            log.error("%s: bulletin database %s: %s", peer, db.path, exc)
+            if not options.bulldb_nonfatal:
+                raise MaildropError("bulletin database unavailable", ResponseCode.SYS_TEMP) from exc
+            return 0
+        return delivered
+    if not principal.home:
+        log.warning("%s: %s has no home for .popbull; bulletins need bulldb", peer, principal.user)
+        return 0
+    mark = read_popbull(principal.home)
+    todo, newest = pending(candidates, mark, options.max_bulletins)
+    try:
+        privileged(deliver, principal.mail, todo, principal.user, host)
+        if candidates and newest != mark:
+            write_popbull(principal.home, newest)
+    except OSError as exc:
+        log.error("%s: [SYS/TEMP] bulletins for %s not delivered: %s", peer, principal.user, exc)
+        return 0
+    return len(todo)

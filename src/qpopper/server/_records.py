@@ -15,10 +15,15 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..logtext import printable
+
+if TYPE_CHECKING:
+    from ..auth import Principal
+    from ..config.options import Options
+    from ..protocol import Session
 
 log = logging.getLogger("qpopper.session")
 
@@ -62,7 +67,7 @@ async def reverse_lookup(address: str, run_blocking: Callable[..., Any]) -> str:
     return str(name)
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionTimes:
     """Monotonic marks for the timing record."""
 
@@ -89,3 +94,48 @@ def statistics_record(user: str, stats: tuple[int, int, int, int], host: str, ad
         f"Stats: {printable(user)} {deleted} {deleted_octets} {left} {left_octets} "
         f"{printable(host)} {printable(address)}"
     )
+
+
+class SessionRecords(SessionTimes):
+    """One session's share of the records: its timing marks (inherited, so
+    a session carries one object for both) and the client's host name,
+    asked for only when a record will print it."""
+
+    __slots__ = ("_address", "_host_name")
+
+    def __init__(self, options: Options, address: str, run_blocking: Callable[..., Any]) -> None:
+        super().__init__()
+        self._address = address
+        self._host_name: asyncio.Task[str] | None = None
+        # The name only appears in the records that ask for it, so a server
+        # that writes none of them asks the resolver nothing.
+        wants_name = options.statistics or options.timing or bool(options.log_login)
+        if options.reverse_lookup and wants_name and address != "local":
+            self._host_name = asyncio.get_running_loop().create_task(reverse_lookup(address, run_blocking))
+
+    async def host_name(self) -> str:
+        """The client's name if the reverse lookup confirmed one."""
+        if self._host_name is None:
+            return self._address
+        try:
+            return await self._host_name
+        except Exception:  # a resolver failure only costs us the name
+            return self._address
+
+    def cancel_lookup(self) -> None:
+        if self._host_name is not None and not self._host_name.done():
+            self._host_name.cancel()
+
+    async def write(self, options: Options, principal: Principal | None, session: Session, committed: bool) -> None:
+        """The statistics (-s) and timing records of a session that logged in."""
+        if principal is None or not (options.statistics or options.timing):
+            return
+        self.finished = time.monotonic()
+        host = await self.host_name()
+        if options.statistics:
+            deleted, octets, left, left_octets = session.drop_stats()
+            if not committed:  # nothing was removed after all
+                left, left_octets, deleted, octets = left + deleted, left_octets + octets, 0, 0
+            log.info("%s", statistics_record(principal.user, (deleted, octets, left, left_octets), host, self._address))
+        if options.timing:
+            log.info("%s", self.record(principal.user, host, committed))

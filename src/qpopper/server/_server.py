@@ -25,7 +25,8 @@ from ..auth.passwdfile import PasswdFileAuthenticator
 from ..errors import ConfigError
 from ..auth.access import AccessPolicy
 from ..config.options import ListenAddress, Options
-from ._connection import Connection, Peer, Services, TlsState
+from ._connection import Connection
+from ._services import Peer, Services, TlsState
 from ._channel_binding import server_end_point
 from ._memory import TRIM_INTERVAL, release_free_memory
 from ._stream import PopStream

@@ -1,0 +1,85 @@
+"""What the connections of one server share, and who a connection talks to.
+
+`Services` is built once per server (the options, the authenticator, the
+thread pool's runner, the live TLS context, the login policies); `Peer` is
+the client's address, taken from one place per connection.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..auth import Authenticator
+from ..auth.access import AccessPolicy, FailureDelays, LoginDelays
+from ..config.options import Options
+from ..protocol import SessionConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The client's address, from the one place each connection gets it."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(slots=True)
+class TlsState:
+    """The server's live TLS context and channel binding (reloaded on HUP)."""
+
+    context: ssl.SSLContext | None = None
+    channel_binding: bytes | None = None
+
+
+@dataclass(slots=True)
+class Services:
+    """What every connection of one server shares."""
+
+    options: Options
+    authenticator: Authenticator
+    run_blocking: Callable[..., Any]
+    tls: TlsState = field(default_factory=TlsState)
+    access: AccessPolicy | None = None
+    login_delays: LoginDelays = field(default_factory=LoginDelays)
+    failures: FailureDelays = field(init=False)
+    # System users: become the user before opening anything of theirs.
+    drop_privileges: bool = False
+    # The Kerberos acceptor when GSSAPI logins are on.
+    kerberos: object | None = None
+    # One frozen SessionConfig shared by new sessions while `options` stays.
+    _config: tuple[Options, SessionConfig] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.access is None:
+            self.access = AccessPolicy(self.options.nonauth_file, self.options.auth_file)
+        self.failures = FailureDelays(self.options.auth_fail_delay, self.options.auth_fail_delay_max)
+
+    def session_config(self) -> SessionConfig:
+        if self._config is None or self._config[0] is not self.options:
+            self._config = (self.options, session_config(self.options))
+        return self._config[1]
+
+
+def session_config(options: Options) -> SessionConfig:
+    """The protocol's share of the options (a user's option files make a
+    session its own)."""
+    return SessionConfig(
+        hostname=options.hostname,
+        shy=options.shy,
+        allow_user_pass=options.allow_user_pass,
+        apop=options.apop,
+        login_delay=options.announce_login_delay,
+        expire=options.announce_expire,
+        downcase_user=options.downcase_user,
+        trim_domain=options.trim_domain,
+        auto_delete=options.auto_delete,
+        xmit=not options.xmit_disable,
+        xmit_max_size=options.xmit_max_size,
+        sasl_mechanisms=options.sasl_mechanisms,
+    )
