@@ -122,7 +122,7 @@ class Login:
             if isinstance(effect.credentials, Rejected):
                 principal = None
             else:
-                quick = getattr(self.services.authenticator, "authenticate_quickly", None)
+                quick = self.services.authenticate_quickly
                 principal = quick(effect.credentials) if quick is not None else None
                 if principal is None:
                     principal = await self.blocking(self.services.authenticator.authenticate, effect.credentials)
@@ -155,7 +155,7 @@ class Login:
         self.session.auth_succeeded(principal.user)
 
     async def lookup_scram_secret(self, effect: LookupScramSecret) -> None:
-        lookup = getattr(self.services.authenticator, "scram_secret", None)
+        lookup = self.services.scram_secret
         secret = None
         if lookup is not None:
             try:

@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from ..auth import Authenticator
+from ..auth import Authenticator, UserLookup
 from ..auth.passwdfile import PasswdFileAuthenticator
 from ..errors import ConfigError
 from ..auth.access import AccessPolicy
@@ -351,7 +351,7 @@ class Server:
         the process model stay as they are until a restart.
 
         A broken file is logged and the running configuration kept."""
-        reload = getattr(self.authenticator, "lookup", None)
+        reload = self.authenticator.lookup if isinstance(self.authenticator, UserLookup) else None
         try:
             if options is not None:
                 kept = {"listen": self.options.listen, "auth_backend": self.options.auth_backend,

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..auth import Authenticator
+from ..auth import Authenticator, Principal, QuickAuthenticator, ScramSecretSource
+from ..auth.credentials import Credentials, ScramSecret
 from ..auth.access import AccessPolicy, FailureDelays, LoginDelays
 from ..config.options import Options
 from ..protocol import SessionConfig
@@ -52,6 +53,11 @@ class Services:
     drop_privileges: bool = False
     # The Kerberos acceptor when GSSAPI logins are on.
     kerberos: object | None = None
+    # The authenticator's optional abilities, found once here (a Protocol
+    # isinstance check costs microseconds, too much per login): None where
+    # it has not got them.
+    authenticate_quickly: Callable[[Credentials], Principal | None] | None = field(init=False)
+    scram_secret: Callable[[str, str], ScramSecret | None] | None = field(init=False)
     # One frozen SessionConfig shared by new sessions while `options` stays.
     _config: tuple[Options, SessionConfig] | None = field(default=None, init=False, repr=False)
 
@@ -59,6 +65,9 @@ class Services:
         if self.access is None:
             self.access = AccessPolicy(self.options.nonauth_file, self.options.auth_file)
         self.failures = FailureDelays(self.options.auth_fail_delay, self.options.auth_fail_delay_max)
+        auth = self.authenticator
+        self.authenticate_quickly = auth.authenticate_quickly if isinstance(auth, QuickAuthenticator) else None
+        self.scram_secret = auth.scram_secret if isinstance(auth, ScramSecretSource) else None
 
     def session_config(self) -> SessionConfig:
         if self._config is None or self._config[0] is not self.options:
