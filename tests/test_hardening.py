@@ -86,17 +86,23 @@ def test_absurd_line_is_dropped_without_memory_growth_and_others_served(pop_serv
     sock = connect(pop_server)
     stop = threading.Event()
 
+    flooding = threading.Event()
+
     def pump() -> None:
         chunk = b"A" * 65536
+        sent = 0
         try:
             while not stop.is_set():
                 sock.sendall(chunk)
+                sent += len(chunk)
+                if sent >= 32 << 20:  # more than the socket buffers hold: the server has read and dropped most
+                    flooding.set()
         except OSError:
             pass
 
     t = threading.Thread(target=pump, daemon=True)
     t.start()
-    time.sleep(0.5)
+    assert flooding.wait(30)
     other = poplib.POP3(pop_server.host, pop_server.port, timeout=10)
     assert other.capa()
     other.quit()

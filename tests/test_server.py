@@ -432,7 +432,7 @@ def test_draining_stop_lets_update_finish(mailroot: Path, fill: Fill, monkeypatc
     assert in_commit.wait(10)
     stopper = threading.Thread(target=server.stop)
     stopper.start()
-    time.sleep(0.2)  # the stop is under way; let the commit finish now
+    bob.file.read()  # the stop is under way once it has closed the idle session; let the commit finish now
     release.set()
     assert alice._getresp().startswith(b"+OK")  # noqa: SLF001 - reply to the QUIT sent by hand
     stopper.join(30)

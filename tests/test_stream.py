@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,11 +53,11 @@ def test_a_client_that_half_closes_after_quit_still_gets_every_reply(pop_server:
 def test_a_client_that_stops_reading_holds_up_only_itself(
     pop_server: Controller, fill: Fill, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    paused: list[bool] = []
+    paused = threading.Event()
     pause = PopStream.pause_writing
 
     def counting_pause(stream: PopStream) -> None:
-        paused.append(True)
+        paused.set()
         pause(stream)
 
     monkeypatch.setattr(PopStream, "pause_writing", counting_pause)
@@ -64,8 +65,7 @@ def test_a_client_that_stops_reading_holds_up_only_itself(
     fill("bob", [b"Subject: small\n\nhi\n"])
     slow = _connect(pop_server, receive_buffer=65536)
     slow.sendall(b"USER alice\r\nPASS %s\r\nRETR 1\r\n" % PASSWORD.encode())
-    time.sleep(0.5)  # the server fills the window and waits for it to drain
-    assert paused  # the server is waiting for this client's window
+    assert paused.wait(10)  # the server filled the window and waits for this client's to drain
     other = _connect(pop_server)
     other.sendall(b"USER bob\r\nPASS %s\r\nSTAT\r\nQUIT\r\n" % PASSWORD.encode())
     assert b"+OK 1 " in _read_all(other)
