@@ -61,7 +61,7 @@ def drive_blindly(session: Session, chunks: list[bytes], rng: random.Random) -> 
             elif isinstance(effect, SubmitMessage):
                 session.submit_done(None)
             elif isinstance(effect, ComputeSizes):
-                session.sizes_computed(effect.spec, {i: 10 for i in effect.indices})
+                session.sizes_computed(effect.spec, dict.fromkeys(effect.indices, 10))
             elif isinstance(effect, SaslStep):
                 raise Finding("an offloaded SASL step without an offloading mechanism configured")
             elif isinstance(effect, SendMessage):

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qpopper.daemon.cli import build_options, parse_command_line, show_config
 from qpopper.config.configfile import Context, read_config
-from qpopper.errors import ConfigError
 from qpopper.config.options import Options, apply_settings
 from qpopper.config.settings import SETTINGS, Kind, Restriction
+from qpopper.daemon.cli import build_options, parse_command_line, show_config
+from qpopper.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str, name: str = "qpopper.conf") -> Path:

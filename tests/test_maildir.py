@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from helpers import write_maildir_message
+from qpopper.errors import MaildropError, ResponseCode
 from qpopper.maildrop import is_valid_uid
 from qpopper.maildrop import maildir as maildir_module
-from qpopper.maildrop.maildir import MaildirMaildrop, uid_from_name
 from qpopper.maildrop.location import expand_location
-from qpopper.errors import MaildropError, ResponseCode
+from qpopper.maildrop.maildir import MaildirMaildrop, uid_from_name
 from qpopper.protocol import wire_size
 
 MSG = b"Subject: x\n\nbody\n"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from mbox_helpers import entry
 from qpopper.maildrop import MaildropSettings
 from qpopper.maildrop.mbox import (
     MboxMaildrop,
@@ -34,8 +35,6 @@ from qpopper.maildrop.mbox import (
     putback_flag_path,
     temp_drop_path,
 )
-
-from mbox_helpers import entry
 
 CHILD = """
 import sys

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from mbox_helpers import entry, from_line, mbox, stored
 from qpopper.maildrop import is_valid_uid
 from qpopper.maildrop.mboxindex import base80, computed_uid, index_buffer, index_file, is_from_line, parse_headers
 from qpopper.protocol import wire_size
-
-from mbox_helpers import entry, from_line, mbox, stored
 
 # The layouts c-client's VALID macro documents, plus " remote from".
 VALID_FROM_LINES = [

@@ -10,11 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mbox_helpers import entry, mbox, number_of, numbered
 from qpopper.maildrop import MaildropSettings
 from qpopper.maildrop.mbox import MboxMaildrop
 from qpopper.protocol import wire_size
-
-from mbox_helpers import entry, mbox, numbered, number_of
 
 MODES = pytest.mark.parametrize("server_mode", [True, False], ids=["server", "tempdrop"])
 

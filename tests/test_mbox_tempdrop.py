@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mbox_helpers import deliver, entry, mbox, number_of, numbered
 from qpopper.errors import MaildropError
 from qpopper.maildrop import MaildropSettings
 from qpopper.maildrop.mbox import (
@@ -18,8 +19,6 @@ from qpopper.maildrop.mbox import (
     putback_flag_path,
     temp_drop_path,
 )
-
-from mbox_helpers import deliver, entry, mbox, numbered, number_of
 
 TEMP = MaildropSettings(server_mode=False)
 FAST = MaildropSettings(server_mode=False, fast_update=True)

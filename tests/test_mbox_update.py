@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from mbox_helpers import deliver, entry, mbox, number_of, numbered, stored
 from qpopper.errors import MaildropError, ResponseCode
 from qpopper.maildrop.mbox import MboxMaildrop, new_spool_path, session_lock_path
-
-from mbox_helpers import deliver, entry, mbox, numbered, number_of, stored
 
 
 def spool_with(tmp_path: Path, messages: list[bytes], mode: int = 0o600) -> str:

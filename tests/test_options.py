@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from qpopper import ListenAddress, Options, Server, StaticAuthenticator
-from qpopper.errors import ConfigError
 from qpopper.config.options import parse_listen_address
+from qpopper.errors import ConfigError
 
 
 @pytest.mark.parametrize(

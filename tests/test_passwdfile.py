@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import threading
 import poplib
+import threading
 from pathlib import Path
 
 import pytest

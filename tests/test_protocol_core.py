@@ -130,7 +130,7 @@ def _replay(config: SessionConfig) -> bytes:
             elif isinstance(effect, OpenMaildrop):
                 session.maildrop_opened([MessageInfo(100, "u1"), MessageInfo(200, "u2")])
             elif isinstance(effect, ComputeSizes):
-                session.sizes_computed(effect.spec, {i: 77 for i in effect.indices})
+                session.sizes_computed(effect.spec, dict.fromkeys(effect.indices, 77))
             elif isinstance(effect, Commit):
                 session.commit_done()
             else:

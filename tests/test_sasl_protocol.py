@@ -9,8 +9,8 @@ import hmac
 import pytest
 import scramp
 
-from qpopper.auth.credentials import CramMD5, Rejected, UserPass, Verified
 from qpopper.auth import sasl
+from qpopper.auth.credentials import CramMD5, Rejected, UserPass, Verified
 from qpopper.auth.sasl import cram_md5_digest, scram_secret_from_password
 from qpopper.protocol import (
     Authenticate,

@@ -132,7 +132,7 @@ class SmtpSink:
         sink = self
 
         class Handler:
-            async def handle_DATA(self, server: object, session: object, envelope: object) -> str:  # noqa: N802
+            async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
                 sink.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))  # type: ignore[attr-defined]
                 return "250 OK"
 
@@ -196,4 +196,4 @@ def test_xmit_runs_no_shell_and_reports_the_exit_status(tmp_path: Path, mailroot
                 got = exc.args[0]
             assert got.startswith(reply)
             c.quit()
-    assert eval(record.read_text()) == ["-oi", "-t", "-f", "alice"]  # noqa: S307 - our own repr
+    assert eval(record.read_text()) == ["-oi", "-t", "-f", "alice"]

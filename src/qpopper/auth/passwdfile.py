@@ -20,7 +20,6 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-
 from typing import Any
 
 from ..errors import AuthUnavailable, ConfigError

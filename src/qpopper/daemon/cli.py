@@ -25,18 +25,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .._version import __version__
-from ..config.configfile import Context, read_config
-from ..errors import ConfigError
-from .logsetup import configure_logging
-from ..config.options import ListenAddress, Options, apply_settings, parse_listen_address
-from ..server import Server
-from .inetd import serve_inetd
-from .systemd import listen_fds, notify
-from ..server._memory import limit_malloc_arenas
 from ..auth.cleartext import plaintext_allowed
 from ..auth.sasl import offered_mechanisms
 from ..config.commandline import help_text, long_options, short_options, usage
+from ..config.configfile import Context, read_config
+from ..config.options import ListenAddress, Options, apply_settings, parse_listen_address
 from ..config.settings import BY_LONG, BY_SWITCH, SETTINGS, Kind, Setting
+from ..errors import ConfigError
+from ..server import Server
+from ..server._memory import limit_malloc_arenas
+from .inetd import serve_inetd
+from .logsetup import configure_logging
+from .systemd import listen_fds, notify
 
 log = logging.getLogger("qpopper")
 

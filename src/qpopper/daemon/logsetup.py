@@ -15,8 +15,8 @@ import socket
 import stat
 import sys
 
-from ..errors import ConfigError
 from ..config.options import Options
+from ..errors import ConfigError
 from ..logtext import TRACE_LOGGER
 
 RECORD_FORMAT = "%(name)s: %(message)s"

@@ -20,8 +20,8 @@ import shlex
 import subprocess
 import time
 
-from .drac import RpcError, drac_add
 from ..logtext import printable
+from .drac import RpcError, drac_add
 
 log = logging.getLogger("qpopper.postlogin")
 

@@ -10,7 +10,6 @@ synchronous calls.
 from __future__ import annotations
 
 import re
-
 from collections.abc import Callable, Iterator, Sequence, Set
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, overload, runtime_checkable
@@ -52,7 +51,7 @@ class MessageList(Sequence[MessageInfo]):
     written against a list of them.
     """
 
-    __slots__ = ("sizes", "_uids", "_seen")
+    __slots__ = ("_seen", "_uids", "sizes")
 
     def __init__(
         self,

@@ -37,9 +37,9 @@ import errno
 import fcntl
 import logging
 import os
-import stat
 import random
 import socket
+import stat
 import struct
 import time
 from types import TracebackType

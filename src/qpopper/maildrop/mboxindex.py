@@ -234,12 +234,12 @@ class MboxIndex:
     """
 
     length: int = 0
-    from_starts: "array[int]" = field(default_factory=lambda: array("q"))
-    starts: "array[int]" = field(default_factory=lambda: array("q"))
-    body_starts: "array[int]" = field(default_factory=lambda: array("q"))
-    ends: "array[int]" = field(default_factory=lambda: array("q"))
-    seg_ends: "array[int]" = field(default_factory=lambda: array("q"))
-    sizes: "array[int]" = field(default_factory=lambda: array("q"))
+    from_starts: array[int] = field(default_factory=lambda: array("q"))
+    starts: array[int] = field(default_factory=lambda: array("q"))
+    body_starts: array[int] = field(default_factory=lambda: array("q"))
+    ends: array[int] = field(default_factory=lambda: array("q"))
+    seg_ends: array[int] = field(default_factory=lambda: array("q"))
+    sizes: array[int] = field(default_factory=lambda: array("q"))
     seen: bytearray = field(default_factory=bytearray)  # 1: Status says retrieved
     crlf: bytearray = field(default_factory=bytearray)  # 1: From_ line ends in CRLF
     xuidls: dict[int, str] = field(default_factory=dict)  # UIDs read from X-UIDL headers
@@ -367,13 +367,13 @@ def _fingerprint_of_buffer(buf: bytes | mmap.mmap, index: MboxIndex, from_lines:
     return _fingerprint_end(h, lambda a, n: bytes(buf[a : a + n]), index)
 
 
-def _fingerprint_start(index: MboxIndex) -> "hashlib.blake2b":
+def _fingerprint_start(index: MboxIndex) -> hashlib.blake2b:
     h = hashlib.blake2b(digest_size=20)
     h.update(index.length.to_bytes(8, "little"))
     return h
 
 
-def _fingerprint_end(h: "hashlib.blake2b", read_at: Callable[[int, int], bytes], index: MboxIndex) -> bytes:
+def _fingerprint_end(h: hashlib.blake2b, read_at: Callable[[int, int], bytes], index: MboxIndex) -> bytes:
     """The fingerprint once every From_ line went into `h`: both ends of the file."""
     h.update(read_at(0, min(4096, index.length)))
     tail = min(4096, index.length)

@@ -47,7 +47,7 @@ QUICK_SPOOL_BYTES = 512 * 1024
 class Spool:
     """Where an mbox spool and its temp drop are, with the site's settings."""
 
-    __slots__ = ("path", "dir", "temp_drop", "tdir", "settings")
+    __slots__ = ("dir", "path", "settings", "tdir", "temp_drop")
 
     def __init__(self, path: str, settings: MaildropSettings) -> None:
         self.settings = settings
