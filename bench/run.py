@@ -297,7 +297,9 @@ def check_prerequisites(args: argparse.Namespace) -> Env:
         )
     for tool in ("openssl",) + (("setpriv",) if os.geteuid() == 0 else ()):
         if shutil.which(tool) is None:
-            problems.append(f"`{tool}` is missing (apt-get install -y {'openssl' if tool == 'openssl' else 'util-linux'})")
+            problems.append(
+                f"`{tool}` is missing (apt-get install -y {'openssl' if tool == 'openssl' else 'util-linux'})"
+            )
     if os.geteuid() == 0:
         try:
             import pwd
@@ -743,10 +745,13 @@ def write_report(bench: Bench, args: argparse.Namespace, argv: list[str]) -> Pat
             mem = bench.extra.get(f"{fmt}/qpopper_bigbox_mem")
             if mem:
                 b, pk = mem["before"], mem["peak"]
-                w(f"\nqpopper's memory during the bigbox runs (all its processes; 50,000 messages, ~210 MB of mail), "
-                  f"sampled every 20 ms: anonymous RSS {b.get('RssAnon', 0) / 1024:.0f} MB before the first bigbox session, "
-                  f"peak {pk['RssAnon'] / 1024:.0f} MB; file-backed RSS (mmap'd/page-cache pages, "
-                  f"not private memory) peak {pk['RssFile'] / 1024:.0f} MB.")
+                w(
+                    f"\nqpopper's memory during the bigbox runs (all its processes; 50,000 messages, ~210 MB of mail), "
+                    f"sampled every 20 ms: anonymous RSS {b.get('RssAnon', 0) / 1024:.0f} MB "
+                    "before the first bigbox session, "
+                    f"peak {pk['RssAnon'] / 1024:.0f} MB; file-backed RSS (mmap'd/page-cache pages, "
+                    f"not private memory) peak {pk['RssFile'] / 1024:.0f} MB."
+                )
         w("")
     if chart_points and env.matplotlib and not args.no_chart:
         png = bench.out / "ratios.png"
@@ -801,7 +806,9 @@ def export_source(args: argparse.Namespace) -> Path:
     if not (dest / "src" / "qpopper").is_dir():
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.rev_hash, "src"], capture_output=True, check=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", args.rev_hash, "src"], capture_output=True, check=True
+        )
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     # Byte-compiled as pip installs it: a server that compiles its modules at
     # every start (PYTHONDONTWRITEBYTECODE, no __pycache__) carries ~2 MB more
@@ -847,8 +854,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "qpopper-bench"),
                    help="scratch directory for generated mail and server state (~1 GB)")
     p.add_argument("--keep-mail", action="store_true", help="keep the generated mail and logs under --work")
-    p.add_argument("--shared-bench", default=os.environ.get("QPOPPER_BENCH_SHARED", str(REPO.parent / "shared" / "bench")),
-                   help="directory of popbench.py and dovecot.sh (env QPOPPER_BENCH_SHARED; default ../shared/bench)")
+    p.add_argument(
+        "--shared-bench",
+        default=os.environ.get("QPOPPER_BENCH_SHARED", str(REPO.parent / "shared" / "bench")),
+        help="directory of popbench.py and dovecot.sh (env QPOPPER_BENCH_SHARED; default ../shared/bench)",
+    )
     p.add_argument("--python", default=default_python(), help="interpreter for qpopper and popbench (default .venv)")
     p.add_argument("--port-base", type=int, default=11210,
                    help="Dovecot on BASE (TLS BASE+1), qpopper on BASE+10 (TLS BASE+11), ceiling on BASE+90/91")

@@ -19,7 +19,10 @@ MSG = b"Subject: x\n\nbody\n"
 
 
 def test_uid_is_the_unique_part_of_the_name() -> None:
-    assert uid_from_name("1491941793.M41850P8566.mx1.example.com,S=1000,W=1030:2,S") == "1491941793.M41850P8566.mx1.example.com"
+    assert (
+        uid_from_name("1491941793.M41850P8566.mx1.example.com,S=1000,W=1030:2,S")
+        == "1491941793.M41850P8566.mx1.example.com"
+    )
     assert uid_from_name("1234.abc:2,") == uid_from_name("1234.abc") == "1234.abc"
     long_name = "1491941793.M41850P8566V0000000000000015I0000000004F3030E_0.mx1.example.com,S=1000"
     uid = uid_from_name(long_name)

@@ -187,8 +187,14 @@ def test_computed_uid_is_qpoppers_formula() -> None:
     fl = from_line()
     msg = b"Received: from x\nFrom: a@b\nDate: d\nMessage-Id: <m>\nSubject: s\nX-Other: o\n\nbody\n"
     idx = index_buffer(fl + msg + b"\n")
-    digest = hashlib.md5(fl + b"Received: from x\n" + b"Date: d\n" + b"Message-Id: <m>\n" + b"Subject: s\n" + fl).digest()
-    assert idx.uids == [base80(digest)] == [computed_uid(fl, [b"Received: from x\n", b"Date: d\n", b"Message-Id: <m>\n", b"Subject: s\n"])]
+    digest = hashlib.md5(
+        fl + b"Received: from x\n" + b"Date: d\n" + b"Message-Id: <m>\n" + b"Subject: s\n" + fl
+    ).digest()
+    assert (
+        idx.uids
+        == [base80(digest)]
+        == [computed_uid(fl, [b"Received: from x\n", b"Date: d\n", b"Message-Id: <m>\n", b"Subject: s\n"])]
+    )
     uid = idx.uids[0]
     assert len(uid) == 20 and "." not in uid and is_valid_uid(uid)
 

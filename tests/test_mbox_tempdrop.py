@@ -169,7 +169,9 @@ def test_missing_spool_and_empty_maildrop(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("failing", ["fsync", "copy_file_range", "rename"])
-def test_write_errors_at_update_keep_every_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+def test_write_errors_at_update_keep_every_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
     spool = make(tmp_path, [1, 2, 3])
     md = MboxMaildrop(spool, TEMP)
     deliver(spool, numbered(4), 4)

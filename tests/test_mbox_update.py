@@ -89,7 +89,9 @@ def test_new_mail_after_message_lacking_the_empty_line(tmp_path: Path) -> None:
 
 
 def test_uids_survive_update_and_restart(tmp_path: Path) -> None:
-    spool = spool_with(tmp_path, [numbered(i) for i in range(1, 7)] + [b"X-UIDL: 0123456789abcdef0123\nSubject: message 7\n\n7\n"])
+    spool = spool_with(
+        tmp_path, [numbered(i) for i in range(1, 7)] + [b"X-UIDL: 0123456789abcdef0123\nSubject: message 7\n\n7\n"]
+    )
     md = MboxMaildrop(spool)
     uids = [m.uid for m in md.messages()]
     md.commit({0, 3}, set())

@@ -93,7 +93,13 @@ def test_stls_refused_when_unavailable_and_after_login() -> None:  # row 80
 def test_auth_without_argument_lists_mechanisms() -> None:
     s = session(plaintext_allowed=False)
     out, _ = run(s, b"AUTH\r\n")
-    assert lines(out) == [b"+OK List of supported mechanisms follows", b"SCRAM-SHA-256", b"SCRAM-SHA-1", b"CRAM-MD5", b"."]
+    assert lines(out) == [
+        b"+OK List of supported mechanisms follows",
+        b"SCRAM-SHA-256",
+        b"SCRAM-SHA-1",
+        b"CRAM-MD5",
+        b".",
+    ]
 
 
 @pytest.mark.parametrize("mechanism", [b"KERBEROS_V4", b"PLAIN", b"SCRAM-SHA-256-PLUS"])
@@ -173,7 +179,10 @@ def test_login_exchange() -> None:
 
 
 def test_cram_md5_rfc2195_vector() -> None:  # row 98
-    assert cram_md5_digest(b"tanstaaftanstaaf", b"<1896.697170952@postoffice.reston.mci.net>") == "b913a602c7eda7a495b4e6e7334d3890"
+    assert (
+        cram_md5_digest(b"tanstaaftanstaaf", b"<1896.697170952@postoffice.reston.mci.net>")
+        == "b913a602c7eda7a495b4e6e7334d3890"
+    )
     s = session()
     out, _ = run(s, b"AUTH CRAM-MD5\r\n")
     ch = challenge(out)
@@ -183,7 +192,9 @@ def test_cram_md5_rfc2195_vector() -> None:  # row 98
     assert effects[0].credentials == CramMD5("tim", ch, digest)  # type: ignore[attr-defined]
 
 
-def scram_login(s: Session, mechanism: str, password: str, stored: str = "pencil", cb: bytes | None = None) -> tuple[bytes, list[object]]:
+def scram_login(
+    s: Session, mechanism: str, password: str, stored: str = "pencil", cb: bytes | None = None
+) -> tuple[bytes, list[object]]:
     channel_binding = ("tls-server-end-point", cb) if cb is not None else None
     client = scramp.ScramClient([mechanism], "user", password, channel_binding=channel_binding)
     out, effects = run(s, f"AUTH {mechanism} ".encode() + b64(client.get_client_first().encode()) + b"\r\n")

@@ -49,11 +49,15 @@ def encode(stored: bytes, cuts: list[int], top: int | None = None) -> bytes:
 
 
 def unstuff(wire: bytes) -> bytes:
-    return b"".join(line[1:] + b"\r\n" if line.startswith(b".") else line + b"\r\n" for line in wire.split(b"\r\n")[:-1])
+    return b"".join(
+        line[1:] + b"\r\n" if line.startswith(b".") else line + b"\r\n" for line in wire.split(b"\r\n")[:-1]
+    )
 
 
 # Bytes that make line ends and stuffing interesting.
-message_bytes = st.lists(st.sampled_from([b"\n", b"\r\n", b"\r", b".", b"..", b"a", b"From ", b" ", b"\x00", b"\xff"]), max_size=60).map(b"".join)
+message_bytes = st.lists(
+    st.sampled_from([b"\n", b"\r\n", b"\r", b".", b"..", b"a", b"From ", b" ", b"\x00", b"\xff"]), max_size=60
+).map(b"".join)
 
 
 @settings(max_examples=400)

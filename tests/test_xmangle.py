@@ -329,7 +329,8 @@ CASES: dict[str, Case] = {
         "mixed_charsets.eml",
         charset="utf-8",
         contains=[
-            "Fran\u00e7ais: \u00e7a va tr\u00e8s bien.\n\n\u0420\u0443\u0441\u0441\u043a\u0438\u0439: \u043f\u0440\u0438\u0432\u0435\u0442."
+            "Fran\u00e7ais: \u00e7a va tr\u00e8s bien.\n\n"
+            "\u0420\u0443\u0441\u0441\u043a\u0438\u0439: \u043f\u0440\u0438\u0432\u0435\u0442."
             "\n\n\u65e5\u672c\u8a9e: \u3053\u3093\u306b\u3061\u306f\n",
         ],
     ),
@@ -907,7 +908,9 @@ spec_strategy = st.builds(
     MangleSpec,
     text=st.sampled_from(["plain", "html"]),
     charset=st.sampled_from([None, "utf-8", "iso-8859-1", "us-ascii", "koi8-r", "shift_jis"]),
-    headers=st.one_of(st.none(), st.lists(st.sampled_from(["to", "from", "subject", "date", "x-a"]), max_size=3).map(tuple)),
+    headers=st.one_of(
+        st.none(), st.lists(st.sampled_from(["to", "from", "subject", "date", "x-a"]), max_size=3).map(tuple)
+    ),
 )
 
 

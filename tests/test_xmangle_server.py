@@ -56,7 +56,9 @@ def test_core_asks_for_sizes_once_and_reruns_the_command() -> None:
     assert effects == [SendMessage(1, None, b"+OK 77 octets\r\n", spec)]
 
 
-@pytest.mark.parametrize("modifier", [b"XMANGLE(text=pdf)", b"XMANGLE(bogus=1)", b"XMANGLE(text=html", b"XMANGLE(" + b"a" * 300 + b")"])
+@pytest.mark.parametrize(
+    "modifier", [b"XMANGLE(text=pdf)", b"XMANGLE(bogus=1)", b"XMANGLE(text=html", b"XMANGLE(" + b"a" * 300 + b")"]
+)
 def test_bad_modifiers(modifier: bytes) -> None:
     s = logged_in()
     out, effects = run(s, b"RETR 1 " + modifier[:200] + b"\r\n")

@@ -36,14 +36,36 @@ def test_xlst_and_euidl_effects() -> None:
     s = logged_in()
     _, effects = run(s, b"XTND XLST Subject\r\nxtnd xlist subj 2\r\nEUIDL\r\nEUIDL 3\r\n")
     assert effects == [
-        ListHeaders(b"+OK xlst command accepted; headers coming.\r\n", ((0, 120, "uid-one"), (1, 200, "uid-two"), (2, 50, "uid-three")), "Subject", "xlst"),
+        ListHeaders(
+            b"+OK xlst command accepted; headers coming.\r\n",
+            ((0, 120, "uid-one"), (1, 200, "uid-two"), (2, 50, "uid-three")),
+            "Subject",
+            "xlst",
+        ),
         ListHeaders(b"+OK xlst command accepted; headers coming.\r\n", ((1, 200, "uid-two"),), "subj", "xlst"),
-        ListHeaders(b"+OK uidl command accepted.\r\n", ((0, 120, "uid-one"), (1, 200, "uid-two"), (2, 50, "uid-three")), "From", "euidl"),
+        ListHeaders(
+            b"+OK uidl command accepted.\r\n",
+            ((0, 120, "uid-one"), (1, 200, "uid-two"), (2, 50, "uid-three")),
+            "From",
+            "euidl",
+        ),
         ListHeaders(b"+OK ", ((2, 50, "uid-three"),), "From", "euidl", single=True),
     ]
 
 
-@pytest.mark.parametrize("command", [b"XTND", b"XTND FOO", b"XTND XLST", b"XTND XLST a b c", b"XTND XLST Subject 9", b"XTND XMIT x", b"EUIDL 0", b"EUIDL x"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        b"XTND",
+        b"XTND FOO",
+        b"XTND XLST",
+        b"XTND XLST a b c",
+        b"XTND XLST Subject 9",
+        b"XTND XMIT x",
+        b"EUIDL 0",
+        b"EUIDL x",
+    ],
+)
 def test_xtnd_errors(command: bytes) -> None:
     s = logged_in()
     out, effects = run(s, command + b"\r\n")
@@ -163,7 +185,14 @@ def test_xmit_through_msmtp_to_a_real_smtp_server(smtp_sink: SmtpSink, mailroot:
         c.user("alice")
         c.pass_(PASSWORD)
         assert c._shortcmd("XTND XMIT") == b"+OK Start sending message."  # noqa: SLF001
-        for line in [b"From: alice@example.org", b"To: carol@example.net", b"Subject: via XMIT", b"", b"..dot-stuffed line", b"end"]:
+        for line in [
+            b"From: alice@example.org",
+            b"To: carol@example.net",
+            b"Subject: via XMIT",
+            b"",
+            b"..dot-stuffed line",
+            b"end",
+        ]:
             c._putline(line)  # noqa: SLF001
         assert c._shortcmd(".") == b"+OK Message sent successfully."  # noqa: SLF001
         c.quit()
@@ -182,7 +211,10 @@ def test_xmit_runs_no_shell_and_reports_the_exit_status(tmp_path: Path, mailroot
     )
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
-    for command, reply in ((f"{script} '$HOME;x'", b"+OK Message sent successfully."), (f"{script}", b"-ERR [SYS/TEMP]")):
+    for command, reply in (
+        (f"{script} '$HOME;x'", b"+OK Message sent successfully."),
+        (f"{script}", b"-ERR [SYS/TEMP]"),
+    ):
         with Controller(authenticator=auth, mail_command=command) as server:
             c = poplib.POP3(server.host, server.port, timeout=10)
             c.user("alice")

@@ -327,7 +327,9 @@ def make_mechanism(
     return None
 
 
-def scram_secret_from_password(password: bytes, mechanism: str, salt: bytes | None = None, iterations: int = 4096) -> ScramSecret:
+def scram_secret_from_password(
+    password: bytes, mechanism: str, salt: bytes | None = None, iterations: int = 4096
+) -> ScramSecret:
     """Derive a SCRAM secret from a clear one (PLAIN passwd-file entries)."""
     import scramp
 

@@ -182,7 +182,9 @@ def offered_sasl_lines(options: Options) -> list[str]:
     configured = options.sasl_mechanisms
     policy = options.clear_text_password
     client_ca = options.tls_client_ca_file is not None
-    tls_connections = options.tls_configured and (options.effective_tls_support != "none" or any(a.tls for a in options.listen))
+    tls_connections = options.tls_configured and (
+        options.effective_tls_support != "none" or any(a.tls for a in options.listen)
+    )
     lines = []
     if tls_connections:
         over_tls = offered_mechanisms(
@@ -197,7 +199,9 @@ def offered_sasl_lines(options: Options) -> list[str]:
     remote, local = (
         offered_mechanisms(
             configured,
-            plaintext_allowed=plaintext_allowed(policy, tls_active=False, peer=peer, tls_configured=options.tls_configured),
+            plaintext_allowed=plaintext_allowed(
+                policy, tls_active=False, peer=peer, tls_configured=options.tls_configured
+            ),
             channel_binding=False,
             client_certificate=False,
             kerberos=options.kerberos,
@@ -221,7 +225,9 @@ def show_config(options: Options) -> str:
     for setting in SETTINGS:
         if setting.field is None:
             if setting.name in options.ignored:
-                lines.append(f"# {setting.name}: given at {options.source_of(setting.name)}, ignored: {setting.ignored}")
+                lines.append(
+                    f"# {setting.name}: given at {options.source_of(setting.name)}, ignored: {setting.ignored}"
+                )
             continue
         value = getattr(options, setting.field)
         source = options.source_of(setting.field)
@@ -257,7 +263,9 @@ def _new_loop(options: Options) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def _reloader(server: Server, inv: Invocation, adjust: Callable[[Options], Options] | None = None) -> Callable[[], None]:
+def _reloader(
+    server: Server, inv: Invocation, adjust: Callable[[Options], Options] | None = None
+) -> Callable[[], None]:
     """SIGHUP: the command line is read again, with its -f files."""
 
     def reload() -> None:

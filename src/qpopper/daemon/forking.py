@@ -173,7 +173,10 @@ class ForkingServer:
         host = str(address[0]) if isinstance(address, tuple) else "local"
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]
-        if len(self._children) >= self.options.max_connections or self._per_ip[host] >= self.options.max_connections_per_ip:
+        if (
+            len(self._children) >= self.options.max_connections
+            or self._per_ip[host] >= self.options.max_connections_per_ip
+        ):
             log.warning("%s: connection refused, limit reached", host)
             try:
                 conn.setblocking(True)

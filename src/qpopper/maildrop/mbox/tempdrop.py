@@ -148,7 +148,9 @@ def _recreate_empty_spool(spool: Spool, sst: os.stat_result) -> None:
         log.warning("cannot recreate the empty spool %s (the next delivery will): %s", spool.path, exc)
 
 
-def _gather_by_copy(spool: Spool, sfd: int, sst: os.stat_result, tfd: int, length: int, moved: int, lock: SpoolLock) -> None:
+def _gather_by_copy(
+    spool: Spool, sfd: int, sst: os.stat_result, tfd: int, length: int, moved: int, lock: SpoolLock
+) -> None:
     journal = gather_journal_path(spool.temp_drop)
     check_space(spool.tdir, moved + 2, FREE_SPACE_MARGIN)
     write_gather_journal(journal, length)
@@ -243,7 +245,9 @@ def _empty_spool(spool: Spool, sfd: int, sst: os.stat_result) -> None:
 # ---- UPDATE (and the end of a session without one) -----------------------------------
 
 
-def put_back(spool: Spool, tfd: int, index: MboxIndex, drop: set[int], xuidl: dict[int, bytes], status: set[int]) -> None:
+def put_back(
+    spool: Spool, tfd: int, index: MboxIndex, drop: set[int], xuidl: dict[int, bytes], status: set[int]
+) -> None:
     """Temp drop -> spool: kept messages in front of the new mail."""
     flag = putback_flag_path(spool.path)
     if os.path.lexists(flag):
