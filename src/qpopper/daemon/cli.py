@@ -71,6 +71,16 @@ def _switch_value(setting: Setting, value: str, where: str) -> object:
     return setting.parse(value, where)
 
 
+# Flags that say what this run does, not how the server is set up: each sets one Invocation field.
+_MODE_FLAGS = {
+    "-v": "version", "-V": "version", "--version": "version",
+    "--help": "help",
+    "-i": "inetd", "--inetd": "inetd",
+    "--demo": "demo",
+    "--show-config": "show_config",
+}  # fmt: skip
+
+
 def parse_command_line(argv: Sequence[str]) -> Invocation:
     try:
         opts, positional = getopt.gnu_getopt(list(argv), SHORT_OPTIONS, LONG_OPTIONS)
@@ -78,36 +88,33 @@ def parse_command_line(argv: Sequence[str]) -> Invocation:
         raise _usage_error(str(exc)) from None
     inv = Invocation(listen=list(positional), argv=list(argv))
     for flag, value in opts:
-        if flag in ("-v", "-V", "--version"):
-            inv.version = True
-        elif flag == "--help":
-            inv.help = True
-        elif flag in ("-i", "--inetd"):
-            inv.inetd = True
-        elif flag == "--demo":
-            inv.demo = True
-        elif flag == "--show-config":
-            inv.show_config = True
+        mode = _MODE_FLAGS.get(flag)
+        if mode is not None:
+            setattr(inv, mode, True)
         elif flag == "--tls-listen":
             inv.tls_listen.append(value)
-        elif flag in ("-f", "--config-file"):
-            for a in read_config(value, Context.INIT):
-                inv.assignments.append((a.setting.name, a.value, a.source))
-        elif flag == "-e":
-            inv.assignments += _announcements(value)
-        elif flag == "-R":
-            inv.assignments.append(("reverse-lookup", False, "-R"))
-        elif flag in BY_SWITCH:
-            setting = BY_SWITCH[flag]
-            inv.assignments.append((setting.name, _switch_value(setting, value, flag), flag))
-        elif flag.startswith("--no-") and flag[5:] in BY_LONG:
-            inv.assignments.append((BY_LONG[flag[5:]].name, False, flag))
-        elif flag[2:] in BY_LONG:
-            setting = BY_LONG[flag[2:]]
-            inv.assignments.append((setting.name, _switch_value(setting, value, flag), flag))
-        else:  # pragma: no cover - getopt only returns what we declared
-            raise _usage_error(f"option {flag} not recognized")
+        else:
+            inv.assignments += _assignments(flag, value)
     return inv
+
+
+def _assignments(flag: str, value: str) -> list[tuple[str, object, str]]:
+    """The settings one switch assigns, in order: a -f file's, -e's two, or one."""
+    if flag in ("-f", "--config-file"):
+        return [(a.setting.name, a.value, a.source) for a in read_config(value, Context.INIT)]
+    if flag == "-e":
+        return _announcements(value)
+    if flag == "-R":
+        return [("reverse-lookup", False, "-R")]
+    if flag in BY_SWITCH:
+        setting = BY_SWITCH[flag]
+        return [(setting.name, _switch_value(setting, value, flag), flag)]
+    if flag.startswith("--no-") and flag[5:] in BY_LONG:
+        return [(BY_LONG[flag[5:]].name, False, flag)]
+    if flag[2:] in BY_LONG:
+        setting = BY_LONG[flag[2:]]
+        return [(setting.name, _switch_value(setting, value, flag), flag)]
+    raise _usage_error(f"option {flag} not recognized")  # pragma: no cover - getopt only returns what we declared
 
 
 def _announcements(value: str) -> list[tuple[str, object, str]]:

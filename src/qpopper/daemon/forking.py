@@ -214,10 +214,13 @@ class ForkingServer:
     async def _serve_child(self, conn: socket.socket, implicit_tls: bool) -> None:
         loop = asyncio.get_running_loop()
         task = loop.create_task(self.server.serve_socket(conn, implicit_tls))
+        stopping: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
         def stop(drain: bool) -> None:
             # A session in UPDATE finishes it; any other ends without deleting.
-            loop.create_task(self.server.stop(drain=drain))
+            stopper = loop.create_task(self.server.stop(drain=drain))
+            stopping.add(stopper)
+            stopper.add_done_callback(stopping.discard)
 
         loop.add_signal_handler(signal.SIGTERM, stop, True)
         loop.add_signal_handler(signal.SIGINT, stop, False)

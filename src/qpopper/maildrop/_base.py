@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol, overload, runtime_checkable
 UID_MAX_LEN = 70
 
 
-_UID = re.compile(r"[\x21-\x7e]{1,%d}" % UID_MAX_LEN)
+_UID = re.compile(rf"[\x21-\x7e]{{1,{UID_MAX_LEN}}}")
 
 
 def is_valid_uid(uid: str) -> bool:

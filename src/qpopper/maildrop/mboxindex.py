@@ -319,9 +319,8 @@ def _message_end(buf: bytes | mmap.mmap, start: int, seg_end: int) -> int:
     """
     if seg_end > start and buf[seg_end - 1] == 0x0A:
         cut = seg_end - 1
-        if cut > start and buf[cut - 1] == 0x0D:
-            if cut - 1 == start or buf[cut - 2] == 0x0A:
-                return cut - 1
+        if cut > start and buf[cut - 1] == 0x0D and (cut - 1 == start or buf[cut - 2] == 0x0A):
+            return cut - 1
         if cut == start or buf[cut - 1] == 0x0A:
             return cut
     return seg_end
@@ -363,7 +362,8 @@ def _fingerprint_of_buffer(buf: bytes | mmap.mmap, index: MboxIndex, from_lines:
         h.update(b"".join(from_lines))
     else:
         with memoryview(buf) as view:  # slices of a view are not copied before the join
-            h.update(b"".join([view[a:s] for a, s in zip(index.from_starts, index.starts)]))
+            # Each message is appended to every array at once: equal lengths by construction.
+            h.update(b"".join([view[a:s] for a, s in zip(index.from_starts, index.starts, strict=False)]))
     return _fingerprint_end(h, lambda a, n: bytes(buf[a : a + n]), index)
 
 
@@ -421,7 +421,9 @@ def index_buffer(
     add_seen, add_crlf = index.seen.append, index.crlf.append
     skip_to = 0  # separators a Content-Length put inside a message body
     jumped = False  # some were: not every From_ line found starts a message
-    for k, (from_start, start, seg_end, end) in enumerate(zip(positions, line_ends, seg_ends, ends)):
+    # One entry per From_ line in each list (`_separators` appends to all four together;
+    # seg_ends and ends are shifted by one and completed above): equal by construction.
+    for k, (from_start, start, seg_end, end) in enumerate(zip(positions, line_ends, seg_ends, ends, strict=False)):
         if k < skip_to:
             continue
         if tick is not None and not k & 511:
