@@ -417,9 +417,10 @@ class Qpopper:
             cmd += ["--tls-listen", f"127.0.0.1:{self.tls_port}",
                     "--tls-server-cert-file", str(self.cert), "--tls-private-key-file", str(self.key)]
         env = dict(os.environ, PYTHONPATH=str(self.src_dir))
-        self.logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT, env=env, cwd=self.dir,
-                                     start_new_session=True)
+        # The server writes to its own copy of the descriptor: ours is closed once it runs.
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=self.dir,
+                                         start_new_session=True)
         wait_port(self.port, 20, self.proc)
         return self.proc.pid
 
@@ -524,7 +525,7 @@ class Bench:
             dov.stop()
             dov.drop_index()
             pid = dov.start()
-            rc, lines, err = self.popbench(
+            _rc, lines, _err = self.popbench(
                 ["run", "bigbox", "--port", str(dov.port), "--server-pid", str(pid), "--password", PASSWORD,
                  "--user-format", "big{i}", "--repeat", "1"], timeout=600)
             lines_all += lines
@@ -537,7 +538,7 @@ class Bench:
     def format(self, fmt: str) -> None:
         if fmt == "mbox" and not self.env.mbox_backend:
             self.skipped.append("mbox: skipped, this server has no mbox backend yet "
-                                "(src/qpopper/maildrop/mbox.py is missing); rerun when it lands.")
+                                "(the package src/qpopper/maildrop/mbox/ is missing); rerun when it lands.")
             log(self.skipped[-1])
             return
         work = Path(self.args.work).resolve() / fmt
@@ -597,17 +598,19 @@ class Bench:
 def machine_info() -> list[str]:
     cpu = "?"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     mem = "?"
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal"):
+                    mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
     except OSError:
         pass
     return [f"host `{platform.node()}`, {platform.system()} {platform.release()} {platform.machine()}",
