@@ -49,7 +49,7 @@ def test_version_flag() -> None:
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    ("args", "message"),
     [
         (["--bogus"], b"option --bogus not recognized"),
         (["-Q"], b"option -Q not recognized"),
@@ -169,8 +169,8 @@ def test_inetd_mode_on_a_socket(passwd: Path) -> None:
     ours, theirs = socket.socketpair()
     proc = subprocess.Popen(
         QPOPPER + ["-i", "--passwd-file", str(passwd), "--hostname", "pop.test"],
-        stdin=theirs,
-        stdout=theirs,
+        stdin=theirs.fileno(),
+        stdout=theirs.fileno(),
         stderr=subprocess.DEVNULL,
     )
     theirs.close()

@@ -74,7 +74,7 @@ def _session_with(table: MessageList) -> Session:
 
 
 @pytest.mark.parametrize(
-    "command, expected",
+    ("command", "expected"),
     [
         (b"UIDL\r\n", b"+OK uidl command accepted.\r\n1 a\r\n2 b\r\n.\r\n"),
         (b"UIDL 2\r\n", b"+OK 2 b\r\n"),
@@ -211,7 +211,7 @@ def test_maildir_uids_and_flags_come_from_the_names_when_asked(tmp_path: Path) -
 )
 def test_maildir_names_unfit_for_uidl_get_digests_when_asked(tmp_path: Path, names: list[str]) -> None:
     md = tmp_path / "Maildir"
-    for n, name in enumerate(names):
+    for name in names:
         write_maildir_message(md, b"a\n", name=name, sub="cur" if ":2," in name else "new")
     drop = MaildirMaildrop(str(md))
     try:

@@ -116,7 +116,7 @@ def test_same_unique_part_twice_gets_distinct_uids(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "template, user, home",
+    ("template", "user", "home"),
     [("maildir:/srv/%u", "../../etc", None), ("maildir:~/Maildir", "bob", None), ("maildir:rel/%u", "bob", None),
      ("mh:/x/%u", "bob", None), ("maildir:/srv/%x", "bob", None)],
 )

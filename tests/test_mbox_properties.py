@@ -148,7 +148,7 @@ def _separators_line_by_line(spool: bytes) -> tuple[list[int], list[int], list[b
             line_ends.append(end)
         previous_empty = line in (b"\n", b"\r\n")
         pos = end
-    return positions, line_ends, [spool[p:e] for p, e in zip(positions, line_ends)]
+    return positions, line_ends, [spool[p:e] for p, e in zip(positions, line_ends, strict=True)]
 
 
 FROM_TOKENS = SPOOL_TOKENS + [

@@ -14,7 +14,7 @@ from qpopper.errors import ConfigError
 
 
 @pytest.mark.parametrize(
-    "text, expected",
+    ("text", "expected"),
     [
         ("127.0.0.1:1110", ListenAddress("127.0.0.1", 1110)),
         ("127.0.0.1", ListenAddress("127.0.0.1", 110)),

@@ -50,7 +50,7 @@ def test_options_stay_frozen_typed_and_cheap_to_copy() -> None:
 
 
 @pytest.mark.parametrize(
-    "name, value, message",
+    ("name", "value", "message"),
     [
         ("timeout", 0.0, "timeout must be a positive number of seconds"),
         ("drain-timeout", -1.0, "drain-timeout must be a positive number of seconds"),
@@ -112,7 +112,9 @@ def capa_sasl(security: ConnectionSecurity, kerberos: bool) -> list[str]:
     return found[0] if found else []
 
 
-@pytest.mark.parametrize("plain, binding, certificate, kerberos", list(itertools.product((False, True), repeat=4)))
+@pytest.mark.parametrize(
+    ("plain", "binding", "certificate", "kerberos"), list(itertools.product((False, True), repeat=4))
+)
 def test_the_one_offer_rule_is_what_capa_offers(plain: bool, binding: bool, certificate: bool, kerberos: bool) -> None:
     security = ConnectionSecurity(
         tls=binding,

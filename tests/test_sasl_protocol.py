@@ -160,7 +160,7 @@ def test_plain_fields_of_255_octets_and_authzid_rules() -> None:  # rows 95, 96
     s = session()
     user = b"u" * 64
     password = b"p" * 255
-    out, _ = run(s, b"AUTH PLAIN\r\n")
+    run(s, b"AUTH PLAIN\r\n")
     _, effects = run(s, b64(user + b"\0" + user + b"\0" + password) + b"\r\n")
     assert effects[0].credentials == UserPass(user.decode(), password)  # type: ignore[attr-defined]
     s = session()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import rawpop
 from conftest import PASSWORD
 from qpopper import Controller, StaticAuthenticator
 from qpopper.errors import ResponseCode
@@ -126,21 +127,22 @@ def test_xlst_and_euidl_over_the_wire(pop_server: Controller, fill: Fill) -> Non
     c = poplib.POP3(pop_server.host, pop_server.port, timeout=10)
     c.user("alice")
     c.pass_(PASSWORD)
-    resp, listing, _ = c._longcmd("XTND XLST subj")  # noqa: SLF001 - poplib has no XTND
+    resp, listing, _ = rawpop.longcmd(c, "XTND XLST subj")
     assert resp.startswith(b"+OK xlst")
     assert listing == [b"1 Subject: first", b"  continued subject", b"2 Subject: second"]
-    resp, listing, _ = c._longcmd("XTND XLST x-trap 1")  # noqa: SLF001
+    resp, listing, _ = rawpop.longcmd(c, "XTND XLST x-trap 1")
     assert listing == [b"1 X-Trap:  [31m%s%n%x"]  # control characters blanked, never formatted
     uids = [line.split()[1] for line in c.uidl()[1]]
-    resp, listing, _ = c._longcmd("EUIDL")  # noqa: SLF001
+    resp, listing, _ = rawpop.longcmd(c, "EUIDL")
     sizes = [int(line.split()[1]) for line in c.list()[1]]
     assert listing == [
         b"1 " + uids[0] + b" %d Alice Example <alice@example.org>" % sizes[0],
         b"2 " + uids[1] + b" %d =?utf-8?q?Caf=C3=A9?= <cafe@example.org>" % sizes[1],
     ]
-    assert c._shortcmd("EUIDL 2") == b"+OK 2 " + uids[1] + b" %d =?utf-8?q?Caf=C3=A9?= <cafe@example.org>" % sizes[1]  # noqa: SLF001
-    assert c._shortcmd("MDEF cnt(STAT)").startswith(b"+OK")  # noqa: SLF001
-    assert c._shortcmd("CNT") == b"+OK 2 %d" % sum(sizes)  # noqa: SLF001
+    euidl = rawpop.shortcmd(c, "EUIDL 2")
+    assert euidl == b"+OK 2 " + uids[1] + b" %d =?utf-8?q?Caf=C3=A9?= <cafe@example.org>" % sizes[1]
+    assert rawpop.shortcmd(c, "MDEF cnt(STAT)").startswith(b"+OK")
+    assert rawpop.shortcmd(c, "CNT") == b"+OK 2 %d" % sum(sizes)
     c.quit()
 
 
@@ -184,7 +186,7 @@ def test_xmit_through_msmtp_to_a_real_smtp_server(smtp_sink: SmtpSink, mailroot:
         c = poplib.POP3(server.host, server.port, timeout=10)
         c.user("alice")
         c.pass_(PASSWORD)
-        assert c._shortcmd("XTND XMIT") == b"+OK Start sending message."  # noqa: SLF001
+        assert rawpop.shortcmd(c, "XTND XMIT") == b"+OK Start sending message."
         for line in [
             b"From: alice@example.org",
             b"To: carol@example.net",
@@ -193,8 +195,8 @@ def test_xmit_through_msmtp_to_a_real_smtp_server(smtp_sink: SmtpSink, mailroot:
             b"..dot-stuffed line",
             b"end",
         ]:
-            c._putline(line)  # noqa: SLF001
-        assert c._shortcmd(".") == b"+OK Message sent successfully."  # noqa: SLF001
+            rawpop.putline(c, line)
+        assert rawpop.shortcmd(c, ".") == b"+OK Message sent successfully."
         c.quit()
     (sender, recipients, content) = smtp_sink.received[0]
     assert sender == "alice" and recipients == ["carol@example.net"]
@@ -219,11 +221,11 @@ def test_xmit_runs_no_shell_and_reports_the_exit_status(tmp_path: Path, mailroot
             c = poplib.POP3(server.host, server.port, timeout=10)
             c.user("alice")
             c.pass_(PASSWORD)
-            c._shortcmd("XTND XMIT")  # noqa: SLF001
-            c._putline(b"Subject: x")  # noqa: SLF001
-            c._putline(b"")  # noqa: SLF001
+            rawpop.shortcmd(c, "XTND XMIT")
+            rawpop.putline(c, b"Subject: x")
+            rawpop.putline(c, b"")
             try:
-                got = c._shortcmd(".")  # noqa: SLF001
+                got = rawpop.shortcmd(c, ".")
             except poplib.error_proto as exc:
                 got = exc.args[0]
             assert got.startswith(reply)
