@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mbox_index import build  # beside this script, so on sys.path when it runs
-
 from qpopper.maildrop.maildir import MaildirMaildrop
 from qpopper.maildrop.mbox import MboxMaildrop
 from qpopper.maildrop.mboxindex import _FROM_LINE, COUNT_CHUNK

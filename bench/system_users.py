@@ -70,8 +70,9 @@ def start_qpopper(python: str, port: int, pam_service: str, log: Path) -> subpro
 
 def run_login(python: str, port: int, pid: int, users: int, concurrency: int, duration: int) -> dict[str, float]:
     out = sh(
-        [python, str(POPBENCH), "run", "login", "--port", str(port), "--server-pid", str(pid), "-c", str(concurrency),
-         "-d", str(duration), "--runs", "1", "--password", PASSWORD, "--user-format", "qpbench{i}", "--users", str(users)]
+        [python, str(POPBENCH), "run", "login", "--port", str(port), "--server-pid", str(pid),
+         "-c", str(concurrency), "-d", str(duration), "--runs", "1", "--password", PASSWORD,
+         "--user-format", "qpbench{i}", "--users", str(users)]
     ).stdout
     line = [json.loads(x) for x in out.splitlines() if x.startswith("{")][-1]
     if not line.get("ok", False):
@@ -109,13 +110,19 @@ def main() -> int:
         dovecot_pid = int(re.findall(r"\d+", out)[-1])
         qpopper = start_qpopper(args.python, 11520, pam_service, work / "qpopper.log")
         for _ in range(args.rounds):
-            results["dovecot"].append(run_login(args.python, 11510, dovecot_pid, args.users, args.concurrency, args.duration))
-            results["qpopper"].append(run_login(args.python, 11520, qpopper.pid, args.users, args.concurrency, args.duration))
+            results["dovecot"].append(
+                run_login(args.python, 11510, dovecot_pid, args.users, args.concurrency, args.duration)
+            )
+            results["qpopper"].append(
+                run_login(args.python, 11520, qpopper.pid, args.users, args.concurrency, args.duration)
+            )
         qpopper.terminate()
         qpopper.wait(60)
     finally:
         if dovecot_pid is not None:
-            subprocess.run(["bash", str(SHARED / "dovecot.sh"), "stop", "--dir", str(work / "dovecot")], capture_output=True)
+            subprocess.run(
+                ["bash", str(SHARED / "dovecot.sh"), "stop", "--dir", str(work / "dovecot")], capture_output=True
+            )
         remove_users(names)
         Path(f"/etc/pam.d/{pam_service}").unlink(missing_ok=True)
     for side, runs in results.items():

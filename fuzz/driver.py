@@ -15,6 +15,7 @@ from qpopper.protocol import (
     Close,
     Commit,
     ComputeSizes,
+    Effect,
     ListHeaders,
     LookupScramSecret,
     OpenMaildrop,
@@ -41,37 +42,42 @@ def drive_blindly(session: Session, chunks: list[bytes], rng: random.Random) -> 
             effect = session.next_effect()
             if effect is None:
                 break
-            if isinstance(effect, Authenticate):
-                if rng.random() < 0.5 and not isinstance(effect.credentials, Rejected):
-                    session.auth_succeeded(effect.credentials.user)
-                else:
-                    session.auth_failed(rng.choice([ResponseCode.AUTH, ResponseCode.SYS_TEMP]))
-            elif isinstance(effect, OpenMaildrop):
-                if rng.random() < 0.8:
-                    count = rng.randrange(0, 5)
-                    session.maildrop_opened([MessageInfo(rng.randrange(1, 10**6), f"uid{i}") for i in range(count)])
-                else:
-                    session.maildrop_failed(ResponseCode.IN_USE)
-            elif isinstance(effect, Commit):
-                session.commit_done(None if rng.random() < 0.7 else ResponseCode.SYS_TEMP)
-            elif isinstance(effect, StartTls):
-                session.tls_started(session.security)
-            elif isinstance(effect, LookupScramSecret):
-                session.scram_secret(None)
-            elif isinstance(effect, SubmitMessage):
-                session.submit_done(None)
-            elif isinstance(effect, ComputeSizes):
-                session.sizes_computed(effect.spec, {i: 10 for i in effect.indices})
-            elif isinstance(effect, SaslStep):
-                raise Finding("an offloaded SASL step without an offloading mechanism configured")
-            elif isinstance(effect, SendMessage):
-                if rng.random() < 0.1:
-                    session.message_unavailable(effect.index)
-            elif isinstance(effect, Close):
+            if isinstance(effect, Close):
                 return
-            elif not isinstance(effect, (Send, ListHeaders)):
-                raise Finding(f"unknown effect {effect!r}")
+            _answer_blindly(session, effect, rng)
             if session.buffered > BUFFER_BOUND:
                 raise Finding("unbounded input buffer")
         else:
             raise Finding("effects without end")
+
+
+def _answer_blindly(session: Session, effect: Effect, rng: random.Random) -> None:
+    """Answer one effect as a driver might: success or failure, picked by `rng`."""
+    if isinstance(effect, Authenticate):
+        if rng.random() < 0.5 and not isinstance(effect.credentials, Rejected):
+            session.auth_succeeded(effect.credentials.user)
+        else:
+            session.auth_failed(rng.choice([ResponseCode.AUTH, ResponseCode.SYS_TEMP]))
+    elif isinstance(effect, OpenMaildrop):
+        if rng.random() < 0.8:
+            count = rng.randrange(0, 5)
+            session.maildrop_opened([MessageInfo(rng.randrange(1, 10**6), f"uid{i}") for i in range(count)])
+        else:
+            session.maildrop_failed(ResponseCode.IN_USE)
+    elif isinstance(effect, Commit):
+        session.commit_done(None if rng.random() < 0.7 else ResponseCode.SYS_TEMP)
+    elif isinstance(effect, StartTls):
+        session.tls_started(session.security)
+    elif isinstance(effect, LookupScramSecret):
+        session.scram_secret(None)
+    elif isinstance(effect, SubmitMessage):
+        session.submit_done(None)
+    elif isinstance(effect, ComputeSizes):
+        session.sizes_computed(effect.spec, dict.fromkeys(effect.indices, 10))
+    elif isinstance(effect, SaslStep):
+        raise Finding("an offloaded SASL step without an offloading mechanism configured")
+    elif isinstance(effect, SendMessage):
+        if rng.random() < 0.1:
+            session.message_unavailable(effect.index)
+    elif not isinstance(effect, (Send, ListHeaders)):
+        raise Finding(f"unknown effect {effect!r}")

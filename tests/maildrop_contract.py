@@ -48,7 +48,7 @@ class MaildropContract:
         try:
             infos = md.messages()
             assert len(infos) == 3
-            for stored, info, index in zip(messages, infos, range(3)):
+            for index, (stored, info) in enumerate(zip(messages, infos, strict=True)):
                 assert info.size == wire_size(stored)
                 assert read_all(md, index).replace(b"\r\n", b"\n") == stored
         finally:
@@ -214,7 +214,7 @@ class MaildropContract:
 
     def test_delivery_refuses_an_unknown_kind_and_an_unfit_uid(self, make_location: MakeLocation) -> None:
         location = make_location([msg(1)])
-        kind, _, path = location.partition(":")
+        _kind, _, path = location.partition(":")
         with pytest.raises(MaildropError):
             deliver_into(f"mh:{path}", msg(2))
         for uid in ("has space here", "", "x" * 71, "tab\there", "\u00e9t\u00e9-2026-12-01"):

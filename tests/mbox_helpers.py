@@ -58,7 +58,7 @@ def append_locked(spool: str, data: bytes, timeout: float = 30.0) -> None:
             break
         except FileExistsError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{lock} held too long")
+                raise TimeoutError(f"{lock} held too long") from None
             time.sleep(0.001)
     try:
         fd = os.open(spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

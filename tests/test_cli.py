@@ -49,7 +49,7 @@ def test_version_flag() -> None:
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    ("args", "message"),
     [
         (["--bogus"], b"option --bogus not recognized"),
         (["-Q"], b"option -Q not recognized"),
@@ -84,7 +84,9 @@ def test_bad_passwd_file_line_is_named(tmp_path: Path) -> None:
 
 
 def test_demo_serves_out_of_the_box(tmp_path: Path) -> None:
-    proc = subprocess.Popen(QPOPPER + ["--demo", "127.0.0.1:0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        QPOPPER + ["--demo", "127.0.0.1:0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     try:
         match = wait_for_line(proc, rb"demo server on ([\d.]+):(\d+)")
         host, port = match.group(1).decode(), int(match.group(2))
@@ -97,10 +99,14 @@ def test_demo_serves_out_of_the_box(tmp_path: Path) -> None:
         client.quit()
         assert (tmp_path / "qpopper-demo" / "passwd").exists()
         # STLS and implicit TLS work out of the box with the throwaway certificate.
-        stls = subprocess.run(["curl", "-sSk", "--ssl-reqd", f"pop3://demo:demo@{host}:{port}/2"], capture_output=True, timeout=30)
+        stls = subprocess.run(
+            ["curl", "-sSk", "--ssl-reqd", f"pop3://demo:demo@{host}:{port}/2"], capture_output=True, timeout=30
+        )
         assert stls.returncode == 0 and b"Dot-stuffing" in stls.stdout
         tls_port = int(wait_for_line(proc, rb"pop3s://\S+:(\d+)/1").group(1))
-        pop3s = subprocess.run(["curl", "-sSk", f"pop3s://demo:demo@{host}:{tls_port}/3"], capture_output=True, timeout=30)
+        pop3s = subprocess.run(
+            ["curl", "-sSk", f"pop3s://demo:demo@{host}:{tls_port}/3"], capture_output=True, timeout=30
+        )
         assert pop3s.returncode == 0 and b"From here on" in pop3s.stdout
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -163,8 +169,8 @@ def test_inetd_mode_on_a_socket(passwd: Path) -> None:
     ours, theirs = socket.socketpair()
     proc = subprocess.Popen(
         QPOPPER + ["-i", "--passwd-file", str(passwd), "--hostname", "pop.test"],
-        stdin=theirs,
-        stdout=theirs,
+        stdin=theirs.fileno(),
+        stdout=theirs.fileno(),
         stderr=subprocess.DEVNULL,
     )
     theirs.close()

@@ -28,7 +28,11 @@ from qpopper.maildrop.mboxindex import index_buffer
 from qpopper.protocol import ResolveUids, Session
 from test_protocol import logged_in, run
 
-MESSAGES = [b"Subject: one\nMessage-Id: <1@x>\n\nfirst\n", b"Subject: two\n\nsecond\n", b"Subject: one\nMessage-Id: <1@x>\n\nfirst\n"]
+MESSAGES = [
+    b"Subject: one\nMessage-Id: <1@x>\n\nfirst\n",
+    b"Subject: two\n\nsecond\n",
+    b"Subject: one\nMessage-Id: <1@x>\n\nfirst\n",
+]
 
 
 def _lazy(sizes: list[int], uids: list[str], seen: list[int] | None = None) -> tuple[MessageList, list[int]]:
@@ -70,7 +74,7 @@ def _session_with(table: MessageList) -> Session:
 
 
 @pytest.mark.parametrize(
-    "command, expected",
+    ("command", "expected"),
     [
         (b"UIDL\r\n", b"+OK uidl command accepted.\r\n1 a\r\n2 b\r\n.\r\n"),
         (b"UIDL 2\r\n", b"+OK 2 b\r\n"),
@@ -81,7 +85,10 @@ def test_uidl_asks_for_the_uids_then_answers(command: bytes, expected: bytes) ->
     session = _session_with(table)
     session.receive_data(b"STAT\r\nLIST\r\nLAST\r\n")
     out, others = run(session)
-    assert out == b"+OK 2 30\r\n+OK 2 visible messages (30 octets)\r\n1 10\r\n2 20\r\n.\r\n+OK 0 is the last read message.\r\n"
+    assert out == (
+        b"+OK 2 30\r\n+OK 2 visible messages (30 octets)\r\n1 10\r\n2 20\r\n.\r\n"
+        b"+OK 0 is the last read message.\r\n"
+    )
     assert others == [] and calls == []
     session.receive_data(command + b"NOOP\r\n")
     out, others = run(session)
@@ -199,10 +206,12 @@ def test_maildir_uids_and_flags_come_from_the_names_when_asked(tmp_path: Path) -
         drop.close()
 
 
-@pytest.mark.parametrize("names", [["5.dup,S=2,W=3", "5.dup,S=2,W=3:2,S"], ["caf\u00e9.x,S=2,W=3", "ok,S=2,W=3"], ["x" * 71 + ",S=2,W=3"]])
+@pytest.mark.parametrize(
+    "names", [["5.dup,S=2,W=3", "5.dup,S=2,W=3:2,S"], ["caf\u00e9.x,S=2,W=3", "ok,S=2,W=3"], ["x" * 71 + ",S=2,W=3"]]
+)
 def test_maildir_names_unfit_for_uidl_get_digests_when_asked(tmp_path: Path, names: list[str]) -> None:
     md = tmp_path / "Maildir"
-    for n, name in enumerate(names):
+    for name in names:
         write_maildir_message(md, b"a\n", name=name, sub="cur" if ":2," in name else "new")
     drop = MaildirMaildrop(str(md))
     try:

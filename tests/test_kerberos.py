@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import rawpop
 from conftest import PASSWORD
 from qpopper import Controller, StaticAuthenticator
 
@@ -41,7 +42,8 @@ class Realm:
             "KRB5CCNAME": f"FILE:{base}/ccache",
         }
         (base / "krb5.conf").write_text(
-            f"[libdefaults]\n default_realm = {REALM}\n dns_lookup_kdc = false\n dns_lookup_realm = false\n rdns = false\n"
+            f"[libdefaults]\n default_realm = {REALM}\n"
+            " dns_lookup_kdc = false\n dns_lookup_realm = false\n rdns = false\n"
             f"[realms]\n {REALM} = {{\n  kdc = 127.0.0.1:{self.port}\n }}\n"
         )
         (base / "kdc.conf").write_text(
@@ -59,7 +61,9 @@ class Realm:
         self.run(["kadmin.local", "-q", query])
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["krb5kdc", "-n"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["krb5kdc", "-n"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 20
         while True:
             with socket.socket() as s:
@@ -94,7 +98,9 @@ def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
 def kerberos_server(realm: Realm, mailroot: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Controller]:
     for key in ("KRB5_CONFIG", "KRB5CCNAME"):
         monkeypatch.setenv(key, realm.env[key])
-    auth = StaticAuthenticator({"alice": PASSWORD, "stranger": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
+    auth = StaticAuthenticator(
+        {"alice": PASSWORD, "stranger": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir"
+    )
     with Controller(authenticator=auth, kerberos=True, kerberos_keytab=str(realm.keytab)) as server:
         yield server
 
@@ -126,8 +132,8 @@ def gssapi_login(server: Controller, env: dict[str, str], authzid: bytes = b"") 
     c = poplib.POP3(server.host, server.port, timeout=10)
 
     def send(data: bytes) -> bytes:
-        c._putline(data)  # noqa: SLF001 - poplib has no SASL support
-        return c._getline()[0]  # noqa: SLF001
+        rawpop.putline(c, data)
+        return rawpop.getline(c)
 
     reply = send(b"AUTH GSSAPI " + base64.b64encode(ctx.step()))
     while not ctx.complete:
@@ -161,9 +167,10 @@ def test_foreign_realm_principal_is_refused(realm: Realm, mailroot: Path, monkey
     for key in ("KRB5_CONFIG", "KRB5CCNAME"):
         monkeypatch.setenv(key, realm.env[key])
     auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
-    with Controller(authenticator=auth, kerberos=True, kerberos_keytab=str(realm.keytab), kerberos_realms="OTHER.REALM") as server:
-        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
-            gssapi_login(server, realm.env)
+    with Controller(
+        authenticator=auth, kerberos=True, kerberos_keytab=str(realm.keytab), kerberos_realms="OTHER.REALM"
+    ) as server, pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+        gssapi_login(server, realm.env)
 
 
 def test_bad_keytab_is_a_clear_startup_error(tmp_path: Path, realm: Realm, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,4 +178,6 @@ def test_bad_keytab_is_a_clear_startup_error(tmp_path: Path, realm: Realm, monke
 
     monkeypatch.setenv("KRB5_CONFIG", realm.env["KRB5_CONFIG"])
     with pytest.raises(ConfigError, match="Kerberos: cannot use the key of pop@localhost"):
-        Controller(authenticator=StaticAuthenticator({}), kerberos=True, kerberos_keytab=str(tmp_path / "none.keytab")).start()
+        Controller(
+            authenticator=StaticAuthenticator({}), kerberos=True, kerberos_keytab=str(tmp_path / "none.keytab")
+        ).start()

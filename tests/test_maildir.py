@@ -8,18 +8,21 @@ from pathlib import Path
 import pytest
 
 from helpers import write_maildir_message
+from qpopper.errors import MaildropError, ResponseCode
 from qpopper.maildrop import is_valid_uid
 from qpopper.maildrop import maildir as maildir_module
-from qpopper.maildrop.maildir import MaildirMaildrop, uid_from_name
 from qpopper.maildrop.location import expand_location
-from qpopper.errors import MaildropError, ResponseCode
+from qpopper.maildrop.maildir import MaildirMaildrop, uid_from_name
 from qpopper.protocol import wire_size
 
 MSG = b"Subject: x\n\nbody\n"
 
 
 def test_uid_is_the_unique_part_of_the_name() -> None:
-    assert uid_from_name("1491941793.M41850P8566.mx1.example.com,S=1000,W=1030:2,S") == "1491941793.M41850P8566.mx1.example.com"
+    assert (
+        uid_from_name("1491941793.M41850P8566.mx1.example.com,S=1000,W=1030:2,S")
+        == "1491941793.M41850P8566.mx1.example.com"
+    )
     assert uid_from_name("1234.abc:2,") == uid_from_name("1234.abc") == "1234.abc"
     long_name = "1491941793.M41850P8566V0000000000000015I0000000004F3030E_0.mx1.example.com,S=1000"
     uid = uid_from_name(long_name)
@@ -113,7 +116,7 @@ def test_same_unique_part_twice_gets_distinct_uids(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "template, user, home",
+    ("template", "user", "home"),
     [("maildir:/srv/%u", "../../etc", None), ("maildir:~/Maildir", "bob", None), ("maildir:rel/%u", "bob", None),
      ("mh:/x/%u", "bob", None), ("maildir:/srv/%x", "bob", None)],
 )

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from maildrop_contract import Deliver, MaildropContract, MakeLocation
 from helpers import write_maildir_message
+from maildrop_contract import Deliver, MaildropContract, MakeLocation
 
 
 class TestMaildirContract(MaildropContract):

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from mbox_helpers import append_locked, entry
 
+from mbox_helpers import append_locked, entry
 from qpopper.errors import MaildropError
 from qpopper.maildrop.delivery import deliver
 from qpopper.maildrop.mbox import MboxMaildrop

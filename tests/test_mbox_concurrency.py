@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from mbox_helpers import mbox, number_of, numbered
 from qpopper.errors import MaildropBusy, MaildropError
 from qpopper.maildrop import MaildropSettings
 from qpopper.maildrop.mbox import MboxMaildrop
-
-from mbox_helpers import mbox, numbered, number_of
 
 HELPERS = str(Path(__file__).with_name("mbox_helpers.py"))
 MODES = pytest.mark.parametrize(

@@ -38,7 +38,6 @@ class TestMboxTempDropContract(TestMboxContract):
     @pytest.fixture(autouse=True, params=[False, True], ids=["copy", "fast"])
     def temp_drop_mode(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
         import maildrop_contract
-
         from qpopper.maildrop import MaildropSettings
         from qpopper.maildrop.location import open_maildrop
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from mbox_helpers import entry
 from qpopper.maildrop import MaildropSettings
 from qpopper.maildrop.mbox import (
     MboxMaildrop,
@@ -34,8 +35,6 @@ from qpopper.maildrop.mbox import (
     putback_flag_path,
     temp_drop_path,
 )
-
-from mbox_helpers import entry
 
 CHILD = """
 import sys
@@ -106,12 +105,12 @@ def test_sigkill_during_update_leaves_old_or_new_spool(tmp_path: Path, mode: str
         outcomes["files left to recover"] += any(os.path.exists(p) for p in leftovers)
         if mode == "server":
             now = spool.read_bytes()
-            assert now == old or now == new, f"round {rounds}: spool is neither old nor new"
+            assert now in (old, new), f"round {rounds}: spool is neither old nor new"
         t = time.monotonic()
         MboxMaildrop(str(spool), settings, lock_timeout=10).close()  # next login works at once
         assert time.monotonic() - t < 5
         now = spool.read_bytes()
-        assert now == old or now == new, f"round {rounds}: spool is neither old nor new after recovery"
+        assert now in (old, new), f"round {rounds}: spool is neither old nor new after recovery"
         outcomes["old" if now == old else "new"] += 1
         assert not any(os.path.exists(p) for p in leftovers)
         rounds += 1

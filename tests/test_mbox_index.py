@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from mbox_helpers import entry, from_line, mbox, stored
 from qpopper.maildrop import is_valid_uid
 from qpopper.maildrop.mboxindex import base80, computed_uid, index_buffer, index_file, is_from_line, parse_headers
 from qpopper.protocol import wire_size
-
-from mbox_helpers import entry, from_line, mbox, stored
 
 # The layouts c-client's VALID macro documents, plus " remote from".
 VALID_FROM_LINES = [
@@ -188,8 +187,14 @@ def test_computed_uid_is_qpoppers_formula() -> None:
     fl = from_line()
     msg = b"Received: from x\nFrom: a@b\nDate: d\nMessage-Id: <m>\nSubject: s\nX-Other: o\n\nbody\n"
     idx = index_buffer(fl + msg + b"\n")
-    digest = hashlib.md5(fl + b"Received: from x\n" + b"Date: d\n" + b"Message-Id: <m>\n" + b"Subject: s\n" + fl).digest()
-    assert idx.uids == [base80(digest)] == [computed_uid(fl, [b"Received: from x\n", b"Date: d\n", b"Message-Id: <m>\n", b"Subject: s\n"])]
+    digest = hashlib.md5(
+        fl + b"Received: from x\n" + b"Date: d\n" + b"Message-Id: <m>\n" + b"Subject: s\n" + fl
+    ).digest()
+    assert (
+        idx.uids
+        == [base80(digest)]
+        == [computed_uid(fl, [b"Received: from x\n", b"Date: d\n", b"Message-Id: <m>\n", b"Subject: s\n"])]
+    )
     uid = idx.uids[0]
     assert len(uid) == 20 and "." not in uid and is_valid_uid(uid)
 
@@ -209,6 +214,7 @@ def test_duplicate_uids_get_a_suffix_in_file_order() -> None:
     spool = spool.replace(from_line(1), from_line(0)).replace(from_line(3), from_line(0))
     idx = index_buffer(spool)
     u = idx.uids
+    assert u is not None
     assert len(set(u)) == 5 and all(is_valid_uid(x) for x in u)
     assert u[2] == "0123456789abcdef0123" and u[4] == "0123456789abcdef0123-2"
     assert u[1] == u[0] + "-2" and u[3] == u[0] + "-3"
@@ -221,6 +227,7 @@ def test_qpopper_written_spool_keeps_uids_and_seen_flags() -> None:
         b"Subject: three\nStatus: U\n\n3\n",
     ]
     idx = index_buffer(mbox(messages))
+    assert idx.uids is not None
     assert idx.uids[:2] == ["4f2a!!!8b#!!Mq(!!p3)!", "0123456789abcdef0123456789abcdef"]
     assert list(idx.seen) == [True, False, False]
     assert len(idx.uids[2]) == 20
@@ -229,6 +236,7 @@ def test_qpopper_written_spool_keeps_uids_and_seen_flags() -> None:
 def test_uid_does_not_depend_on_position_or_neighbours() -> None:
     msgs = [b"Subject: m%d\nMessage-Id: <%d@x>\n\nbody\n" % (i, i) for i in range(5)]
     full = index_buffer(mbox(msgs)).uids
+    assert full is not None
     fewer = index_buffer(b"".join(entry(m, n) for n, m in enumerate(msgs) if n in (1, 4))).uids
     assert fewer == [full[1], full[4]]
 

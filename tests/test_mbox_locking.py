@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from mbox_helpers import mbox, numbered
 from qpopper.errors import MaildropBusy, MaildropError, ResponseCode
 from qpopper.maildrop.dotlock import DotLock, SpoolLock
 from qpopper.maildrop.mbox import MboxMaildrop, session_lock_path
-
-from mbox_helpers import mbox, numbered
 
 
 @pytest.fixture

@@ -13,10 +13,9 @@ import tempfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mbox_helpers import mbox, stored
 from qpopper.maildrop.mbox import MboxMaildrop
 from qpopper.protocol import wire_size
-
-from mbox_helpers import mbox, stored
 
 TOKENS = [
     b"\n", b"\r\n", b"\r", b"\n\n", b".", b"From ", b">From ", b"From x@y Wed Dec  2 05:53:22 1992",
@@ -149,7 +148,7 @@ def _separators_line_by_line(spool: bytes) -> tuple[list[int], list[int], list[b
             line_ends.append(end)
         previous_empty = line in (b"\n", b"\r\n")
         pos = end
-    return positions, line_ends, [spool[p:e] for p, e in zip(positions, line_ends)]
+    return positions, line_ends, [spool[p:e] for p, e in zip(positions, line_ends, strict=True)]
 
 
 FROM_TOKENS = SPOOL_TOKENS + [

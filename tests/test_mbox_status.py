@@ -10,11 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mbox_helpers import entry, mbox, number_of, numbered
 from qpopper.maildrop import MaildropSettings
 from qpopper.maildrop.mbox import MboxMaildrop
 from qpopper.protocol import wire_size
-
-from mbox_helpers import entry, mbox, numbered, number_of
 
 MODES = pytest.mark.parametrize("server_mode", [True, False], ids=["server", "tempdrop"])
 
@@ -37,7 +36,7 @@ def test_sizes_count_the_x_uidl_that_retr_sends(tmp_path: Path, server_mode: boo
     Path(spool).write_bytes(mbox([numbered(1), numbered(2)]))
     plain = listing(spool, MaildropSettings(server_mode=server_mode))
     with_ush = listing(spool, ush(server_mode))
-    for (size0, uid0, _, body0), (size, uid, _, body) in zip(plain, with_ush):
+    for (size0, uid0, _, body0), (size, uid, _, body) in zip(plain, with_ush, strict=True):
         assert uid == uid0  # the UID does not depend on the option
         assert body == b"X-UIDL: " + uid.encode() + b"\n" + body0
         assert size == wire_size(body) == size0 + len(b"X-UIDL: ") + len(uid) + 2
@@ -229,6 +228,6 @@ def test_sizes_match_sent_octets_before_and_after_write_back(messages: list[byte
         kept = [m for i, m in enumerate(first) if i not in deleted]
         assert [u for _, u, _, _ in second] == [u for _, u, _, _ in kept]
         assert all(size == wire_size(body) for size, _, _, body in second)
-        for i, (old, new) in enumerate(zip(kept, second)):
+        for old, new in zip(kept, second, strict=True):
             if new[2] == old[2]:  # status unchanged: same size as listed before
                 assert new[0] == old[0]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mbox_helpers import deliver, entry, mbox, number_of, numbered
 from qpopper.errors import MaildropError
 from qpopper.maildrop import MaildropSettings
 from qpopper.maildrop.mbox import (
@@ -18,8 +19,6 @@ from qpopper.maildrop.mbox import (
     putback_flag_path,
     temp_drop_path,
 )
-
-from mbox_helpers import deliver, entry, mbox, numbered, number_of
 
 TEMP = MaildropSettings(server_mode=False)
 FAST = MaildropSettings(server_mode=False, fast_update=True)
@@ -170,7 +169,9 @@ def test_missing_spool_and_empty_maildrop(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("failing", ["fsync", "copy_file_range", "rename"])
-def test_write_errors_at_update_keep_every_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+def test_write_errors_at_update_keep_every_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
     spool = make(tmp_path, [1, 2, 3])
     md = MboxMaildrop(spool, TEMP)
     deliver(spool, numbered(4), 4)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from mbox_helpers import deliver, entry, mbox, number_of, numbered, stored
 from qpopper.errors import MaildropError, ResponseCode
 from qpopper.maildrop.mbox import MboxMaildrop, new_spool_path, session_lock_path
-
-from mbox_helpers import deliver, entry, mbox, numbered, number_of, stored
 
 
 def spool_with(tmp_path: Path, messages: list[bytes], mode: int = 0o600) -> str:
@@ -90,7 +89,9 @@ def test_new_mail_after_message_lacking_the_empty_line(tmp_path: Path) -> None:
 
 
 def test_uids_survive_update_and_restart(tmp_path: Path) -> None:
-    spool = spool_with(tmp_path, [numbered(i) for i in range(1, 7)] + [b"X-UIDL: 0123456789abcdef0123\nSubject: message 7\n\n7\n"])
+    spool = spool_with(
+        tmp_path, [numbered(i) for i in range(1, 7)] + [b"X-UIDL: 0123456789abcdef0123\nSubject: message 7\n\n7\n"]
+    )
     md = MboxMaildrop(spool)
     uids = [m.uid for m in md.messages()]
     md.commit({0, 3}, set())

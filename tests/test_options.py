@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from qpopper import ListenAddress, Options, Server, StaticAuthenticator
-from qpopper.errors import ConfigError
 from qpopper.config.options import parse_listen_address
+from qpopper.errors import ConfigError
 
 
 @pytest.mark.parametrize(
-    "text, expected",
+    ("text", "expected"),
     [
         ("127.0.0.1:1110", ListenAddress("127.0.0.1", 1110)),
         ("127.0.0.1", ListenAddress("127.0.0.1", 110)),

@@ -5,13 +5,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import threading
 import poplib
+import threading
 from pathlib import Path
 
 import pytest
 from passlib.hash import argon2, bcrypt, md5_crypt, sha256_crypt, sha512_crypt
 
+import rawpop
 from qpopper import Controller, PasswdFileAuthenticator, Principal
 from qpopper.auth.credentials import ApopDigest, Credentials, UserPass
 from qpopper.errors import ConfigError
@@ -89,7 +90,7 @@ def test_mail_location_template_and_override(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "line, error",
+    ("line", "error"),
     [
         ("../x:{PLAIN}x::::/h::", ":1: invalid user name"),
         ("u:{ROT13}x::::/h::", ":1: unsupported password scheme {ROT13}"),
@@ -140,5 +141,5 @@ def test_a_slow_login_never_stalls_other_sessions(tmp_path: Path) -> None:
         fast.quit()
         assert not release.is_set()  # the slow check was still running
         release.set()
-        assert slow._getresp().startswith(b"+OK")  # noqa: SLF001 - reply to the PASS sent by hand
+        assert rawpop.getresp(slow).startswith(b"+OK")
         slow.quit()

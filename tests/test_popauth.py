@@ -40,7 +40,7 @@ def test_init_add_list_change_delete(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "args, code, message",
+    ("args", "code", "message"),
     [
         (["-bogus"], 2, "unknown command -bogus"),
         (["-user"], 2, "-user takes a name"),

@@ -124,7 +124,9 @@ def test_invalid_arguments_get_err_and_nothing_happens(command: bytes) -> None: 
     assert out == b"+OK 3 370\r\n"
 
 
-@pytest.mark.parametrize("command", [b"STAT", b"LIST", b"RETR 1", b"DELE 1", b"NOOP", b"RSET", b"TOP 1 1", b"UIDL", b"LAST"])
+@pytest.mark.parametrize(
+    "command", [b"STAT", b"LIST", b"RETR 1", b"DELE 1", b"NOOP", b"RSET", b"TOP 1 1", b"UIDL", b"LAST"]
+)
 def test_transaction_commands_refused_before_login(command: bytes) -> None:  # row 8
     session, _ = new_session()
     out, effects = run(session, command + b"\r\n")
@@ -244,7 +246,10 @@ def test_locked_maildrop_is_in_use_and_session_stays_in_authorization() -> None:
     run(session)
     session.maildrop_failed(ResponseCode.IN_USE)
     out, _ = run(session, b"STAT\r\n")
-    assert lines(out) == [b"-ERR [IN-USE] Maildrop is in use by another session.", b"-ERR Command not valid in this state."]
+    assert lines(out) == [
+        b"-ERR [IN-USE] Maildrop is in use by another session.",
+        b"-ERR Command not valid in this state.",
+    ]
 
 
 def test_apop_rfc1939_vector_passed_through() -> None:  # rows 23, 24
@@ -344,7 +349,10 @@ def test_noop_and_rset() -> None:  # rows 42, 43
 def test_top() -> None:  # rows 44-47
     session = logged_in()
     _, effects = run(session, b"TOP 1 0\r\nTOP 3 99999\r\n")
-    assert effects == [SendMessage(0, 0, b"+OK Message follows.\r\n"), SendMessage(2, 99999, b"+OK Message follows.\r\n")]
+    assert effects == [
+        SendMessage(0, 0, b"+OK Message follows.\r\n"),
+        SendMessage(2, 99999, b"+OK Message follows.\r\n"),
+    ]
 
 
 def test_uidl() -> None:  # rows 48, 53

@@ -107,7 +107,8 @@ _CLIENT = [
     b"CAPA\r\nAUTH CRAM-MD5\r\n",
     b"YWxpY2UgMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\r\n",  # "alice <32 hex digits>"
     b"USER alice\r\nPASS secret\r\n",
-    b"STAT\r\nLIST\r\nUIDL\r\nRETR 1\r\nTOP 2 1\r\nDELE 1\r\nLIST 2 XMANGLE(charset=utf-8)\r\nXTND XLST From\r\nQUIT\r\n",
+    b"STAT\r\nLIST\r\nUIDL\r\nRETR 1\r\nTOP 2 1\r\nDELE 1\r\n"
+    b"LIST 2 XMANGLE(charset=utf-8)\r\nXTND XLST From\r\nQUIT\r\n",
 ]
 
 
@@ -130,7 +131,7 @@ def _replay(config: SessionConfig) -> bytes:
             elif isinstance(effect, OpenMaildrop):
                 session.maildrop_opened([MessageInfo(100, "u1"), MessageInfo(200, "u2")])
             elif isinstance(effect, ComputeSizes):
-                session.sizes_computed(effect.spec, {i: 77 for i in effect.indices})
+                session.sizes_computed(effect.spec, dict.fromkeys(effect.indices, 77))
             elif isinstance(effect, Commit):
                 session.commit_done()
             else:

@@ -50,7 +50,7 @@ def test_options_stay_frozen_typed_and_cheap_to_copy() -> None:
 
 
 @pytest.mark.parametrize(
-    "name, value, message",
+    ("name", "value", "message"),
     [
         ("timeout", 0.0, "timeout must be a positive number of seconds"),
         ("drain-timeout", -1.0, "drain-timeout must be a positive number of seconds"),
@@ -112,12 +112,23 @@ def capa_sasl(security: ConnectionSecurity, kerberos: bool) -> list[str]:
     return found[0] if found else []
 
 
-@pytest.mark.parametrize("plain, binding, certificate, kerberos", list(itertools.product((False, True), repeat=4)))
+@pytest.mark.parametrize(
+    ("plain", "binding", "certificate", "kerberos"), list(itertools.product((False, True), repeat=4))
+)
 def test_the_one_offer_rule_is_what_capa_offers(plain: bool, binding: bool, certificate: bool, kerberos: bool) -> None:
     security = ConnectionSecurity(
-        tls=binding, plaintext_allowed=plain, channel_binding=b"x" * 32 if binding else None, certificate_user="carol" if certificate else None
+        tls=binding,
+        plaintext_allowed=plain,
+        channel_binding=b"x" * 32 if binding else None,
+        certificate_user="carol" if certificate else None,
     )
-    rule = offered_mechanisms(ALL_MECHANISMS, plaintext_allowed=plain, channel_binding=binding, client_certificate=certificate, kerberos=kerberos)
+    rule = offered_mechanisms(
+        ALL_MECHANISMS,
+        plaintext_allowed=plain,
+        channel_binding=binding,
+        client_certificate=certificate,
+        kerberos=kerberos,
+    )
     assert capa_sasl(security, kerberos) == rule
 
 
@@ -142,9 +153,13 @@ def test_show_config_per_condition_with_tls_kerberos_and_a_client_ca() -> None:
         " (EXTERNAL: to clients with a certificate from tls-client-ca-file)"
     )
     # The default clear-text policy with TLS configured: passwords only over TLS or from loopback.
-    assert out[1] == "#   offered without TLS: GSSAPI SCRAM-SHA-256 SCRAM-SHA-1 CRAM-MD5 (from loopback also PLAIN LOGIN)"
+    assert (
+        out[1] == "#   offered without TLS: GSSAPI SCRAM-SHA-256 SCRAM-SHA-1 CRAM-MD5 (from loopback also PLAIN LOGIN)"
+    )
     assert len(out) == 2
     out = sasl_lines("--tls-server-cert-file=/c.pem", f"--sasl-mechanisms={' '.join(ALL_MECHANISMS)}")
-    assert out[0].startswith("#   offered over TLS: SCRAM-SHA-256-PLUS SCRAM-SHA-256 SCRAM-SHA-1-PLUS SCRAM-SHA-1 CRAM-MD5")
+    assert out[0].startswith(
+        "#   offered over TLS: SCRAM-SHA-256-PLUS SCRAM-SHA-256 SCRAM-SHA-1-PLUS SCRAM-SHA-1 CRAM-MD5"
+    )
     out = sasl_lines("--tls-server-cert-file=/c.pem", "-p", "never", "--sasl-mechanisms=SCRAM-SHA-256 PLAIN")
     assert out == ["#   offered over TLS: SCRAM-SHA-256", "#   offered without TLS: SCRAM-SHA-256"]

@@ -27,7 +27,14 @@ MECHANISMS = ["SCRAM-SHA-256", "SCRAM-SHA-1", "SCRAM-SHA-256-PLUS", "SCRAM-SHA-1
 class Client:
     """RFC 5802's client computations, for one exchange."""
 
-    def __init__(self, mechanism: str, password: bytes, gs2_header: str, cb_data: bytes = b"", nonce: str = "fyko+d2lbbFgONRv9qkxdawL") -> None:
+    def __init__(
+        self,
+        mechanism: str,
+        password: bytes,
+        gs2_header: str,
+        cb_data: bytes = b"",
+        nonce: str = "fyko+d2lbbFgONRv9qkxdawL",
+    ) -> None:
         self.hash = hashlib.sha256 if mechanism.startswith("SCRAM-SHA-256") else hashlib.sha1
         self.password = password
         self.gs2_header = gs2_header  # what c= binds to
@@ -57,7 +64,10 @@ class Client:
 def test_the_client_here_computes_rfc_7677s_example() -> None:
     client = Client("SCRAM-SHA-256", b"pencil", "n,,", nonce="rOprNGfwEbeRWgbNEkqO")
     final = client.final("r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
-    assert final == b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+    assert (
+        final
+        == b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+    )
     assert base64.b64encode(client.server_signature) == b"6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
 
 

@@ -42,18 +42,22 @@ def encode(stored: bytes, cuts: list[int], top: int | None = None) -> bytes:
     enc = StuffingEncoder(top)
     out = b""
     start = 0
-    for cut in sorted(set(c % (len(stored) + 1) for c in cuts)) + [len(stored)]:
+    for cut in sorted({c % (len(stored) + 1) for c in cuts}) + [len(stored)]:
         out += enc.encode(stored[start:cut])
         start = cut
     return out + enc.finish()
 
 
 def unstuff(wire: bytes) -> bytes:
-    return b"".join(line[1:] + b"\r\n" if line.startswith(b".") else line + b"\r\n" for line in wire.split(b"\r\n")[:-1])
+    return b"".join(
+        line[1:] + b"\r\n" if line.startswith(b".") else line + b"\r\n" for line in wire.split(b"\r\n")[:-1]
+    )
 
 
 # Bytes that make line ends and stuffing interesting.
-message_bytes = st.lists(st.sampled_from([b"\n", b"\r\n", b"\r", b".", b"..", b"a", b"From ", b" ", b"\x00", b"\xff"]), max_size=60).map(b"".join)
+message_bytes = st.lists(
+    st.sampled_from([b"\n", b"\r\n", b"\r", b".", b"..", b"a", b"From ", b" ", b"\x00", b"\xff"]), max_size=60
+).map(b"".join)
 
 
 @settings(max_examples=400)
@@ -67,7 +71,7 @@ def test_retr_matches_reference_at_any_chunk_split(stored: bytes, cuts: list[int
     assert len(unstuff(wire)) == wire_size(stored)
     counter = SizeCounter()
     start = 0
-    for cut in sorted(set(c % (len(stored) + 1) for c in cuts)) + [len(stored)]:
+    for cut in sorted({c % (len(stored) + 1) for c in cuts}) + [len(stored)]:
         counter.feed(stored[start:cut])
         start = cut
     assert counter.result() == wire_size(stored)
@@ -124,8 +128,8 @@ def test_examples() -> None:
 def test_line_buffer_never_holds_more_than_the_limit(data: bytes, cuts: list[int]) -> None:
     buf = LineBuffer(max_line=40)
     start = 0
-    got: list[object] = []
-    for cut in sorted(set(c % (len(data) + 1) for c in cuts)) + [len(data)]:
+    got: list[Line | OverlongLine] = []
+    for cut in sorted({c % (len(data) + 1) for c in cuts}) + [len(data)]:
         buf.feed(data[start:cut])
         start = cut
         while (item := buf.next_line()) is not None:
@@ -134,7 +138,7 @@ def test_line_buffer_never_holds_more_than_the_limit(data: bytes, cuts: list[int
     # Every complete line comes out once: short ones whole, long ones as one marker.
     complete = data.split(b"\n")[:-1]
     assert len(got) == len(complete)
-    for raw, item in zip(complete, got):
+    for raw, item in zip(complete, got, strict=True):
         if len(raw) + 1 > 40:
             assert isinstance(item, OverlongLine)
         else:

@@ -20,8 +20,8 @@ from cryptography import x509
 import rawpop
 from conftest import PASSWORD
 from qpopper import Controller, ListenAddress, Options, StaticAuthenticator
-from qpopper.auth.sasl import ALL_MECHANISMS
 from qpopper.auth.cleartext import plaintext_allowed
+from qpopper.auth.sasl import ALL_MECHANISMS
 from qpopper.errors import ConfigError
 from qpopper.server import Server
 from qpopper.server._channel_binding import server_end_point

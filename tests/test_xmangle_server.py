@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import rawpop
 from conftest import PASSWORD
 from qpopper import Controller
 from qpopper.extensions.xmangle.condense import NO_MIME, mangle, parse_xmangle
@@ -40,7 +41,7 @@ def client(server: Controller, user: str = "alice") -> poplib.POP3:
 
 
 def retr(c: poplib.POP3, command: str) -> tuple[int, bytes]:
-    resp, lines, _ = c._longcmd(command)  # noqa: SLF001 - RETR with a modifier
+    resp, lines, _ = rawpop.longcmd(c, command)
     body = b"\r\n".join(lines) + b"\r\n"
     return int(resp.split()[1]), body
 
@@ -56,7 +57,9 @@ def test_core_asks_for_sizes_once_and_reruns_the_command() -> None:
     assert effects == [SendMessage(1, None, b"+OK 77 octets\r\n", spec)]
 
 
-@pytest.mark.parametrize("modifier", [b"XMANGLE(text=pdf)", b"XMANGLE(bogus=1)", b"XMANGLE(text=html", b"XMANGLE(" + b"a" * 300 + b")"])
+@pytest.mark.parametrize(
+    "modifier", [b"XMANGLE(text=pdf)", b"XMANGLE(bogus=1)", b"XMANGLE(text=html", b"XMANGLE(" + b"a" * 300 + b")"]
+)
 def test_bad_modifiers(modifier: bytes) -> None:
     s = logged_in()
     out, effects = run(s, b"RETR 1 " + modifier[:200] + b"\r\n")
@@ -68,7 +71,7 @@ def test_xmangle_retr_list_top_agree(pop_server: Controller, fill: Fill) -> None
     c = client(pop_server)
     assert "X-MANGLE" in c.capa()
     command = "XMANGLE(text=html;headers=to:,cc:)"
-    listed = int(c._shortcmd(f"LIST 1 {command}").split()[2])  # noqa: SLF001
+    listed = int(rawpop.shortcmd(c, f"LIST 1 {command}").split()[2])
     size, body = retr(c, f"RETR 1 {command}")
     assert listed == size == len(body)
     assert b"Content-Type: text/html" in body and b"<b>body</b>" in body
@@ -76,7 +79,7 @@ def test_xmangle_retr_list_top_agree(pop_server: Controller, fill: Fill) -> None
     assert b"From: a@example.org" not in body and b"Subject:" not in body
     expected = mangle(ALTERNATIVE, parse_xmangle("text=html;headers=to:,cc:"))
     assert body == expected.replace(b"\n", b"\r\n")
-    resp, lines, _ = c._longcmd(f"TOP 1 0 {command}")  # noqa: SLF001
+    _resp, lines, _ = rawpop.longcmd(c, f"TOP 1 0 {command}")
     assert lines[-1] == b"" and b"<b>body</b>" not in b"\n".join(lines)
     # Without the modifier the message is as stored.
     assert retr(c, "RETR 1")[1] == ALTERNATIVE.replace(b"\n", b"\r\n")
@@ -90,7 +93,7 @@ def test_no_mime_suffix_mangles_everything_consistently(pop_server: Controller, 
     sizes = [int(line.split()[1]) for line in c.list()[1]]
     assert count == 2 and total == sum(sizes)
     for number, size in enumerate(sizes, 1):
-        resp, lines, octets = c.retr(number)
+        resp, lines, _octets = c.retr(number)
         body = b"\r\n".join(lines) + b"\r\n"
         # poplib removes the stuffing dot; the size counts the unstuffed message.
         assert resp == b"+OK %d octets" % size and len(body) == size

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import rawpop
 from conftest import PASSWORD
 from qpopper import Controller, StaticAuthenticator
 from qpopper.errors import ResponseCode
@@ -36,14 +37,36 @@ def test_xlst_and_euidl_effects() -> None:
     s = logged_in()
     _, effects = run(s, b"XTND XLST Subject\r\nxtnd xlist subj 2\r\nEUIDL\r\nEUIDL 3\r\n")
     assert effects == [
-        ListHeaders(b"+OK xlst command accepted; headers coming.\r\n", ((0, 120, "uid-one"), (1, 200, "uid-two"), (2, 50, "uid-three")), "Subject", "xlst"),
+        ListHeaders(
+            b"+OK xlst command accepted; headers coming.\r\n",
+            ((0, 120, "uid-one"), (1, 200, "uid-two"), (2, 50, "uid-three")),
+            "Subject",
+            "xlst",
+        ),
         ListHeaders(b"+OK xlst command accepted; headers coming.\r\n", ((1, 200, "uid-two"),), "subj", "xlst"),
-        ListHeaders(b"+OK uidl command accepted.\r\n", ((0, 120, "uid-one"), (1, 200, "uid-two"), (2, 50, "uid-three")), "From", "euidl"),
+        ListHeaders(
+            b"+OK uidl command accepted.\r\n",
+            ((0, 120, "uid-one"), (1, 200, "uid-two"), (2, 50, "uid-three")),
+            "From",
+            "euidl",
+        ),
         ListHeaders(b"+OK ", ((2, 50, "uid-three"),), "From", "euidl", single=True),
     ]
 
 
-@pytest.mark.parametrize("command", [b"XTND", b"XTND FOO", b"XTND XLST", b"XTND XLST a b c", b"XTND XLST Subject 9", b"XTND XMIT x", b"EUIDL 0", b"EUIDL x"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        b"XTND",
+        b"XTND FOO",
+        b"XTND XLST",
+        b"XTND XLST a b c",
+        b"XTND XLST Subject 9",
+        b"XTND XMIT x",
+        b"EUIDL 0",
+        b"EUIDL x",
+    ],
+)
 def test_xtnd_errors(command: bytes) -> None:
     s = logged_in()
     out, effects = run(s, command + b"\r\n")
@@ -104,21 +127,22 @@ def test_xlst_and_euidl_over_the_wire(pop_server: Controller, fill: Fill) -> Non
     c = poplib.POP3(pop_server.host, pop_server.port, timeout=10)
     c.user("alice")
     c.pass_(PASSWORD)
-    resp, listing, _ = c._longcmd("XTND XLST subj")  # noqa: SLF001 - poplib has no XTND
+    resp, listing, _ = rawpop.longcmd(c, "XTND XLST subj")
     assert resp.startswith(b"+OK xlst")
     assert listing == [b"1 Subject: first", b"  continued subject", b"2 Subject: second"]
-    resp, listing, _ = c._longcmd("XTND XLST x-trap 1")  # noqa: SLF001
+    resp, listing, _ = rawpop.longcmd(c, "XTND XLST x-trap 1")
     assert listing == [b"1 X-Trap:  [31m%s%n%x"]  # control characters blanked, never formatted
     uids = [line.split()[1] for line in c.uidl()[1]]
-    resp, listing, _ = c._longcmd("EUIDL")  # noqa: SLF001
+    resp, listing, _ = rawpop.longcmd(c, "EUIDL")
     sizes = [int(line.split()[1]) for line in c.list()[1]]
     assert listing == [
         b"1 " + uids[0] + b" %d Alice Example <alice@example.org>" % sizes[0],
         b"2 " + uids[1] + b" %d =?utf-8?q?Caf=C3=A9?= <cafe@example.org>" % sizes[1],
     ]
-    assert c._shortcmd("EUIDL 2") == b"+OK 2 " + uids[1] + b" %d =?utf-8?q?Caf=C3=A9?= <cafe@example.org>" % sizes[1]  # noqa: SLF001
-    assert c._shortcmd("MDEF cnt(STAT)").startswith(b"+OK")  # noqa: SLF001
-    assert c._shortcmd("CNT") == b"+OK 2 %d" % sum(sizes)  # noqa: SLF001
+    euidl = rawpop.shortcmd(c, "EUIDL 2")
+    assert euidl == b"+OK 2 " + uids[1] + b" %d =?utf-8?q?Caf=C3=A9?= <cafe@example.org>" % sizes[1]
+    assert rawpop.shortcmd(c, "MDEF cnt(STAT)").startswith(b"+OK")
+    assert rawpop.shortcmd(c, "CNT") == b"+OK 2 %d" % sum(sizes)
     c.quit()
 
 
@@ -132,7 +156,7 @@ class SmtpSink:
         sink = self
 
         class Handler:
-            async def handle_DATA(self, server: object, session: object, envelope: object) -> str:  # noqa: N802
+            async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
                 sink.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))  # type: ignore[attr-defined]
                 return "250 OK"
 
@@ -162,10 +186,17 @@ def test_xmit_through_msmtp_to_a_real_smtp_server(smtp_sink: SmtpSink, mailroot:
         c = poplib.POP3(server.host, server.port, timeout=10)
         c.user("alice")
         c.pass_(PASSWORD)
-        assert c._shortcmd("XTND XMIT") == b"+OK Start sending message."  # noqa: SLF001
-        for line in [b"From: alice@example.org", b"To: carol@example.net", b"Subject: via XMIT", b"", b"..dot-stuffed line", b"end"]:
-            c._putline(line)  # noqa: SLF001
-        assert c._shortcmd(".") == b"+OK Message sent successfully."  # noqa: SLF001
+        assert rawpop.shortcmd(c, "XTND XMIT") == b"+OK Start sending message."
+        for line in [
+            b"From: alice@example.org",
+            b"To: carol@example.net",
+            b"Subject: via XMIT",
+            b"",
+            b"..dot-stuffed line",
+            b"end",
+        ]:
+            rawpop.putline(c, line)
+        assert rawpop.shortcmd(c, ".") == b"+OK Message sent successfully."
         c.quit()
     (sender, recipients, content) = smtp_sink.received[0]
     assert sender == "alice" and recipients == ["carol@example.net"]
@@ -182,18 +213,21 @@ def test_xmit_runs_no_shell_and_reports_the_exit_status(tmp_path: Path, mailroot
     )
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
-    for command, reply in ((f"{script} '$HOME;x'", b"+OK Message sent successfully."), (f"{script}", b"-ERR [SYS/TEMP]")):
+    for command, reply in (
+        (f"{script} '$HOME;x'", b"+OK Message sent successfully."),
+        (f"{script}", b"-ERR [SYS/TEMP]"),
+    ):
         with Controller(authenticator=auth, mail_command=command) as server:
             c = poplib.POP3(server.host, server.port, timeout=10)
             c.user("alice")
             c.pass_(PASSWORD)
-            c._shortcmd("XTND XMIT")  # noqa: SLF001
-            c._putline(b"Subject: x")  # noqa: SLF001
-            c._putline(b"")  # noqa: SLF001
+            rawpop.shortcmd(c, "XTND XMIT")
+            rawpop.putline(c, b"Subject: x")
+            rawpop.putline(c, b"")
             try:
-                got = c._shortcmd(".")  # noqa: SLF001
+                got = rawpop.shortcmd(c, ".")
             except poplib.error_proto as exc:
                 got = exc.args[0]
             assert got.startswith(reply)
             c.quit()
-    assert eval(record.read_text()) == ["-oi", "-t", "-f", "alice"]  # noqa: S307 - our own repr
+    assert eval(record.read_text()) == ["-oi", "-t", "-f", "alice"]

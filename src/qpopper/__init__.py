@@ -62,7 +62,6 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "__version__",
     "Authenticator",
     "ConfigError",
     "Controller",
@@ -79,4 +78,5 @@ __all__ = [
     "Session",
     "SessionConfig",
     "StaticAuthenticator",
+    "__version__",
 ]

@@ -34,7 +34,7 @@ class SizeCounter:
     a big range read piece by piece); a CRLF split between two chunks is
     counted once."""
 
-    __slots__ = ("_size", "_last")
+    __slots__ = ("_last", "_size")
 
     def __init__(self) -> None:
         self._size = 0

@@ -107,7 +107,9 @@ class ApopDatabase:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         directory = os.path.dirname(os.path.abspath(self.path))
-        fd = os.open(os.path.join(directory, "." + os.path.basename(self.path) + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(
+            os.path.join(directory, "." + os.path.basename(self.path) + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

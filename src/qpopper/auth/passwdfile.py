@@ -14,13 +14,13 @@ default scheme, so that timing does not tell who exists.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import logging
 import os
 import threading
 from dataclasses import dataclass, field
-
 from typing import Any
 
 from ..errors import AuthUnavailable, ConfigError
@@ -66,16 +66,16 @@ _PLAINTEXT = {"PLAIN", "CLEARTEXT", "CLEAR"}
 _SCRAM = {"SCRAM-SHA-1": "SCRAM-SHA-1", "SCRAM-SHA-256": "SCRAM-SHA-256"}
 SCHEMES = sorted(set(_CRYPT_HANDLERS) | set(_DIGESTS) | _PLAINTEXT | set(_SCRAM) | {"CRYPT"})
 
-_dummy_hash: str | None = None
+@functools.cache
+def _dummy_hash() -> str:
+    """Made at the first unknown user, then kept: hashing it costs a real check."""
+    hashed: str = _handler("sha512_crypt").using(rounds=5000).hash("qpopper dummy password")
+    return hashed
 
 
 def _verify_dummy(password: bytes) -> None:
     """Unknown users cost what a real check of the default strength costs."""
-    global _dummy_hash
-    handler = _handler("sha512_crypt")
-    if _dummy_hash is None:
-        _dummy_hash = handler.using(rounds=5000).hash("qpopper dummy password")
-    handler.verify(password, _dummy_hash)
+    _handler("sha512_crypt").verify(password, _dummy_hash())
 
 
 @dataclass(frozen=True, slots=True)

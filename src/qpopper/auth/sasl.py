@@ -271,7 +271,7 @@ class Scram(Mechanism):
             expected += self._cb_data
         if not hmac.compare_digest(cbind, expected) or attributes[1][1] != self._nonce:
             return None
-        message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode("utf-8")
+        message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
         signature = hmac.new(self._secret.stored_key, message, self._hash).digest()
         if len(proof) != len(signature):
             return None
@@ -327,7 +327,9 @@ def make_mechanism(
     return None
 
 
-def scram_secret_from_password(password: bytes, mechanism: str, salt: bytes | None = None, iterations: int = 4096) -> ScramSecret:
+def scram_secret_from_password(
+    password: bytes, mechanism: str, salt: bytes | None = None, iterations: int = 4096
+) -> ScramSecret:
     """Derive a SCRAM secret from a clear one (PLAIN passwd-file entries)."""
     import scramp
 

@@ -16,7 +16,9 @@ from .secrets import matches_secret
 
 
 class StaticAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource):
-    def __init__(self, users: Mapping[str, str], mail_location: str = DEFAULT_LOCATION, home: str | None = None) -> None:
+    def __init__(
+        self, users: Mapping[str, str], mail_location: str = DEFAULT_LOCATION, home: str | None = None
+    ) -> None:
         self._users = {name: secret.encode("utf-8") for name, secret in users.items()}
         self.mail_location = mail_location
         self.home = home

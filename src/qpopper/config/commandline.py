@@ -28,13 +28,15 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag(("-e",), None, "login_delay=N,expire=N", "announce LOGIN-DELAY and EXPIRE in CAPA (announce-login-delay, announce-expire)"),
+    Flag(("-e",), None, "login_delay=N,expire=N",
+         "announce LOGIN-DELAY and EXPIRE in CAPA (announce-login-delay, announce-expire)"),
     Flag(("-f",), "config-file", "file", "read a configuration file at this point of the command line"),
     Flag(("-i",), "inetd", None, "inetd mode: one session on standard input and output"),
     Flag(("-R",), None, None, "no reverse lookup of the client's address (reset reverse-lookup)"),
     Flag(("-v", "-V"), "version", None, "print the version and exit"),
     Flag((), "demo", None, "serve a demo user and Maildir from ./qpopper-demo, with a throwaway certificate"),
-    Flag((), "show-config", None, "print every setting, its value and where it came from (default, file:line, switch), then exit"),
+    Flag((), "show-config", None,
+         "print every setting, its value and where it came from (default, file:line, switch), then exit"),
     Flag((), "tls-listen", "[address][:port]", "an extra listener speaking implicit TLS (port 995 unless given)"),
     Flag((), "help", None, "print every option in one line, with its default, then exit"),
 )
@@ -56,7 +58,9 @@ def short_options() -> str:
     """getopt's option string: each switch, ':' after those with a value."""
     takes_value = {s.switch: s.kind is not Kind.BOOL for s in option_settings() if s.switch}
     takes_value |= {switch: flag.arg is not None for flag in FLAGS for switch in flag.switches}
-    return "".join(switch[1] + (":" if takes_value[switch] else "") for switch in sorted(takes_value, key=_switch_order))
+    return "".join(
+        switch[1] + (":" if takes_value[switch] else "") for switch in sorted(takes_value, key=_switch_order)
+    )
 
 
 def long_options() -> list[str]:
@@ -78,7 +82,9 @@ def _switch_words() -> list[tuple[str, str]]:
 def usage() -> str:
     """The usage line, wrapped under its own start."""
     items = [f"[{switch} {arg}]" if arg else f"[{switch}]" for switch, arg in _switch_words()]
-    items += [f"[--{flag.long}" + (f"={flag.arg}]" if flag.arg else "]") for flag in FLAGS if flag.long and not flag.switches]
+    items += [
+        f"[--{flag.long}" + (f"={flag.arg}]" if flag.arg else "]") for flag in FLAGS if flag.long and not flag.switches
+    ]
     items += ["[--SETTING=VALUE ...]", "[[address][:port] ...]"]
     lead = "usage: qpopper"
     lines = [lead]

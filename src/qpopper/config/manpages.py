@@ -52,7 +52,11 @@ def qpopper_8() -> str:
     switches = sorted((s for s in SETTINGS if s.switch), key=lambda s: (s.switch or "").lower() + (s.switch or ""))
     extra = [(", ".join(f.switches), f.arg or "", f.help) for f in FLAGS if f.switches]
     entries = [
-        (s.switch or "", s.value_word(), f"{s.help} ({s.name})" + (f"; accepted, no effect: {s.ignored}" if s.ignored else ""))
+        (
+            s.switch or "",
+            s.value_word(),
+            f"{s.help} ({s.name})" + (f"; accepted, no effect: {s.ignored}" if s.ignored else ""),
+        )
         for s in switches
         if s in option_settings()
     ]
@@ -61,7 +65,11 @@ def qpopper_8() -> str:
     lines.append(".SH OPTIONS OF THIS SERVER")
     for f in FLAGS:
         if f.long and not f.switches:
-            lines += [".TP", f"\\fB{_esc('--' + f.long)}\\fR" + (f"=\\fI{_esc(f.arg)}\\fR" if f.arg else ""), _esc(f.help)]
+            lines += [
+                ".TP",
+                f"\\fB{_esc('--' + f.long)}\\fR" + (f"=\\fI{_esc(f.arg)}\\fR" if f.arg else ""),
+                _esc(f.help),
+            ]
     lines += [
         ".TP",
         "\\fB\\-\\-\\fIsetting\\fB=\\fIvalue\\fR, \\fB\\-\\-\\fIsetting\\fR, \\fB\\-\\-no\\-\\fIsetting\\fR",
@@ -137,7 +145,8 @@ def popauth_8() -> str:
         "(setting \\fBapop\\-file\\fR), one \\fIuser\\fR:{PLAIN}\\fIsecret\\fR line each, mode 0600.",
         "Changes are written to a new file and renamed over the old one under a lock.",
         "root manages every entry; other users may only set their own secret.",
-        "Without a secret on the command line it is asked twice (or read from standard input when that is not a terminal).",
+        "Without a secret on the command line it is asked twice "
+        "(or read from standard input when that is not a terminal).",
         "Under the default clear\\-text policy users listed here cannot log in with USER/PASS.",
         ".SH EXIT STATUS",
         "0 done; 1 refused or failed, with the reason; 2 usage error.",

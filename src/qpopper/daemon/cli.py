@@ -25,18 +25,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .._version import __version__
-from ..config.configfile import Context, read_config
-from ..errors import ConfigError
-from .logsetup import configure_logging
-from ..config.options import ListenAddress, Options, apply_settings, parse_listen_address
-from ..server import Server
-from .inetd import serve_inetd
-from .systemd import listen_fds, notify
-from ..server._memory import limit_malloc_arenas
 from ..auth.cleartext import plaintext_allowed
 from ..auth.sasl import offered_mechanisms
 from ..config.commandline import help_text, long_options, short_options, usage
+from ..config.configfile import Context, read_config
+from ..config.options import ListenAddress, Options, apply_settings, parse_listen_address
 from ..config.settings import BY_LONG, BY_SWITCH, SETTINGS, Kind, Setting
+from ..errors import ConfigError
+from ..server import Server
+from ..server._memory import limit_malloc_arenas
+from .inetd import serve_inetd
+from .logsetup import configure_logging
+from .systemd import listen_fds, notify
 
 log = logging.getLogger("qpopper")
 
@@ -71,6 +71,16 @@ def _switch_value(setting: Setting, value: str, where: str) -> object:
     return setting.parse(value, where)
 
 
+# Flags that say what this run does, not how the server is set up: each sets one Invocation field.
+_MODE_FLAGS = {
+    "-v": "version", "-V": "version", "--version": "version",
+    "--help": "help",
+    "-i": "inetd", "--inetd": "inetd",
+    "--demo": "demo",
+    "--show-config": "show_config",
+}  # fmt: skip
+
+
 def parse_command_line(argv: Sequence[str]) -> Invocation:
     try:
         opts, positional = getopt.gnu_getopt(list(argv), SHORT_OPTIONS, LONG_OPTIONS)
@@ -78,36 +88,33 @@ def parse_command_line(argv: Sequence[str]) -> Invocation:
         raise _usage_error(str(exc)) from None
     inv = Invocation(listen=list(positional), argv=list(argv))
     for flag, value in opts:
-        if flag in ("-v", "-V", "--version"):
-            inv.version = True
-        elif flag == "--help":
-            inv.help = True
-        elif flag in ("-i", "--inetd"):
-            inv.inetd = True
-        elif flag == "--demo":
-            inv.demo = True
-        elif flag == "--show-config":
-            inv.show_config = True
+        mode = _MODE_FLAGS.get(flag)
+        if mode is not None:
+            setattr(inv, mode, True)
         elif flag == "--tls-listen":
             inv.tls_listen.append(value)
-        elif flag in ("-f", "--config-file"):
-            for a in read_config(value, Context.INIT):
-                inv.assignments.append((a.setting.name, a.value, a.source))
-        elif flag == "-e":
-            inv.assignments += _announcements(value)
-        elif flag == "-R":
-            inv.assignments.append(("reverse-lookup", False, "-R"))
-        elif flag in BY_SWITCH:
-            setting = BY_SWITCH[flag]
-            inv.assignments.append((setting.name, _switch_value(setting, value, flag), flag))
-        elif flag.startswith("--no-") and flag[5:] in BY_LONG:
-            inv.assignments.append((BY_LONG[flag[5:]].name, False, flag))
-        elif flag[2:] in BY_LONG:
-            setting = BY_LONG[flag[2:]]
-            inv.assignments.append((setting.name, _switch_value(setting, value, flag), flag))
-        else:  # pragma: no cover - getopt only returns what we declared
-            raise _usage_error(f"option {flag} not recognized")
+        else:
+            inv.assignments += _assignments(flag, value)
     return inv
+
+
+def _assignments(flag: str, value: str) -> list[tuple[str, object, str]]:
+    """The settings one switch assigns, in order: a -f file's, -e's two, or one."""
+    if flag in ("-f", "--config-file"):
+        return [(a.setting.name, a.value, a.source) for a in read_config(value, Context.INIT)]
+    if flag == "-e":
+        return _announcements(value)
+    if flag == "-R":
+        return [("reverse-lookup", False, "-R")]
+    if flag in BY_SWITCH:
+        setting = BY_SWITCH[flag]
+        return [(setting.name, _switch_value(setting, value, flag), flag)]
+    if flag.startswith("--no-") and flag[5:] in BY_LONG:
+        return [(BY_LONG[flag[5:]].name, False, flag)]
+    if flag[2:] in BY_LONG:
+        setting = BY_LONG[flag[2:]]
+        return [(setting.name, _switch_value(setting, value, flag), flag)]
+    raise _usage_error(f"option {flag} not recognized")  # pragma: no cover - getopt only returns what we declared
 
 
 def _announcements(value: str) -> list[tuple[str, object, str]]:
@@ -182,7 +189,9 @@ def offered_sasl_lines(options: Options) -> list[str]:
     configured = options.sasl_mechanisms
     policy = options.clear_text_password
     client_ca = options.tls_client_ca_file is not None
-    tls_connections = options.tls_configured and (options.effective_tls_support != "none" or any(a.tls for a in options.listen))
+    tls_connections = options.tls_configured and (
+        options.effective_tls_support != "none" or any(a.tls for a in options.listen)
+    )
     lines = []
     if tls_connections:
         over_tls = offered_mechanisms(
@@ -197,7 +206,9 @@ def offered_sasl_lines(options: Options) -> list[str]:
     remote, local = (
         offered_mechanisms(
             configured,
-            plaintext_allowed=plaintext_allowed(policy, tls_active=False, peer=peer, tls_configured=options.tls_configured),
+            plaintext_allowed=plaintext_allowed(
+                policy, tls_active=False, peer=peer, tls_configured=options.tls_configured
+            ),
             channel_binding=False,
             client_certificate=False,
             kerberos=options.kerberos,
@@ -221,7 +232,9 @@ def show_config(options: Options) -> str:
     for setting in SETTINGS:
         if setting.field is None:
             if setting.name in options.ignored:
-                lines.append(f"# {setting.name}: given at {options.source_of(setting.name)}, ignored: {setting.ignored}")
+                lines.append(
+                    f"# {setting.name}: given at {options.source_of(setting.name)}, ignored: {setting.ignored}"
+                )
             continue
         value = getattr(options, setting.field)
         source = options.source_of(setting.field)
@@ -257,7 +270,9 @@ def _new_loop(options: Options) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def _reloader(server: Server, inv: Invocation, adjust: Callable[[Options], Options] | None = None) -> Callable[[], None]:
+def _reloader(
+    server: Server, inv: Invocation, adjust: Callable[[Options], Options] | None = None
+) -> Callable[[], None]:
     """SIGHUP: the command line is read again, with its -f files."""
 
     def reload() -> None:

@@ -35,7 +35,7 @@ def _throwaway_certificate(cert_path: str, key_path: str) -> None:
     work out of the box (clients must be told to trust it: curl -k)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qpopper demo (localhost)")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -104,7 +104,7 @@ def prepare(base: str | None = None) -> DemoSetup:
                 f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime(now))}\n"
                 f"Message-ID: <demo-{number}-{now}@localhost>\n"
                 f"\n{body}"
-            ).encode("utf-8")
+            ).encode()
             name = f"{now}.M{number}P{os.getpid()}.demo"
             tmp = os.path.join(maildir, "tmp", name)
             with open(tmp, "wb") as f:

@@ -173,7 +173,10 @@ class ForkingServer:
         host = str(address[0]) if isinstance(address, tuple) else "local"
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]
-        if len(self._children) >= self.options.max_connections or self._per_ip[host] >= self.options.max_connections_per_ip:
+        if (
+            len(self._children) >= self.options.max_connections
+            or self._per_ip[host] >= self.options.max_connections_per_ip
+        ):
             log.warning("%s: connection refused, limit reached", host)
             try:
                 conn.setblocking(True)
@@ -211,10 +214,13 @@ class ForkingServer:
     async def _serve_child(self, conn: socket.socket, implicit_tls: bool) -> None:
         loop = asyncio.get_running_loop()
         task = loop.create_task(self.server.serve_socket(conn, implicit_tls))
+        stopping: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
         def stop(drain: bool) -> None:
             # A session in UPDATE finishes it; any other ends without deleting.
-            loop.create_task(self.server.stop(drain=drain))
+            stopper = loop.create_task(self.server.stop(drain=drain))
+            stopping.add(stopper)
+            stopper.add_done_callback(stopping.discard)
 
         loop.add_signal_handler(signal.SIGTERM, stop, True)
         loop.add_signal_handler(signal.SIGINT, stop, False)

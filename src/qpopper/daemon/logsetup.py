@@ -15,8 +15,8 @@ import socket
 import stat
 import sys
 
-from ..errors import ConfigError
 from ..config.options import Options
+from ..errors import ConfigError
 from ..logtext import TRACE_LOGGER
 
 RECORD_FORMAT = "%(name)s: %(message)s"
@@ -57,7 +57,7 @@ class SyslogHandler(logging.Handler):
         try:
             severity = _SEVERITIES.get(record.levelno, 4)
             data = f"<{self.facility * 8 + severity}>{self.ident}{self.format(record)}".encode("utf-8", "replace")
-        except Exception:
+        except Exception:  # noqa: BLE001 - as Handler.emit does: a bad record goes to handleError
             self.handleError(record)
             return
         try:
@@ -103,7 +103,7 @@ def configure_logging(options: Options, *, foreground: bool) -> None:
     address = options.syslog_socket
     if address:
         try:
-            syslog = SyslogHandler(address, _FACILITIES[options.log_facility], "qpopper[%d]: " % os.getpid())
+            syslog = SyslogHandler(address, _FACILITIES[options.log_facility], f"qpopper[{os.getpid()}]: ")
         except OSError:
             pass  # no syslog daemon listens there: records go to the other handlers only
         else:

@@ -19,7 +19,7 @@ import getpass
 import os
 import pwd
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..auth.apopdb import DEFAULT_APOP_FILE, ApopDatabase
 from ..errors import ConfigError
@@ -71,48 +71,70 @@ def run(argv: Sequence[str]) -> int:
     if command in ("-h", "-help", "--help"):
         print(USAGE)
         return 0
-    if command == "-init":
-        if rest not in ([], ["-force"]):
-            raise UsageError("-init takes only -force")
-        _require(privileged, "only root may create the APOP database")
-        database.initialise(force=rest == ["-force"])
-        print(f"popauth: created {path}")
+    if command is None:
+        _set_own(database, rest, caller)
         return 0
-    if command == "-list":
-        if len(rest) > 1:
-            raise UsageError("-list takes at most one user name")
-        users = sorted(database.load())
-        if rest:
-            _require(privileged or rest[0] == caller, "you may only look up your own entry")
-            if rest[0] not in users:
-                raise ConfigError(f"{rest[0]} is not in {path}")
-            users = [rest[0]]
-        else:
-            _require(privileged, "only root may list the APOP database")
-        for user in users:
-            print(user)
-        return 0
-    if command == "-user":
-        if len(rest) not in (1, 2):
-            raise UsageError("-user takes a name and optionally a secret")
-        _require(privileged or rest[0] == caller, "you may only change your own secret")
-        database.set_secret(rest[0], rest[1] if len(rest) == 2 else _ask_secret())
-        print(f"popauth: secret of {rest[0]} set")
-        return 0
-    if command == "-delete":
-        if len(rest) != 1:
-            raise UsageError("-delete takes one user name")
-        _require(privileged, "only root may delete entries")
-        database.delete(rest[0])
-        print(f"popauth: {rest[0]} deleted")
-        return 0
-    if command is not None:
+    action = _COMMANDS.get(command)
+    if action is None:
         raise UsageError(f"unknown command {command}")
+    action(database, rest, caller, privileged)
+    return 0
+
+
+def _init(database: ApopDatabase, rest: list[str], caller: str, privileged: bool) -> None:
+    if rest not in ([], ["-force"]):
+        raise UsageError("-init takes only -force")
+    _require(privileged, "only root may create the APOP database")
+    database.initialise(force=rest == ["-force"])
+    print(f"popauth: created {database.path}")
+
+
+def _list(database: ApopDatabase, rest: list[str], caller: str, privileged: bool) -> None:
+    if len(rest) > 1:
+        raise UsageError("-list takes at most one user name")
+    users = sorted(database.load())
+    if rest:
+        _require(privileged or rest[0] == caller, "you may only look up your own entry")
+        if rest[0] not in users:
+            raise ConfigError(f"{rest[0]} is not in {database.path}")
+        users = [rest[0]]
+    else:
+        _require(privileged, "only root may list the APOP database")
+    for user in users:
+        print(user)
+
+
+def _user(database: ApopDatabase, rest: list[str], caller: str, privileged: bool) -> None:
+    if len(rest) not in (1, 2):
+        raise UsageError("-user takes a name and optionally a secret")
+    _require(privileged or rest[0] == caller, "you may only change your own secret")
+    database.set_secret(rest[0], rest[1] if len(rest) == 2 else _ask_secret())
+    print(f"popauth: secret of {rest[0]} set")
+
+
+def _delete(database: ApopDatabase, rest: list[str], caller: str, privileged: bool) -> None:
+    if len(rest) != 1:
+        raise UsageError("-delete takes one user name")
+    _require(privileged, "only root may delete entries")
+    database.delete(rest[0])
+    print(f"popauth: {rest[0]} deleted")
+
+
+def _set_own(database: ApopDatabase, rest: list[str], caller: str) -> None:
+    """No command: the caller sets their own secret."""
     if len(rest) > 1:
         raise UsageError("too many arguments")
     database.set_secret(caller, rest[0] if rest else _ask_secret())
     print(f"popauth: secret of {caller} set")
-    return 0
+
+
+# Each command: (database, its arguments, the caller's name, whether the caller is root).
+_COMMANDS: dict[str, Callable[[ApopDatabase, list[str], str, bool], None]] = {
+    "-init": _init,
+    "-list": _list,
+    "-user": _user,
+    "-delete": _delete,
+}
 
 
 def _require(condition: bool, message: str) -> None:

@@ -20,8 +20,8 @@ import shlex
 import subprocess
 import time
 
-from .drac import RpcError, drac_add
 from ..logtext import printable
+from .drac import RpcError, drac_add
 
 log = logging.getLogger("qpopper.postlogin")
 
@@ -52,7 +52,9 @@ def run_hook_command(command: str, user: str, address: str, when: float) -> None
         log.warning("post-login command %s failed: %s", printable(argv[0]), exc)
         return
     if proc.returncode != 0:
-        log.warning("post-login command %s exited %d: %s", printable(argv[0]), proc.returncode, printable(proc.stderr, 200))
+        log.warning(
+            "post-login command %s exited %d: %s", printable(argv[0]), proc.returncode, printable(proc.stderr, 200)
+        )
 
 
 def append_hook_file(path: str, user: str, address: str, when: float) -> None:

@@ -10,7 +10,6 @@ synchronous calls.
 from __future__ import annotations
 
 import re
-
 from collections.abc import Callable, Iterator, Sequence, Set
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, overload, runtime_checkable
@@ -19,7 +18,7 @@ from typing import NamedTuple, Protocol, overload, runtime_checkable
 UID_MAX_LEN = 70
 
 
-_UID = re.compile(r"[\x21-\x7e]{1,%d}" % UID_MAX_LEN)
+_UID = re.compile(rf"[\x21-\x7e]{{1,{UID_MAX_LEN}}}")
 
 
 def is_valid_uid(uid: str) -> bool:
@@ -52,7 +51,7 @@ class MessageList(Sequence[MessageInfo]):
     written against a list of them.
     """
 
-    __slots__ = ("sizes", "_uids", "_seen")
+    __slots__ = ("_seen", "_uids", "sizes")
 
     def __init__(
         self,

@@ -37,9 +37,9 @@ import errno
 import fcntl
 import logging
 import os
-import stat
 import random
 import socket
+import stat
 import struct
 import time
 from types import TracebackType
@@ -315,7 +315,9 @@ class SpoolLock:
             elif self.dotlock.break_if_stale():
                 continue
             if time.monotonic() >= deadline:
-                raise MaildropError(f"{self.dotlock.spool} stayed locked for {self.timeout:.0f}s", ResponseCode.SYS_TEMP)
+                raise MaildropError(
+                    f"{self.dotlock.spool} stayed locked for {self.timeout:.0f}s", ResponseCode.SYS_TEMP
+                )
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.25)
 

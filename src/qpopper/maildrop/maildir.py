@@ -354,15 +354,27 @@ class MaildirMaildrop:
 
 # ---- delivery ----------------------------------------------------------------------
 
-_delivered_at = 0  # the last delivery's time stamp (ns), to keep names in order
+class _DeliveryClock:
+    """The last delivery's time stamp (ns), to keep names in order."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def next(self) -> int:
+        """Now, or 1000 ns after the last stamp if the clock has not moved on."""
+        self.last = max(time.time_ns(), self.last + 1000)
+        return self.last
+
+
+_delivery_clock = _DeliveryClock()
 
 
 def _unique_name() -> str:
     """`<seconds>.M<microseconds>P<pid>.<host>`, the usual Maildir name,
     later than any this process gave before (names sort in delivery order)."""
-    global _delivered_at
-    now = max(time.time_ns(), _delivered_at + 1000)
-    _delivered_at = now
+    now = _delivery_clock.next()
     host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
     return f"{now // 10**9}.M{now // 1000 % 10**6:06d}P{os.getpid()}.{host}"
 

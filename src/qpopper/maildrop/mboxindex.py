@@ -234,12 +234,12 @@ class MboxIndex:
     """
 
     length: int = 0
-    from_starts: "array[int]" = field(default_factory=lambda: array("q"))
-    starts: "array[int]" = field(default_factory=lambda: array("q"))
-    body_starts: "array[int]" = field(default_factory=lambda: array("q"))
-    ends: "array[int]" = field(default_factory=lambda: array("q"))
-    seg_ends: "array[int]" = field(default_factory=lambda: array("q"))
-    sizes: "array[int]" = field(default_factory=lambda: array("q"))
+    from_starts: array[int] = field(default_factory=lambda: array("q"))
+    starts: array[int] = field(default_factory=lambda: array("q"))
+    body_starts: array[int] = field(default_factory=lambda: array("q"))
+    ends: array[int] = field(default_factory=lambda: array("q"))
+    seg_ends: array[int] = field(default_factory=lambda: array("q"))
+    sizes: array[int] = field(default_factory=lambda: array("q"))
     seen: bytearray = field(default_factory=bytearray)  # 1: Status says retrieved
     crlf: bytearray = field(default_factory=bytearray)  # 1: From_ line ends in CRLF
     xuidls: dict[int, str] = field(default_factory=dict)  # UIDs read from X-UIDL headers
@@ -319,9 +319,8 @@ def _message_end(buf: bytes | mmap.mmap, start: int, seg_end: int) -> int:
     """
     if seg_end > start and buf[seg_end - 1] == 0x0A:
         cut = seg_end - 1
-        if cut > start and buf[cut - 1] == 0x0D:
-            if cut - 1 == start or buf[cut - 2] == 0x0A:
-                return cut - 1
+        if cut > start and buf[cut - 1] == 0x0D and (cut - 1 == start or buf[cut - 2] == 0x0A):
+            return cut - 1
         if cut == start or buf[cut - 1] == 0x0A:
             return cut
     return seg_end
@@ -363,17 +362,18 @@ def _fingerprint_of_buffer(buf: bytes | mmap.mmap, index: MboxIndex, from_lines:
         h.update(b"".join(from_lines))
     else:
         with memoryview(buf) as view:  # slices of a view are not copied before the join
-            h.update(b"".join([view[a:s] for a, s in zip(index.from_starts, index.starts)]))
+            # Each message is appended to every array at once: equal lengths by construction.
+            h.update(b"".join([view[a:s] for a, s in zip(index.from_starts, index.starts, strict=False)]))
     return _fingerprint_end(h, lambda a, n: bytes(buf[a : a + n]), index)
 
 
-def _fingerprint_start(index: MboxIndex) -> "hashlib.blake2b":
+def _fingerprint_start(index: MboxIndex) -> hashlib.blake2b:
     h = hashlib.blake2b(digest_size=20)
     h.update(index.length.to_bytes(8, "little"))
     return h
 
 
-def _fingerprint_end(h: "hashlib.blake2b", read_at: Callable[[int, int], bytes], index: MboxIndex) -> bytes:
+def _fingerprint_end(h: hashlib.blake2b, read_at: Callable[[int, int], bytes], index: MboxIndex) -> bytes:
     """The fingerprint once every From_ line went into `h`: both ends of the file."""
     h.update(read_at(0, min(4096, index.length)))
     tail = min(4096, index.length)
@@ -421,7 +421,9 @@ def index_buffer(
     add_seen, add_crlf = index.seen.append, index.crlf.append
     skip_to = 0  # separators a Content-Length put inside a message body
     jumped = False  # some were: not every From_ line found starts a message
-    for k, (from_start, start, seg_end, end) in enumerate(zip(positions, line_ends, seg_ends, ends)):
+    # One entry per From_ line in each list (`_separators` appends to all four together;
+    # seg_ends and ends are shifted by one and completed above): equal by construction.
+    for k, (from_start, start, seg_end, end) in enumerate(zip(positions, line_ends, seg_ends, ends, strict=False)):
         if k < skip_to:
             continue
         if tick is not None and not k & 511:

@@ -67,7 +67,9 @@ def spool_path(
         if not home or not os.path.isabs(home):
             raise MaildropError(f"home-dir-mail needs an absolute home directory for {user!r}", ResponseCode.SYS_PERM)
         if os.path.isabs(home_dir_mail):
-            raise MaildropError(f"home-dir-mail {home_dir_mail!r} must be relative to the home directory", ResponseCode.SYS_PERM)
+            raise MaildropError(
+                f"home-dir-mail {home_dir_mail!r} must be relative to the home directory", ResponseCode.SYS_PERM
+            )
         home_n = os.path.normpath(home)
         path = os.path.normpath(os.path.join(home_n, home_dir_mail))
         if not _inside(path, home_n) or path == home_n:

@@ -112,9 +112,11 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "COMMAND_LINE_MAX",
+    "SASL_LINE_MAX",
+    "SYSTEM_ENTROPY",
     "Authenticate",
     "Awaiting",
-    "COMMAND_LINE_MAX",
     "Close",
     "CommandContext",
     "Commit",
@@ -132,8 +134,6 @@ __all__ = [
     "OpenMaildrop",
     "OverlongLine",
     "ResolveUids",
-    "SASL_LINE_MAX",
-    "SYSTEM_ENTROPY",
     "SaslStep",
     "Send",
     "SendMessage",

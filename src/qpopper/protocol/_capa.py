@@ -28,7 +28,9 @@ def sasl_mechanisms(config: SessionConfig, security: ConnectionSecurity, kerbero
     )
 
 
-def capabilities(config: SessionConfig, security: ConnectionSecurity, state: State, kerberos: object | None) -> list[str]:
+def capabilities(
+    config: SessionConfig, security: ConnectionSecurity, state: State, kerberos: object | None
+) -> list[str]:
     """The CAPA list for `state`.
 
     Everything listed before login is listed after it too; only

@@ -25,8 +25,8 @@ from ._state import Awaiting, Event, State
 if TYPE_CHECKING:
     from ..extensions.xmangle.spec import MangleSpec
     from ..maildrop import MessageList
-    from ._effects import Effect
     from ._config import ConnectionSecurity, SessionConfig
+    from ._effects import Effect
 
 
 class LineSink(Protocol):

@@ -27,7 +27,9 @@ def split_modifier(ctx: CommandContext, args: list[bytes]) -> tuple[list[bytes],
     return args, (NO_MIME if ctx.mangle else None)
 
 
-def sizes_as_sent(ctx: CommandContext, indices: list[int], spec: MangleSpec | None, line: bytes) -> dict[int, int] | None:
+def sizes_as_sent(
+    ctx: CommandContext, indices: list[int], spec: MangleSpec | None, line: bytes
+) -> dict[int, int] | None:
     """Sizes of these messages as they will be sent; None if some must be
     computed first (the command `line` then runs again)."""
     if spec is None:

@@ -235,9 +235,9 @@ def _img(r: _Reader, name: str, attrs: str) -> None:
 
 
 _START_TAGS: dict[str, _Handler] = {
-    **{name: _line for name in _LINES},
-    **{name: _paragraph for name in _PARAGRAPHS},
-    **{name: _skip_raw for name in _RAW_END},
+    **dict.fromkeys(_LINES, _line),
+    **dict.fromkeys(_PARAGRAPHS, _paragraph),
+    **dict.fromkeys(_RAW_END, _skip_raw),
     "head": _head,
     "br": _br,
     "hr": _hr,
@@ -249,8 +249,8 @@ _START_TAGS: dict[str, _Handler] = {
     "img": _img,
 }
 _END_TAGS: dict[str, _Handler] = {
-    **{name: _line for name in _LINES},
-    **{name: _paragraph for name in _PARAGRAPHS},
+    **dict.fromkeys(_LINES, _line),
+    **dict.fromkeys(_PARAGRAPHS, _paragraph),
     "pre": _pre_end,
     "a": _a_end,
 }

@@ -26,7 +26,7 @@ SENDMAIL_TIMEOUT = 120
 # sysexits.h: temporary failure.
 EX_TEMPFAIL = 75
 
-_CONTROLS = bytes(range(0x00, 0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
+_CONTROLS = bytes(range(0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
 _SPACES = b" " * len(_CONTROLS)
 _CLEAN = bytes.maketrans(_CONTROLS, _SPACES)
 

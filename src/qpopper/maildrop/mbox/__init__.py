@@ -25,8 +25,8 @@ from .paths import (
 from .spool import QUICK_SPOOL_BYTES
 
 __all__ = [
-    "MboxMaildrop",
     "QUICK_SPOOL_BYTES",
+    "MboxMaildrop",
     "gather_journal_path",
     "new_spool_path",
     "putback_flag_path",

@@ -54,7 +54,9 @@ def append_message(spool: str, message: bytes, *, from_line: bytes | None = None
             prefix = b""
             if size:
                 tail = os.pread(fd, 2, size - 2) if size >= 2 else os.pread(fd, 1, 0)
-                prefix = b"" if tail.endswith(b"\n\n") or tail == b"\n" else (b"\n" if tail.endswith(b"\n") else b"\n\n")
+                prefix = (
+                    b"" if tail.endswith(b"\n\n") or tail == b"\n" else (b"\n" if tail.endswith(b"\n") else b"\n\n")
+                )
             write_all(fd, prefix + from_line + text + b"\n")
             os.fsync(fd)
     finally:

@@ -98,8 +98,21 @@ class MboxMaildrop:
     """
 
     # Slots: hundreds of idle sessions each hold one of these.
-    __slots__ = ("settings", "path", "temp_drop", "_spool", "_session", "_fd", "_ident", "_index",
-                 "_infos", "_hidden", "_xuidl", "_committed", "_returned")
+    __slots__ = (
+        "_committed",
+        "_fd",
+        "_hidden",
+        "_ident",
+        "_index",
+        "_infos",
+        "_returned",
+        "_session",
+        "_spool",
+        "_xuidl",
+        "path",
+        "settings",
+        "temp_drop",
+    )
 
     def __init__(
         self,

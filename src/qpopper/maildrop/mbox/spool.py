@@ -47,7 +47,7 @@ QUICK_SPOOL_BYTES = 512 * 1024
 class Spool:
     """Where an mbox spool and its temp drop are, with the site's settings."""
 
-    __slots__ = ("path", "dir", "temp_drop", "tdir", "settings")
+    __slots__ = ("dir", "path", "settings", "tdir", "temp_drop")
 
     def __init__(self, path: str, settings: MaildropSettings) -> None:
         self.settings = settings
@@ -134,7 +134,9 @@ def open_in_place(spool: Spool, quick: bool = False) -> tuple[int, MboxIndex, tu
                     os.close(fd)  # replaced between open and lock: start over
                     continue
                 try:
-                    index = index_file(fd, st.st_size, use_content_length=spool.settings.use_content_length, tick=lock.refresh)
+                    index = index_file(
+                        fd, st.st_size, use_content_length=spool.settings.use_content_length, tick=lock.refresh
+                    )
                 except (OSError, ValueError) as exc:
                     raise MaildropError(f"cannot index {spool.path}: {exc}") from exc
         except BaseException:

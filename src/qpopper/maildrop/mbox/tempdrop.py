@@ -148,50 +148,25 @@ def _recreate_empty_spool(spool: Spool, sst: os.stat_result) -> None:
         log.warning("cannot recreate the empty spool %s (the next delivery will): %s", spool.path, exc)
 
 
-def _gather_by_copy(spool: Spool, sfd: int, sst: os.stat_result, tfd: int, length: int, moved: int, lock: SpoolLock) -> None:
+def _gather_by_copy(
+    spool: Spool, sfd: int, sst: os.stat_result, tfd: int, length: int, moved: int, lock: SpoolLock
+) -> None:
     journal = gather_journal_path(spool.temp_drop)
     check_space(spool.tdir, moved + 2, FREE_SPACE_MARGIN)
     write_gather_journal(journal, length)
     fsync_dir(spool.tdir)
     h = hashlib.blake2b(digest_size=32)
     try:
-        head = read_exact(sfd, 0, min(moved, MAX_FROM_LINE + 64))
-        sep = b""
-        skip = 0
-        if length:
-            tail = read_exact(tfd, max(0, length - 3), min(3, length))
-            stripped = head.lstrip(b"\r\n")
-            if is_from_line(stripped.split(b"\n", 1)[0] + b"\n"):
-                skip = len(head) - len(stripped)
-                if not tail.endswith((b"\n\n", b"\n\r\n")):
-                    sep = b"\n" if tail.endswith(b"\n") else b"\n\n"
+        sep, skip = _seam(sfd, tfd, length, moved)
         pos_out = length
         if sep:
             os.pwrite(tfd, sep, pos_out)
             pos_out += len(sep)
-        pos = 0
-        while pos < moved:
-            lock.refresh()
-            data = os.pread(sfd, min(COPY_CHUNK, moved - pos), pos)
-            if not data:
-                raise MaildropError(f"{spool.path} shrank while it was locked")
-            h.update(data)
-            keep = data[max(0, skip - pos):] if pos < skip else data
-            view = memoryview(keep)
-            while view:
-                n = os.pwrite(tfd, view, pos_out)
-                view = view[n:]
-                pos_out += n
-            pos += len(data)
+        _copy_spool(spool, sfd, tfd, moved, skip, pos_out, lock, h)
         os.fsync(tfd)
     except (OSError, MaildropError) as exc:
         # Nothing was taken from the spool: undo the append and the journal.
-        try:
-            os.ftruncate(tfd, length)
-            os.fsync(tfd)
-            unlink(journal)
-        except OSError:
-            pass  # the journal stays and the next login undoes it
+        _undo_append(tfd, length, journal)
         if isinstance(exc, MaildropError):
             raise
         what = "quota exceeded" if exc.errno == errno.EDQUOT else str(exc)
@@ -200,12 +175,7 @@ def _gather_by_copy(spool: Spool, sfd: int, sst: os.stat_result, tfd: int, lengt
         write_gather_journal(journal, length, moved, h.hexdigest())
         fsync_dir(spool.tdir)
     except MaildropError:
-        try:
-            os.ftruncate(tfd, length)
-            os.fsync(tfd)
-            unlink(journal)
-        except OSError:
-            pass
+        _undo_append(tfd, length, journal)
         raise
     _empty_spool(spool, sfd, sst)
     try:
@@ -213,6 +183,53 @@ def _gather_by_copy(spool: Spool, sfd: int, sst: os.stat_result, tfd: int, lengt
         fsync_dir(spool.tdir)
     except MaildropError as exc:
         log.warning("%s (the next login removes it)", exc)
+
+
+def _seam(sfd: int, tfd: int, length: int, moved: int) -> tuple[bytes, int]:
+    """How the spool's text joins the temp drop's `length` octets: the separator
+    to write first, and how many leading line ends of the spool to skip."""
+    head = read_exact(sfd, 0, min(moved, MAX_FROM_LINE + 64))
+    sep = b""
+    skip = 0
+    if length:
+        tail = read_exact(tfd, max(0, length - 3), min(3, length))
+        stripped = head.lstrip(b"\r\n")
+        if is_from_line(stripped.split(b"\n", 1)[0] + b"\n"):
+            skip = len(head) - len(stripped)
+            if not tail.endswith((b"\n\n", b"\n\r\n")):
+                sep = b"\n" if tail.endswith(b"\n") else b"\n\n"
+    return sep, skip
+
+
+def _copy_spool(
+    spool: Spool, sfd: int, tfd: int, moved: int, skip: int, pos_out: int, lock: SpoolLock, h: hashlib.blake2b
+) -> None:
+    """The spool's first `moved` octets, less `skip`, to the temp drop at `pos_out`;
+    all `moved` go into the digest `h`."""
+    pos = 0
+    while pos < moved:
+        lock.refresh()
+        data = os.pread(sfd, min(COPY_CHUNK, moved - pos), pos)
+        if not data:
+            raise MaildropError(f"{spool.path} shrank while it was locked")
+        h.update(data)
+        keep = data[max(0, skip - pos):] if pos < skip else data
+        view = memoryview(keep)
+        while view:
+            n = os.pwrite(tfd, view, pos_out)
+            view = view[n:]
+            pos_out += n
+        pos += len(data)
+
+
+def _undo_append(tfd: int, length: int, journal: str) -> None:
+    """Cut the temp drop back to `length` and drop the journal, as far as possible."""
+    try:
+        os.ftruncate(tfd, length)
+        os.fsync(tfd)
+        unlink(journal)
+    except OSError:
+        pass  # the journal stays and the next login undoes it
 
 
 def _empty_spool(spool: Spool, sfd: int, sst: os.stat_result) -> None:
@@ -243,7 +260,9 @@ def _empty_spool(spool: Spool, sfd: int, sst: os.stat_result) -> None:
 # ---- UPDATE (and the end of a session without one) -----------------------------------
 
 
-def put_back(spool: Spool, tfd: int, index: MboxIndex, drop: set[int], xuidl: dict[int, bytes], status: set[int]) -> None:
+def put_back(
+    spool: Spool, tfd: int, index: MboxIndex, drop: set[int], xuidl: dict[int, bytes], status: set[int]
+) -> None:
     """Temp drop -> spool: kept messages in front of the new mail."""
     flag = putback_flag_path(spool.path)
     if os.path.lexists(flag):
