@@ -12,24 +12,6 @@ from qpopper import Controller, StaticAuthenticator
 
 PASSWORD = "secret"
 
-# Tests that hold pure-Python code to a wall-clock budget (the mangler on hostile HTML and on a
-# 10 MB message): coverage's tracer makes that code several times slower, so under `./dev cover`
-# they run untraced. Their budgets should become ratios (twice the input, about twice the time);
-# then this list goes.
-_WALL_CLOCK_BUDGETS = (
-    "tests/test_xmangle.py::test_hostile_html_is_linear",
-    "tests/test_xmangle.py::test_ten_megabyte_attachment_is_fast",
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not config.pluginmanager.hasplugin("_cov"):
-        return
-    for item in items:
-        if item.nodeid.startswith(_WALL_CLOCK_BUDGETS):
-            item.add_marker(pytest.mark.no_cover)
-
-
 @pytest.fixture
 def mailroot(tmp_path: Path) -> Path:
     root = tmp_path / "mail"
