@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from ..usernames import is_valid_username
@@ -125,8 +125,8 @@ class CramMd5(Mechanism):
     name = "CRAM-MD5"
     server_first = True
 
-    def __init__(self, hostname: str) -> None:
-        self.challenge = f"<{os.getpid()}.{secrets.randbits(64)}@{hostname}>".encode("ascii")
+    def __init__(self, challenge: bytes) -> None:
+        self.challenge = challenge
 
     def start(self, initial: bytes | None) -> Step:
         if initial is not None:
@@ -304,7 +304,12 @@ def make_mechanism(
     channel_binding: bytes | None,
     certificate_user: str | None = None,
     kerberos: object | None = None,
+    cram_challenge: Callable[[], bytes] | None = None,
 ) -> Mechanism | None:
+    """The mechanism `name` for one exchange, or None where it cannot run.
+    `cram_challenge` makes CRAM-MD5's challenge (the protocol core passes
+    its configured sources, so a session replays byte for byte); without
+    it the challenge is `<pid.random@hostname>`."""
     if name == "GSSAPI":
         if kerberos is None:
             return None
@@ -319,7 +324,9 @@ def make_mechanism(
     if name == "LOGIN":
         return Login()
     if name == "CRAM-MD5":
-        return CramMd5(hostname)
+        if cram_challenge is not None:
+            return CramMd5(cram_challenge())
+        return CramMd5(f"<{os.getpid()}.{secrets.randbits(64)}@{hostname}>".encode("ascii"))
     if name in SCRAM_MECHANISMS:
         if name.endswith("-PLUS") and channel_binding is None:
             return None

@@ -57,14 +57,12 @@ def cmd_auth(ctx: CommandContext, args: list[bytes], _line: bytes) -> None:
             binding,
             ctx.security.certificate_user,
             ctx.kerberos,
+            # From the session's sources, so a session replays byte for byte.
+            cram_challenge=lambda: ctx.config.entropy.cram_challenge(ctx.config.hostname),
         )
     if mechanism is None:
         ctx.bad("Unsupported authentication mechanism.")
         return
-    if isinstance(mechanism, sasl.CramMd5):
-        # The challenge comes from the session's sources, not the mechanism's
-        # own, so that a session can be replayed byte for byte.
-        mechanism.challenge = ctx.config.entropy.cram_challenge(ctx.config.hostname)
     initial: bytes | None = None
     if len(args) == 2:
         if mechanism.server_first:
