@@ -12,7 +12,7 @@ import pytest
 
 from conftest import PASSWORD
 from qpopper import Controller, StaticAuthenticator
-from qpopper.extensions.bulletins import BulletinDatabase, pending, render, Bulletin
+from qpopper.extensions.bulletins import Bulletin, BulletinDatabase, pending, render
 
 FROM_LINE = "From admin@example.org  Wed Nov 25 10:00:00 2026\n"
 

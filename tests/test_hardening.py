@@ -232,7 +232,7 @@ def test_hostile_names_never_touch_anything(tmp_path: Path) -> None:
     canary.mkdir()
     (canary / "keep").write_text("canary")
     mail.mkdir()
-    auth = StaticAuthenticator({n: "pw" for n in ("alice",)}, mail_location=f"maildir:{mail}/%u/Maildir")
+    auth = StaticAuthenticator(dict.fromkeys(("alice",), "pw"), mail_location=f"maildir:{mail}/%u/Maildir")
     before = snapshot(tmp_path)
     with Controller(authenticator=auth) as server:
         for name in HOSTILE_NAMES:

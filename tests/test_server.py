@@ -380,7 +380,7 @@ def test_read_failing_mid_message(
 
 def test_many_concurrent_sessions(pop_server: Controller, fill: Fill, mailroot: Path) -> None:
     users = [f"user{i}" for i in range(20)]
-    auth = StaticAuthenticator({u: PASSWORD for u in users}, mail_location=f"maildir:{mailroot}/%u/Maildir")
+    auth = StaticAuthenticator(dict.fromkeys(users, PASSWORD), mail_location=f"maildir:{mailroot}/%u/Maildir")
     for u in users:
         fill(u, [message(i) for i in range(3)])
     errors: list[BaseException] = []

@@ -86,9 +86,9 @@ class Connection:
     """Serves one session over a client's stream."""
 
     __slots__ = (
-        "stream", "peer", "services", "session", "login", "records", "retrieval", "updating",
-        "out", "_committed", "_idle", "_loop_ref", "_deadline", "_watchdog", "_watchdog_at",
-        "_timed_out", "_login_deadline",
+        "_committed", "_deadline", "_idle", "_login_deadline", "_loop_ref", "_timed_out", "_watchdog",
+        "_watchdog_at", "login", "out", "peer", "records", "retrieval", "services", "session", "stream",
+        "updating",
     )  # fmt: skip
 
     _HANDLERS: ClassVar[dict[type[Effect], _Handler]]  # filled in below the class, once

@@ -86,7 +86,7 @@ class Login:
     """One connection's login, and the user's side of the session after it:
     their principal, their options, the privilege that reaches their spool."""
 
-    __slots__ = ("services", "peer", "session", "records", "options", "principal", "spool_privilege", "_background")
+    __slots__ = ("_background", "options", "peer", "principal", "records", "services", "session", "spool_privilege")
 
     def __init__(self, services: Services, peer: Peer, session: Session, records: SessionRecords) -> None:
         self.services = services

@@ -21,14 +21,14 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from ..auth import Authenticator, UserLookup
-from ..auth.passwdfile import PasswdFileAuthenticator
-from ..errors import ConfigError
 from ..auth.access import AccessPolicy
+from ..auth.passwdfile import PasswdFileAuthenticator
 from ..config.options import ListenAddress, Options
-from ._connection import Connection
-from ._services import Peer, Services, TlsState
+from ..errors import ConfigError
 from ._channel_binding import server_end_point
+from ._connection import Connection
 from ._memory import TRIM_INTERVAL, release_free_memory
+from ._services import Peer, Services, TlsState
 from ._stream import PopStream
 from ._tls import build_context, reload_certificates, tls_failure_reason
 

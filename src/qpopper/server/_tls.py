@@ -14,9 +14,8 @@ import logging
 import os
 import ssl
 
-
-from ..errors import ConfigError
 from ..config.options import Options
+from ..errors import ConfigError
 
 log = logging.getLogger("qpopper.tls")
 
