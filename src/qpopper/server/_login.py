@@ -288,7 +288,9 @@ class Login:
         except WouldBlock:
             return None
 
-    async def _deliver_bulletins(self, principal: Principal, maildrop: Maildrop, settings: MaildropSettings) -> Maildrop:
+    async def _deliver_bulletins(
+        self, principal: Principal, maildrop: Maildrop, settings: MaildropSettings
+    ) -> Maildrop:
         """New bulletins go in while the POP lock is held; if any arrived,
         the maildrop is listed again so they are in this session."""
         from ..extensions.bulletins import deliver_new_bulletins  # only where bulletins are on
