@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -37,9 +38,10 @@ def cert_files(tmp_path: Path) -> tuple[Path, Path]:
     return pem, other_ca
 
 
-def _implicit_server(tmp_path: Path, pem: Path, **options: object) -> Controller:
+def _implicit_server(tmp_path: Path, pem: Path, **options: Any) -> Controller:
     auth = StaticAuthenticator({}, mail_location=f"maildir:{tmp_path}/%u/Maildir")
-    return Controller(authenticator=auth, listen=(ListenAddress("127.0.0.1", 0, tls=True),), tls_cert_file=str(pem), **options)  # type: ignore[arg-type]
+    implicit_tls = (ListenAddress("127.0.0.1", 0, tls=True),)
+    return Controller(authenticator=auth, listen=implicit_tls, tls_cert_file=str(pem), **options)
 
 
 def _tls12_suites() -> list[str]:
@@ -58,7 +60,9 @@ def _accepted(port: int, suites: list[str]) -> list[str]:
         ctx.set_ciphers(f"{name}:@SECLEVEL=0")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
-                accepted.append(str(tls.cipher()[0]))
+                cipher = tls.cipher()
+                assert cipher is not None  # set once the handshake is done
+                accepted.append(cipher[0])
         except (ssl.SSLError, ConnectionError):
             continue
     return accepted
@@ -69,7 +73,8 @@ def test_tls12_offers_only_forward_secret_aead_suites(tmp_path: Path, cert_files
     assert "ECDHE-RSA-AES256-SHA384" in suites and len(suites) > 20  # the scan really asks for the CBC ones
     with _implicit_server(tmp_path, cert_files[0]) as server:
         accepted = _accepted(server.port, suites)
-    assert {"ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-RSA-CHACHA20-POLY1305"} <= set(accepted)
+    offered = {"ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-RSA-CHACHA20-POLY1305"}
+    assert offered <= set(accepted)
     assert all(AEAD_ECDHE.match(name) for name in accepted), accepted
 
 
@@ -103,7 +108,8 @@ def tls_daemon(
     passwd.write_text(f"alice:{{PLAIN}}pw::::{tmp_path}/alice::userdb_mail=maildir:{tmp_path}/alice/Maildir\n")
     loop = [] if request.param == "uvloop" else ["--no-use-uvloop"]
     daemon = QpopperProcess(
-        tmp_path, [f"--passwd-file={passwd}", f"--tls-server-cert-file={cert_files[0]}", "--tls-listen=127.0.0.1:0", *loop]
+        tmp_path,
+        [f"--passwd-file={passwd}", f"--tls-server-cert-file={cert_files[0]}", "--tls-listen=127.0.0.1:0", *loop],
     )
     deadline = time.monotonic() + 10
     while not (found := re.search(r"listening on 127\.0\.0\.1:(\d+) \(TLS\)", daemon.log.read_text())):
@@ -137,7 +143,9 @@ def test_alert_after_the_handshake_is_one_info_line(tls_daemon: tuple[QpopperPro
     _renegotiate("-connect", f"127.0.0.1:{tls_port}")
     _renegotiate("-connect", f"127.0.0.1:{daemon.port}", "-starttls", "pop3")
     text = _wait_for(daemon, r"(?s)TLS error, connection closed: \S.*TLS error, connection closed: \S")
-    assert re.search(r"INFO qpopper.session: 127\.0\.0\.1:\d+: TLS error, connection closed: sslv3 alert handshake failure", text)
+    assert re.search(
+        r"INFO qpopper.session: 127\.0\.0\.1:\d+: TLS error, connection closed: sslv3 alert handshake failure", text
+    )
     assert "Traceback" not in text and "internal error" not in text and "ERROR" not in text, text
 
 
@@ -150,7 +158,9 @@ def test_implicit_tls_handshake_failure_is_logged_with_its_reason(tls_daemon: tu
         input=b"", capture_output=True, timeout=30,
     )  # fmt: skip
     text = _wait_for(daemon, r"TLS handshake failed")
-    assert re.search(r"INFO qpopper.server: 127\.0\.0\.1:\d+: TLS handshake failed: tlsv1 alert (unknown ca|bad certificate)", text), text
+    assert re.search(
+        r"INFO qpopper.server: 127\.0\.0\.1:\d+: TLS handshake failed: tlsv1 alert (unknown ca|bad certificate)", text
+    ), text
     assert "Traceback" not in text, text
     # The listener goes on serving.
     ctx = ssl.create_default_context(cafile=None)
