@@ -7,12 +7,13 @@ import poplib
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import PASSWORD
 from qpopper import Controller, StaticAuthenticator
-from qpopper.extensions.bulletins import BulletinDatabase, pending, render, Bulletin
+from qpopper.extensions.bulletins import Bulletin, BulletinDatabase, pending, render
 
 FROM_LINE = "From admin@example.org  Wed Nov 25 10:00:00 2026\n"
 
@@ -46,7 +47,7 @@ def server_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[C
     home = tmp_path / "home"
     location = f"maildir:{mail}/%u/Maildir" if request.param == "maildir" else f"mbox:{mail}/%u"
 
-    def start(**settings: object) -> Controller:
+    def start(**settings: Any) -> Controller:
         auth = StaticAuthenticator({"alice": PASSWORD, "bob": PASSWORD}, mail_location=location, home=f"{home}/%u")
         for user in ("alice", "bob"):
             (home / user).mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,9 @@ def fetch_subjects(server: Controller, user: str = "alice") -> list[bytes]:
     return out
 
 
-def test_new_user_gets_the_newest_then_each_new_one_once(server_factory: Callable[..., Controller], bulldir: Path, tmp_path: Path) -> None:
+def test_new_user_gets_the_newest_then_each_new_one_once(
+    server_factory: Callable[..., Controller], bulldir: Path, tmp_path: Path
+) -> None:
     post(bulldir, 1, "bulletin one")
     post(bulldir, 2, "bulletin two")
     server = server_factory(bulldir=str(bulldir))
@@ -92,7 +95,9 @@ def test_new_user_gets_the_newest_then_each_new_one_once(server_factory: Callabl
     assert (tmp_path / "home" / "alice" / ".popbull").stat().st_mode & 0o077 == 0
 
 
-def test_max_bulletins_and_empty_popbull(server_factory: Callable[..., Controller], bulldir: Path, tmp_path: Path) -> None:
+def test_max_bulletins_and_empty_popbull(
+    server_factory: Callable[..., Controller], bulldir: Path, tmp_path: Path
+) -> None:
     for n in (1, 2, 3):
         post(bulldir, n, f"bulletin {n}")
     server = server_factory(bulldir=str(bulldir), max_bulletins=2)
@@ -122,7 +127,9 @@ def test_group_bulletins(server_factory: Callable[..., Controller], bulldir: Pat
     assert fetch_subjects(server) == [b"Subject: bulletin all", b"Subject: bulletin plain"]
 
 
-def test_bulldb_imports_popbull_and_racing_logins_never_duplicate(server_factory: Callable[..., Controller], bulldir: Path, tmp_path: Path) -> None:
+def test_bulldb_imports_popbull_and_racing_logins_never_duplicate(
+    server_factory: Callable[..., Controller], bulldir: Path, tmp_path: Path
+) -> None:
     for n in (1, 2, 3):
         post(bulldir, n, f"bulletin {n}")
     (tmp_path / "home" / "alice").mkdir(parents=True, exist_ok=True)

@@ -99,9 +99,8 @@ def _run_neomutt(server: FieldServer, home: Path, url: str) -> tuple[str, str]:
         deadline = time.monotonic() + 20
         while SUBJECT not in screen and time.monotonic() < deadline:
             time.sleep(0.2)
-            screen = subprocess.run(
-                ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
-            ).stdout
+            capture = ["tmux", "capture-pane", "-p", "-t", session]
+            screen = subprocess.run(capture, capture_output=True, text=True).stdout
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     debug = "".join(p.read_text(errors="replace") for p in sorted(home.glob("neomutt.log*")))
@@ -187,10 +186,8 @@ def test_fdm_fetches_the_message(field_server: FieldServer, tmp_path: Path, tls:
 def test_curl_pop3s_with_default_and_each_mechanism(field_server: FieldServer, mechanism: str | None) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl")
-    if (
-        mechanism == "SCRAM-SHA-256"
-        and "gsasl" not in subprocess.run(["curl", "-V"], capture_output=True, text=True).stdout
-    ):
+    curl_features = subprocess.run(["curl", "-V"], capture_output=True, text=True).stdout
+    if mechanism == "SCRAM-SHA-256" and "gsasl" not in curl_features:
         pytest.skip("this curl is built without GNU SASL, so without SCRAM (Debian 12's 7.88)")
     args = ["curl", "-sS", "--cacert", str(field_server.ca_file), "-u", f"{USER}:{PASSWORD}"]
     if mechanism is not None:

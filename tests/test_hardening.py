@@ -177,30 +177,34 @@ def test_login_deadline_cuts_a_slow_drip(mailroot: Path) -> None:
 # ---- passwords ---------------------------------------------------------------
 
 
-def test_failures_delay_grows_per_address_without_blocking_others(mailroot: Path, fill: Fill, caplog: pytest.LogCaptureFixture) -> None:
+def test_failures_delay_grows_per_address_without_blocking_others(
+    mailroot: Path, fill: Fill, caplog: pytest.LogCaptureFixture
+) -> None:
     fill("alice", [])
     auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
-    with caplog.at_level(logging.WARNING, logger="qpopper.session"):
-        with Controller(authenticator=auth, auth_fail_delay=0.2, auth_fail_delay_max=0.8, log_auth_failures=True) as server:
-            waits = []
-            sock = connect(server)
-            for _ in range(4):
-                started = time.monotonic()
-                sock.sendall(b"USER alice\r\nPASS wrong\r\n")
-                data = b""
-                while not data.endswith(b"failed.\r\n"):
-                    data += sock.recv(512)
-                waits.append(time.monotonic() - started)
-                # Meanwhile another client is served at once.
-            assert waits[0] >= 0.2 and waits[1] >= 0.4 and waits[2] >= 0.8 and waits[3] >= 0.8
+    with (
+        caplog.at_level(logging.WARNING, logger="qpopper.session"),
+        Controller(authenticator=auth, auth_fail_delay=0.2, auth_fail_delay_max=0.8, log_auth_failures=True) as server,
+    ):
+        waits = []
+        sock = connect(server)
+        for _ in range(4):
+            started = time.monotonic()
             sock.sendall(b"USER alice\r\nPASS wrong\r\n")
-            other = poplib.POP3(server.host, server.port, timeout=10)
-            other.user("alice")
-            other_started = time.monotonic()
-            other.pass_(PASSWORD)  # a right password is never delayed
-            assert time.monotonic() - other_started < 0.5
-            other.quit()
-            sock.close()
+            data = b""
+            while not data.endswith(b"failed.\r\n"):
+                data += sock.recv(512)
+            waits.append(time.monotonic() - started)
+            # Meanwhile another client is served at once.
+        assert waits[0] >= 0.2 and waits[1] >= 0.4 and waits[2] >= 0.8 and waits[3] >= 0.8
+        sock.sendall(b"USER alice\r\nPASS wrong\r\n")
+        other = poplib.POP3(server.host, server.port, timeout=10)
+        other.user("alice")
+        other_started = time.monotonic()
+        other.pass_(PASSWORD)  # a right password is never delayed
+        assert time.monotonic() - other_started < 0.5
+        other.quit()
+        sock.close()
     assert "authentication failure; rhost=127.0.0.1 user=alice" in caplog.text
 
 
@@ -232,7 +236,7 @@ def test_hostile_names_never_touch_anything(tmp_path: Path) -> None:
     canary.mkdir()
     (canary / "keep").write_text("canary")
     mail.mkdir()
-    auth = StaticAuthenticator({n: "pw" for n in ("alice",)}, mail_location=f"maildir:{mail}/%u/Maildir")
+    auth = StaticAuthenticator(dict.fromkeys(("alice",), "pw"), mail_location=f"maildir:{mail}/%u/Maildir")
     before = snapshot(tmp_path)
     with Controller(authenticator=auth) as server:
         for name in HOSTILE_NAMES:
@@ -283,7 +287,9 @@ class Daemon(QpopperProcess):
     def __init__(self, tmp: Path, location: str, *args: str) -> None:
         passwd = tmp / "passwd"
         passwd.write_text(f"alice:{{PLAIN}}{PASSWORD}::::{tmp}::\n")
-        super().__init__(tmp, ["--passwd-file", str(passwd), f"--mail-location={location}", "--no-reverse-lookup", *args])
+        super().__init__(
+            tmp, ["--passwd-file", str(passwd), f"--mail-location={location}", "--no-reverse-lookup", *args]
+        )
 
 
 def mbox_of(messages: list[bytes]) -> bytes:
@@ -419,13 +425,14 @@ def test_read_only_spool_gets_a_clean_error_and_stays(small_tmpfs: Path) -> None
     with Controller(authenticator=auth) as server:
         c = poplib.POP3(server.host, server.port, timeout=10)
         c.user("alice")
+        refusal = b""  # the login, the DELE or at the latest the QUIT meets the spool's failure
         try:
             c.pass_(PASSWORD)
             c.dele(1)
-            with pytest.raises(poplib.error_proto, match=r"^b'-ERR \[SYS/"):
-                c.quit()
+            c.quit()
         except poplib.error_proto as exc:
-            assert re.match(rb"-ERR \[SYS/", exc.args[0])
+            refusal = exc.args[0]
+        assert re.match(rb"-ERR \[SYS/", refusal)
         c.close()
     assert spool.read_bytes() == before
 
@@ -433,10 +440,12 @@ def test_read_only_spool_gets_a_clean_error_and_stays(small_tmpfs: Path) -> None
 # ---- fuzzing the core ----------------------------------------------------------
 
 
-COMMAND_WORDS = [b"USER alice", b"PASS pw", b"APOP alice " + b"a" * 32, b"STAT", b"LIST", b"LIST 1", b"RETR 1", b"TOP 1 0",
-                 b"DELE 1", b"RSET", b"NOOP", b"UIDL", b"LAST", b"CAPA", b"STLS", b"AUTH PLAIN", b"AUTH LOGIN",
-                 b"AUTH SCRAM-SHA-256 biwsbj11c2VyLHI9YWJj", b"*", b"XTND XMIT", b"XTND XLST Subject", b"EUIDL",
-                 b"MDEF m(STAT)", b"m", b"RETR 1 XMANGLE", b"LIST XMANGLE(text=html)", b".", b"QUIT", b"=", b"AUTH", b""]
+COMMAND_WORDS = [
+    b"USER alice", b"PASS pw", b"APOP alice " + b"a" * 32, b"STAT", b"LIST", b"LIST 1", b"RETR 1", b"TOP 1 0",
+    b"DELE 1", b"RSET", b"NOOP", b"UIDL", b"LAST", b"CAPA", b"STLS", b"AUTH PLAIN", b"AUTH LOGIN",
+    b"AUTH SCRAM-SHA-256 biwsbj11c2VyLHI9YWJj", b"*", b"XTND XMIT", b"XTND XLST Subject", b"EUIDL",
+    b"MDEF m(STAT)", b"m", b"RETR 1 XMANGLE", b"LIST XMANGLE(text=html)", b".", b"QUIT", b"=", b"AUTH", b"",
+]
 
 
 @settings(max_examples=300, deadline=None)
@@ -447,8 +456,8 @@ COMMAND_WORDS = [b"USER alice", b"PASS pw", b"APOP alice " + b"a" * 32, b"STAT",
     seed=st.integers(0, 2**32),
 )
 def test_core_survives_any_input(parts: list[bytes], seps: list[bytes], cuts: list[int], seed: int) -> None:
-    data = b"".join(p + s for p, s in zip(parts, seps))
-    bounds = sorted(set(c % (len(data) + 1) for c in cuts)) + [len(data)]
+    data = b"".join(p + s for p, s in zip(parts, seps, strict=False))  # 40 separators for up to 40 parts
+    bounds = sorted({c % (len(data) + 1) for c in cuts}) + [len(data)]
     chunks, start = [], 0
     for end in bounds:
         chunks.append(data[start:end])
@@ -461,7 +470,9 @@ def test_core_survives_any_input(parts: list[bytes], seps: list[bytes], cuts: li
 def test_bounded_atheris_campaign() -> None:
     pytest.importorskip("atheris")
     script = Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_session.py"
-    out = subprocess.run([sys.executable, str(script), "-runs=20000", "-max_len=4096"], capture_output=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(script), "-runs=20000", "-max_len=4096"], capture_output=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr.decode(errors="replace")[-3000:]
 
 
@@ -486,13 +497,15 @@ def test_planted_links_beside_the_spool_are_never_written_through(
     with Controller(authenticator=auth, server_mode=server_mode) as server:
         c = poplib.POP3(server.host, server.port, timeout=10)
         c.user("alice")
+        refusal = b""
         try:
             c.pass_(PASSWORD)
             c.dele(1)
             c.quit()
         except poplib.error_proto as exc:
-            assert re.match(rb"-ERR \[(SYS|IN-USE)", exc.args[0])
+            refusal = exc.args[0]
             c.close()
+        assert not refusal or re.match(rb"-ERR \[(SYS|IN-USE)", refusal)
     assert victim.read_bytes() == before_victim
     remaining = (spool_dir / "alice").read_bytes()
     assert remaining.count(b"\nSubject: ") + remaining.startswith(b"Subject: ") in (1, 2)

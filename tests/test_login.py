@@ -107,7 +107,8 @@ def maildirs(tmp_path: Path) -> Path:
             (md / sub).mkdir(parents=True)
         for n in range(count):
             # Sizes in the name (S=, W=), as Dovecot writes them: a quick open needs them.
-            write_maildir_message(md, MESSAGE, name=f"{1700000000 + n}.M{n}P1.host,S={len(MESSAGE)},W={wire_size(MESSAGE)}")
+            name = f"{1700000000 + n}.M{n}P1.host,S={len(MESSAGE)},W={wire_size(MESSAGE)}"
+            write_maildir_message(md, MESSAGE, name=name)
     return tmp_path
 
 
@@ -171,11 +172,13 @@ def test_deny_and_allow_lists(maildirs: Path, tmp_path: Path, caplog: pytest.Log
     allow = tmp_path / "popusers"
     allow.write_text("alice\n")
     with caplog.at_level(logging.WARNING, "qpopper.session"):
-        assert Bench(static(maildirs), nonauth_file=str(deny)).login(b"USER alice", b"PASS secret").last.startswith(b"-ERR [AUTH]")
+        denied = Bench(static(maildirs), nonauth_file=str(deny)).login(b"USER alice", b"PASS secret")
+        assert denied.last.startswith(b"-ERR [AUTH]")
     assert "refused: listed in" in caplog.text
     assert Bench(static(maildirs), nonauth_file=str(deny)).login(b"USER bob", b"PASS secret").last.startswith(b"+OK")
     assert Bench(static(maildirs), auth_file=str(allow)).login(b"USER alice", b"PASS secret").last.startswith(b"+OK")
-    assert Bench(static(maildirs), auth_file=str(allow)).login(b"USER bob", b"PASS secret").last.startswith(b"-ERR [AUTH]")
+    not_listed = Bench(static(maildirs), auth_file=str(allow)).login(b"USER bob", b"PASS secret")
+    assert not_listed.last.startswith(b"-ERR [AUTH]")
 
 
 def test_login_delay_is_enforced_per_user(maildirs: Path) -> None:
@@ -206,7 +209,8 @@ def test_a_broken_option_file_is_no_failed_login(maildirs: Path, tmp_path: Path)
     principal = static(maildirs).authenticate(UserPass("alice", b"secret"))
     assert principal is not None
     assert read_user_options(options, principal) is options
-    assert Bench(static(maildirs), spool_options=True, spool_dir=str(spool)).login(b"USER alice", b"PASS secret").last.startswith(b"+OK")
+    bench = Bench(static(maildirs), spool_options=True, spool_dir=str(spool))
+    assert bench.login(b"USER alice", b"PASS secret").last.startswith(b"+OK")
 
 
 def test_the_post_login_hook_runs_beside_the_login(maildirs: Path, tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def _arenas(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
 
 def test_threads_share_one_arena_once_limited() -> None:
     assert _arenas("limit") == ("True", 1)
-    limited, arenas = _arenas("free")
+    _limited, arenas = _arenas("free")
     assert arenas > 1  # the control: without the limit the threads spread out
 
 
@@ -76,7 +76,8 @@ with Controller(authenticator=auth) as pop:
     c = poplib.POP3(pop.host, pop.port)
     c.user("carol"); c.pass_("pw"); c.stat(); c.list(); c.uidl(); c.retr(1); c.top(1, 0); c.quit()
 print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("email", "html", "ipaddress", "pickle", "logging")
-                      or m.startswith("qpopper.extensions.xmangle.") and m.rsplit(".", 1)[1] not in ("spec", "messages", "commands")
+                      or m.startswith("qpopper.extensions.xmangle.")
+                      and m.rsplit(".", 1)[1] not in ("spec", "messages", "commands")
                       or m in ("logging.handlers", "qpopper.extensions.bulletins",
                                "qpopper.daemon.forking", "qpopper.daemon.workers"))))
 """

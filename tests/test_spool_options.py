@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import poplib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ def spool_dir(tmp_path: Path) -> Path:
     return d
 
 
-def start(spool_dir: Path, **settings: object) -> Controller:
+def start(spool_dir: Path, **settings: Any) -> Controller:
     auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"mbox:{spool_dir}/%u")
     return Controller(authenticator=auth, **settings).start()
 
@@ -53,7 +54,8 @@ def test_temp_drop_mode_moves_the_spool_aside_during_the_session(spool_dir: Path
         c.quit()
         assert not temp_drop.exists()
         c = session(server)
-        subjects = [next(l for l in c.top(i, 0)[1] if l.startswith(b"Subject")) for i in range(1, c.stat()[0] + 1)]
+        tops = [c.top(i, 0)[1] for i in range(1, c.stat()[0] + 1)]
+        subjects = [next(line for line in top if line.startswith(b"Subject")) for top in tops]
         assert subjects == [b"Subject: one", b"Subject: three", b"Subject: four"]
         c.quit()
     finally:
@@ -107,7 +109,8 @@ def test_uw_kluge_hides_the_folder_internal_data_message(tmp_path: Path) -> None
     d = tmp_path / "spool"
     d.mkdir()
     internal = (
-        b"From: Mail System Internal Data <MAILER-DAEMON@host>\nSubject: DON'T DELETE THIS MESSAGE -- FOLDER INTERNAL DATA\n"
+        b"From: Mail System Internal Data <MAILER-DAEMON@host>\n"
+        b"Subject: DON'T DELETE THIS MESSAGE -- FOLDER INTERNAL DATA\n"
         b"X-IMAP: 1234567890 0000000001\n\nThis text is part of the internal format of your mail folder.\n"
     )
     (d / "alice").write_bytes(mbox(internal, b"Subject: real\n\nmail\n"))

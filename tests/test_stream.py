@@ -73,7 +73,7 @@ def test_a_client_that_stops_reading_holds_up_only_itself(
     slow.sendall(b"QUIT\r\n")
     data = _read_all(slow)
     slow.close()
-    user_ok, pass_ok, retr_ok, body = data.split(b"\r\n", 3)
+    _user_ok, _pass_ok, retr_ok, body = data.split(b"\r\n", 3)
     assert retr_ok.startswith(b"+OK ")
     assert body.startswith(BIG.replace(b"\n", b"\r\n") + b".\r\n")
     assert body.endswith(b"signing off (1 messages left).\r\n")

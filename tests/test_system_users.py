@@ -78,7 +78,7 @@ def pam_service() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def worker_id(request: pytest.FixtureRequest) -> str:
-    return getattr(request.config, "workerinput", {}).get("workerid", "master")
+    return str(getattr(request.config, "workerinput", {}).get("workerid", "master"))
 
 
 class Daemon(QpopperProcess):
@@ -111,7 +111,10 @@ def daemon(tmp_path: Path, pam_service: str, accounts: list[Account]) -> Iterato
 
 
 def procmail_deliver(account: Account, subject: str, body: str = "body line\n") -> None:
-    message = f"From sender@example.org  Wed Nov 25 10:00:00 2026\nFrom: sender@example.org\nTo: {account.name}\nSubject: {subject}\n\n{body}"
+    message = (
+        f"From sender@example.org  Wed Nov 25 10:00:00 2026\nFrom: sender@example.org\n"
+        f"To: {account.name}\nSubject: {subject}\n\n{body}"
+    )
     subprocess.run(["procmail", "-d", account.name], input=message.encode(), check=True, timeout=60)
 
 
@@ -142,7 +145,9 @@ def test_pam_login_fetch_and_delete_keeps_owner_group_mode(daemon: Daemon, accou
     c.dele(2)
     c.quit()
     after = alice.spool.stat()
-    assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (before.st_uid, before.st_gid, stat.S_IMODE(before.st_mode))
+    assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (
+        before.st_uid, before.st_gid, stat.S_IMODE(before.st_mode)
+    )
     c = daemon.login(alice)
     assert subjects(c) == ["message 0", "message 2"]
     c.quit()
@@ -178,7 +183,9 @@ def test_locked_and_expired_accounts_refused(daemon: Daemon, accounts: list[Acco
     daemon.login(bob).quit()
 
 
-def test_session_process_runs_as_the_user_and_cannot_reach_other_spools(daemon: Daemon, accounts: list[Account]) -> None:
+def test_session_process_runs_as_the_user_and_cannot_reach_other_spools(
+    daemon: Daemon, accounts: list[Account]
+) -> None:
     alice, bob = accounts[0], accounts[1]
     procmail_deliver(alice, "for alice")
     procmail_deliver(bob, "for bob")
@@ -191,8 +198,8 @@ def test_session_process_runs_as_the_user_and_cannot_reach_other_spools(daemon: 
     assert mail_gid not in groups and 0 not in groups  # the spool group is never held while serving
     # What that process could do with another user's spool: nothing.
     probe = subprocess.run(
-        ["setpriv", f"--reuid={alice.uid}", f"--regid={alice.gid}", f"--groups={','.join(map(str, groups)) or alice.gid}",
-         "cat", str(bob.spool)],
+        ["setpriv", f"--reuid={alice.uid}", f"--regid={alice.gid}",
+         f"--groups={','.join(map(str, groups)) or alice.gid}", "cat", str(bob.spool)],
         capture_output=True,
     )
     assert probe.returncode != 0 and b"Permission denied" in probe.stderr
@@ -274,15 +281,11 @@ def test_mda_delivers_while_sessions_run_nothing_lost_or_merged(daemon: Daemon, 
     assert raw.count(b"\nSubject: ") + raw.startswith(b"Subject: ") == len(remaining)  # none merged
 
 
-def test_refuses_to_start_without_root() -> None:
+def test_refuses_to_start_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
     from qpopper.daemon import cli
 
-    original = os.geteuid
-    os.geteuid = lambda: 1000  # type: ignore[assignment]
-    try:
-        code = cli.main(["--syslog-socket=", "127.0.0.1:0"])
-    finally:
-        os.geteuid = original  # type: ignore[assignment]
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    code = cli.main(["--syslog-socket=", "127.0.0.1:0"])
     assert code == 2
 
 
@@ -295,8 +298,8 @@ def test_inetd_mode_serves_system_users(pam_service: str, accounts: list[Account
     ours, theirs = socket.socketpair()
     proc = subprocess.Popen(
         QPOPPER + ["-i", f"--pam-service={pam_service}", "--syslog-socket=", "--nonauth-file="],
-        stdin=theirs,
-        stdout=theirs,
+        stdin=theirs.fileno(),
+        stdout=theirs.fileno(),
         stderr=subprocess.DEVNULL,
     )
     theirs.close()
@@ -334,7 +337,9 @@ def test_planted_links_in_place_of_a_spool_are_refused(daemon: Daemon, accounts:
     assert bob.spool.stat().st_nlink == 1
 
 
-def test_bulletins_for_system_users_mark_written_as_the_user(tmp_path: Path, pam_service: str, accounts: list[Account]) -> None:
+def test_bulletins_for_system_users_mark_written_as_the_user(
+    tmp_path: Path, pam_service: str, accounts: list[Account]
+) -> None:
     carol = accounts[2]
     carol.spool.unlink(missing_ok=True)
     (carol.home / ".popbull").unlink(missing_ok=True)
@@ -342,7 +347,9 @@ def test_bulletins_for_system_users_mark_written_as_the_user(tmp_path: Path, pam
     # directory must be readable by everyone, as /var/spool/bulls is.
     bulldir = Path(tempfile.mkdtemp(prefix="qpopper-bulls-", dir="/tmp"))
     bulldir.chmod(0o755)
-    (bulldir / "1").write_text("From admin@example.org  Wed Nov 25 10:00:00 2026\nTo: all\nSubject: system bulletin\n\nhello\n")
+    (bulldir / "1").write_text(
+        "From admin@example.org  Wed Nov 25 10:00:00 2026\nTo: all\nSubject: system bulletin\n\nhello\n"
+    )
     (bulldir / "1").chmod(0o644)
     d = Daemon(tmp_path, pam_service, "-b", str(bulldir))
     try:
@@ -362,7 +369,9 @@ def test_bulletins_for_system_users_mark_written_as_the_user(tmp_path: Path, pam
 
 
 @pytest.mark.parametrize("mode", ["--no-server-mode", "--server-mode"])
-def test_procmail_races_in_both_spool_modes(tmp_path: Path, pam_service: str, accounts: list[Account], mode: str) -> None:
+def test_procmail_races_in_both_spool_modes(
+    tmp_path: Path, pam_service: str, accounts: list[Account], mode: str
+) -> None:
     bob = accounts[1]
     bob.spool.unlink(missing_ok=True)
     d = Daemon(tmp_path, pam_service, mode)

@@ -114,7 +114,7 @@ def test_sigterm_stops_every_worker(pool: Daemon) -> None:
     log = pool.stop()
     assert pool.proc.returncode == 0, log
     for pid in workers:
-        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     with pytest.raises((OSError, poplib.error_proto)):
         c.noop()
     c.close()

@@ -90,7 +90,7 @@ class Controller:
         try:
             self._server = Server(self.options, self._authenticator)
             await self._server.start()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to start(), which re-raises it in the caller's thread
             self._error = exc
             self._server = None
             self._ready.set()

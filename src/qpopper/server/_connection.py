@@ -86,12 +86,11 @@ class Connection:
     """Serves one session over a client's stream."""
 
     __slots__ = (
-        "stream", "peer", "services", "session", "login", "records", "retrieval", "updating",
-        "out", "_committed", "_idle", "_loop_ref", "_deadline", "_watchdog", "_watchdog_at",
-        "_timed_out", "_login_deadline",
+        "_committed", "_deadline", "_idle", "_login_deadline", "_loop_ref", "_timed_out", "_watchdog",
+        "_watchdog_at", "login", "out", "peer", "records", "retrieval", "services", "session", "stream",
+        "updating",
     )  # fmt: skip
 
-    _HANDLERS: ClassVar[dict[type[Effect], _Handler]]  # filled in below the class, once
 
     def __init__(self, stream: PopStream, peer: Peer, services: Services) -> None:
         self.stream = stream
@@ -178,7 +177,7 @@ class Connection:
         if self._idle:
             try:
                 self.stream.write(b"-ERR [SYS/TEMP] Server shutting down.\r\n")
-            except Exception:  # the peer may be gone already
+            except (OSError, RuntimeError):  # the peer may be gone already (uvloop: RuntimeError)
                 pass
         self.stream.close()
 
@@ -244,7 +243,7 @@ class Connection:
                 if isinstance(effect, Send):
                     self.out += effect.data
             await asyncio.wait_for(self.flush(), 5)
-        except Exception:  # the peer may be gone; nothing more to tell it
+        except Exception:  # noqa: BLE001, S110 - last word of a broken session; the peer may be gone
             pass
 
     async def _finish(self) -> None:
@@ -278,7 +277,7 @@ class Connection:
         try:
             async with asyncio.timeout(5):
                 await self.stream.wait_closed()
-        except Exception:
+        except TimeoutError:
             pass
 
     async def _loop(self) -> None:
@@ -402,18 +401,18 @@ class Connection:
         await self.flush()
         return True
 
-
-Connection._HANDLERS = {
-    SendMessage: Connection._send_message,
-    Authenticate: Connection._authenticate,
-    OpenMaildrop: Connection._open_maildrop,
-    Commit: Connection._commit,
-    StartTls: Connection._start_tls,
-    LookupScramSecret: Connection._lookup_scram_secret,
-    ListHeaders: Connection._list_headers,
-    SaslStep: Connection._sasl_step,
-    ComputeSizes: Connection._compute_sizes,
-    ResolveUids: Connection._resolve_uids,
-    SubmitMessage: Connection._submit,
-    Close: Connection._close,
-}
+    # Each effect's handler, looked up once per effect by _loop.
+    _HANDLERS: ClassVar[dict[type[Effect], _Handler]] = {
+        SendMessage: _send_message,
+        Authenticate: _authenticate,
+        OpenMaildrop: _open_maildrop,
+        Commit: _commit,
+        StartTls: _start_tls,
+        LookupScramSecret: _lookup_scram_secret,
+        ListHeaders: _list_headers,
+        SaslStep: _sasl_step,
+        ComputeSizes: _compute_sizes,
+        ResolveUids: _resolve_uids,
+        SubmitMessage: _submit,
+        Close: _close,
+    }

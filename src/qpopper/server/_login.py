@@ -86,7 +86,7 @@ class Login:
     """One connection's login, and the user's side of the session after it:
     their principal, their options, the privilege that reaches their spool."""
 
-    __slots__ = ("services", "peer", "session", "records", "options", "principal", "spool_privilege", "_background")
+    __slots__ = ("_background", "options", "peer", "principal", "records", "services", "session", "spool_privilege")
 
     def __init__(self, services: Services, peer: Peer, session: Session, records: SessionRecords) -> None:
         self.services = services
@@ -288,7 +288,9 @@ class Login:
         except WouldBlock:
             return None
 
-    async def _deliver_bulletins(self, principal: Principal, maildrop: Maildrop, settings: MaildropSettings) -> Maildrop:
+    async def _deliver_bulletins(
+        self, principal: Principal, maildrop: Maildrop, settings: MaildropSettings
+    ) -> Maildrop:
         """New bulletins go in while the POP lock is held; if any arrived,
         the maildrop is listed again so they are in this session."""
         from ..extensions.bulletins import deliver_new_bulletins  # only where bulletins are on

@@ -119,7 +119,7 @@ class SessionRecords(SessionTimes):
             return self._address
         try:
             return await self._host_name
-        except Exception:  # a resolver failure only costs us the name
+        except Exception:  # noqa: BLE001 - the name is a courtesy of the records: any failure only costs it
             return self._address
 
     def cancel_lookup(self) -> None:

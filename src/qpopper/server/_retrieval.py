@@ -76,7 +76,7 @@ class Retrieval:
     Holds the connection, not copies of its parts: one of these lives as
     long as every logged-in session, and idle sessions are counted in bytes."""
 
-    __slots__ = ("maildrop", "_conn", "_last_mangled")
+    __slots__ = ("_conn", "_last_mangled", "maildrop")
 
     def __init__(self, maildrop: Maildrop, conn: Output) -> None:
         self.maildrop = maildrop

@@ -21,14 +21,14 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from ..auth import Authenticator, UserLookup
-from ..auth.passwdfile import PasswdFileAuthenticator
-from ..errors import ConfigError
 from ..auth.access import AccessPolicy
+from ..auth.passwdfile import PasswdFileAuthenticator
 from ..config.options import ListenAddress, Options
-from ._connection import Connection
-from ._services import Peer, Services, TlsState
+from ..errors import ConfigError
 from ._channel_binding import server_end_point
+from ._connection import Connection
 from ._memory import TRIM_INTERVAL, release_free_memory
+from ._services import Peer, Services, TlsState
 from ._stream import PopStream
 from ._tls import build_context, reload_certificates, tls_failure_reason
 
@@ -220,10 +220,17 @@ class Server:
                 keytab=options.kerberos_keytab,
                 realms=tuple((options.kerberos_realms or "").split()),
             )
+            key = f"{options.kerberos_service}@{options.hostname}"
+            try:
+                import gssapi.raw.misc
+            except ImportError as exc:  # the optional package is not installed
+                raise ConfigError(f"Kerberos: cannot use the key of {key}: {exc}") from None
             try:
                 kerberos.credentials()
-            except Exception as exc:  # gssapi's errors carry the reason
-                raise ConfigError(f"Kerberos: cannot use the key of {options.kerberos_service}@{options.hostname}: {exc}") from None
+            # gssapi's errors carry the reason; NotImplementedError: a keytab given
+            # to a GSSAPI library without the credential-store extension.
+            except (gssapi.raw.misc.GSSError, NotImplementedError) as exc:
+                raise ConfigError(f"Kerberos: cannot use the key of {key}: {exc}") from None
         # Only a server that authenticates Unix accounts itself switches to
         # them; an embedding caller's authenticator keeps the process as is.
         self.services = Services(
@@ -249,10 +256,10 @@ class Server:
                 for sock, _ in sockets:
                     sock.close()
                 raise
+        loop = asyncio.get_running_loop()
         try:
             for sock, implicit_tls in sockets:
                 handshake_first = implicit_tls or alternate_port
-                loop = asyncio.get_running_loop()
                 listener: asyncio.Server | TlsListener
                 if handshake_first:
                     if self.tls.context is None:
@@ -293,7 +300,7 @@ class Server:
     def listeners(self) -> list[tuple[str, int, bool]]:
         """(host, port, implicit TLS) of every listening socket."""
         out = []
-        for server, tls in zip(self._servers, self._implicit_tls):
+        for server, tls in zip(self._servers, self._implicit_tls, strict=True):
             for sock in server.sockets:
                 name = sock.getsockname()
                 out.append((str(name[0]), int(name[1]), tls))
@@ -365,7 +372,7 @@ class Server:
             if self.tls.context is not None and self.options.tls_cert_file is not None:
                 reload_certificates(self.tls.context, self.options)
                 self.tls.channel_binding = server_end_point(self.options.tls_cert_file)
-        except Exception as exc:  # a bad edit must not stop the service
+        except Exception as exc:  # noqa: BLE001 - a bad edit, or any backend's reload, must not stop the service
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         log.info("configuration reloaded")
@@ -426,7 +433,10 @@ class Server:
         _set_nodelay(stream)
         task = asyncio.current_task()
         assert task is not None
-        if len(self._connections) >= self.options.max_connections and self._per_ip[peer.host] < self.options.max_connections_per_ip:
+        if (
+            len(self._connections) >= self.options.max_connections
+            and self._per_ip[peer.host] < self.options.max_connections_per_ip
+        ):
             self._evict_oldest_idle()
         if (
             len(self._connections) >= self.options.max_connections
@@ -436,7 +446,7 @@ class Server:
             try:
                 stream.write(_BUSY_REPLY)
                 await asyncio.wait_for(stream.drain(), 5)
-            except Exception:
+            except (OSError, RuntimeError):  # the peer may be gone (uvloop: RuntimeError); it is closed below
                 pass
             stream.close()
             return

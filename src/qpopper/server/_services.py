@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..auth import Authenticator, Principal, QuickAuthenticator, ScramSecretSource
-from ..auth.credentials import Credentials, ScramSecret
 from ..auth.access import AccessPolicy, FailureDelays, LoginDelays
+from ..auth.credentials import Credentials, ScramSecret
 from ..config.options import Options
 from ..protocol import SessionConfig
 

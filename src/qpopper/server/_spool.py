@@ -14,9 +14,9 @@ import grp
 import os
 
 from ..auth import Principal
+from ..config.options import Options
 from ..maildrop import MaildropSettings
 from ..maildrop.spoolpath import hash_dirs, make_hash_dirs, spool_path
-from ..config.options import Options
 
 
 def _in_group(principal: Principal, group: str | None) -> bool:

@@ -24,8 +24,8 @@ class PopStream(asyncio.Protocol):
     starts the session task.
     """
 
-    __slots__ = ("_loop", "transport", "read_transport", "_buffer", "_eof", "_lost", "_error",
-                 "_read_waiter", "_paused", "_drain_waiter", "_closed", "_on_connected", "_over_ssl")
+    __slots__ = ("_buffer", "_closed", "_drain_waiter", "_eof", "_error", "_loop", "_lost", "_on_connected",
+                 "_over_ssl", "_paused", "_read_waiter", "read_transport", "transport")
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
                  on_connected: Callable[[PopStream], None] | None = None) -> None:

@@ -14,9 +14,8 @@ import logging
 import os
 import ssl
 
-
-from ..errors import ConfigError
 from ..config.options import Options
+from ..errors import ConfigError
 
 log = logging.getLogger("qpopper.tls")
 
@@ -75,7 +74,9 @@ def _load_chain(ctx: ssl.SSLContext, options: Options) -> None:
         ctx.load_cert_chain(cert, key)
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
-            raise ConfigError(f"tls-private-key-file {key} does not match the certificate {options.tls_cert_file}") from exc
+            raise ConfigError(
+                f"tls-private-key-file {key} does not match the certificate {options.tls_cert_file}"
+            ) from exc
         raise ConfigError(f"cannot load certificate {options.tls_cert_file} / key {key}: {exc.reason or exc}") from exc
     finally:
         if combined is not None:
