@@ -18,7 +18,7 @@ from qpopper.maildrop import uidimport
 from qpopper.maildrop.maildir import MaildirMaildrop, uids_and_sources
 
 MSG = b"From: a@example.org\nSubject: s\n\nbody\n"
-UIDV = 1700000000  # 0x6553F100
+UIDV = 1700000000  # 0x6553f100
 NAMES = ["1700000001.M1P10.host,S=40,W=42", "1700000002.M2P10.host,S=40,W=42", "1700000003.M3P10.host,S=40,W=42"]
 GUID = "0123456789abcdef0123456789abcdef"
 
@@ -49,21 +49,21 @@ def _courier(md: Path, lines: list[str], header: str = f"/3 10 {UIDV}") -> None:
 def test_dovecot_default_format_is_uid_and_uidvalidity_in_hex(tmp_path: Path) -> None:
     md = _maildir(tmp_path)
     _dovecot(md, [f"7 :{NAMES[0]}", f"8 W42 :{NAMES[1]}"])
-    assert _uids(md) == ["000000076553F100", "000000086553F100", NAMES[2].split(",")[0]]
+    assert _uids(md) == ["000000076553f100", "000000086553f100", NAMES[2].split(",")[0]]
 
 
 def test_dovecot_stored_pop3_uidl_wins_over_the_format(tmp_path: Path) -> None:
     md = _maildir(tmp_path)
     _dovecot(md, [f"1 P{'legacy:uidl-1'} G{GUID} :{NAMES[0]}", f"2 W42 Pold-2 :{NAMES[1]}", f"3 :{NAMES[2]}"])
     uids, sources = uids_and_sources(str(md), sorted(os.listdir(md / "cur")))
-    assert uids == ["legacy:uidl-1", "old-2", "000000036553F100"]
+    assert uids == ["legacy:uidl-1", "old-2", "000000036553f100"]
     assert sources == [uidimport.DOVECOT_STORED, uidimport.DOVECOT_STORED, uidimport.DOVECOT_UID]
 
 
 def test_dovecot_version_1_file(tmp_path: Path) -> None:
     md = _maildir(tmp_path, sub="new", flags="")
     _dovecot(md, [f"5 {NAMES[0]}"], header=f"1 {UIDV} 6")
-    assert _uids(md)[0] == "000000056553F100"
+    assert _uids(md)[0] == "000000056553f100"
 
 
 def test_courier_uid_and_uidvalidity_and_the_legacy_name_form(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_new_mail_gets_ours_and_the_newer_file_wins_where_both_know_a_message(tm
     os.utime(md / "courierpop3dsizelist", (1, 1))
     _dovecot(md, [f"9 :{NAMES[1]}"])
     new = write_maildir_message(md, MSG)
-    assert _uids(md) == [f"UID1-{UIDV}", "000000096553F100", new]
+    assert _uids(md) == [f"UID1-{UIDV}", "000000096553f100", new]
 
 
 def test_unfit_shared_or_taken_uidls_fall_back_to_ours_and_are_logged(
@@ -148,7 +148,7 @@ def test_a_huge_file_is_read_only_up_to_the_bound(tmp_path: Path, monkeypatch: p
     md = _maildir(tmp_path)
     filler = [f"{100 + i} :filler.{i}" for i in range(400)]  # ~ 7 kB: past the bound
     _dovecot(md, [f"1 :{NAMES[0]}", *filler, f"2 :{NAMES[1]}"])
-    assert _uids(md)[:2] == ["000000016553F100", NAMES[1].split(",")[0]]
+    assert _uids(md)[:2] == ["000000016553f100", NAMES[1].split(",")[0]]
 
 
 def test_links_and_fifos_are_not_read(tmp_path: Path) -> None:

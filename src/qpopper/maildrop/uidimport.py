@@ -9,7 +9,9 @@ they served in the Maildir, so we serve the same for the messages they knew:
   message's UIDL is the one Dovecot stored for it (the `P` field, written by
   `pop3_save_uidl` or its POP3 migration plugin), otherwise Dovecot's
   default `pop3_uidl_format` `%08Xu%08Xv`: the IMAP UID and the
-  UIDVALIDITY, 8 upper-case hex digits each.
+  UIDVALIDITY, 8 hex digits each; in lower case, as Dovecot's `X` modifier
+  writes them (Dovecot 2.3 serves `000000016b0f65ce`, whatever the
+  format's capital suggests; tests/test_migration_clients.py checks it).
 - courier-pop3d's `courierpop3dsizelist` (versions 2 and 3): `UID<n>-<uidv>`
   (`UID<n>` when the validity is 0), or, for an entry with no number, the
   file name's unique part with Courier's escapes, as courier-pop3d does.
@@ -161,7 +163,7 @@ def parse_dovecot_uidlist(data: bytes) -> dict[str, Imported]:
         elif stored is not None:
             found[key] = Imported(stored.decode("ascii", "replace"), DOVECOT_STORED)
         elif uidvalidity is not None:
-            found[key] = Imported(f"{uid:08X}{uidvalidity:08X}", DOVECOT_UID)
+            found[key] = Imported(f"{uid:08x}{uidvalidity:08x}", DOVECOT_UID)
     if skipped:
         log.warning("%s: %d malformed lines skipped", DOVECOT_FILE, skipped)
     return found
