@@ -143,8 +143,14 @@ def test_hostile_files_never_raise_nor_give_a_bad_uidl(tmp_path: Path, file: str
     assert all(0 < len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid) for uid in uids)
 
 
+def test_read_limit_grows_with_the_maildrop_up_to_the_bound() -> None:
+    assert uidimport.read_limit(3) == uidimport.MIN_READ_BYTES
+    assert uidimport.read_limit(1000) == 1000 * uidimport.BYTES_PER_MESSAGE
+    assert uidimport.read_limit(10**9) == uidimport.MAX_FILE_BYTES
+
+
 def test_a_huge_file_is_read_only_up_to_the_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(uidimport, "MAX_FILE_BYTES", 4096)
+    monkeypatch.setattr(uidimport, "MIN_READ_BYTES", 4096)
     md = _maildir(tmp_path)
     filler = [f"{100 + i} :filler.{i}" for i in range(400)]  # ~ 7 kB: past the bound
     _dovecot(md, [f"1 :{NAMES[0]}", *filler, f"2 :{NAMES[1]}"])

@@ -177,7 +177,7 @@ def uids_and_sources(path: str, names: list[str]) -> tuple[list[str], list[str |
         return ours, [None] * len(names)
     from . import uidimport  # only for Maildirs another server left UIDLs in
 
-    return uidimport.apply_imports(path, names, ours, uidimport.read_imports(path, opened))
+    return uidimport.apply_imports(path, names, ours, uidimport.read_imports(path, opened, len(names)))
 
 
 def _uids_for(path: str, names: list[str]) -> list[str]:

@@ -50,6 +50,16 @@ SOURCES = (DOVECOT_STORED, DOVECOT_UID, COURIER)
 # A 100,000-message uidlist is about 8 MB; beyond this the rest is ignored
 # (those messages get our UIDs) rather than held in memory.
 MAX_FILE_BYTES = 64 * 1024 * 1024
+# Both files hold a line of under 300 bytes per message. A small maildrop's
+# UIDs are worked out on the event loop, so its file is read only as far as
+# is plausible for it: a user cannot stall the loop with a huge file.
+BYTES_PER_MESSAGE = 1024
+MIN_READ_BYTES = 64 * 1024
+
+
+def read_limit(messages: int) -> int:
+    """How much of a file is read for a maildrop of `messages` messages."""
+    return min(MAX_FILE_BYTES, max(MIN_READ_BYTES, BYTES_PER_MESSAGE * messages))
 # Longer than any line either server writes (a file name is at most 255).
 MAX_LINE_BYTES = 8192
 _MAX_NUMBER_DIGITS = 20
@@ -62,8 +72,8 @@ class Imported(NamedTuple):
     source: str
 
 
-def _read_bounded(fd: int, path: str) -> bytes:
-    """At most MAX_FILE_BYTES of a regular file (an open fd, closed here),
+def _read_bounded(fd: int, path: str, limit: int) -> bytes:
+    """At most `limit` bytes of a regular file (an open fd, closed here),
     ending at the last whole line; b"" for anything else."""
     try:
         st = os.fstat(fd)
@@ -71,7 +81,7 @@ def _read_bounded(fd: int, path: str) -> bytes:
             log.warning("%s is not a regular file; its UIDLs are not used", path)
             return b""
         chunks = []
-        left = MAX_FILE_BYTES + 1
+        left = limit + 1
         while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
             chunks.append(chunk)
             left -= len(chunk)
@@ -81,9 +91,9 @@ def _read_bounded(fd: int, path: str) -> bytes:
     finally:
         os.close(fd)
     data = b"".join(chunks)
-    if len(data) > MAX_FILE_BYTES:
-        log.warning("%s is larger than %d bytes; only its beginning is used", path, MAX_FILE_BYTES)
-        data = data[: data.rfind(b"\n", 0, MAX_FILE_BYTES) + 1]
+    if len(data) > limit:
+        log.warning("%s is larger than %d bytes; only its beginning is used", path, limit)
+        data = data[: data.rfind(b"\n", 0, limit) + 1]
     return data
 
 
@@ -211,10 +221,11 @@ def parse_courier_sizelist(data: bytes) -> dict[str, Imported]:
 _PARSERS = {DOVECOT_FILE: parse_dovecot_uidlist, COURIER_FILE: parse_courier_sizelist}
 
 
-def read_imports(path: str, opened: Sequence[tuple[str, int]]) -> dict[str, Imported]:
+def read_imports(path: str, opened: Sequence[tuple[str, int]], messages: int) -> dict[str, Imported]:
     """The UIDLs of the files `opened` (name, fd: closed here) in Maildir
-    `path`. Where both files know a message, the one written last wins: that
-    server was the one serving POP3 when the site moved."""
+    `path`, which holds `messages` messages (read_limit). Where both files
+    know a message, the one written last wins: that server was the one
+    serving POP3 when the site moved."""
     dated = []
     for name, fd in opened:
         try:
@@ -224,7 +235,7 @@ def read_imports(path: str, opened: Sequence[tuple[str, int]]) -> dict[str, Impo
         dated.append((mtime, name, fd))
     imported: dict[str, Imported] = {}
     for _, name, fd in sorted(dated):  # oldest first: a newer file overwrites
-        imported.update(_PARSERS[name](_read_bounded(fd, os.path.join(path, name))))
+        imported.update(_PARSERS[name](_read_bounded(fd, os.path.join(path, name), read_limit(messages))))
     return imported
 
 
