@@ -12,6 +12,10 @@ UIDs are the unique part of the file name (before ":" and ","), which the
 delivery agent chose and which never changes when flags are added. A name
 that is too long or holds characters UIDL may not carry is replaced by a
 digest of itself, which is equally stable across sessions and restarts.
+A Maildir that Dovecot or Courier served keeps the UIDLs they gave
+(uidimport.py), so clients that leave mail on the server fetch nothing
+again after a migration; looking for their files costs a plain Maildir two
+failed opens, made only when UIDs are first asked for.
 
 Delivery order is name order: names start with the delivery time, and,
 unlike a modification time, a name never changes behind our back.
@@ -128,6 +132,64 @@ def _uids_of(names: list[str]) -> list[str]:
     return uids
 
 
+def _list(path: str) -> tuple[list[str], list[str]]:
+    """Regular files of cur/ and new/ in name order, and the subdirectory of each."""
+    listed: dict[str, list[str]] = {}
+    for sub in _SUBDIRS:
+        directory = os.path.join(path, sub)
+        try:
+            with os.scandir(directory) as it:
+                # is_file/is_symlink answer from the entry's type, no stat
+                found = [de.name for de in it if de.is_file(follow_symlinks=False) and de.name[0] != "."]
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise MaildropError(f"cannot list {directory}: {exc}") from exc
+        listed[sub] = found
+    in_cur, in_new = listed.get("cur", []), listed.get("new", [])
+    names = in_cur + in_new
+    names.sort()  # stable: of two equal names, cur/'s (listed first) stays first
+    return names, _subdirs_of(names, in_cur, in_new)
+
+
+# Where Dovecot and courier-pop3d left the UIDLs they served (uidimport.py).
+_IMPORT_FILES = ("dovecot-uidlist", "courierpop3dsizelist")
+
+
+def _open_import_files(path: str) -> list[tuple[str, int]]:
+    """The files of _IMPORT_FILES this Maildir has, opened (never through a
+    link, never waiting on a FIFO)."""
+    opened = []
+    for name in _IMPORT_FILES:
+        try:
+            fd = os.open(f"{path}/{name}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        opened.append((name, fd))
+    return opened
+
+
+def uids_and_sources(path: str, names: list[str]) -> tuple[list[str], list[str | None]]:
+    """Per name, its UID and where an imported one came from (None: ours)."""
+    ours = _uids_of(names)
+    opened = _open_import_files(path)
+    if not opened:
+        return ours, [None] * len(names)
+    from . import uidimport  # only for Maildirs another server left UIDLs in
+
+    return uidimport.apply_imports(path, names, ours, uidimport.read_imports(path, opened, len(names)))
+
+
+def _uids_for(path: str, names: list[str]) -> list[str]:
+    return uids_and_sources(path, names)[0]
+
+
+def list_maildir(path: str) -> list[str]:
+    """The message file names of the Maildir at `path` in name order, without
+    taking its lock (for tools that only read)."""
+    return _list(path)[0]
+
+
 def _subdirs_of(names: list[str], in_cur: list[str], in_new: list[str]) -> list[str]:
     """Per name of the sorted listing, "cur" or "new" (of two equal names,
     cur/'s comes first: the sort is stable and cur/ is listed first)."""
@@ -194,23 +256,7 @@ class MaildirMaildrop:
         return total > QUICK_DIR_BYTES
 
     def _list(self) -> tuple[list[str], list[str]]:
-        """Regular files of cur/ and new/ in name order, and the subdirectory of each."""
-        listed: dict[str, list[str]] = {}
-        for sub in _SUBDIRS:
-            directory = os.path.join(self.path, sub)
-            try:
-                with os.scandir(directory) as it:
-                    # is_file/is_symlink answer from the entry's type, no stat
-                    found = [de.name for de in it if de.is_file(follow_symlinks=False) and de.name[0] != "."]
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise MaildropError(f"cannot list {directory}: {exc}") from exc
-            listed[sub] = found
-        in_cur, in_new = listed.get("cur", []), listed.get("new", [])
-        names = in_cur + in_new
-        names.sort()  # stable: of two equal names, cur/'s (listed first) stays first
-        return names, _subdirs_of(names, in_cur, in_new)
+        return _list(self.path)
 
     def _scan(self) -> None:
         names, subdirs = self._list()
@@ -222,8 +268,8 @@ class MaildirMaildrop:
         # UIDs and seen flags come from the names when first asked for. The
         # functions hold the names, not this object: a cycle through it would
         # keep a big listing alive until the garbage collector's next full pass.
-        names = self._names
-        self._infos = MessageList(list(map(int, sizes)), lambda: _uids_of(names), lambda: _seen_of(names))
+        names, path = self._names, self.path
+        self._infos = MessageList(list(map(int, sizes)), lambda: _uids_for(path, names), lambda: _seen_of(names))
 
     def _sizes_one_by_one(self, names: list[str], subdirs: list[str]) -> list[int]:
         """The general case: any name; a file without a `,W=` is read to size it.
