@@ -83,3 +83,11 @@ class QpopperProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
         self._log_file.close()
+
+
+def without_coverage() -> dict[str, str]:
+    """This process's environment minus what makes coverage start in a child
+    Python (CI measures subprocesses): for tests that count which modules a
+    fresh interpreter loads, since coverage itself loads threading, socket,
+    html and pickle."""
+    return {k: v for k, v in os.environ.items() if k not in ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START")}

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import without_coverage
+
 pytestmark = pytest.mark.skipif(ctypes.util.find_library("c") is None or sys.platform != "linux", reason="glibc only")
 
 # Threads allocate C memory (bytes above the small-object limit) at the same
@@ -85,7 +87,7 @@ print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("email", "ht
 
 def test_a_plain_session_loads_no_optional_modules(tmp_path: Path) -> None:
     # Not measured: coverage, which CI starts in every subprocess, would load html and pickle itself.
-    env = {k: v for k, v in os.environ.items() if k != "COVERAGE_PROCESS_CONFIG"}
+    env = without_coverage()
     result = subprocess.run(
         [sys.executable, "-c", _SESSION_PROGRAM, str(tmp_path)],
         capture_output=True, text=True, timeout=60, check=True, env=env,

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from helpers import without_coverage
 from qpopper.auth.credentials import CramMD5
 from qpopper.errors import ResponseCode
 from qpopper.maildrop import MessageInfo
@@ -46,7 +47,10 @@ def _loaded_after(code: str) -> list[str]:
         import sys
         print(" ".join(m for m in {IO_MODULES!r} if m in sys.modules))
     """)
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    # Not measured: coverage, which CI starts in every subprocess, would load threading and socket itself.
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=without_coverage()
+    )
     return out.stdout.split()
 
 
