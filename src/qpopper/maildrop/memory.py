@@ -105,8 +105,9 @@ class MemoryStore:
             self.condition.notify_all()
         return uid
 
-    def open(self, user: str) -> MemoryMaildrop:
-        """Open and POP-lock `user`'s mailbox (MaildropBusy if a session holds it)."""
+    def open(self, user: str, size_delta: int = 0, uid_suffix: str = "") -> MemoryMaildrop:
+        """Open and POP-lock `user`'s mailbox (MaildropBusy if a session
+        holds it); the other arguments are MemoryMaildrop's."""
         with self.condition:
             box = self._mailboxes.setdefault(user, Mailbox())
             if box.locked:
@@ -114,7 +115,7 @@ class MemoryStore:
             box.locked = True
             box.sessions += 1
             self.condition.notify_all()
-            return MemoryMaildrop(self, box, list(box.messages))
+            return MemoryMaildrop(self, box, list(box.messages), size_delta, uid_suffix)
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Block until `predicate()` (called under the store's lock) is true;
@@ -126,13 +127,20 @@ class MemoryStore:
 class MemoryMaildrop:
     """An open session on a `Mailbox`: the snapshot taken at login."""
 
-    def __init__(self, store: MemoryStore, box: Mailbox, snapshot: list[StoredMessage]) -> None:
+    def __init__(
+        self, store: MemoryStore, box: Mailbox, snapshot: list[StoredMessage], size_delta: int = 0, uid_suffix: str = ""
+    ) -> None:
+        """`size_delta` and `uid_suffix` misstate sizes and UIDs on purpose
+        (qpopper.testing's faults); a store opens with neither."""
         self._store = store
         self._box = box
         self._snapshot = snapshot
         self._open = True
-        self._list = MessageList([wire_size(m.data) for m in snapshot], [m.uid for m in snapshot],
-                                 [m.seen for m in snapshot])
+        self._list = MessageList(
+            [max(0, wire_size(m.data) + size_delta) for m in snapshot],
+            [(m.uid + uid_suffix)[-70:] for m in snapshot] if uid_suffix else [m.uid for m in snapshot],
+            [m.seen for m in snapshot],
+        )
 
     def messages(self) -> MessageList:
         """The messages as they were at login."""
