@@ -126,7 +126,10 @@ class StoreUsers(Authenticator, QuickAuthenticator, ScramSecretSource):
         return Principal(credentials.user, self.store.location(credentials.user))
 
     def authenticate_quickly(self, credentials: Credentials) -> Principal | None:
-        """All in memory: answered on the event loop."""
+        """All in memory: answered on the event loop, unless faults are
+        scheduled (then `authenticate` decides, and counts them)."""
+        if self.store.faults:
+            return None
         return self.authenticate(credentials)
 
     def scram_secret(self, user: str, mechanism: str) -> ScramSecret | None:
