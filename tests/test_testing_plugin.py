@@ -124,3 +124,16 @@ def test_the_plugin_loads_by_its_entry_point_under_xdist(tmp_path: Path) -> None
         pytest.skip("qpopper is not installed (its pytest11 entry point is not registered)")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 passed" in result.stdout
+
+
+def test_two_servers_at_once_keep_their_own_transcripts(pop3_server_factory: Callable[..., TestServer]) -> None:
+    first, second = pop3_server_factory(), pop3_server_factory()
+    for server, name in ((first, "gina"), (second, "hank")):
+        server.add_user(name, "pw")
+        client = poplib.POP3(server.host, server.port, timeout=10)
+        client.user(name)
+        client.pass_("pw")
+        client.quit()
+        server.wait_sessions_ended()
+    assert "USER gina" in "\n".join(first.transcript()) and "hank" not in "\n".join(first.transcript())
+    assert "USER hank" in "\n".join(second.transcript()) and "gina" not in "\n".join(second.transcript())

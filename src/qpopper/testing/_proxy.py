@@ -170,6 +170,9 @@ class FaultProxy:
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._sessions: set[_Session] = set()
+        # The proxy's own ports towards the server: the server's trace names
+        # them as the peer, which tells this server's sessions from others'.
+        self.upstream_ports: set[int] = set()
         self._thread = threading.Thread(target=self._loop.run_forever, name="qpopper-fault-proxy", daemon=True)
 
     def start(self) -> None:
@@ -200,6 +203,7 @@ class FaultProxy:
                 writer.close()
                 return
             upstream = await asyncio.open_connection(self.host, port, limit=_LINE_LIMIT)
+            self.upstream_ports.add(int(upstream[1].get_extra_info("sockname")[1]))
             session = _Session(self.plan, (reader, writer), upstream)
             session.raw = tls
             self._sessions.add(session)

@@ -45,9 +45,12 @@ class _Transcripts(logging.Handler):
         self.previous_level = logging.NOTSET
 
     def emit(self, record: logging.LogRecord) -> None:
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        port = getattr(peer, "port", None)
         line = record.getMessage()
         for server in list(self.servers):
-            server.record_trace(line)
+            if port is None or server.serves_peer_port(port):
+                server.record_trace(line)
 
 
 _transcripts = _Transcripts()
@@ -239,6 +242,12 @@ class TestServer:
         """What `user`'s mailbox holds, and what sessions retrieved and deleted."""
         return self.store.state(user)
 
+    def serves_peer_port(self, port: int) -> bool:
+        """True if a session whose peer (as the server sees it) has this
+        port came through this server's proxy."""
+        proxy = self._proxy
+        return proxy is not None and port in proxy.upstream_ports
+
     def record_trace(self, line: str) -> None:
         """Add a line to the transcript (called by the trace handler)."""
         self._transcript.append(line)
@@ -246,8 +255,7 @@ class TestServer:
     def transcript(self) -> list[str]:
         """The sessions' command and reply lines while this server ran
         (passwords, APOP digests and SASL responses masked; a reply shows its
-        first line). Other TestServers running at the same time in this
-        process add their lines too."""
+        first line), this server's sessions only."""
         return list(self._transcript)
 
     def add_fault(self, kind: str, **fields: Any) -> Fault:
