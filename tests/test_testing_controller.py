@@ -54,6 +54,17 @@ def test_options_listen_is_used_and_url_names_it(tmp_path: Path) -> None:
         assert pop.url == f"pop3://127.0.0.1:{pop.port}"
 
 
+def test_host_and_port_are_honoured(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port free a moment ago; loopback, so nobody else takes it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with Controller(authenticator=_auth(tmp_path), host="127.0.0.1", port=port) as pop:
+        assert (pop.host, pop.port) == ("127.0.0.1", port)
+        assert pop.url == f"pop3://127.0.0.1:{port}"
+
+
 def test_login_keeps_the_uid_of_the_process(tmp_path: Path) -> None:
     write_maildir_message(tmp_path / "alice" / "Maildir", b"Subject: one\n\nbody\n")
     uid = os.geteuid()

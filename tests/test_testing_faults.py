@@ -215,3 +215,7 @@ def test_an_unknown_fault_is_refused() -> None:
         Fault("explode")
     with pytest.raises(ValueError, match="login fault's code"):
         Fault("login", code="SYS/PERM")
+    with pytest.raises(ValueError, match="before the client names a user"):
+        Fault("no-apop-stamp", user="alice")
+    with pytest.raises(ValueError, match="sessions is at least 1"):
+        Fault("throttle", bytes=10, sessions=0)

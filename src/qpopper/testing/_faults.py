@@ -52,6 +52,8 @@ KINDS = (
     "no-apop-stamp",
     "drop-before-update",
 )
+# Faults that act before any user is known (the greeting, a TLS handshake).
+_BEFORE_LOGIN = ("tls-fail", "no-apop-stamp")
 FAULT_KINDS = KINDS  # the name qpopper.testing exports
 LOGIN_CODES = tuple(code.value for code in ResponseCode if code is not ResponseCode.SYS_PERM)
 
@@ -78,6 +80,8 @@ class Fault:
             raise ValueError(f"unknown fault kind {self.kind!r}; known: {', '.join(KINDS)}")
         if self.kind == "login" and self.code not in LOGIN_CODES:
             raise ValueError(f"a login fault's code is one of {', '.join(LOGIN_CODES)}, not {self.code!r}")
+        if self.user is not None and self.kind in _BEFORE_LOGIN:
+            raise ValueError(f"a {self.kind} fault acts before the client names a user: give no user")
         if self.sessions is not None and self.sessions < 1:
             raise ValueError("sessions is at least 1 (or None for every session)")
         if self.bytes < 0 or (self.kind == "throttle" and self.bytes < 1):
