@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "extensions": BASE | {"auth", "maildrop", "protocol", "config"},  # config: read the Options they run by
     "server": BASE | {"auth", "maildrop", "protocol", "extensions", "config"},
     "controller": BASE | {"auth", "config", "server"},
+    "testing": BASE | {"auth", "maildrop", "protocol", "extensions", "config", "server", "controller"},
     "daemon": BASE | {"auth", "maildrop", "protocol", "extensions", "config", "server"},
 }
 

@@ -16,6 +16,9 @@ from .secrets import matches_secret
 
 
 class StaticAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource):
+    """Users and clear passwords given as a mapping; each user's maildrop is
+    `mail_location` expanded for them (and `home`, where %u is the name)."""
+
     def __init__(
         self, users: Mapping[str, str], mail_location: str = DEFAULT_LOCATION, home: str | None = None
     ) -> None:

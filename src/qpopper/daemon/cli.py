@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "run as root, or serve virtual users with --passwd-file"
             )
         if inv.inetd:
-            server = Server(options)
+            server = Server(options, per_session_process=True)
             loop = _new_loop(options)
             try:
                 loop.run_until_complete(serve_inetd(server))
@@ -370,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.system_users:
             from .forking import ForkingServer  # only this mode needs it
 
-            system_server = Server(options)
+            system_server = Server(options, per_session_process=True)
             forking = ForkingServer(system_server, listen_fds(), _reloader(system_server, inv))
             forking.bind()
             forking.serve_forever()

@@ -38,4 +38,8 @@ def deliver(
         from .maildir import deliver_to_maildir
 
         return deliver_to_maildir(path, message, uid=uid)
+    if kind == "memory":
+        from .memory import deliver_to_memory
+
+        return deliver_to_memory(path, message, uid=uid)
     raise MaildropError(f"no delivery for maildrop kind {kind!r}", ResponseCode.SYS_PERM)

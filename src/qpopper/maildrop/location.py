@@ -22,8 +22,8 @@ from ..usernames import is_valid_username
 from ._base import Maildrop, MaildropSettings
 
 DEFAULT_LOCATION = "maildir:~/Maildir"
-MaildropKind = Literal["maildir", "mbox"]
-KINDS: tuple[MaildropKind, ...] = ("maildir", "mbox")
+MaildropKind = Literal["maildir", "mbox", "memory"]
+KINDS: tuple[MaildropKind, ...] = ("maildir", "mbox", "memory")  # memory: tests (maildrop/memory.py)
 
 
 class MaildropLocation(NamedTuple):
@@ -94,4 +94,8 @@ def open_maildrop(
         from .mbox import MboxMaildrop
 
         return MboxMaildrop(path, settings or MaildropSettings(), quick=quick)
+    if kind == "memory":
+        from .memory import open_memory
+
+        return open_memory(path)
     raise MaildropError(f"no backend for maildrop kind {kind!r}", ResponseCode.SYS_PERM)

@@ -388,6 +388,8 @@ class Connection:
             self.session.commit_done(ResponseCode.SYS_TEMP)
         else:
             log.info("%s: %s quit, %d deleted", self.peer, self.session.user, len(effect.deleted))
+            if self.services.committed is not None:
+                self.services.committed(self.session.user or "", len(effect.deleted), len(effect.retrieved))
             self.session.commit_done()
         finally:
             self.updating = False

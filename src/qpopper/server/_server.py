@@ -181,10 +181,22 @@ class Server:
         options: Options,
         authenticator: Authenticator | None = None,
         sockets: Iterable[tuple[socket.socket, bool]] = (),
+        per_session_process: bool = False,
     ) -> None:
         """`sockets`: already listening sockets (systemd), each with
-        whether it speaks implicit TLS; otherwise options.listen is bound."""
+        whether it speaks implicit TLS; otherwise options.listen is bound.
+        `per_session_process`: each session runs in a process of its own
+        (forked, or inetd), the only model in which a login may switch
+        the process to the user's uid; system users need it."""
         self.options = options
+        # The uid switch is for the whole process: in a process that serves
+        # more than one session (an embedding test, a worker) it would hand
+        # every other session, and the caller, to the first user.
+        if options.system_users and authenticator is None and not per_session_process:
+            raise ConfigError(
+                "system users switch the process to the user's uid, which only a process per session may do; "
+                "give an authenticator or a passwd-file"
+            )
         base = authenticator if authenticator is not None else make_authenticator(options)
         if options.apop_file:
             from ..auth.apopdb import ApopAuthenticator, ApopDatabase  # an APOP database is optional
@@ -210,6 +222,8 @@ class Server:
             max_workers=min(32, (os.cpu_count() or 1) * 4 + 4), thread_name_prefix="qpopper-blocking"
         )
         self._closed = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no session runs (wait_idle)
+        self._idle.set()
         kerberos = None
         if options.kerberos:
             from ..auth.gssapi_mech import KerberosAcceptor
@@ -379,7 +393,12 @@ class Server:
 
     @property
     def connection_count(self) -> int:
+        """Sessions running now."""
         return len(self._connections)
+
+    async def wait_idle(self) -> None:
+        """Return once no session runs (at once if none does)."""
+        await self._idle.wait()
 
     # ---- connections ------------------------------------------------------
 
@@ -451,6 +470,7 @@ class Server:
             stream.close()
             return
         self._connections[task] = None
+        self._idle.clear()
         self._per_ip[peer.host] += 1
         self._sessions_seen += 1
         try:
@@ -464,3 +484,5 @@ class Server:
                 self._per_ip[peer.host] -= 1
             if self._per_ip.get(peer.host, 0) <= 0:
                 self._per_ip.pop(peer.host, None)
+            if not self._connections:
+                self._idle.set()

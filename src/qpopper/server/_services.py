@@ -53,6 +53,9 @@ class Services:
     drop_privileges: bool = False
     # The Kerberos acceptor when GSSAPI logins are on.
     kerberos: object | None = None
+    # Called after each UPDATE that succeeded, with the user and how many
+    # messages were deleted and retrieved: the embedding Controller's waits.
+    committed: Callable[[str, int, int], None] | None = None
     # The authenticator's optional abilities, found once here (a Protocol
     # isinstance check costs microseconds, too much per login): None where
     # it has not got them.
