@@ -28,7 +28,7 @@ from ..extensions.xmangle.commands import remember_sizes
 from ..extensions.xmangle.spec import MangleSpec
 from ..maildrop import MessageInfo, MessageList
 from . import _capa
-from ._args import PRINTABLE, parse_number
+from ._args import PRINTABLE, parse_number, split_arguments, split_keyword
 from ._commands import COMMANDS, run_macro
 from ._config import SASL_LINE_MAX, ConnectionSecurity, SessionConfig
 from ._context import LineSink
@@ -56,14 +56,16 @@ def _with(marks: AbstractSet[int], index: int) -> set[int]:
 
 def _masked(data: bytes) -> str:
     """A command line for a trace record, passwords hidden."""
-    keyword, _, rest = data.partition(b" ")
+    keyword, rest = split_keyword(data)
     word = keyword.upper()
     if word == b"PASS":
         return "PASS <password>"
+    args = split_arguments(rest) if word in (b"APOP", b"AUTH") else []
+    first = args[0].decode("ascii", "backslashreplace") if args else ""
     if word == b"APOP":
-        return "APOP " + rest.partition(b" ")[0].decode("ascii", "backslashreplace") + " <digest>"
-    if word == b"AUTH" and b" " in rest:
-        return "AUTH " + rest.partition(b" ")[0].decode("ascii", "backslashreplace") + " <initial response>"
+        return "APOP " + first + " <digest>"
+    if word == b"AUTH" and len(args) > 1:
+        return "AUTH " + first + " <initial response>"
     return data.decode("ascii", "backslashreplace")
 
 
@@ -419,7 +421,7 @@ class Session(StateMachine):
             self._dispatch(line, macros=False)
 
     def _dispatch(self, data: bytes, macros: bool = True) -> None:
-        keyword, _, rest = data.partition(b" ")
+        keyword, rest = split_keyword(data)
         keyword = keyword.upper()
         entry = COMMANDS.get(keyword)
         if entry is None:
@@ -437,10 +439,7 @@ class Session(StateMachine):
             if data.translate(None, PRINTABLE):
                 self.bad("Invalid characters in command.")
                 return
-            args = rest.split(b" ") if rest else []
-            if b"" in args or (not rest and data.endswith(b" ")):
-                self.bad("Malformed command: arguments are separated by one space.")
-                return
+            args = split_arguments(rest)
         handler(self, args, data)
 
 
