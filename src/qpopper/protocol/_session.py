@@ -24,8 +24,8 @@ from collections.abc import Set as AbstractSet
 from ..auth import sasl
 from ..auth.credentials import ScramSecret
 from ..errors import ResponseCode
-from ..extensions.xmangle.commands import remember_sizes
-from ..extensions.xmangle.spec import MangleSpec
+from ..extensions.xmangle.commands import remember_sizes, sizes_as_sent
+from ..extensions.xmangle.spec import NO_MIME, MangleSpec
 from ..maildrop import MessageInfo, MessageList
 from . import _capa
 from ._args import PRINTABLE, parse_number, split_arguments, split_keyword
@@ -39,6 +39,10 @@ from ._sasl_driver import SaslExchange
 from ._state import Awaiting, Event, State, StateMachine
 
 _NONE: frozenset[int] = frozenset()
+
+# Stands for the login reply where sizes must be computed before it goes
+# out (-no-mime): no client line can be this, framing refuses NUL.
+_LOGIN_SUMMARY = b"\x00login summary"
 
 _MAILDROP_FAILURES = {
     ResponseCode.IN_USE: "Maildrop is in use by another session.",
@@ -258,7 +262,19 @@ class Session(StateMachine):
         self.fire(Event.LOGGED_IN)
         self._bad_commands = 0
         self._last = 0
-        count, octets = self.visible_totals()
+        self._login_summary()
+
+    def _login_summary(self) -> None:
+        """The login reply. With -no-mime its octets are those STAT and LIST
+        give, the sizes as sent, so they may have to be computed first."""
+        if self.mangle:
+            visible = self.visible()
+            sizes = sizes_as_sent(self, visible, NO_MIME, _LOGIN_SUMMARY)
+            if sizes is None:
+                return  # asked for them; comes back here through _rerun
+            count, octets = len(visible), sum(sizes.values())
+        else:
+            count, octets = self.visible_totals()
         self.reply(ok(drop_summary(self.user, count, octets)))
 
     def maildrop_failed(self, code: ResponseCode) -> None:
@@ -417,7 +433,9 @@ class Session(StateMachine):
 
     def _rerun(self) -> None:
         line, self._pending_line = self._pending_line, None
-        if line is not None:
+        if line == _LOGIN_SUMMARY:
+            self._login_summary()
+        elif line is not None:
             self._dispatch(line, macros=False)
 
     def _dispatch(self, data: bytes, macros: bool = True) -> None:
