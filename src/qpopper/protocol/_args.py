@@ -24,10 +24,13 @@ def split_keyword(line: bytes) -> tuple[bytes, bytes]:
     The keyword ends at the first space or tab. The rest is kept as sent,
     because PASS takes it whole (RFC 1939: a password may hold spaces).
     """
-    for index, byte in enumerate(line):
-        if byte in (0x20, 0x09):
-            return line[:index], line[index + 1 :]
-    return line, b""
+    end = line.find(b" ")
+    tab = line.find(b"\t")  # rare: one more C-level scan, no Python loop
+    if tab >= 0 and (end < 0 or tab < end):
+        end = tab
+    if end < 0:
+        return line, b""
+    return line[:end], line[end + 1 :]
 
 
 def split_arguments(rest: bytes) -> list[bytes]:

@@ -28,12 +28,13 @@ from ..extensions.xmangle.commands import remember_sizes, sizes_as_sent
 from ..extensions.xmangle.spec import NO_MIME, MangleSpec
 from ..maildrop import MessageInfo, MessageList
 from . import _capa
-from ._args import PRINTABLE, parse_number, split_arguments, split_keyword
+from ._args import PASSWORD_BYTES, PRINTABLE, parse_number, split_arguments, split_keyword
 from ._commands import COMMANDS, run_macro
 from ._config import SASL_LINE_MAX, ConnectionSecurity, SessionConfig
 from ._context import LineSink
 from ._effects import Close, Effect, OpenMaildrop, ResolveUids, Send
 from ._framing import LineBuffer, OverlongLine
+from ._lang import ENGLISH, Language, translate
 from ._replies import drop_summary, err, greeting, ok
 from ._sasl_driver import SaslExchange
 from ._state import Awaiting, Event, State, StateMachine
@@ -43,6 +44,10 @@ _NONE: frozenset[int] = frozenset()
 # Stands for the login reply where sizes must be computed before it goes
 # out (-no-mime): no client line can be this, framing refuses NUL.
 _LOGIN_SUMMARY = b"\x00login summary"
+
+# Commands whose arguments may hold a UTF-8 user name, and the bytes allowed there.
+_UTF8_NAME_COMMANDS = frozenset({b"USER", b"APOP"})
+_NAME_BYTES = b"\t" + PASSWORD_BYTES
 
 _MAILDROP_FAILURES = {
     ResponseCode.IN_USE: "Maildrop is in use by another session.",
@@ -79,8 +84,8 @@ class Session(StateMachine):
     # Slots: an idle server holds one per connection.
     __slots__ = (
         "_bad_commands", "_buffer", "_deleted", "_effects", "_eof", "_last", "_pending_line", "_retrieved",
-        "_sink", "config", "kerberos", "macros", "mangle", "mangled_sizes", "messages", "security",
-        "timestamp", "trace", "user",
+        "_sink", "config", "kerberos", "language", "macros", "mangle", "mangled_sizes", "messages", "security",
+        "timestamp", "trace", "user", "utf8",
     )
 
     def __init__(
@@ -100,6 +105,9 @@ class Session(StateMachine):
         self.kerberos: object | None = None
         # The "-no-mime" user-name suffix asks for MIME mangling.
         self.mangle = False
+        # RFC 6856: UTF8 sent; the language of the replies (LANG).
+        self.utf8 = False
+        self.language: Language = ENGLISH
         # Called with each command line as received, secrets masked (-t).
         self.trace: Callable[[str], None] | None = None
         # MDEF's macros and the XMANGLE sizes learnt: None until used.
@@ -253,6 +261,8 @@ class Session(StateMachine):
         self.user = None
         if code is ResponseCode.AUTH:
             self.reply(err("Authentication failed.", code))
+        elif code is ResponseCode.SYS_PERM:
+            self.reply(err("This account cannot be served; please contact support.", code))
         else:
             self.reply(err("Authentication is unavailable, try again later.", code))
 
@@ -317,6 +327,8 @@ class Session(StateMachine):
         return self._last
 
     def reply(self, data: bytes) -> None:
+        if self.language.texts:  # English, the source, has no table: one check
+            data = translate(self.language, data)
         self._effects.append(Send(data))
 
     def emit(self, effect: Effect) -> None:
@@ -454,7 +466,10 @@ class Session(StateMachine):
         if takes_rest:
             args = [rest] if rest else []
         else:
-            if data.translate(None, PRINTABLE):
+            if data.translate(None, PRINTABLE) and not (
+                # RFC 6856 "UTF8 USER": UTF-8 user names in USER and APOP.
+                keyword in _UTF8_NAME_COMMANDS and not rest.translate(None, _NAME_BYTES)
+            ):
                 self.bad("Invalid characters in command.")
                 return
             args = split_arguments(rest)

@@ -39,6 +39,7 @@ from ..logtext import printable
 from ..maildrop import Maildrop, MaildropSettings
 from ..maildrop.location import open_maildrop
 from ..protocol import Authenticate, LookupScramSecret, SaslStep, Session
+from ..usernames import is_valid_username
 from . import _update
 from ._privileges import SpoolPrivilege, check_spool, drop_to_user
 from ._records import SessionRecords, expand_login_template
@@ -55,7 +56,7 @@ def user_option_files(options: Options, principal: Principal) -> list[tuple[str,
     files = []
     if options.user_options and principal.home:
         files.append((os.path.join(principal.home, ".qpopper-options"), Context.USER))
-    if options.spool_options:
+    if options.spool_options and is_valid_username(principal.user):  # a UTF-8 name builds no path
         files.append((os.path.join(options.spool_dir, f".{principal.user}.qpopper-options"), Context.SPOOL))
     return files
 
@@ -138,7 +139,10 @@ class Login:
                     principal = await self.blocking(self.services.authenticator.authenticate, effect.credentials)
         except (AuthUnavailable, MaildropError) as exc:
             log.error("%s: authentication backend failed: %s", self.peer, exc)
-            self.session.auth_failed(ResponseCode.SYS_TEMP)
+            # A maildrop that cannot be named for this account (SYS/PERM) is
+            # no passing outage: say so rather than "try again later".
+            permanent = isinstance(exc, MaildropError) and exc.code is ResponseCode.SYS_PERM
+            self.session.auth_failed(ResponseCode.SYS_PERM if permanent else ResponseCode.SYS_TEMP)
             return
         if principal is not None:
             assert self.services.access is not None
