@@ -200,7 +200,7 @@ def test_missing_spool_is_empty_and_new_mail_survives(tmp_path: Path) -> None:
     md.commit(set(), set())
     md.close()
     assert [number_of(m) for m in contents(spool)] == [1]
-    assert os.path.exists(session_lock_path(spool))
+    assert not os.path.exists(session_lock_path(spool))  # the session lock file goes with the session (issue 21)
 
 
 def test_symlinked_spool_is_refused(tmp_path: Path) -> None:

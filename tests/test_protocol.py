@@ -111,8 +111,8 @@ def test_unknown_command_leaves_state_unchanged() -> None:  # row 6
 
 @pytest.mark.parametrize(
     "command",
-    [b"LIST 1x", b"LIST +1", b"LIST -1", b"LIST 0x1", b"LIST 1 2", b"LIST  1", b"LIST 1 ", b"STAT 1",
-     b"RETR", b"RETR a", b"DELE 99999999999", b"TOP 1", b"TOP 1 -1", b"TOP 1 x", b"NOOP x", b"STAT ",
+    [b"LIST 1x", b"LIST +1", b"LIST -1", b"LIST 0x1", b"LIST 1 2", b"STAT 1",
+     b"RETR", b"RETR a", b"DELE 99999999999", b"TOP 1", b"TOP 1 -1", b"TOP 1 x", b"NOOP x",
      b"UIDL 1\x00", b"RETR \xff"],
 )
 def test_invalid_arguments_get_err_and_nothing_happens(command: bytes) -> None:  # rows 7, 33, 47

@@ -25,9 +25,10 @@ from typing import Any
 
 from ..errors import AuthUnavailable, ConfigError
 from ..maildrop.location import DEFAULT_LOCATION, expand_location
-from ..usernames import is_valid_username
+from ..usernames import is_valid_login_name
 from . import Authenticator, Principal, QuickAuthenticator, ScramSecretSource, UserLookup
 from .credentials import Credentials, ScramSecret, UserPass, Verified
+from .i18n import prepare_password, prepare_username
 from .sasl import scram_secret_from_password
 from .secrets import matches_secret
 
@@ -124,7 +125,9 @@ def verify_password(scheme: str, hashed: str, password: bytes) -> bool:
     """Check `password` against a stored hash of the given scheme."""
     base, _, encoding = scheme.partition(".")
     if base in _PLAINTEXT:
-        return hmac.compare_digest(hashed.encode("utf-8"), password)
+        # A stored UTF-8 password in its prepared form (RFC 8265), as the client's is.
+        stored = hashed.encode("utf-8")
+        return hmac.compare_digest(prepare_password(stored) or stored, password)
     if base in _SCRAM:
         secret = parse_scram_secret(hashed)
         derived = scram_secret_from_password(password, base, secret.salt, secret.iterations)
@@ -157,8 +160,10 @@ def parse_passwd_line(line: str, lineno: int, path: str, default_scheme: str) ->
     if not line.strip() or line.lstrip().startswith("#"):
         return None
     fields = line.split(":", 7)
-    user = fields[0]
-    if not is_valid_username(user):
+    # A UTF-8 name (RFC 6856) is kept in the prepared form the protocol
+    # looks it up by; it reaches no path (see usernames.is_valid_login_name).
+    user = prepare_username(fields[0]) or ""
+    if not is_valid_login_name(user):
         raise ConfigError(f"{path}:{lineno}: invalid user name")
     fields += [""] * (8 - len(fields))
     scheme, hashed = split_scheme(fields[1], default_scheme)

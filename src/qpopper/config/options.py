@@ -37,10 +37,17 @@ class ListenAddress:
 
 
 def parse_listen_address(text: str, default_port: int = 110, tls: bool = False) -> ListenAddress:
-    """qpopper's positional `[address][:port]`, with IPv6 in brackets."""
+    """qpopper's positional `[address][:port]`, with IPv6 in brackets.
+
+    A bare number is a port on every address, as in the manual's own
+    `popper 8110 -S -T600`: no host name is all digits (RFC 1123 names
+    end in a letter-led label), so nothing is lost by reading it so.
+    """
     host: str | None
     port_text = ""
-    if text.startswith("["):
+    if text.isascii() and text.isdigit():
+        host, port_text = None, text
+    elif text.startswith("["):
         end = text.find("]")
         if end < 0:
             raise ConfigError(f"bad listen address {text!r}: missing ']'")
@@ -54,12 +61,24 @@ def parse_listen_address(text: str, default_port: int = 110, tls: bool = False) 
     else:
         host, _, port_text = text.partition(":")
     if port_text:
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
             raise ConfigError(f"bad port in listen address {text!r}")
         port = int(port_text)
     else:
         port = default_port
     return ListenAddress(host or None, port, tls)
+
+
+def doubtful_settings(options: Options) -> list[str]:
+    """Combinations that start but do not do what they seem to ask, one
+    sentence each, for the start-up log (and a configuration check)."""
+    out = []
+    if options.auto_delete and options.announce_expire not in (None, "0"):
+        out.append(
+            f"announce-expire {options.announce_expire} is overridden by auto-delete: "
+            "retrieved mail is deleted at QUIT, so EXPIRE 0 is announced"
+        )
+    return out
 
 
 def _default(name: str) -> Any:

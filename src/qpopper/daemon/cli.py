@@ -29,7 +29,7 @@ from ..auth.cleartext import plaintext_allowed
 from ..auth.sasl import offered_mechanisms
 from ..config.commandline import help_text, long_options, short_options, usage
 from ..config.configfile import Context, read_config
-from ..config.options import ListenAddress, Options, apply_settings, parse_listen_address
+from ..config.options import ListenAddress, Options, apply_settings, doubtful_settings, parse_listen_address
 from ..config.settings import BY_LONG, BY_SWITCH, SETTINGS, Kind, Setting
 from ..errors import ConfigError
 from ..server import Server
@@ -353,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         limit_malloc_arenas()
         for name in options.ignored:
             log.warning("setting %s is accepted for compatibility but has no effect here", name)
+        for doubt in doubtful_settings(options):
+            log.warning("%s", doubt)
         if options.system_users and os.geteuid() != 0:
             raise ConfigError(
                 "system users (PAM, a process per session that switches to the user) need root; "

@@ -93,8 +93,13 @@ def _stderr_is_socket() -> bool:
 
 
 def configure_logging(options: Options, *, foreground: bool) -> None:
+    """The handlers for `options`. A trace file (-t) turns debug logging on,
+    as qpopper's manual says, and receives the debug records; syslog and
+    stderr get them too only when -d asked for them there."""
     root = logging.getLogger("qpopper")
-    root.setLevel(logging.DEBUG if options.debug else logging.INFO)
+    root.setLevel(logging.DEBUG if options.debug or options.trace_file else logging.INFO)
+    # Without -d, debug records brought on by -t go to the trace file only.
+    shared_level = logging.DEBUG if options.debug else logging.INFO
     root.propagate = False
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -108,11 +113,13 @@ def configure_logging(options: Options, *, foreground: bool) -> None:
             pass  # no syslog daemon listens there: records go to the other handlers only
         else:
             syslog.setFormatter(formatter)
+            syslog.setLevel(shared_level)
             root.addHandler(syslog)
     # In inetd mode stderr is usually the client's socket: never write there.
     if (foreground and not _stderr_is_socket()) or _stderr_is_journal():
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(logging.Formatter("%(asctime)s qpopper[%(process)d] %(levelname)s " + RECORD_FORMAT))
+        stream.setLevel(shared_level)
         root.addHandler(stream)
     trace = logging.getLogger(TRACE_LOGGER)
     for handler in list(trace.handlers):
@@ -127,3 +134,7 @@ def configure_logging(options: Options, *, foreground: bool) -> None:
         fh.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(message)s"))
         trace.addHandler(fh)
         trace.setLevel(logging.DEBUG)
+        # Every record of the server, debug ones included, goes there too.
+        records = logging.FileHandler(options.trace_file, mode="a", encoding="utf-8")
+        records.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s " + RECORD_FORMAT))
+        root.addHandler(records)

@@ -18,7 +18,7 @@ import os
 from typing import Literal, NamedTuple
 
 from ..errors import MaildropError, ResponseCode
-from ..usernames import is_valid_username
+from ..usernames import is_valid_login_name, is_valid_username
 from ._base import Maildrop, MaildropSettings
 
 DEFAULT_LOCATION = "maildir:~/Maildir"
@@ -47,7 +47,12 @@ class MaildropLocation(NamedTuple):
 
 
 def expand_location(template: str, user: str, home: str | None) -> str:
-    if not is_valid_username(user):
+    """The template with %u (user), %n (its local part), %d (domain), %h
+    (home) and %% replaced. A name that is not a valid *username* (a UTF-8
+    login name, RFC 6856) is refused wherever it would become part of the
+    path: only a location that names the mailbox without it takes one."""
+    path_safe = is_valid_username(user)
+    if not path_safe and not is_valid_login_name(user):
         raise MaildropError(f"refusing to build a path for user name {user!r}", ResponseCode.SYS_PERM)
     fmt, path = MaildropLocation.parse(template)
     local, _, domain = user.partition("@")
@@ -62,6 +67,8 @@ def expand_location(template: str, user: str, home: str | None) -> str:
             key = path[i + 1]
             if key not in values:
                 raise MaildropError(f"location {template!r} needs %{key}, which {user!r} lacks", ResponseCode.SYS_PERM)
+            if key in "und" and not path_safe:
+                raise MaildropError(f"refusing to build a path for user name {user!r}", ResponseCode.SYS_PERM)
             out.append(values[key])
             i += 2
             continue

@@ -51,6 +51,9 @@ def capabilities(
         caps.append("EXPIRE 0")
     elif config.expire is not None:
         caps.append(f"EXPIRE {config.expire}")
+    # RFC 6856: UTF-8 user names and passwords are taken even before UTF8.
+    caps.append("UTF8 USER" if security.plaintext_allowed or config.apop else "UTF8")
+    caps.append("LANG")
     caps.append("XTND XMIT XLST" if config.xmit else "XTND XLST")
     caps.append("X-MACRO")
     caps.append(manglespec.CAPABILITY)

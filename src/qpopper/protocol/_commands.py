@@ -11,14 +11,16 @@ in `qpopper.extensions` and are named here beside the standard ones.
 from __future__ import annotations
 
 from ..auth.credentials import ApopDigest, UserPass
+from ..auth.i18n import prepare_password, prepare_username
 from ..extensions.xmangle.commands import sizes_as_sent, split_modifier
 from ..extensions.xmangle.spec import NO_MIME
 from ..extensions.xtnd import commands as xtnd
-from ..usernames import is_valid_username
+from ..usernames import is_valid_login_name
 from ._args import PASSWORD_BYTES, parse_number
 from ._capa import cmd_capa
 from ._context import CommandContext, Handler
 from ._effects import Authenticate, Close, Commit, SendMessage, StartTls
+from ._lang import cmd_lang, cmd_utf8
 from ._replies import drop_summary, err, listing, ok
 from ._sasl_driver import cmd_auth
 from ._state import Awaiting, Event, State
@@ -26,17 +28,27 @@ from ._state import Awaiting, Event, State
 # ---- AUTHORIZATION --------------------------------------------------------------
 
 
-def login_name(ctx: CommandContext, raw: str) -> str | None:
-    """qpopper's user-name processing, then validation."""
-    name = raw
+def login_name(ctx: CommandContext, raw: bytes) -> str | None:
+    """qpopper's user-name processing, then validation. A UTF-8 name
+    (RFC 6856) is prepared as RFC 8265 says (`auth.i18n`) and checked by
+    `is_valid_login_name`, which keeps it out of every path."""
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
     if name.lower().endswith("-no-mime"):
         name = name[: -len("-no-mime")]
         ctx.mangle = True
-    if ctx.config.downcase_user:
-        name = name.lower()
     if ctx.config.trim_domain:
         name = name.partition("@")[0]
-    return name if is_valid_username(name) else None
+    if not name.isascii():
+        prepared = prepare_username(name, casefold=ctx.config.downcase_user)
+        if prepared is None:
+            return None
+        name = prepared
+    elif ctx.config.downcase_user:
+        name = name.lower()
+    return name if is_valid_login_name(name) else None
 
 
 def cmd_user(ctx: CommandContext, args: list[bytes], _line: bytes) -> None:
@@ -45,7 +57,7 @@ def cmd_user(ctx: CommandContext, args: list[bytes], _line: bytes) -> None:
         return
     if not ctx.need_args(args, 1, 1):
         return
-    name = login_name(ctx, args[0].decode("ascii"))
+    name = login_name(ctx, args[0])
     if name is None:
         ctx.user = None
         ctx.bad("Invalid user name.")
@@ -67,6 +79,15 @@ def cmd_pass(ctx: CommandContext, args: list[bytes], _line: bytes) -> None:
     if password.translate(None, PASSWORD_BYTES):
         ctx.bad("Invalid characters in password.")
         return
+    if not password.isascii():
+        # RFC 6856: a UTF-8 password is prepared (OpaqueString). Other 8-bit
+        # bytes (a legacy Latin-1 password) pass as sent, unless the client
+        # said UTF8 and so promised UTF-8.
+        prepared = prepare_password(password)
+        if prepared is None and ctx.utf8:
+            ctx.bad("Password is not valid UTF-8.")
+            return
+        password = prepared or password
     ctx.user = user
     ctx.ask(Authenticate(UserPass(user, password)), Awaiting.AUTH)
 
@@ -78,7 +99,10 @@ def cmd_apop(ctx: CommandContext, args: list[bytes], _line: bytes) -> None:
         return
     if not ctx.need_args(args, 2, 2):
         return
-    name = login_name(ctx, args[0].decode("ascii"))
+    name = login_name(ctx, args[0])
+    if not args[1].isascii():
+        ctx.bad("APOP digest must be 32 hexadecimal digits.")
+        return
     digest = args[1].decode("ascii").lower()
     if name is None:
         ctx.bad("Invalid user name.")
@@ -108,6 +132,9 @@ def cmd_stls(ctx: CommandContext, args: list[bytes], _line: bytes) -> None:
         return
     if ctx.security.tls:
         ctx.reply(err("TLS is already active."))
+        return
+    if ctx.utf8:  # RFC 6856 section 2.1: no STLS after UTF8
+        ctx.reply(err("STLS is not allowed after UTF8."))
         return
     if not ctx.security.stls_available:
         ctx.bad("STLS is not available.")
@@ -255,6 +282,8 @@ COMMANDS: dict[bytes, tuple[Handler, frozenset[State], bool]] = {
     b"STLS": (cmd_stls, AUTH_ONLY, False),
     b"AUTH": (cmd_auth, AUTH_ONLY, False),
     b"CAPA": (cmd_capa, BOTH, False),
+    b"UTF8": (cmd_utf8, AUTH_ONLY, False),
+    b"LANG": (cmd_lang, BOTH, False),
     b"STAT": (cmd_stat, TRANSACTION_ONLY, False),
     b"LIST": (cmd_list, TRANSACTION_ONLY, False),
     b"UIDL": (cmd_uidl, TRANSACTION_ONLY, False),

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..maildrop import MessageList
     from ._config import ConnectionSecurity, SessionConfig
     from ._effects import Effect
+    from ._lang import Language
 
 
 class LineSink(Protocol):
@@ -66,6 +67,9 @@ class CommandContext(Protocol):
     # The login name so far (USER, APOP, AUTH), and the "-no-mime" choice.
     user: str | None
     mangle: bool
+    # RFC 6856: UTF-8 mode (the UTF8 command) and the language of replies (LANG).
+    utf8: bool
+    language: Language
     # Kept for qpopper's extensions: MDEF's macros and the XMANGLE sizes
     # learnt from the server, None until the first one.
     macros: dict[bytes, bytes] | None

@@ -24,21 +24,30 @@ from collections.abc import Set as AbstractSet
 from ..auth import sasl
 from ..auth.credentials import ScramSecret
 from ..errors import ResponseCode
-from ..extensions.xmangle.commands import remember_sizes
-from ..extensions.xmangle.spec import MangleSpec
+from ..extensions.xmangle.commands import remember_sizes, sizes_as_sent
+from ..extensions.xmangle.spec import NO_MIME, MangleSpec
 from ..maildrop import MessageInfo, MessageList
 from . import _capa
-from ._args import PRINTABLE, parse_number
+from ._args import PASSWORD_BYTES, PRINTABLE, parse_number, split_arguments, split_keyword
 from ._commands import COMMANDS, run_macro
 from ._config import SASL_LINE_MAX, ConnectionSecurity, SessionConfig
 from ._context import LineSink
 from ._effects import Close, Effect, OpenMaildrop, ResolveUids, Send
 from ._framing import LineBuffer, OverlongLine
+from ._lang import ENGLISH, Language, translate
 from ._replies import drop_summary, err, greeting, ok
 from ._sasl_driver import SaslExchange
 from ._state import Awaiting, Event, State, StateMachine
 
 _NONE: frozenset[int] = frozenset()
+
+# Stands for the login reply where sizes must be computed before it goes
+# out (-no-mime): no client line can be this, framing refuses NUL.
+_LOGIN_SUMMARY = b"\x00login summary"
+
+# Commands whose arguments may hold a UTF-8 user name, and the bytes allowed there.
+_UTF8_NAME_COMMANDS = frozenset({b"USER", b"APOP"})
+_NAME_BYTES = b"\t" + PASSWORD_BYTES
 
 _MAILDROP_FAILURES = {
     ResponseCode.IN_USE: "Maildrop is in use by another session.",
@@ -56,14 +65,16 @@ def _with(marks: AbstractSet[int], index: int) -> set[int]:
 
 def _masked(data: bytes) -> str:
     """A command line for a trace record, passwords hidden."""
-    keyword, _, rest = data.partition(b" ")
+    keyword, rest = split_keyword(data)
     word = keyword.upper()
     if word == b"PASS":
         return "PASS <password>"
+    args = split_arguments(rest) if word in (b"APOP", b"AUTH") else []
+    first = args[0].decode("ascii", "backslashreplace") if args else ""
     if word == b"APOP":
-        return "APOP " + rest.partition(b" ")[0].decode("ascii", "backslashreplace") + " <digest>"
-    if word == b"AUTH" and b" " in rest:
-        return "AUTH " + rest.partition(b" ")[0].decode("ascii", "backslashreplace") + " <initial response>"
+        return "APOP " + first + " <digest>"
+    if word == b"AUTH" and len(args) > 1:
+        return "AUTH " + first + " <initial response>"
     return data.decode("ascii", "backslashreplace")
 
 
@@ -73,8 +84,8 @@ class Session(StateMachine):
     # Slots: an idle server holds one per connection.
     __slots__ = (
         "_bad_commands", "_buffer", "_deleted", "_effects", "_eof", "_last", "_pending_line", "_retrieved",
-        "_sink", "config", "kerberos", "macros", "mangle", "mangled_sizes", "messages", "security",
-        "timestamp", "trace", "user",
+        "_sink", "config", "kerberos", "language", "macros", "mangle", "mangled_sizes", "messages", "security",
+        "timestamp", "trace", "user", "utf8",
     )
 
     def __init__(
@@ -94,6 +105,9 @@ class Session(StateMachine):
         self.kerberos: object | None = None
         # The "-no-mime" user-name suffix asks for MIME mangling.
         self.mangle = False
+        # RFC 6856: UTF8 sent; the language of the replies (LANG).
+        self.utf8 = False
+        self.language: Language = ENGLISH
         # Called with each command line as received, secrets masked (-t).
         self.trace: Callable[[str], None] | None = None
         # MDEF's macros and the XMANGLE sizes learnt: None until used.
@@ -247,6 +261,8 @@ class Session(StateMachine):
         self.user = None
         if code is ResponseCode.AUTH:
             self.reply(err("Authentication failed.", code))
+        elif code is ResponseCode.SYS_PERM:
+            self.reply(err("This account cannot be served; please contact support.", code))
         else:
             self.reply(err("Authentication is unavailable, try again later.", code))
 
@@ -256,7 +272,19 @@ class Session(StateMachine):
         self.fire(Event.LOGGED_IN)
         self._bad_commands = 0
         self._last = 0
-        count, octets = self.visible_totals()
+        self._login_summary()
+
+    def _login_summary(self) -> None:
+        """The login reply. With -no-mime its octets are those STAT and LIST
+        give, the sizes as sent, so they may have to be computed first."""
+        if self.mangle:
+            visible = self.visible()
+            sizes = sizes_as_sent(self, visible, NO_MIME, _LOGIN_SUMMARY)
+            if sizes is None:
+                return  # asked for them; comes back here through _rerun
+            count, octets = len(visible), sum(sizes.values())
+        else:
+            count, octets = self.visible_totals()
         self.reply(ok(drop_summary(self.user, count, octets)))
 
     def maildrop_failed(self, code: ResponseCode) -> None:
@@ -299,6 +327,8 @@ class Session(StateMachine):
         return self._last
 
     def reply(self, data: bytes) -> None:
+        if self.language.texts:  # English, the source, has no table: one check
+            data = translate(self.language, data)
         self._effects.append(Send(data))
 
     def emit(self, effect: Effect) -> None:
@@ -415,11 +445,13 @@ class Session(StateMachine):
 
     def _rerun(self) -> None:
         line, self._pending_line = self._pending_line, None
-        if line is not None:
+        if line == _LOGIN_SUMMARY:
+            self._login_summary()
+        elif line is not None:
             self._dispatch(line, macros=False)
 
     def _dispatch(self, data: bytes, macros: bool = True) -> None:
-        keyword, _, rest = data.partition(b" ")
+        keyword, rest = split_keyword(data)
         keyword = keyword.upper()
         entry = COMMANDS.get(keyword)
         if entry is None:
@@ -434,13 +466,13 @@ class Session(StateMachine):
         if takes_rest:
             args = [rest] if rest else []
         else:
-            if data.translate(None, PRINTABLE):
+            if data.translate(None, PRINTABLE) and not (
+                # RFC 6856 "UTF8 USER": UTF-8 user names in USER and APOP.
+                keyword in _UTF8_NAME_COMMANDS and not rest.translate(None, _NAME_BYTES)
+            ):
                 self.bad("Invalid characters in command.")
                 return
-            args = rest.split(b" ") if rest else []
-            if b"" in args or (not rest and data.endswith(b" ")):
-                self.bad("Malformed command: arguments are separated by one space.")
-                return
+            args = split_arguments(rest)
         handler(self, args, data)
 
 

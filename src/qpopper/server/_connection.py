@@ -298,7 +298,8 @@ class Connection:
                     self._idle = False
                 if self._timed_out:
                     # RFC 1939 autologout: close without a reply, commit nothing.
-                    log.info("%s: timeout (%.0f s) for %s", self.peer, timeout, session.user)
+                    who = f"for {session.user}" if session.authenticated else "before login"
+                    log.info("%s: timeout (%.0f s) %s", self.peer, timeout, who)
                     return
                 if not data:
                     log.info("%s: connection closed", self.peer)

@@ -39,6 +39,7 @@ from ..logtext import printable
 from ..maildrop import Maildrop, MaildropSettings
 from ..maildrop.location import open_maildrop
 from ..protocol import Authenticate, LookupScramSecret, SaslStep, Session
+from ..usernames import is_valid_username
 from . import _update
 from ._privileges import SpoolPrivilege, check_spool, drop_to_user
 from ._records import SessionRecords, expand_login_template
@@ -55,7 +56,7 @@ def user_option_files(options: Options, principal: Principal) -> list[tuple[str,
     files = []
     if options.user_options and principal.home:
         files.append((os.path.join(principal.home, ".qpopper-options"), Context.USER))
-    if options.spool_options:
+    if options.spool_options and is_valid_username(principal.user):  # a UTF-8 name builds no path
         files.append((os.path.join(options.spool_dir, f".{principal.user}.qpopper-options"), Context.SPOOL))
     return files
 
@@ -82,11 +83,20 @@ def read_user_options(options: Options, principal: Principal) -> Options:
         return options
 
 
+def _debug_command(peer: Peer, user: str, line: str) -> None:
+    """A command of a session whose user's option file turned debug on
+    (passwords are masked by the session before this sees the line)."""
+    log.info("debug: %s %s < %s", peer, printable(user), printable(line))
+
+
 class Login:
     """One connection's login, and the user's side of the session after it:
     their principal, their options, the privilege that reaches their spool."""
 
-    __slots__ = ("_background", "options", "peer", "principal", "records", "services", "session", "spool_privilege")
+    __slots__ = (
+        "_background", "options", "peer", "principal", "records", "services", "session", "session_debug",
+        "spool_privilege",
+    )
 
     def __init__(self, services: Services, peer: Peer, session: Session, records: SessionRecords) -> None:
         self.services = services
@@ -97,6 +107,7 @@ class Login:
         self.principal: Principal | None = None
         self.spool_privilege: SpoolPrivilege | None = None
         self._background: set[asyncio.Task[Any]] | None = None  # made by the first one
+        self.session_debug = False  # the user's option file asked for debug records
 
     async def blocking(self, func: Callable[..., T], *args: Any) -> T:
         """`func(*args)` in the server's thread pool."""
@@ -128,7 +139,10 @@ class Login:
                     principal = await self.blocking(self.services.authenticator.authenticate, effect.credentials)
         except (AuthUnavailable, MaildropError) as exc:
             log.error("%s: authentication backend failed: %s", self.peer, exc)
-            self.session.auth_failed(ResponseCode.SYS_TEMP)
+            # A maildrop that cannot be named for this account (SYS/PERM) is
+            # no passing outage: say so rather than "try again later".
+            permanent = isinstance(exc, MaildropError) and exc.code is ResponseCode.SYS_PERM
+            self.session.auth_failed(ResponseCode.SYS_PERM if permanent else ResponseCode.SYS_TEMP)
             return
         if principal is not None:
             assert self.services.access is not None
@@ -181,22 +195,46 @@ class Login:
         options = self.options
         if not (options.drac_host or options.post_login_command or options.post_login_file):
             return
-        task = asyncio.get_running_loop().create_task(
-            self.blocking(
-                functools.partial(
-                    after_login,
-                    drac_host=options.drac_host,
-                    command=options.post_login_command,
-                    file=options.post_login_file,
-                ),
-                user,
-                self.peer.host,
-            )
+        self._beside(
+            functools.partial(
+                after_login,
+                drac_host=options.drac_host,
+                command=options.post_login_command,
+                file=options.post_login_file,
+            ),
+            user,
         )
+
+    def _beside(self, work: Callable[[str, str], None], user: str) -> None:
+        """`work(user, client address)` in a worker thread beside the session."""
+        task = asyncio.get_running_loop().create_task(self.blocking(work, user, self.peer.host))
         if self._background is None:
             self._background = set()
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _apply_user_options(self, before: Options, user: str) -> None:
+        """What a user's option file switched on that acts at login, which
+        has passed by the time the file is read: DRAC (`drac-host`), debug
+        records for this session (`debug`), and the reverse lookup the
+        records need (`statistics`, `timing`)."""
+        options = self.options
+        if options.drac_host and options.drac_host != before.drac_host:
+            self._beside(functools.partial(after_login, drac_host=options.drac_host, command=None, file=None), user)
+        if options.debug and not before.debug:
+            self.session_debug = True
+            self.session.trace = functools.partial(_debug_command, self.peer, user)
+            self.debug("%s: debug records on for %s by their option file", self.peer, user)
+        self.records.want_host_name(options)
+
+    def debug(self, text: str, *args: object) -> None:
+        """A debug record of this session: at the normal level when only the
+        user's option file asked for debugging (the daemon logs no debug
+        records then), so the administrator sees that session's and no other."""
+        if self.session_debug and not log.isEnabledFor(logging.DEBUG):
+            log.info("debug: " + text, *args)
+        else:
+            log.debug(text, *args)
 
     async def wait_background(self, timeout: float) -> None:
         """Let post-login work finish (a session process exits after this)."""
@@ -226,8 +264,11 @@ class Login:
                 return None
             log.debug("%s: now running as uid %d gid %d", self.peer, os.getuid(), os.getgid())
         if self.options.user_options or self.options.spool_options:
-            self.options = await self.blocking(read_user_options, self.options, principal)
-            self.session.config = session_config(self.options)
+            before = self.options
+            self.options = await self.blocking(read_user_options, before, principal)
+            if self.options is not before:
+                self.session.config = session_config(self.options)
+                self._apply_user_options(before, principal.user)
         delay = self.options.announce_login_delay
         if self.options.enforce_login_delay and delay and self.services.login_delays.too_soon(principal.user, delay):
             log.info("%s: %s logged in again within %d s", self.peer, principal.user, delay)
@@ -257,7 +298,7 @@ class Login:
                 return None
         records = self.records
         records.opened = time.monotonic()
-        log.debug("%s: opened %s in %.3f s", self.peer, principal.mail, records.opened - (records.authenticated or 0))
+        self.debug("%s: opened %s in %.3f s", self.peer, principal.mail, records.opened - (records.authenticated or 0))
         if self.options.enforce_login_delay:  # a record per user otherwise kept for nothing
             self.services.login_delays.record(principal.user)
         messages = maildrop.messages()

@@ -45,8 +45,14 @@ def expand_login_template(template: str, user: str, host: str, address: str) -> 
     return "".join(out)
 
 
-def _resolve(address: str) -> tuple[str, set[str]]:
-    name = socket.getnameinfo((address, 0), socket.NI_NAMEREQD)[0]
+def _resolve(address: str) -> tuple[str | None, set[str]]:
+    """(name, its addresses), or (None, set()) if the address has no name."""
+    try:
+        name = socket.getnameinfo((address, 0), socket.NI_NAMEREQD)[0]
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_NONAME:
+            return None, set()
+        raise
     return name, {str(info[4][0]) for info in socket.getaddrinfo(name, None)}
 
 
@@ -58,6 +64,10 @@ async def reverse_lookup(address: str, run_blocking: Callable[..., Any]) -> str:
     try:
         name, addresses = await asyncio.wait_for(run_blocking(_resolve, address), REVERSE_LOOKUP_TIMEOUT)
     except (OSError, TimeoutError, UnicodeError):
+        return address
+    if name is None:
+        # qpopper's manual: a client whose address has no canonical name is warned of.
+        log.warning("client address %s has no canonical host name", printable(address))
         return address
     if address not in addresses:
         log.warning(
@@ -101,17 +111,26 @@ class SessionRecords(SessionTimes):
     a session carries one object for both) and the client's host name,
     asked for only when a record will print it."""
 
-    __slots__ = ("_address", "_host_name")
+    __slots__ = ("_address", "_host_name", "_run")
 
     def __init__(self, options: Options, address: str, run_blocking: Callable[..., Any]) -> None:
         super().__init__()
         self._address = address
+        self._run = run_blocking
         self._host_name: asyncio.Task[str] | None = None
         # The name only appears in the records that ask for it, so a server
         # that writes none of them asks the resolver nothing.
         wants_name = options.statistics or options.timing or bool(options.log_login)
         if options.reverse_lookup and wants_name and address != "local":
             self._host_name = asyncio.get_running_loop().create_task(reverse_lookup(address, run_blocking))
+
+    def want_host_name(self, options: Options) -> None:
+        """Start the lookup now if the session's own options (a user's
+        option file switched `statistics` on) need a name the server's
+        did not."""
+        wants_name = options.statistics or options.timing or bool(options.log_login)
+        if self._host_name is None and options.reverse_lookup and wants_name and self._address != "local":
+            self._host_name = asyncio.get_running_loop().create_task(reverse_lookup(self._address, self._run))
 
     async def host_name(self) -> str:
         """The client's name if the reverse lookup confirmed one."""
