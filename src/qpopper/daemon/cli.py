@@ -56,6 +56,7 @@ class Invocation:
     demo: bool = False
     inetd: bool = False
     show_config: bool = False
+    check_config: bool = False
     version: bool = False
     help: bool = False
     argv: list[str] = field(default_factory=list)
@@ -78,6 +79,7 @@ _MODE_FLAGS = {
     "-i": "inetd", "--inetd": "inetd",
     "--demo": "demo",
     "--show-config": "show_config",
+    "--check-config": "check_config",
 }  # fmt: skip
 
 
@@ -336,9 +338,42 @@ async def _run_daemon(server: Server, demo: bool, reload: Callable[[], None]) ->
     await server.serve_forever()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _check_config(inv: Invocation) -> int:
+    """--check-config: every problem on its own line; 1 on any error, 2 for bad usage."""
+    from .checkconfig import ERROR, Problem, check_options, report
+
     try:
-        inv = parse_command_line(sys.argv[1:] if argv is None else argv)
+        options = build_options(parse_command_line(inv.argv))
+    except ConfigError as exc:
+        if _is_usage_error(exc):
+            raise
+        problems = [Problem(ERROR, None, str(exc))]
+    else:
+        problems = check_options(options)
+    text, status = report(problems)
+    (sys.stderr if status else sys.stdout).write(text)
+    return status
+
+
+def _log_startup_warnings(options: Options) -> None:
+    """What --check-config would say about the files, logged once at start-up."""
+    from .checkconfig import content_problems
+
+    for problem in content_problems(options):
+        log.warning("%s", problem)
+
+
+def _is_usage_error(exc: ConfigError) -> bool:
+    return exc.source is not None and (exc.source.startswith("-") or exc.source == "command line")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if "--check-config" in args:
+            # Parsed again inside, so that a -f file's error is a finding (exit 1), not bad usage.
+            return _check_config(Invocation(argv=args))
+        inv = parse_command_line(args)
         if inv.version:
             print(f"qpopper {__version__} (Python)")
             return 0
@@ -353,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         limit_malloc_arenas()
         for name in options.ignored:
             log.warning("setting %s is accepted for compatibility but has no effect here", name)
+        if not inv.inetd:  # inetd starts a process per connection: the check would run for each
+            _log_startup_warnings(options)
         if options.system_users and os.geteuid() != 0:
             raise ConfigError(
                 "system users (PAM, a process per session that switches to the user) need root; "
@@ -386,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             loop.close()
     except ConfigError as exc:
         print(f"qpopper: {exc}", file=sys.stderr)
-        if exc.source is not None and (exc.source.startswith("-") or exc.source == "command line"):
+        if _is_usage_error(exc) and "--check-config" not in args:
             print(USAGE, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
