@@ -34,7 +34,7 @@ from ..config.settings import BY_LONG, BY_SWITCH, SETTINGS, Kind, Setting
 from ..errors import ConfigError
 from ..server import Server
 from ..server._memory import limit_malloc_arenas
-from .inetd import serve_inetd
+from .inetd import check_inetd_streams, serve_inetd, started_by_inetd
 from .logsetup import configure_logging
 from .systemd import listen_fds, notify
 
@@ -363,6 +363,25 @@ def _log_startup_warnings(options: Options) -> None:
         log.warning("%s", problem)
 
 
+def _settle_inetd(inv: Invocation) -> None:
+    """inetd mode with -i, or without it when inetd handed us a connection and no listener was given
+    (an inetd.conf line written for qpopper's inetd build); then stdin/stdout must be able to carry it."""
+    if not inv.inetd and not (inv.listen or inv.tls_listen or inv.demo) and started_by_inetd():
+        inv.inetd = True
+    if inv.inetd:
+        check_inetd_streams()
+
+
+def _serve_inetd(options: Options) -> None:
+    server = Server(options)
+    loop = _new_loop(options)
+    try:
+        loop.run_until_complete(serve_inetd(server))
+        loop.run_until_complete(server.stop())
+    finally:
+        loop.close()
+
+
 def _is_usage_error(exc: ConfigError) -> bool:
     return exc.source is not None and (exc.source.startswith("-") or exc.source == "command line")
 
@@ -384,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if inv.show_config:
             sys.stdout.write(show_config(options))
             return 0
+        _settle_inetd(inv)
         configure_logging(options, foreground=not inv.inetd)
         limit_malloc_arenas()
         for name in options.ignored:
@@ -396,13 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "run as root, or serve virtual users with --passwd-file"
             )
         if inv.inetd:
-            server = Server(options)
-            loop = _new_loop(options)
-            try:
-                loop.run_until_complete(serve_inetd(server))
-                loop.run_until_complete(server.stop())
-            finally:
-                loop.close()
+            _serve_inetd(options)
             return 0
         if options.system_users:
             from .forking import ForkingServer  # only this mode needs it
