@@ -97,9 +97,12 @@ def test_a_certificate_without_its_key_and_a_mismatched_key(tmp_path: Path) -> N
 
 
 def test_a_bad_tls_version_is_an_error_without_a_certificate(tmp_path: Path) -> None:
-    result = check(*virtual(tmp_path, ["a:{PLAIN}b"]), "--tls-version=TLSv9")
+    conf = tmp_path / "qpopper.conf"
+    conf.write_text("set tls-version = TLSv9\n")
+    result = check("-f", str(conf), *virtual(tmp_path, ["a:{PLAIN}b"]))
     assert result.returncode == 1
-    assert "unknown tls-version 'TLSv9'" in result.stderr
+    assert f"{conf}:1: tls-version must be default, TLSv1.2, TLSv1.3" in result.stderr
+    assert check("--tls-version=TLSv9").returncode == 2  # on the command line: bad usage
 
 
 def test_an_address_in_use_is_named(tmp_path: Path) -> None:

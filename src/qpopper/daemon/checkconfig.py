@@ -130,14 +130,9 @@ def content_problems(options: Options) -> list[Problem]:
 
 
 def _tls_problems(options: Options) -> list[Problem]:
-    from ..server._tls import build_context, minimum_version
+    from ..server._tls import build_context
 
     problems: list[Problem] = []
-    if options.tls_version.lower() != "default":
-        try:
-            minimum_version(options.tls_version)
-        except ConfigError as exc:
-            problems.append(Problem(ERROR, options.source_of("tls_version"), str(exc)))
     if options.tls_configured:
         try:
             build_context(options)
