@@ -64,12 +64,13 @@ def test_a_connected_socket_on_stdin_is_served(
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-def test_minus_i_on_a_unix_socketpair_still_works(passwd: Path, loop: list[str]) -> None:
+@pytest.mark.parametrize("flags", [pytest.param([], id="no -i"), pytest.param(["-i"], id="-i")])
+def test_a_unix_socketpair_on_stdin_is_served(passwd: Path, loop: list[str], flags: list[str]) -> None:
     ours, theirs = socket.socketpair()
     with (
         ours,
         subprocess.Popen(
-            [*QPOPPER, "-i", *loop, "--passwd-file", str(passwd)], stdin=theirs.fileno(), stdout=theirs.fileno()
+            [*QPOPPER, *flags, *loop, "--passwd-file", str(passwd)], stdin=theirs.fileno(), stdout=theirs.fileno()
         ) as proc,
     ):
         theirs.close()

@@ -20,14 +20,12 @@ from ..server._server import Server, accepted_socket_stream
 from ..server._stream import PopStream
 
 
-def _is_connected_tcp(fd: int) -> bool:
+def _is_connected_stream(fd: int) -> bool:
     try:
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             return False
         with socket.socket(fileno=os.dup(fd)) as sock:
-            # TCP only: sshd hands a command a Unix socketpair as stdin, and
-            # `ssh host qpopper` must still start a listener.
-            if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+            if sock.type != socket.SOCK_STREAM:
                 return False
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                 return False
@@ -38,9 +36,10 @@ def _is_connected_tcp(fd: int) -> bool:
 
 
 def started_by_inetd() -> bool:
-    """stdin is a connected TCP socket: inetd (or xinetd, or systemd
-    Accept=yes) handed us one connection, with or without -i."""
-    return _is_connected_tcp(0)
+    """stdin is a connected stream socket (TCP, or a Unix socket inetd or
+    systemd Accept=yes handed over): one connection, with or without -i.
+    A listening socket (systemd Accept=no passes those as LISTEN_FDS) is not."""
+    return _is_connected_stream(0)
 
 
 def _kind(fd: int) -> str:
