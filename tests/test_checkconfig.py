@@ -138,3 +138,11 @@ def test_the_daemon_logs_the_same_warnings_at_start_up(tmp_path: Path) -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def test_a_malformed_apop_database_is_named_by_line(tmp_path: Path) -> None:
+    apop = tmp_path / "pop.auth"
+    apop.write_text("alice:{PLAIN}secret\nbob has no colon\n")
+    result = check(*virtual(tmp_path, ["alice:{PLAIN}pw"]), "--apop-file", str(apop))
+    assert result.returncode == 1
+    assert f"{apop}:2: expected user:{{PLAIN}}secret" in result.stderr
