@@ -37,6 +37,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag((), "demo", None, "serve a demo user and Maildir from ./qpopper-demo, with a throwaway certificate"),
     Flag((), "show-config", None,
          "print every setting, its value and where it came from (default, file:line, switch), then exit"),
+    Flag((), "check-config", None,
+         "load the passwd-file, APOP database, certificates and listen addresses as the daemon would; "
+         "print each problem, exit 1 on any error"),
     Flag((), "tls-listen", "[address][:port]", "an extra listener speaking implicit TLS (port 995 unless given)"),
     Flag((), "help", None, "print every option in one line, with its default, then exit"),
 )

@@ -102,10 +102,13 @@ def _bool(setting: Setting, text: str) -> object:
         return True
     if word in ("false", "no", "off"):
         return False
-    number = _int(setting, text)
+    try:
+        number = _int(setting, text)
+    except ValueError:
+        number = None
     if number in (0, 1):
         return bool(number)
-    raise ValueError(f"expected true, false, 1 or 0, not {text!r}")
+    raise ValueError(f"expected true, false, 1 or 0 (or yes/no, on/off), not {text!r}")
 
 
 def _int(setting: Setting, text: str) -> int:
@@ -218,6 +221,20 @@ def _hash_method(setting: Setting, value: object, where: str) -> object:
     if value not in (0, 1, 2):
         raise _refuse(setting, where, "must be 0, 1 or 2")
     return value
+
+
+# tls-version's names (server/_tls.py maps them to protocol versions): the
+# current ones, and qpopper 4.x's older ones, which mean TLS 1.2 here.
+TLS_VERSION_NAMES = ("default", "TLSv1.2", "TLSv1.3")
+LEGACY_TLS_VERSION_NAMES = ("SSLv2", "SSLv3", "SSLv23", "TLSv1", "TLSv1.0", "TLSv1.1", "all")
+
+
+def _tls_version(setting: Setting, value: object, where: str) -> object:
+    known = {name.lower() for name in TLS_VERSION_NAMES + LEGACY_TLS_VERSION_NAMES}
+    if str(value).strip().lower() not in known:
+        names = ", ".join(TLS_VERSION_NAMES)
+        raise _refuse(setting, where, f"must be {names} (or an older qpopper name), not {value!r}")
+    return str(value).strip()
 
 
 def _temp_drop_name(setting: Setting, value: object, where: str) -> object:
@@ -341,7 +358,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls-support", "tls_support", M, "none, stls, or alternate-port (implicit TLS)", INIT, "-l",
             mnemonics=_TLS_SUPPORT),
     Setting("tls-version", "tls_version", S, "minimum TLS version: TLSv1.2 or TLSv1.3; older names mean TLSv1.2", INIT,
-            default="default"),
+            default="default", check=_tls_version),
     Setting("tls-workarounds", None, B, "OpenSSL SSL_OP_ALL", U, ignored=_C_ONLY),
     Setting("tracefile", "trace_file", S, "append every command and reply here (passwords masked)", INIT, "-t",
             check=_empty_is_unset),

@@ -34,7 +34,7 @@ from ..config.settings import BY_LONG, BY_SWITCH, SETTINGS, Kind, Setting
 from ..errors import ConfigError
 from ..server import Server
 from ..server._memory import limit_malloc_arenas
-from .inetd import serve_inetd
+from .inetd import check_inetd_streams, serve_inetd, started_by_inetd
 from .logsetup import configure_logging
 from .systemd import listen_fds, notify
 
@@ -56,6 +56,7 @@ class Invocation:
     demo: bool = False
     inetd: bool = False
     show_config: bool = False
+    check_config: bool = False
     version: bool = False
     help: bool = False
     argv: list[str] = field(default_factory=list)
@@ -78,6 +79,7 @@ _MODE_FLAGS = {
     "-i": "inetd", "--inetd": "inetd",
     "--demo": "demo",
     "--show-config": "show_config",
+    "--check-config": "check_config",
 }  # fmt: skip
 
 
@@ -336,9 +338,68 @@ async def _run_daemon(server: Server, demo: bool, reload: Callable[[], None]) ->
     await server.serve_forever()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _check_config(inv: Invocation) -> int:
+    """--check-config: every problem on its own line; 1 on any error, 2 for bad usage."""
+    from .checkconfig import ERROR, Problem, check_options, report
+
     try:
-        inv = parse_command_line(sys.argv[1:] if argv is None else argv)
+        options = build_options(parse_command_line(inv.argv))
+    except ConfigError as exc:
+        if _is_usage_error(exc):
+            raise
+        problems = [Problem(ERROR, None, str(exc))]
+    else:
+        problems = check_options(options)
+    text, status = report(problems)
+    (sys.stderr if status else sys.stdout).write(text)
+    return status
+
+
+def _log_startup_warnings(options: Options, *, inetd: bool) -> None:
+    """Settings that do nothing or contradict each other, and what --check-config would say
+    about the files (not in inetd mode: a process per connection would check them each time)."""
+    for name in options.ignored:
+        log.warning("setting %s is accepted for compatibility but has no effect here", name)
+    for doubt in doubtful_settings(options):
+        log.warning("%s", doubt)
+    if inetd:
+        return
+    from .checkconfig import content_problems
+
+    for problem in content_problems(options):
+        log.warning("%s", problem)
+
+
+def _settle_inetd(inv: Invocation) -> None:
+    """inetd mode with -i, or without it when inetd handed us a connection and no listener was given
+    (an inetd.conf line written for qpopper's inetd build); then stdin/stdout must be able to carry it."""
+    if not inv.inetd and not (inv.listen or inv.tls_listen or inv.demo) and started_by_inetd():
+        inv.inetd = True
+    if inv.inetd:
+        check_inetd_streams()
+
+
+def _serve_inetd(options: Options) -> None:
+    server = Server(options, per_session_process=True)
+    loop = _new_loop(options)
+    try:
+        loop.run_until_complete(serve_inetd(server))
+        loop.run_until_complete(server.stop())
+    finally:
+        loop.close()
+
+
+def _is_usage_error(exc: ConfigError) -> bool:
+    return exc.source is not None and (exc.source.startswith("-") or exc.source == "command line")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if "--check-config" in args:
+            # Parsed again inside, so that a -f file's error is a finding (exit 1), not bad usage.
+            return _check_config(Invocation(argv=args))
+        inv = parse_command_line(args)
         if inv.version:
             print(f"qpopper {__version__} (Python)")
             return 0
@@ -349,25 +410,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if inv.show_config:
             sys.stdout.write(show_config(options))
             return 0
+        _settle_inetd(inv)
         configure_logging(options, foreground=not inv.inetd)
         limit_malloc_arenas()
-        for name in options.ignored:
-            log.warning("setting %s is accepted for compatibility but has no effect here", name)
-        for doubt in doubtful_settings(options):
-            log.warning("%s", doubt)
+        _log_startup_warnings(options, inetd=inv.inetd)
         if options.system_users and os.geteuid() != 0:
             raise ConfigError(
                 "system users (PAM, a process per session that switches to the user) need root; "
                 "run as root, or serve virtual users with --passwd-file"
             )
         if inv.inetd:
-            server = Server(options, per_session_process=True)
-            loop = _new_loop(options)
-            try:
-                loop.run_until_complete(serve_inetd(server))
-                loop.run_until_complete(server.stop())
-            finally:
-                loop.close()
+            _serve_inetd(options)
             return 0
         if options.system_users:
             from .forking import ForkingServer  # only this mode needs it
@@ -388,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             loop.close()
     except ConfigError as exc:
         print(f"qpopper: {exc}", file=sys.stderr)
-        if exc.source is not None and (exc.source.startswith("-") or exc.source == "command line"):
+        if _is_usage_error(exc) and "--check-config" not in args:
             print(USAGE, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,6 +1,11 @@
 """inetd mode: one session on stdin/stdout, as inetd, xinetd and systemd
 `Accept=yes` units run it. stdin is normally the connected socket; plain
-pipes (a test harness, ssh) work too."""
+pipes (a test harness, ssh) and a terminal work too.
+
+qpopper chose inetd or standalone when it was built, so inetd.conf lines
+written for it carry no `-i`: `started_by_inetd` recognises that start
+(a connected socket on stdin) so those lines keep working.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,64 @@ import socket
 import stat
 import sys
 
+from ..errors import ConfigError
 from ..server._server import Server, accepted_socket_stream
 from ..server._stream import PopStream
+
+
+def _is_connected_stream(fd: int) -> bool:
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            if sock.type != socket.SOCK_STREAM:
+                return False
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                return False
+            sock.getpeername()
+    except OSError:  # closed, not a socket, or not connected
+        return False
+    return True
+
+
+def started_by_inetd() -> bool:
+    """stdin is a connected stream socket (TCP, or a Unix socket inetd or
+    systemd Accept=yes handed over): one connection, with or without -i.
+    A listening socket (systemd Accept=no passes those as LISTEN_FDS) is not."""
+    return _is_connected_stream(0)
+
+
+def _kind(fd: int) -> str:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return "closed"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    return "not a socket or pipe"
+
+
+def _usable(fd: int) -> bool:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode) or os.isatty(fd)
+
+
+def check_inetd_streams() -> None:
+    """One clear line for stdin/stdout that cannot carry a session (a
+    regular file, /dev/null), before the event loop fails on them."""
+    for fd, name in ((0, "standard input"), (1, "standard output")):
+        if not _usable(fd):
+            raise ConfigError(
+                f"inetd mode needs a connected socket or a pipe on {name}, which is {_kind(fd)}; "
+                "to listen on a port, give an address (e.g. :110) instead of -i"
+            )
 
 
 class _PipeReader(asyncio.Protocol):

@@ -34,12 +34,21 @@ USAGE = (
 
 
 class UsageError(Exception):
-    pass
+    """Bad usage: exit 2, with the usage unless the message says all there is to say."""
+
+    def __init__(self, message: str, show_usage: bool = True) -> None:
+        super().__init__(message)
+        self.show_usage = show_usage
 
 
 def _ask_secret() -> str:
     if not sys.stdin.isatty():
         line = sys.stdin.readline()
+        if not line:  # end of input at once: a script or cron job with nothing to give
+            raise UsageError(
+                "no secret given and no terminal to ask on: give it as an argument or a line on stdin",
+                show_usage=False,
+            )
         return line.rstrip("\r\n")
     first = getpass.getpass("New APOP secret: ")
     second = getpass.getpass("Again: ")
@@ -92,6 +101,8 @@ def _init(database: ApopDatabase, rest: list[str], caller: str, privileged: bool
 def _list(database: ApopDatabase, rest: list[str], caller: str, privileged: bool) -> None:
     if len(rest) > 1:
         raise UsageError("-list takes at most one user name")
+    if not os.path.exists(database.path):
+        raise ConfigError(f"{database.path} does not exist (run popauth -init first)")
     users = sorted(database.load())
     if rest:
         _require(privileged or rest[0] == caller, "you may only look up your own entry")
@@ -146,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
-        print(f"popauth: {exc}\n{USAGE}", file=sys.stderr)
+        print(f"popauth: {exc}\n{USAGE}" if exc.show_usage else f"popauth: {exc}", file=sys.stderr)
         return 2
     except PermissionError as exc:
         print(f"popauth: {exc.strerror or exc}", file=sys.stderr)

@@ -52,6 +52,15 @@ def _readable(path: str, what: str) -> None:
         raise ConfigError(f"{what} {path}: {exc.strerror}") from exc
 
 
+def _has_private_key(path: str) -> bool:
+    """Whether a PEM file holds a key: OpenSSL's own word for its absence is "PEM lib"."""
+    try:
+        with open(path, "rb") as f:
+            return b"PRIVATE KEY-----" in f.read()
+    except OSError:
+        return True  # unreadable now: let the original error speak
+
+
 def _load_chain(ctx: ssl.SSLContext, options: Options) -> None:
     assert options.tls_cert_file is not None
     cert = options.tls_cert_file
@@ -77,6 +86,9 @@ def _load_chain(ctx: ssl.SSLContext, options: Options) -> None:
             raise ConfigError(
                 f"tls-private-key-file {key} does not match the certificate {options.tls_cert_file}"
             ) from exc
+        if not _has_private_key(key):
+            missing = "tls-private-key-file" if options.tls_key_file else "no tls-private-key-file is set and it"
+            raise ConfigError(f"{key} has no private key ({missing} must hold the PEM key)") from exc
         raise ConfigError(f"cannot load certificate {options.tls_cert_file} / key {key}: {exc.reason or exc}") from exc
     finally:
         if combined is not None:
