@@ -128,6 +128,21 @@ def test_a_config_file_error_is_exit_1_and_bad_usage_exit_2(tmp_path: Path) -> N
     assert result.stderr.startswith("qpopper: option --no-such-switch not recognized")
 
 
+def test_every_config_file_error_is_reported_included_files_too(tmp_path: Path) -> None:
+    included = tmp_path / "more.conf"
+    included.write_text("set shy\nset not-an-option-either = 0\n")
+    conf = tmp_path / "qpopper.conf"
+    conf.write_text(
+        f"set timeout = 600\nset no-such-thing = 1\nset timeout = abc\nwhat is this\nset config-file = {included}\n"
+    )
+    result = check(f"-f{conf}", *virtual(tmp_path, ["alice:{PLAIN}pw::::::"]))
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert [line.split(": error: ")[1].split(": ")[0] for line in lines] == [
+        f"{conf}:2", f"{conf}:3", f"{conf}:4", f"{included}:2",
+    ], result.stderr
+
+
 def test_the_daemon_logs_the_same_warnings_at_start_up(tmp_path: Path) -> None:
     args = virtual(tmp_path, ["alice:{PLAIN}one", "alice:{PLAIN}two"])
     with subprocess.Popen([*QPOPPER, "--no-use-uvloop", *args], stderr=subprocess.PIPE, text=True) as proc:

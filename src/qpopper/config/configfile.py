@@ -146,15 +146,18 @@ def read_config(
     context: Context = Context.INIT,
     *,
     opener: Callable[[str], str] | None = None,
+    problems: list[ConfigError] | None = None,
     _depth: int = 0,
     _seen: tuple[str, ...] = (),
 ) -> list[Assignment]:
     """Parse one file (and the files it includes) into assignments.
 
-    In INIT context the first error raises ConfigError naming file:line.
-    In the user contexts errors and refused options are logged and skipped.
-    `opener` reads a file's text (the server passes one that opens user
-    files as the user); by default the file is read directly.
+    In INIT context the first error raises ConfigError naming file:line,
+    unless `problems` is given: then every error is appended to it and the
+    parse goes on (`--check-config` reports them all). In the user contexts
+    errors and refused options are logged and skipped. `opener` reads a
+    file's text (the server passes one that opens user files as the user);
+    by default the file is read directly.
     """
     if _depth >= MAX_DEPTH:
         raise ConfigError(f"{path}: config-file includes nested more than {MAX_DEPTH} deep")
@@ -171,11 +174,14 @@ def read_config(
     for lineno, line in enumerate(text.splitlines(), 1):
         where = f"{path}:{lineno}"
         try:
-            out.extend(_line(line, where, context, opener, _depth, (*_seen, real)))
+            out.extend(_line(line, where, context, opener, problems, _depth, (*_seen, real)))
         except ConfigError as exc:
-            if context is Context.INIT:
+            if context is Context.INIT and problems is None:
                 raise
-            log.warning("%s: ignored: %s", context.value, exc)
+            if problems is not None:
+                problems.append(exc)
+            else:
+                log.warning("%s: ignored: %s", context.value, exc)
     return out
 
 
@@ -189,6 +195,7 @@ def _line(
     where: str,
     context: Context,
     opener: Callable[[str], str] | None,
+    problems: list[ConfigError] | None,
     depth: int,
     seen: tuple[str, ...],
 ) -> list[Assignment]:
@@ -209,7 +216,7 @@ def _line(
     if setting.name == "config-file":
         if value is None:
             raise ConfigError(f"{where}: config-file needs '= path'")
-        return read_config(value, context, opener=opener, _depth=depth + 1, _seen=seen)
+        return read_config(value, context, opener=opener, problems=problems, _depth=depth + 1, _seen=seen)
     if value is None:
         if setting.kind is not Kind.BOOL:
             raise ConfigError(f"{where}: option {setting.name} needs '= value'")

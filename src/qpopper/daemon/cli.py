@@ -347,12 +347,36 @@ def _check_config(inv: Invocation) -> int:
     except ConfigError as exc:
         if _is_usage_error(exc):
             raise
-        problems = [Problem(ERROR, None, str(exc))]
+        # A config file's error: read the files again collecting every error, not only the first.
+        found = [error for path in _config_files(inv.argv) for error in _config_file_errors(path)]
+        problems = [Problem(ERROR, None, str(error)) for error in found or [exc]]
     else:
         problems = check_options(options)
     text, status = report(problems)
     (sys.stderr if status else sys.stdout).write(text)
     return status
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    """The -f / --config-file paths of a command line, in order."""
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg in ("-f", "--config-file") and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config-file="):
+            paths.append(arg.partition("=")[2])
+        elif arg.startswith("-f") and len(arg) > 2 and not arg.startswith("--"):
+            paths.append(arg[2:])
+    return paths
+
+
+def _config_file_errors(path: str) -> list[ConfigError]:
+    errors: list[ConfigError] = []
+    try:
+        read_config(path, Context.INIT, problems=errors)
+    except ConfigError as exc:  # the file itself: unreadable, not UTF-8, included in a loop
+        errors.append(exc)
+    return errors
 
 
 def _log_startup_warnings(options: Options, *, inetd: bool) -> None:
