@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from pathlib import Path
 
 from qpopper.daemon.logsetup import SyslogHandler
@@ -46,6 +47,40 @@ def test_syslogd_restart_and_absence(tmp_path: Path) -> None:
         syslogd = _listener(path)  # a restarted syslogd binds a new socket
         handler.emit(_record(logging.WARNING, "found"))
         assert syslogd.recv(4096) == b"<132>x: found"
+    finally:
+        handler.close()
+        syslogd.close()
+
+
+def test_a_syslogd_that_stops_reading_never_blocks_the_server(tmp_path: Path) -> None:
+    path = tmp_path / "log.sock"
+    syslogd = _listener(path)  # bound, never read until the end: its queue fills up
+    handler = SyslogHandler(str(path), 2, "q: ")
+    try:
+        done = threading.Event()
+
+        def flood() -> None:
+            for n in range(20_000):
+                handler.emit(_record(logging.INFO, f"record {n} " + "x" * 200))
+            done.set()
+
+        threading.Thread(target=flood, daemon=True).start()
+        assert done.wait(60), "emit blocked on a full syslog queue"  # a hang detector, not a speed test
+        assert handler.dropped > 0
+        received = 0
+        syslogd.setblocking(False)
+        while True:
+            try:
+                syslogd.recv(4096)
+                received += 1
+            except BlockingIOError:
+                break
+        syslogd.settimeout(5)
+        assert 0 < received < 20_000
+        handler.emit(_record(logging.WARNING, "after"))
+        note = b"after (%d earlier records dropped: syslogd was not reading)" % (20_000 - received)
+        assert syslogd.recv(4096).endswith(note)
+        assert handler.dropped == 0
     finally:
         handler.close()
         syslogd.close()

@@ -35,6 +35,11 @@ class SyslogHandler(logging.Handler):
     The stdlib's SysLogHandler would do, but its module also loads pickle
     and friends, about 0.7 MB that a daemon holding thousands of sessions
     keeps for its whole life.
+
+    The socket is non-blocking: a syslogd that stops reading fills its
+    queue, and a blocking send would then freeze the event loop and every
+    session with it. Records that find the queue full are dropped and
+    counted; the next record that gets through says how many.
     """
 
     def __init__(self, address: str, facility: int, ident: str) -> None:
@@ -42,6 +47,7 @@ class SyslogHandler(logging.Handler):
         self.address = address
         self.facility = facility
         self.ident = ident
+        self.dropped = 0
         self._socket = self._connect()
 
     def _connect(self) -> socket.socket:
@@ -51,22 +57,32 @@ class SyslogHandler(logging.Handler):
         except OSError:
             sock.close()
             raise
+        sock.setblocking(False)
         return sock
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             severity = _SEVERITIES.get(record.levelno, 4)
-            data = f"<{self.facility * 8 + severity}>{self.ident}{self.format(record)}".encode("utf-8", "replace")
+            text = self.format(record)
+            if self.dropped:
+                text += f" ({self.dropped} earlier records dropped: syslogd was not reading)"
+            data = f"<{self.facility * 8 + severity}>{self.ident}{text}".encode("utf-8", "replace")
         except Exception:  # noqa: BLE001 - as Handler.emit does: a bad record goes to handleError
             self.handleError(record)
             return
         try:
             self._socket.send(data)
+            self.dropped = 0
+        except BlockingIOError:  # syslogd's queue is full: drop rather than stall every session
+            self.dropped += 1
         except OSError:  # syslogd restarted: its socket is a new one
             try:
                 self._socket.close()
                 self._socket = self._connect()
                 self._socket.send(data)
+                self.dropped = 0
+            except BlockingIOError:
+                self.dropped += 1
             except OSError:
                 pass  # no syslogd: the record is lost, as with syslog(3)
 
