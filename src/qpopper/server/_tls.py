@@ -15,17 +15,20 @@ import os
 import ssl
 
 from ..config.options import Options
+from ..config.settings import LEGACY_TLS_VERSION_NAMES, TLS_VERSION_NAMES
 from ..errors import ConfigError
 
 log = logging.getLogger("qpopper.tls")
 
+# The names are the settings registry's (config/settings.py); this maps them to protocols.
 _MINIMUM_VERSIONS = {
     "default": ssl.TLSVersion.TLSv1_2,
     "tlsv1.2": ssl.TLSVersion.TLSv1_2,
     "tlsv1.3": ssl.TLSVersion.TLSv1_3,
 }
+assert set(_MINIMUM_VERSIONS) == {name.lower() for name in TLS_VERSION_NAMES}
 # qpopper 4.x names that asked for older protocols than we will speak.
-_LEGACY_VERSIONS = {"sslv2", "sslv3", "tlsv1", "sslv23", "all", "tlsv1.0", "tlsv1.1"}
+_LEGACY_VERSIONS = {name.lower() for name in LEGACY_TLS_VERSION_NAMES}
 TLS_VERSIONS = sorted(_MINIMUM_VERSIONS) + sorted(_LEGACY_VERSIONS)
 # TLS 1.2 suites offered unless tls-cipher-list says otherwise: forward
 # secret and AEAD only. Python's own default adds the CBC suites with
