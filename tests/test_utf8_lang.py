@@ -4,6 +4,7 @@ switching mid-session), on a real daemon; 8-bit headers come back as stored."""
 
 from __future__ import annotations
 
+import base64
 import socket
 import unicodedata
 from collections.abc import Iterator
@@ -90,6 +91,27 @@ def test_a_utf8_name_and_password_log_in_through_the_passwd_file(daemon: Qpopper
     assert status.startswith(b"+OK")
     assert b"".join(body) == EIGHT_BIT.replace(b"\n", b"\r\n")  # 8-bit headers as stored
     assert wire.cmd(b"QUIT").startswith(b"+OK")
+    wire.close()
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_a_utf8_name_and_password_log_in_through_sasl(daemon: QpopperProcess, mechanism: str) -> None:
+    wire = Wire(daemon.port)
+    if mechanism == "PLAIN":  # authzid equal to the user, sent in the other normal form
+        token = base64.b64encode(NAME.encode() + b"\0" + nfd(NAME) + b"\0" + nfd(PASSWORD))
+        reply = wire.cmd(b"AUTH PLAIN " + token)
+    else:
+        assert wire.cmd(b"AUTH LOGIN").startswith(b"+ ")
+        assert wire.cmd(base64.b64encode(nfd(NAME))).startswith(b"+ ")
+        reply = wire.cmd(base64.b64encode(nfd(PASSWORD)))
+    assert reply.startswith(b"+OK"), reply
+    status, body = wire.multi(b"RETR 1")
+    assert status.startswith(b"+OK") and b"".join(body) == EIGHT_BIT.replace(b"\n", b"\r\n")
+    assert wire.cmd(b"QUIT").startswith(b"+OK")
+    wire.close()
+    wire = Wire(daemon.port)  # and a wrong password still fails
+    token = base64.b64encode(b"\0" + nfd(NAME) + b"\0" + "passwörd".encode())
+    assert wire.cmd(b"AUTH PLAIN " + token).startswith(b"-ERR [AUTH]")
     wire.close()
 
 

@@ -18,8 +18,9 @@ import secrets
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from ..usernames import is_valid_username
+from ..usernames import is_valid_login_name, is_valid_username
 from .credentials import CramMD5, Rejected, ScramSecret, UserPass, Verified
+from .i18n import prepare_password, prepare_username
 from .sasl_types import Challenge, Fail, Finish, Mechanism, NeedScramSecret, Step
 
 if TYPE_CHECKING:
@@ -72,11 +73,23 @@ def offered_mechanisms(
 
 
 def _user(raw: bytes) -> str | None:
+    """A SASL user name (UTF-8 by RFC 4422), prepared as RFC 8265 says, or
+    None if it is no name a login may carry (is_valid_login_name keeps a
+    UTF-8 name out of every path)."""
     try:
         name = raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return name if is_valid_username(name) else None
+    prepared = prepare_username(name)
+    return prepared if prepared is not None and is_valid_login_name(prepared) else None
+
+
+def _password(raw: bytes) -> bytes:
+    """A SASL password prepared (OpaqueString) when it is UTF-8, as RFC 4616
+    asks; other bytes as sent, as USER/PASS takes them (a Latin-1 password
+    for PAM)."""
+    prepared = prepare_password(raw)
+    return raw if prepared is None else prepared
 
 
 class Plain(Mechanism):
@@ -90,10 +103,10 @@ class Plain(Mechanism):
         user = _user(authcid)
         if user is None or not password:
             return Fail("bad PLAIN user name or empty password")
-        if authzid and authzid != authcid:
+        if authzid and authzid != authcid and _user(authzid) != user:
             # Logging in as somebody else needs a proxy right nobody has here.
             return Finish(Rejected(user, self.name))
-        return Finish(UserPass(user, password))
+        return Finish(UserPass(user, _password(password)))
 
 
 class Login(Mechanism):
@@ -118,7 +131,7 @@ class Login(Mechanism):
             return Challenge(b"Password:")
         if not response:
             return Fail("empty LOGIN password")
-        return Finish(UserPass(self._user, response))
+        return Finish(UserPass(self._user, _password(response)))
 
 
 class CramMd5(Mechanism):
