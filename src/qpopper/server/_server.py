@@ -37,8 +37,8 @@ log = logging.getLogger("qpopper.server")
 _BUSY_REPLY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 
 
-def _peer_of(stream: PopStream) -> Peer:
-    info = stream.get_extra_info("peername")
+def _peer_from(info: object) -> Peer:
+    """The client's address from a socket's peer name (an AF_UNIX one is "local")."""
     if isinstance(info, tuple) and len(info) >= 2:
         host = str(info[0])
         if host.startswith("::ffff:") and "." in host:
@@ -47,15 +47,15 @@ def _peer_of(stream: PopStream) -> Peer:
     return Peer("local", 0)
 
 
+def _peer_of(stream: PopStream) -> Peer:
+    return _peer_from(stream.get_extra_info("peername"))
+
+
 def _peer_of_socket(sock: socket.socket) -> Peer:
     try:
-        info = sock.getpeername()
-    except OSError:
+        return _peer_from(sock.getpeername())
+    except OSError:  # gone already
         return Peer("unknown", 0)
-    if isinstance(info, tuple) and len(info) >= 2:
-        host = str(info[0])
-        return Peer(host[7:] if host.startswith("::ffff:") and "." in host else host, int(info[1]))
-    return Peer("local", 0)
 
 
 class TlsListener:
