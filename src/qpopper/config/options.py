@@ -27,16 +27,20 @@ class ListenAddress:
     port: int
     # Implicit TLS ("alternate port", RFC 8314): handshake before the greeting.
     tls: bool = False
+    # Behind a load balancer: each connection starts with a PROXY protocol
+    # header from a trusted network (haproxy-trusted-networks).
+    proxy: bool = False
 
     def __str__(self) -> str:
         if self.host is None:
             text = f"*:{self.port}"
         else:
             text = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        return text + " (TLS)" if self.tls else text
+        text = text + " (TLS)" if self.tls else text
+        return text + " (PROXY)" if self.proxy else text
 
 
-def parse_listen_address(text: str, default_port: int = 110, tls: bool = False) -> ListenAddress:
+def parse_listen_address(text: str, default_port: int = 110, tls: bool = False, proxy: bool = False) -> ListenAddress:
     """qpopper's positional `[address][:port]`, with IPv6 in brackets.
 
     A bare number is a port on every address, as in the manual's own
@@ -66,7 +70,7 @@ def parse_listen_address(text: str, default_port: int = 110, tls: bool = False) 
         port = int(port_text)
     else:
         port = default_port
-    return ListenAddress(host or None, port, tls)
+    return ListenAddress(host or None, port, tls, proxy)
 
 
 def doubtful_settings(options: Options) -> list[str]:
@@ -213,6 +217,11 @@ class Options:
     auth_backend: str = _default("auth_backend")  # "auto" | "pam" | "passwd-file"
     pam_service: str = _default("pam_service")
     min_uid: int = _default("min_uid")
+    # Behind HAProxy: who may send PROXY headers, how long one may take,
+    # and whether TLS the balancer terminated counts as TLS here.
+    haproxy_trusted_networks: str | None = _default("haproxy_trusted_networks")
+    haproxy_timeout: float = _default("haproxy_timeout")
+    haproxy_tls_is_secure: bool = _default("haproxy_tls_is_secure")
     # Where each value came from ("default", "file:line", "-T", "--name"),
     # and the settings given that have no effect in this server.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

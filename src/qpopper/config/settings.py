@@ -213,6 +213,18 @@ def _mechanism_list(setting: Setting, value: object, where: str) -> object:
     return names
 
 
+def _networks(setting: Setting, value: object, where: str) -> object:
+    import ipaddress  # only where the setting is given: a plain daemon never loads it
+
+    text = str(value).replace(",", " ").strip()
+    for word in text.split():
+        try:
+            ipaddress.ip_network(word, strict=False)
+        except ValueError as exc:
+            raise _refuse(setting, where, f"holds a bad network: {exc}") from None
+    return text or None
+
+
 def _empty_is_unset(setting: Setting, value: object, where: str) -> object:
     return None if value == "" else value
 
@@ -426,6 +438,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("drain-timeout", "drain_timeout", F, "seconds SIGTERM waits for sessions in UPDATE", INIT, qpopper=False,
             default=30.0, check=_seconds),
     Setting("use-uvloop", "use_uvloop", B, "use uvloop when installed", INIT, qpopper=False, default=True),
+    Setting("haproxy-trusted-networks", "haproxy_trusted_networks", S,
+            "networks whose PROXY headers are believed (space separated, e.g. 10.0.0.0/8 ::1)", INIT, qpopper=False,
+            check=_networks),
+    Setting("haproxy-timeout", "haproxy_timeout", F, "seconds the PROXY header may take to arrive", INIT,
+            qpopper=False, default=3.0, check=_timer_seconds),
+    Setting("haproxy-tls-is-secure", "haproxy_tls_is_secure", B,
+            "TLS terminated at the balancer (its SSL TLV) counts as TLS for clear-text-password", INIT,
+            qpopper=False, default=False),
     Setting("workers", "workers", INT, "serving processes sharing the listeners (virtual users; 0: one per CPU)", INIT,
             qpopper=False, default=1, check=_worker_count),
 )

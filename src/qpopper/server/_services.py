@@ -25,6 +25,9 @@ class Peer:
 
     host: str
     port: int
+    # The client reached the load balancer over TLS, and the server is
+    # configured to trust it as such (haproxy-tls-is-secure).
+    tls_at_balancer: bool = False
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
