@@ -222,6 +222,11 @@ class Options:
     haproxy_trusted_networks: str | None = _default("haproxy_trusted_networks")
     haproxy_timeout: float = _default("haproxy_timeout")
     haproxy_tls_is_secure: bool = _default("haproxy_tls_is_secure")
+    # State shared by several instances (failure delays, LOGIN-DELAY,
+    # per-address caps) in Redis; unset: each process keeps its own.
+    redis_url: str | None = _default("redis_url")
+    redis_timeout: float = _default("redis_timeout")
+    redis_key_prefix: str = _default("redis_key_prefix")
     # Where each value came from ("default", "file:line", "-T", "--name"),
     # and the settings given that have no effect in this server.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

@@ -446,6 +446,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("haproxy-tls-is-secure", "haproxy_tls_is_secure", B,
             "TLS terminated at the balancer (its SSL TLV) counts as TLS for clear-text-password", INIT,
             qpopper=False, default=False),
+    Setting("redis-url", "redis_url", S, "Redis shared by instances: redis://host:port/db or unix:///path",
+            INIT, qpopper=False, check=_empty_is_unset),
+    Setting("redis-timeout", "redis_timeout", F, "seconds a Redis call may take before per-process state is used",
+            INIT, qpopper=False, default=0.25, check=_timer_seconds),
+    Setting("redis-key-prefix", "redis_key_prefix", S, "prefix of this service's Redis keys", INIT, qpopper=False,
+            default="qpopper:"),
     Setting("workers", "workers", INT, "serving processes sharing the listeners (virtual users; 0: one per CPU)", INIT,
             qpopper=False, default=1, check=_worker_count),
 )

@@ -71,6 +71,16 @@ def _peer_of_socket(sock: socket.socket) -> Peer:
         return Peer("unknown", 0)
 
 
+async def _refuse_busy(stream: PopStream, peer: Peer, where: str = "") -> None:
+    log.warning("%s: connection refused, limit reached%s", peer, f" {where}" if where else "")
+    try:
+        stream.write(_BUSY_REPLY)
+        await asyncio.wait_for(stream.drain(), 5)
+    except (OSError, RuntimeError):  # the peer may be gone (uvloop: RuntimeError); it is closed below
+        pass
+    stream.close()
+
+
 def _header_failure(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "no PROXY header in time"
@@ -283,6 +293,15 @@ class Server:
             drop_privileges=options.system_users and authenticator is None,
             kerberos=kerberos,
         )
+        if options.redis_url:
+            try:
+                from ._shared_state import SharedState  # only where state is shared
+            except ImportError as exc:
+                raise ConfigError(f"redis-url needs redis-py (pip install redis): {exc}") from None
+            self.services.shared = SharedState(
+                options.redis_url, options.redis_timeout, options.redis_key_prefix,
+                self.services.failures, self.services.login_delays,
+            )
 
     # ---- life cycle -------------------------------------------------------
 
@@ -396,6 +415,8 @@ class Server:
                 await asyncio.wait(late, timeout=5)
         for server in self._servers:
             await server.wait_closed()
+        if self.services.shared is not None:
+            await self.services.shared.close()
         self._executor.shutdown(wait=drain, cancel_futures=True)
         self._closed.set()
 
@@ -560,14 +581,15 @@ class Server:
             len(self._connections) >= self.options.max_connections
             or self._per_ip[peer.host] >= self.options.max_connections_per_ip
         ):
-            log.warning("%s: connection refused, limit reached", peer)
-            try:
-                stream.write(_BUSY_REPLY)
-                await asyncio.wait_for(stream.drain(), 5)
-            except (OSError, RuntimeError):  # the peer may be gone (uvloop: RuntimeError); it is closed below
-                pass
-            stream.close()
+            await _refuse_busy(stream, peer)
             return
+        shared = self.services.shared
+        token = None
+        if shared is not None:  # the address's sessions on every instance
+            token = await shared.open_session(peer.host, self.options.max_connections_per_ip)
+            if token is None:
+                await _refuse_busy(stream, peer, "on all instances")
+                return
         self._connections[task] = None
         self._idle.clear()
         self._per_ip[peer.host] += 1
@@ -585,3 +607,6 @@ class Server:
                 self._per_ip.pop(peer.host, None)
             if not self._connections:
                 self._idle.set()
+            if token is not None:
+                assert shared is not None
+                await shared.close_session(token)

@@ -10,13 +10,16 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..auth import Authenticator, Principal, QuickAuthenticator, ScramSecretSource
 from ..auth.access import AccessPolicy, FailureDelays, LoginDelays
 from ..auth.credentials import Credentials, ScramSecret
 from ..config.options import Options
 from ..protocol import SessionConfig
+
+if TYPE_CHECKING:
+    from ._shared_state import SharedState
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,9 @@ class Services:
     failures: FailureDelays = field(init=False)
     # System users: become the user before opening anything of theirs.
     drop_privileges: bool = False
+    # Failure delays, LOGIN-DELAY and per-address caps shared through Redis
+    # (redis-url); None: this process's own state only.
+    shared: SharedState | None = None
     # The Kerberos acceptor when GSSAPI logins are on.
     kerberos: object | None = None
     # Called after each UPDATE that succeeded, with the user and how many
