@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from ..auth import Authenticator, UserLookup
+from ..auth import AsyncAuthenticator, Authenticator, UserLookup
 from ..auth.access import AccessPolicy
 from ..auth.passwdfile import PasswdFileAuthenticator
 from ..config.options import ListenAddress, Options
@@ -271,6 +271,8 @@ class Server:
                     sock.close()
                 raise
         loop = asyncio.get_running_loop()
+        if isinstance(self.authenticator, AsyncAuthenticator):
+            self.authenticator.attach(loop)
         try:
             for sock, implicit_tls in sockets:
                 handshake_first = implicit_tls or alternate_port
@@ -356,6 +358,8 @@ class Server:
         for server in self._servers:
             await server.wait_closed()
         self._executor.shutdown(wait=drain, cancel_futures=True)
+        if isinstance(self.authenticator, AsyncAuthenticator):
+            await self.authenticator.aclose()
         self._closed.set()
 
     async def __aenter__(self) -> Server:
