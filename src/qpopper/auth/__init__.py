@@ -80,6 +80,15 @@ class AsyncAuthenticator(Protocol):
 
 
 @runtime_checkable
+class Reloadable(Protocol):
+    """An authenticator whose backend settings SIGHUP reads again (the
+    sql and ldap backends' args file); a broken file is logged and the
+    running settings kept."""
+
+    def reload(self) -> None: ...
+
+
+@runtime_checkable
 class ScramSecretSource(Protocol):
     """An authenticator that can hand out a user's stored SCRAM secret.
 
@@ -114,6 +123,7 @@ __all__ = [
     "Credentials",
     "Principal",
     "QuickAuthenticator",
+    "Reloadable",
     "ScramSecretSource",
     "UserLookup",
     "UserPass",

@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..usernames import is_valid_username
-from . import AsyncAuthenticator, Authenticator, Principal, QuickAuthenticator, ScramSecretSource, UserLookup
+from . import (
+    AsyncAuthenticator,
+    Authenticator,
+    Principal,
+    QuickAuthenticator,
+    Reloadable,
+    ScramSecretSource,
+    UserLookup,
+)
 from .credentials import ApopDigest, CramMD5, Credentials, ScramSecret, UserPass, Verified
 from .sasl import scram_secret_from_password
 from .secrets import matches_secret
@@ -196,12 +204,15 @@ class ApopAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource, Us
             self.authenticate_async = self._authenticate_async
             self.attach = inner.attach
             self.aclose = inner.aclose
+        if isinstance(inner, Reloadable):
+            self.reload = inner.reload
 
     # Set by __init__ only over an AsyncAuthenticator, so that the server
     # finds the ability exactly when the inner database has it.
     authenticate_async: Callable[[Credentials, str | None], Awaitable[Principal | None]]
     attach: Callable[[asyncio.AbstractEventLoop], None]
     aclose: Callable[[], Awaitable[None]]
+    reload: Callable[[], None]
 
     async def _authenticate_async(self, credentials: Credentials, client: str | None) -> Principal | None:
         """`authenticate`, awaiting the inner database on the loop."""

@@ -26,11 +26,12 @@ import hashlib
 import ipaddress
 import logging
 import os
-from collections.abc import Coroutine, Mapping
+import time
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
-from ..errors import AuthUnavailable
+from ..errors import AuthUnavailable, ConfigError
 from ..maildrop.location import DEFAULT_LOCATION, expand_location
 from . import AsyncAuthenticator, Authenticator, Principal, ScramSecretSource
 from .credentials import Credentials, Rejected, ScramSecret, UserPass, Verified
@@ -67,7 +68,13 @@ class UserRecord:
 
 @runtime_checkable
 class UserDatabase(Protocol):
-    """A store of users the server can look up without blocking."""
+    """A store of users the server can look up without blocking.
+
+    A database whose answers cannot depend on the client's address (its
+    queries do not use %r) may say so with a `uses_client = False`
+    attribute: the auth cache then keeps one entry per user, not one per
+    user and address.
+    """
 
     async def lookup(self, user: str, client: str | None) -> UserRecord | None:
         """The user's record, or None when there is no such user.
@@ -211,14 +218,20 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
         cache: AuthCache | None = None,
         hash_pool: HashPool | None = None,
         timeout: float = 30.0,
+        reopen: Callable[[], tuple[UserDatabase, str]] | None = None,
     ) -> None:
+        """`reopen` reads the backend's settings again (SIGHUP): a new
+        database and its default scheme, or ConfigError."""
         self.database = database
         self.mail_location = mail_location
         self.default_scheme = default_scheme
         self.cache = cache
         self.hashes = hash_pool or HashPool()
         self.timeout = timeout  # for callers in worker threads, beyond the database's own
+        self._reopen = reopen
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._retired: set[asyncio.Task[None]] = set()  # old databases closing after a reload
+        self._next_stats = 0.0
 
     def describe(self) -> str:
         return self.database.describe()
@@ -246,7 +259,7 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
     async def _lookup(self, user: str, client: str | None) -> UserRecord | None:
         cache = self.cache
         if cache is not None:
-            found, record = cache.get(user, client)
+            found, record = self._cached(cache, user, client)
             if found:
                 return record
         record = await self.database.lookup(user, client)
@@ -257,7 +270,7 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
     async def _check_password(self, user: str, password: bytes, client: str | None) -> UserRecord | None:
         cache = self.cache
         if cache is not None:
-            found, record = cache.get(user, client)
+            found, record = self._cached(cache, user, client)
             if found:
                 if record is None:  # a negative entry: a wrong password's cost and answer
                     await self.hashes.verify_dummy(password)
@@ -269,6 +282,16 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
                 cache.forget(user, client)
                 return await self._fresh_check(user, password, client, refused=record.password)
         return await self._fresh_check(user, password, client)
+
+    def _cached(self, cache: AuthCache, user: str, client: str | None) -> tuple[bool, UserRecord | None]:
+        """The cache's answer; its figures go to the log every few minutes
+        while it is used."""
+        now = time.monotonic()
+        if now >= self._next_stats:
+            if self._next_stats:
+                cache.log_stats()
+            self._next_stats = now + STATS_INTERVAL
+        return cache.get(user, client)
 
     async def _fresh_check(
         self, user: str, password: bytes, client: str | None, refused: str | None = None
@@ -354,8 +377,43 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
         return None
 
     async def aclose(self) -> None:
+        if self.cache is not None:
+            self.cache.log_stats()
+        for task in list(self._retired):  # stopping: no login is in flight any more
+            task.cancel()
+        if self._retired:
+            await asyncio.wait(self._retired, timeout=self.timeout)
         await self.database.close()
         self.hashes.close()
+
+    def reload(self) -> None:
+        """SIGHUP: read the backend's settings file again and serve new
+        logins from a new database; the old one closes once the logins
+        in flight on it are done. A broken file is logged and the running
+        database kept. The cache is emptied: the queries may have changed."""
+        if self._reopen is None:
+            return
+        try:
+            database, scheme = self._reopen()
+        except ConfigError as exc:
+            log.error("user database settings not reloaded, keeping the running ones: %s", exc)
+            return
+        old, self.database, self.default_scheme = self.database, database, scheme
+        if self.cache is not None:
+            self.cache.log_stats()
+            self.cache.clear()
+        log.info("user database reloaded: %s", database.describe())
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            task = loop.create_task(self._retire(old))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+
+    async def _retire(self, database: UserDatabase) -> None:
+        try:
+            await asyncio.sleep(self.timeout)  # longer than any lookup may take
+        finally:
+            await database.close()
 
     # ---- from a worker thread
 
@@ -388,3 +446,61 @@ def _with_password(record: UserRecord, password: str) -> UserRecord:
 
     return replace(record, password=password)
 
+
+
+# ---- building one from the settings --------------------------------------------
+
+# auth-backend -> the module that reads its args file (`database_from_args`).
+BACKENDS = {"sql": "qpopper.auth.sql", "ldap": "qpopper.auth.ldap"}
+STATS_INTERVAL = 300.0  # seconds between the cache's log lines while it is used
+
+
+def open_user_database(backend: str, args_path: str) -> tuple[UserDatabase, str | None]:
+    """Read `args_path` and build the backend's database (it connects at
+    its first lookup, so this also serves --check-config): the database
+    and the file's default_pass_scheme, if it sets one. ConfigError,
+    naming file and line, for a bad file."""
+    import importlib
+
+    from .backendargs import read_backend_args
+
+    try:
+        module = importlib.import_module(BACKENDS[backend])
+    except KeyError:
+        raise ConfigError(f"no user database backend {backend!r}") from None
+    except ImportError as exc:  # the backend's optional library is missing
+        raise ConfigError(f"auth-backend {backend} needs {exc.name or exc}: install qpopper[{backend}]") from None
+    args = read_backend_args(args_path)
+    database: UserDatabase = module.database_from_args(args)
+    return database, args.get("default_pass_scheme")
+
+
+def database_authenticator(
+    backend: str,
+    args_path: str | None,
+    *,
+    mail_location: str = DEFAULT_LOCATION,
+    default_scheme: str = "CRYPT",
+    cache_size: int = 0,
+    cache_ttl: float = 3600.0,
+    cache_negative_ttl: float = 3600.0,
+    hash_workers: int = 0,
+) -> DatabaseAuthenticator:
+    """The authenticator the server runs for auth-backend sql or ldap."""
+    from .authcache import AuthCache
+
+    if not args_path:
+        raise ConfigError(f"auth-backend {backend} needs auth-backend-args (its settings file)")
+
+    def reopen() -> tuple[UserDatabase, str]:
+        database, scheme = open_user_database(backend, args_path)
+        return database, scheme or default_scheme
+
+    database, scheme = reopen()
+    cache = None
+    if cache_size > 0:
+        by_client = bool(getattr(database, "uses_client", True))
+        cache = AuthCache(cache_size, cache_ttl, cache_negative_ttl, keyed_by_client=by_client)
+    return DatabaseAuthenticator(
+        database, mail_location, scheme, cache=cache, hash_pool=HashPool(hash_workers or None), reopen=reopen,
+    )
