@@ -146,7 +146,7 @@ def test_blocking_entry_point_runs_on_the_servers_loop(database: DictDatabase, m
 
 
 def test_cache_refuses_a_wrong_password_on_a_hit(database: DictDatabase, mailroot: Path) -> None:
-    cache = AuthCache(size=1 << 20, ttl=3600, negative_ttl=3600)
+    cache = AuthCache[UserRecord](size=1 << 20, ttl=3600, negative_ttl=3600)
     auth = DatabaseAuthenticator(database, mail_location=f"maildir:{mailroot}/%u/Maildir", cache=cache)
     with Controller(authenticator=auth) as server:
         login(server, "alice", "secret").quit()

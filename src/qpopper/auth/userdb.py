@@ -252,7 +252,7 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
         database: UserDatabase,
         mail_location: str = DEFAULT_LOCATION,
         default_scheme: str = "CRYPT",
-        cache: AuthCache | None = None,
+        cache: AuthCache[UserRecord] | None = None,
         hash_pool: HashPool | None = None,
         timeout: float = 30.0,
         reopen: Callable[[], tuple[UserDatabase, str]] | None = None,
@@ -338,7 +338,7 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
                 return await self._fresh_check(user, password, client, refused=record.password)
         return await self._fresh_check(user, password, client)
 
-    def _cached(self, cache: AuthCache, user: str, client: str | None) -> tuple[bool, UserRecord | None]:
+    def _cached(self, cache: AuthCache[UserRecord], user: str, client: str | None) -> tuple[bool, UserRecord | None]:
         """The cache's answer; its figures go to the log every few minutes
         while it is used."""
         now = time.monotonic()
@@ -561,7 +561,7 @@ def database_authenticator(
     cache = None
     if cache_size > 0:
         by_client = bool(getattr(database, "uses_client", True))
-        cache = AuthCache(cache_size, cache_ttl, cache_negative_ttl, keyed_by_client=by_client)
+        cache = AuthCache[UserRecord](cache_size, cache_ttl, cache_negative_ttl, keyed_by_client=by_client)
     return DatabaseAuthenticator(
         database, mail_location, scheme, cache=cache, hash_pool=HashPool(hash_workers or None), reopen=reopen,
     )
