@@ -32,7 +32,9 @@ from qpopper.errors import ConfigError
 CONNECT_SECRET = "c0nnect-Secret-42"
 QUOTED_USER = "o'brien'OR'1'='1"
 MSG = b"From: a@example.org\nSubject: sql\n\nhello\n"
-PASSWORD_QUERY = "SELECT userid AS user, password, nologin, allow_nets FROM users WHERE userid = '%u'"
+# The client's address (%r) takes part: from 192.0.2.99 nobody logs in.
+PASSWORD_QUERY = ("SELECT userid AS user, password, nologin, allow_nets FROM users WHERE userid = '%u' "
+                  "AND COALESCE('%r', '') <> '192.0.2.99'")  # fmt: skip
 USER_QUERY = "SELECT home, maildir AS mail FROM users WHERE userid = '%u'"
 
 needs_postgres = pytest.mark.skipif(pg_bin() is None, reason=SKIP_REASON)
@@ -209,6 +211,7 @@ def _quote_laden_lookups(args_file: Path) -> None:
                 assert await database.lookup(name, None) is None
             alice = await database.lookup("alice", None)
             assert alice is not None and alice.mail is not None  # the table is still there
+            assert await database.lookup("alice", "192.0.2.99") is None  # %r, bound too
         finally:
             await database.close()
 
@@ -388,7 +391,8 @@ def test_sighup_reloads_the_args_file(postgres: PostgresServer, tmp_path: Path) 
         postgres.execute("CREATE TABLE other (userid TEXT, password TEXT, home TEXT, maildir TEXT); "
                          "INSERT INTO other SELECT 'zed', '{PLAIN}zed-pw', home, maildir FROM users "
                          "WHERE userid = 'alice'; GRANT SELECT ON other TO qpopper")  # fmt: skip
-        args.write_text(args.read_text().replace("FROM users", "FROM other").replace(", nologin, allow_nets", ""))
+        args.write_text(args.read_text().replace("FROM users", "FROM other").replace(", nologin, allow_nets", "")
+                        .replace(" AND COALESCE('%r', '') <> '192.0.2.99'", ""))
         daemon.proc.send_signal(signal.SIGHUP)
         _wait_for(lambda: "user database reloaded" in daemon.log.read_text(), 20, "no reload")
         _login(daemon.port, "zed", "zed-pw").quit()
