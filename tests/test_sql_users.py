@@ -147,6 +147,15 @@ def test_rows_become_records() -> None:
     assert dict(record.extra) == {"nopassword": "y", "quota": "1G"}
 
 
+def test_dovecots_maxconns_sizes_the_pool() -> None:
+    from qpopper.auth.sql import settings_from_args
+
+    args = parse_backend_args("driver = pgsql\nconnect = host=/run/postgresql maxconns=3 dbname=mail\n"
+                              "password_query = SELECT password FROM users WHERE userid = '%u'\n", "sql.conf")  # fmt: skip
+    settings = settings_from_args(args)
+    assert (settings.connect, settings.pool_size) == ("host=/run/postgresql dbname=mail", 3)
+
+
 def test_args_file_format() -> None:
     args = parse_backend_args(
         'driver = pgsql\n# comment\n\nconnect = "host=/tmp dbname=mail"\npassword_query = SELECT a \\\n  FROM b\n',
