@@ -150,8 +150,9 @@ def test_rows_become_records() -> None:
 def test_dovecots_maxconns_sizes_the_pool() -> None:
     from qpopper.auth.sql import settings_from_args
 
-    args = parse_backend_args("driver = pgsql\nconnect = host=/run/postgresql maxconns=3 dbname=mail\n"
-                              "password_query = SELECT password FROM users WHERE userid = '%u'\n", "sql.conf")  # fmt: skip
+    text = ("driver = pgsql\nconnect = host=/run/postgresql maxconns=3 dbname=mail\n"
+            "password_query = SELECT password FROM users WHERE userid = '%u'\n")
+    args = parse_backend_args(text, "sql.conf")
     settings = settings_from_args(args)
     assert (settings.connect, settings.pool_size) == ("host=/run/postgresql dbname=mail", 3)
 
