@@ -240,6 +240,10 @@ def test_check_config_reads_the_args_file(sqlite_args: Path, tmp_path: Path) -> 
 
     good = check(sqlite_args)
     assert good.returncode == 0, good.stderr
+    secret = _args_file(tmp_path / "secret.conf", "pgsql", f"host={tmp_path} dbname=mail password=x")
+    secret.chmod(0o644)
+    warned = check(secret)
+    assert warned.returncode == 0 and "every user can read this file" in warned.stdout, warned.stdout
     bad = tmp_path / "bad.conf"
     bad.write_text("driver = sqlite\nconnect = /x\npassword_query = SELECT password FROM u WHERE p = '%w'\n")
     result = check(bad)
