@@ -214,7 +214,12 @@ class Options:
     uw_kluge: bool = _default("uw_kluge")
     # System users (Unix accounts through PAM, a process per session that
     # drops to the user) unless a passwd-file of virtual users is given.
-    auth_backend: str = _default("auth_backend")  # "auto" | "pam" | "passwd-file"
+    auth_backend: str = _default("auth_backend")  # "auto" | "pam" | "passwd-file" | "sql" | "ldap"
+    auth_backend_args: str | None = _default("auth_backend_args")
+    auth_cache_size: int = _default("auth_cache_size")
+    auth_cache_ttl: float = _default("auth_cache_ttl")
+    auth_cache_negative_ttl: float = _default("auth_cache_negative_ttl")
+    auth_hash_workers: int = _default("auth_hash_workers")
     pam_service: str = _default("pam_service")
     min_uid: int = _default("min_uid")
     # Behind HAProxy: who may send PROXY headers, how long one may take,

@@ -136,7 +136,11 @@ class Login:
                 quick = self.services.authenticate_quickly
                 principal = quick(effect.credentials) if quick is not None else None
                 if principal is None:
-                    principal = await self.blocking(self.services.authenticator.authenticate, effect.credentials)
+                    on_loop = self.services.authenticate_async
+                    if on_loop is not None:
+                        principal = await on_loop(effect.credentials, self.peer.host)
+                    else:
+                        principal = await self.blocking(self.services.authenticator.authenticate, effect.credentials)
         except (AuthUnavailable, MaildropError) as exc:
             log.error("%s: authentication backend failed: %s", self.peer, exc)
             # A maildrop that cannot be named for this account (SYS/PERM) is

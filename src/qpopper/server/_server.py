@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..auth import Authenticator, UserLookup
+from ..auth import AsyncAuthenticator, Authenticator, Reloadable, UserLookup
 from ..auth.access import AccessPolicy
 from ..auth.passwdfile import PasswdFileAuthenticator
 from ..config.options import ListenAddress, Options
@@ -199,6 +199,19 @@ def make_authenticator(options: Options) -> Authenticator:
             )
         except ImportError as exc:
             raise ConfigError(f"system users need python-pam and libpam: {exc}") from None
+    if options.auth_backend in ("sql", "ldap"):
+        from ..auth.userdb import database_authenticator  # only where a database backend is configured
+
+        return database_authenticator(
+            options.auth_backend,
+            options.auth_backend_args,
+            mail_location=options.mail_location,
+            default_scheme=options.default_password_scheme,
+            cache_size=options.auth_cache_size,
+            cache_ttl=options.auth_cache_ttl,
+            cache_negative_ttl=options.auth_cache_negative_ttl,
+            hash_workers=options.auth_hash_workers,
+        )
     if options.passwd_file is None:
         raise ConfigError("no user database: give --passwd-file (or run --demo)")
     return PasswdFileAuthenticator(options.passwd_file, options.mail_location, options.default_password_scheme)
@@ -322,6 +335,8 @@ class Server:
         else:
             proxied = [self.behind_balancer(sock) for sock, _ in sockets]
         loop = asyncio.get_running_loop()
+        if isinstance(self.authenticator, AsyncAuthenticator):
+            self.authenticator.attach(loop)
         try:
             for (sock, implicit_tls), behind_balancer in zip(sockets, proxied, strict=True):
                 handshake_first = implicit_tls or alternate_port
@@ -418,6 +433,8 @@ class Server:
         if self.services.shared is not None:
             await self.services.shared.close()
         self._executor.shutdown(wait=drain, cancel_futures=True)
+        if isinstance(self.authenticator, AsyncAuthenticator):
+            await self.authenticator.aclose()
         self._closed.set()
 
     async def __aenter__(self) -> Server:
@@ -438,13 +455,15 @@ class Server:
         try:
             if options is not None:
                 kept = {"listen": self.options.listen, "auth_backend": self.options.auth_backend,
-                        "passwd_file": self.options.passwd_file}
+                        "passwd_file": self.options.passwd_file, "auth_backend_args": self.options.auth_backend_args}
                 options = options.replace(**kept)
                 self.options = options
                 self.services.options = options
                 self.services.access = AccessPolicy(options.nonauth_file, options.auth_file)
             if reload is not None:
                 reload("")
+            if isinstance(self.authenticator, Reloadable):
+                self.authenticator.reload()
             if self.tls.context is not None and self.options.tls_cert_file is not None:
                 reload_certificates(self.tls.context, self.options)
                 self.tls.channel_binding = server_end_point(self.options.tls_cert_file)

@@ -8,11 +8,11 @@ the client's address, taken from one place per connection.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..auth import Authenticator, Principal, QuickAuthenticator, ScramSecretSource
+from ..auth import AsyncAuthenticator, Authenticator, Principal, QuickAuthenticator, ScramSecretSource
 from ..auth.access import AccessPolicy, FailureDelays, LoginDelays
 from ..auth.credentials import Credentials, ScramSecret
 from ..config.options import Options
@@ -70,6 +70,8 @@ class Services:
     # it has not got them.
     authenticate_quickly: Callable[[Credentials], Principal | None] | None = field(init=False)
     scram_secret: Callable[[str, str], ScramSecret | None] | None = field(init=False)
+    # A database served on the event loop (SQL, LDAP): awaited, no thread.
+    authenticate_async: Callable[[Credentials, str | None], Awaitable[Principal | None]] | None = field(init=False)
     # One frozen SessionConfig shared by new sessions while `options` stays.
     _config: tuple[Options, SessionConfig] | None = field(default=None, init=False, repr=False)
 
@@ -80,6 +82,7 @@ class Services:
         auth = self.authenticator
         self.authenticate_quickly = auth.authenticate_quickly if isinstance(auth, QuickAuthenticator) else None
         self.scram_secret = auth.scram_secret if isinstance(auth, ScramSecretSource) else None
+        self.authenticate_async = auth.authenticate_async if isinstance(auth, AsyncAuthenticator) else None
 
     def session_config(self) -> SessionConfig:
         if self._config is None or self._config[0] is not self.options:
