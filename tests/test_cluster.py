@@ -46,6 +46,7 @@ from pathlib import Path
 
 import pytest
 
+from pg_helpers import PostgresServer, pg_bin
 from qpopper.maildrop.delivery import deliver
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -308,14 +309,36 @@ class Cluster:
         self.logs = base / "logs"
         self.hosts: dict[str, subprocess.Popen[bytes]] = {}
         self.others: list[subprocess.Popen[bytes]] = []
+        # Users in PostgreSQL (over its Unix socket, which every namespace sees);
+        # a passwd-file on the shared storage where PostgreSQL is not installed.
+        self.pg: PostgresServer | None = None
+        self.user_args: list[str] = []
 
     def prepare(self) -> None:
         (self.shared / "maildirs").mkdir(parents=True)
         (self.shared / "spool").mkdir()
         self.logs.mkdir()
-        lines = [f"{user}:{{PLAIN}}{PASSWORD}::::::userdb_mail={location(self.shared, user)}"
-                 for user in [*USERS, TWICE, BIG]]
-        (self.shared / "users").write_text("\n".join(lines) + "\n")
+        users = [*USERS, TWICE, BIG]
+        if pg_bin() is None:
+            lines = [f"{user}:{{PLAIN}}{PASSWORD}::::::userdb_mail={location(self.shared, user)}" for user in users]
+            (self.shared / "users").write_text("\n".join(lines) + "\n")
+            self.user_args = [f"--passwd-file={self.shared}/users", "--auth-backend=passwd-file"]
+            return
+        self.pg = PostgresServer()
+        self.pg.start()
+        self.pg.execute("CREATE TABLE users (userid TEXT PRIMARY KEY, password TEXT, mail TEXT)")
+        for user in users:
+            self.pg.execute("INSERT INTO users VALUES (%s, %s, %s)", (user, f"{{PLAIN}}{PASSWORD}",
+                                                                      location(self.shared, user)))
+        self.pg.create_role("qpopper", "pg-connect-secret")
+        args = self.base / "sql.conf"
+        args.write_text(
+            "driver = pgsql\n"
+            f"connect = {self.pg.dsn('qpopper', 'pg-connect-secret')}\n"
+            "password_query = SELECT userid AS user, password FROM users WHERE userid = '%u'\n"
+            "user_query = SELECT mail FROM users WHERE userid = '%u'\n"
+        )
+        self.user_args = ["--auth-backend=sql", f"--auth-backend-args={args}"]
 
     def start_lb(self) -> None:
         redis_log = self.logs / "redis.log"
@@ -353,7 +376,7 @@ backend pool
 
     def host_command(self, host: str) -> list[str]:
         return [sys.executable, "-m", "qpopper", "--syslog-socket=", "--nonauth-file=",
-                f"--passwd-file={self.shared}/users", "--auth-backend=passwd-file", f"--hostname={host}.cluster.test",
+                *self.user_args, f"--hostname={host}.cluster.test",
                 f"--haproxy-listen={HOSTS[host]}:110", f"--haproxy-trusted-networks={LB}/32",
                 f"--redis-url=redis://{LB}:6379/0", f"--auth-fail-delay={FAIL_DELAY}", "--auth-fail-delay-max=5",
                 "--clear-text-password=always", "-R"]
@@ -382,6 +405,8 @@ backend pool
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+        if self.pg is not None:
+            self.pg.stop(remove=True)
 
 
 @pytest.fixture
