@@ -439,3 +439,14 @@ def test_through_haproxy(haproxy_setup: tuple[Controller, dict[str, int], Path],
     assert "127.0.0.7:" in caplog.text and "alice logged in" in caplog.text
     session_lines = [line for line in caplog.text.splitlines() if "qpopper.session" in line]
     assert session_lines and all("127.0.0.2" not in line for line in session_lines)
+
+
+def test_a_stop_ends_a_connection_still_waiting_for_its_header(balanced: Callable[..., Controller]) -> None:
+    server = balanced(haproxy_timeout=60.0)
+    with socket.create_connection((server.host, server.port), timeout=20) as sock:
+        sock.sendall(v2()[:5])
+        deadline = time.monotonic() + 20
+        while not server.server._handshaking and time.monotonic() < deadline:  # noqa: SLF001 - the stop's own list
+            time.sleep(0.01)
+        server.stop()  # does not wait out the header's 60 s
+        assert closed_without_greeting(sock)

@@ -572,6 +572,9 @@ class Server:
             log.warning("%s: connection refused: %s", balancer, _header_failure(exc))
             stream.close()
             return None
+        except asyncio.CancelledError:  # the server stops
+            stream.close()
+            raise
         finally:
             self._handshaking.discard(task)
         peer = _behind_balancer(balancer, header, self._proxy)
