@@ -282,6 +282,17 @@ def test_implicit_tls_after_the_header(mailroot: Path, fill: Fill, tmp_path: Pat
         client.quit()
 
 
+def test_check_config_names_missing_trusted_networks(tmp_path: Path) -> None:
+    from helpers import QPOPPER
+
+    users = tmp_path / "users"
+    users.write_text(f"alice:{{PLAIN}}{PASSWORD}::::::\n")
+    out = subprocess.run([*QPOPPER, "--check-config", "--syslog-socket=", f"--passwd-file={users}",
+                          "--haproxy-listen=127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "needs haproxy-trusted-networks" in out.stdout + out.stderr
+
+
 def test_command_line_listener(tmp_path: Path) -> None:
     from qpopper.daemon.cli import build_options, parse_command_line
 

@@ -211,6 +211,9 @@ def check_options(options: Options, bind: bool = True) -> list[Problem]:
         problems += backend_args_problems(options)
     problems += _apop_problems(options)
     problems += _tls_problems(options)
+    if any(a.proxy for a in options.listen) and not options.haproxy_trusted_networks:
+        problems.append(Problem(ERROR, options.source_of("listen"),
+                                "a PROXY protocol listener needs haproxy-trusted-networks (the balancers' addresses)"))
     if options.system_users and os.geteuid() != 0:
         problems.append(Problem(WARNING, None, "system users need root: the daemon refuses to start as this user"))
     if bind:
