@@ -59,3 +59,37 @@ def test_a_bad_from_line_is_refused_before_anything_is_written(tmp_path: Path) -
     with pytest.raises(MaildropError):
         deliver(f"mbox:{spool}", MESSAGE, from_line=b"From nobody\n")
     assert not spool.exists()
+
+
+def test_a_spool_replaced_while_waiting_for_its_lock_gets_the_message(tmp_path: Path) -> None:
+    # Found by the cluster test: an UPDATE renamed its new spool over the old one
+    # after the delivery had opened the old one and before it got the lock; the
+    # message went into the replaced file and was lost.
+    import threading
+    import time
+
+    from qpopper.maildrop.dotlock import SpoolLock
+
+    spool = tmp_path / "alice"
+    spool.write_bytes(entry(b"Subject: old\n\nold\n"))
+    fd = os.open(spool, os.O_RDWR)
+    lock = SpoolLock(str(spool), fd, exclusive=True)
+    lock.__enter__()  # as a session's UPDATE holds it
+    delivered = threading.Thread(target=deliver, args=(f"mbox:{spool}", MESSAGE), kwargs={"from_line": FROM})
+    delivered.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until the delivery has the old spool open
+        fds = [os.path.join("/proc/self/fd", n) for n in os.listdir("/proc/self/fd")]
+        opened = [f for f in fds if f != f"/proc/self/fd/{fd}" and os.path.realpath(f) == str(spool)]
+        if opened:
+            break
+        time.sleep(0.005)
+    new = tmp_path / ".alice.qpopper-new"
+    new.write_bytes(b"")  # the UPDATE deleted the old message
+    os.rename(new, spool)
+    lock.__exit__(None, None, None)
+    os.close(fd)
+    delivered.join(30)
+    assert not delivered.is_alive()
+    data = spool.read_bytes()
+    assert data.startswith(FROM) and b"Subject: news" in data and b"Subject: old" not in data

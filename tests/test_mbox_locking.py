@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ def spool(tmp_path: Path) -> str:
 def test_dotlock_is_exclusive_and_released(spool: str) -> None:
     a, b = DotLock(spool), DotLock(spool)
     assert a.try_acquire()
-    assert Path(spool + ".lock").read_bytes() == b"%d\n" % os.getpid()
+    assert Path(spool + ".lock").read_bytes() == b"%d %s\n" % (os.getpid(), socket.gethostname().encode())
     assert not b.try_acquire()
     assert not b.break_if_stale()  # fresh, and its holder (we) is alive
     a.release()
@@ -54,6 +55,21 @@ def test_dotlock_of_dead_process_is_stale(spool: str) -> None:
     t = time.monotonic()
     MboxMaildrop(spool, lock_timeout=5).close()
     assert time.monotonic() - t < 2
+
+
+def test_dotlock_of_another_host_is_not_judged_by_our_pids(spool: str) -> None:
+    # Shared storage: host B's session holds the lock with a pid that does not
+    # exist here. Only its age may make it stale, never our process table.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    Path(spool + ".lock").write_bytes(b"%d other-host.example\n" % child.pid)
+    with pytest.raises(MaildropError) as err:
+        MboxMaildrop(spool, lock_timeout=0.3)
+    assert err.value.code is ResponseCode.SYS_TEMP
+    assert os.path.exists(spool + ".lock")
+    # The same pid recorded with this host's name is a dead holder of ours: broken at once.
+    Path(spool + ".lock").write_bytes(b"%d %s\n" % (child.pid, socket.gethostname().encode()))
+    MboxMaildrop(spool, lock_timeout=5).close()
 
 
 def test_live_dotlock_is_waited_for_then_sys_temp(spool: str) -> None:

@@ -14,9 +14,12 @@ declared by the classes that implement them (so mypy checks them too).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .credentials import ApopDigest, Credentials, ScramSecret, UserPass
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,34 @@ class QuickAuthenticator(Protocol):
 
 
 @runtime_checkable
+class AsyncAuthenticator(Protocol):
+    """An authenticator whose database answers over the network (SQL, LDAP).
+
+    The server awaits `authenticate_async` on the event loop instead of
+    running `authenticate` in a worker thread: a login waiting for the
+    database holds a coroutine, not a thread. `client` is the client's
+    address, which queries may use. `attach` names the loop the database
+    serves on (for the blocking entry points, called from worker threads);
+    `aclose` releases the connections when the server stops.
+    """
+
+    async def authenticate_async(self, credentials: Credentials, client: str | None) -> Principal | None: ...
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Reloadable(Protocol):
+    """An authenticator whose backend settings SIGHUP reads again (the
+    sql and ldap backends' args file); a broken file is logged and the
+    running settings kept."""
+
+    def reload(self) -> None: ...
+
+
+@runtime_checkable
 class ScramSecretSource(Protocol):
     """An authenticator that can hand out a user's stored SCRAM secret.
 
@@ -87,10 +118,12 @@ class UserLookup(Protocol):
 
 __all__ = [
     "ApopDigest",
+    "AsyncAuthenticator",
     "Authenticator",
     "Credentials",
     "Principal",
     "QuickAuthenticator",
+    "Reloadable",
     "ScramSecretSource",
     "UserLookup",
     "UserPass",

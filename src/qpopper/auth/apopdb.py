@@ -17,15 +17,27 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..usernames import is_valid_username
-from . import Authenticator, Principal, QuickAuthenticator, ScramSecretSource, UserLookup
+from . import (
+    AsyncAuthenticator,
+    Authenticator,
+    Principal,
+    QuickAuthenticator,
+    Reloadable,
+    ScramSecretSource,
+    UserLookup,
+)
 from .credentials import ApopDigest, CramMD5, Credentials, ScramSecret, UserPass, Verified
 from .sasl import scram_secret_from_password
 from .secrets import matches_secret
+
+if TYPE_CHECKING:
+    import asyncio
 
 DEFAULT_APOP_FILE = "/etc/qpopper/pop.auth"
 SECRET_MAX = 255
@@ -187,6 +199,34 @@ class ApopAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource, Us
         # Asked once: a Protocol isinstance check costs microseconds, and
         # authenticate_quickly runs on the event loop at every login.
         self._inner_quick = inner.authenticate_quickly if isinstance(inner, QuickAuthenticator) else None
+        if isinstance(inner, AsyncAuthenticator):  # a database on the event loop: stay on it
+            self._inner_async = inner
+            self.authenticate_async = self._authenticate_async
+            self.attach = inner.attach
+            self.aclose = inner.aclose
+        if isinstance(inner, Reloadable):
+            self.reload = inner.reload
+
+    # Set by __init__ only over an AsyncAuthenticator, so that the server
+    # finds the ability exactly when the inner database has it.
+    authenticate_async: Callable[[Credentials, str | None], Awaitable[Principal | None]]
+    attach: Callable[[asyncio.AbstractEventLoop], None]
+    aclose: Callable[[], Awaitable[None]]
+    reload: Callable[[], None]
+
+    async def _authenticate_async(self, credentials: Credentials, client: str | None) -> Principal | None:
+        """`authenticate`, awaiting the inner database on the loop."""
+        inner = self._inner_async.authenticate_async
+        secret = self.database.secret(credentials.user)
+        if secret is None:
+            return await inner(credentials, client)
+        if isinstance(credentials, UserPass):
+            return await inner(credentials, client) if self.policy not in (None, "default") else None
+        if isinstance(credentials, (ApopDigest, CramMD5)):
+            if not matches_secret(secret.encode("utf-8"), credentials):
+                return None
+            return await inner(Verified(credentials.user, "APOP database"), client)
+        return await inner(credentials, client)
 
     def authenticate(self, credentials: Credentials) -> Principal | None:
         secret = self.database.secret(credentials.user)

@@ -41,6 +41,11 @@ FLAGS: tuple[Flag, ...] = (
          "load the passwd-file, APOP database, certificates and listen addresses as the daemon would; "
          "print each problem, exit 1 on any error"),
     Flag((), "tls-listen", "[address][:port]", "an extra listener speaking implicit TLS (port 995 unless given)"),
+    Flag((), "haproxy-listen", "[address][:port]",
+         "a listener behind a load balancer: each connection starts with a PROXY header (port 110; "
+         "replaces the default *:110)"),
+    Flag((), "haproxy-tls-listen", "[address][:port]",
+         "the same, speaking implicit TLS after the PROXY header (port 995 unless given)"),
     Flag((), "help", None, "print every option in one line, with its default, then exit"),
 )
 

@@ -27,16 +27,20 @@ class ListenAddress:
     port: int
     # Implicit TLS ("alternate port", RFC 8314): handshake before the greeting.
     tls: bool = False
+    # Behind a load balancer: each connection starts with a PROXY protocol
+    # header from a trusted network (haproxy-trusted-networks).
+    proxy: bool = False
 
     def __str__(self) -> str:
         if self.host is None:
             text = f"*:{self.port}"
         else:
             text = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        return text + " (TLS)" if self.tls else text
+        text = text + " (TLS)" if self.tls else text
+        return text + " (PROXY)" if self.proxy else text
 
 
-def parse_listen_address(text: str, default_port: int = 110, tls: bool = False) -> ListenAddress:
+def parse_listen_address(text: str, default_port: int = 110, tls: bool = False, proxy: bool = False) -> ListenAddress:
     """qpopper's positional `[address][:port]`, with IPv6 in brackets.
 
     A bare number is a port on every address, as in the manual's own
@@ -66,7 +70,7 @@ def parse_listen_address(text: str, default_port: int = 110, tls: bool = False) 
         port = int(port_text)
     else:
         port = default_port
-    return ListenAddress(host or None, port, tls)
+    return ListenAddress(host or None, port, tls, proxy)
 
 
 def doubtful_settings(options: Options) -> list[str]:
@@ -210,9 +214,24 @@ class Options:
     uw_kluge: bool = _default("uw_kluge")
     # System users (Unix accounts through PAM, a process per session that
     # drops to the user) unless a passwd-file of virtual users is given.
-    auth_backend: str = _default("auth_backend")  # "auto" | "pam" | "passwd-file"
+    auth_backend: str = _default("auth_backend")  # "auto" | "pam" | "passwd-file" | "sql" | "ldap"
+    auth_backend_args: str | None = _default("auth_backend_args")
+    auth_cache_size: int = _default("auth_cache_size")
+    auth_cache_ttl: float = _default("auth_cache_ttl")
+    auth_cache_negative_ttl: float = _default("auth_cache_negative_ttl")
+    auth_hash_workers: int = _default("auth_hash_workers")
     pam_service: str = _default("pam_service")
     min_uid: int = _default("min_uid")
+    # Behind HAProxy: who may send PROXY headers, how long one may take,
+    # and whether TLS the balancer terminated counts as TLS here.
+    haproxy_trusted_networks: str | None = _default("haproxy_trusted_networks")
+    haproxy_timeout: float = _default("haproxy_timeout")
+    haproxy_tls_is_secure: bool = _default("haproxy_tls_is_secure")
+    # State shared by several instances (failure delays, LOGIN-DELAY,
+    # per-address caps) in Redis; unset: each process keeps its own.
+    redis_url: str | None = _default("redis_url")
+    redis_timeout: float = _default("redis_timeout")
+    redis_key_prefix: str = _default("redis_key_prefix")
     # Where each value came from ("default", "file:line", "-T", "--name"),
     # and the settings given that have no effect in this server.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

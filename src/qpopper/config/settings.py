@@ -14,6 +14,7 @@ refused in both user option files).
 from __future__ import annotations
 
 import enum
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,6 +214,41 @@ def _mechanism_list(setting: Setting, value: object, where: str) -> object:
     return names
 
 
+def _networks(setting: Setting, value: object, where: str) -> object:
+    import ipaddress  # only where the setting is given: a plain daemon never loads it
+
+    text = str(value).replace(",", " ").strip()
+    for word in text.split():
+        try:
+            ipaddress.ip_network(word, strict=False)
+        except ValueError as exc:
+            raise _refuse(setting, where, f"holds a bad network: {exc}") from None
+    return text or None
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30}
+_TIME_UNITS = {
+    "": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "m": 60, "min": 60, "mins": 60, "minute": 60,
+    "minutes": 60, "h": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400, "days": 86400,
+}
+
+
+def _byte_size(setting: Setting, value: object, where: str) -> object:
+    """Bytes, with Dovecot's units: 10M, 512 k, 1G."""
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(value))
+    if match is None or match.group(2).upper() not in _SIZE_UNITS:
+        raise _refuse(setting, where, "must be a size such as 0, 512k or 10M")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+
+
+def _duration(setting: Setting, value: object, where: str) -> object:
+    """Seconds, with Dovecot's units: 3600, 1 hour, 10 mins."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    if match is None or match.group(2).lower() not in _TIME_UNITS:
+        raise _refuse(setting, where, "must be a time such as 3600, 10 mins or 1 hour")
+    return float(match.group(1)) * _TIME_UNITS[match.group(2).lower()]
+
+
 def _empty_is_unset(setting: Setting, value: object, where: str) -> object:
     return None if value == "" else value
 
@@ -384,9 +420,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("apop-file", "apop_file", S, "the APOP database managed with popauth (qpopper: --enable-apop=path)", INIT,
             qpopper=False, default="/etc/qpopper/pop.auth"),
     Setting("auth-backend", "auth_backend", M,
-            "pam: system users, a process per session; passwd-file: virtual users; auto: pam unless passwd-file is set",
-            INIT, mnemonics=(("auto", "auto"), ("pam", "pam"), ("passwd-file", "passwd-file")), qpopper=False,
-            default="auto"),
+            "pam: system users, a process per session; passwd-file: virtual users; sql, ldap: virtual users in a "
+            "database (auth-backend-args); auto: pam unless passwd-file is set",
+            INIT, mnemonics=(("auto", "auto"), ("pam", "pam"), ("passwd-file", "passwd-file"), ("sql", "sql"),
+                             ("ldap", "ldap")), qpopper=False, default="auto"),
+    Setting("auth-backend-args", "auth_backend_args", S,
+            "the sql or ldap backend's settings file, in Dovecot's dovecot-sql.conf.ext / dovecot-ldap.conf.ext format",
+            INIT, qpopper=False, check=_empty_is_unset),
+    Setting("auth-cache-size", "auth_cache_size", S, "bytes of looked-up users kept (0: no cache), e.g. 10M", INIT,
+            qpopper=False, default=0, check=_byte_size),
+    Setting("auth-cache-ttl", "auth_cache_ttl", S, "how long a cached user is used, e.g. 1 hour", INIT,
+            qpopper=False, default=3600.0, check=_duration),
+    Setting("auth-cache-negative-ttl", "auth_cache_negative_ttl", S,
+            "how long \"no such user\" is cached (0: not at all)", INIT, qpopper=False, default=3600.0,
+            check=_duration),
+    Setting("auth-hash-workers", "auth_hash_workers", INT,
+            "password hashes checked at once for a database backend (0: one per CPU)", INIT, qpopper=False,
+            default=0, check=_worker_count),
     Setting("pam-service", "pam_service", S, "PAM service name for system users", INIT, qpopper=False, default="pop3"),
     Setting("min-uid", "min_uid", INT, "lowest uid that may log in (root never may)", INIT, qpopper=False,
             default=1000),
@@ -426,6 +476,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("drain-timeout", "drain_timeout", F, "seconds SIGTERM waits for sessions in UPDATE", INIT, qpopper=False,
             default=30.0, check=_seconds),
     Setting("use-uvloop", "use_uvloop", B, "use uvloop when installed", INIT, qpopper=False, default=True),
+    Setting("haproxy-trusted-networks", "haproxy_trusted_networks", S,
+            "networks whose PROXY headers are believed (space separated, e.g. 10.0.0.0/8 ::1)", INIT, qpopper=False,
+            check=_networks),
+    Setting("haproxy-timeout", "haproxy_timeout", F, "seconds the PROXY header may take to arrive", INIT,
+            qpopper=False, default=3.0, check=_timer_seconds),
+    Setting("haproxy-tls-is-secure", "haproxy_tls_is_secure", B,
+            "TLS terminated at the balancer (its SSL TLV) counts as TLS for clear-text-password", INIT,
+            qpopper=False, default=False),
+    Setting("redis-url", "redis_url", S, "Redis shared by instances: redis://host:port/db or unix:///path",
+            INIT, qpopper=False, check=_empty_is_unset),
+    Setting("redis-timeout", "redis_timeout", F, "seconds a Redis call may take before per-process state is used",
+            INIT, qpopper=False, default=0.25, check=_timer_seconds),
+    Setting("redis-key-prefix", "redis_key_prefix", S, "prefix of this service's Redis keys", INIT, qpopper=False,
+            default="qpopper:"),
     Setting("workers", "workers", INT, "serving processes sharing the listeners (virtual users; 0: one per CPU)", INIT,
             qpopper=False, default=1, check=_worker_count),
 )

@@ -109,10 +109,37 @@ def passwd_file_problems(path: str, default_scheme: str) -> Iterator[Problem]:
                 yield Problem(ERROR, where, f"malformed {{{scheme}}} hash for {user}: it can never match")
 
 
+def backend_args_problems(options: Options) -> list[Problem]:
+    """The sql or ldap backend's settings file, read as the daemon reads it
+    (without connecting: the database may be down while this runs)."""
+    from ..auth.userdb import open_user_database
+
+    where = options.source_of("auth_backend_args") if options.auth_backend_args else options.source_of("auth_backend")
+    if not options.auth_backend_args:
+        text = f"auth-backend {options.auth_backend} needs auth-backend-args (its settings file)"
+        return [Problem(ERROR, where, text)]
+    path = options.auth_backend_args
+    try:
+        open_user_database(options.auth_backend, path)
+    except ConfigError as exc:
+        return [Problem(ERROR, None, str(exc))]
+    from ..auth.backendargs import read_backend_args
+
+    args = read_backend_args(path)  # read fine just now
+    holds_secret = "password=" in (args.get("connect") or "") or bool(args.get("dnpass"))  # sql, ldap
+    try:
+        readable_by_all = os.stat(path).st_mode & 0o004
+    except OSError:
+        return []
+    if readable_by_all and holds_secret:
+        return [Problem(WARNING, path, "every user can read this file, and it holds the database password (chmod o-r)")]
+    return []
+
+
 def content_problems(options: Options) -> list[Problem]:
     """What is wrong in the files and settings, without binding or building TLS."""
     problems: list[Problem] = []
-    if options.passwd_file and not options.system_users:
+    if options.passwd_file and options.auth_backend not in ("sql", "ldap") and not options.system_users:
         problems += passwd_file_problems(options.passwd_file, options.default_password_scheme)
     if options.tls_key_file and not options.tls_cert_file:
         text = "tls-private-key-file is set but tls-server-cert-file is not; TLS stays off"
@@ -180,8 +207,13 @@ def bind_problem(address: ListenAddress) -> str | None:
 def check_options(options: Options, bind: bool = True) -> list[Problem]:
     """Every problem a start with these options would meet, in the order met."""
     problems = content_problems(options)
+    if options.auth_backend in ("sql", "ldap"):  # at start-up, the same error stops the daemon
+        problems += backend_args_problems(options)
     problems += _apop_problems(options)
     problems += _tls_problems(options)
+    if any(a.proxy for a in options.listen) and not options.haproxy_trusted_networks:
+        problems.append(Problem(ERROR, options.source_of("listen"),
+                                "a PROXY protocol listener needs haproxy-trusted-networks (the balancers' addresses)"))
     if options.system_users and os.geteuid() != 0:
         problems.append(Problem(WARNING, None, "system users need root: the daemon refuses to start as this user"))
     if bind:

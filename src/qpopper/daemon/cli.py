@@ -53,6 +53,7 @@ class Invocation:
     assignments: list[tuple[str, object, str]] = field(default_factory=list)
     listen: list[str] = field(default_factory=list)
     tls_listen: list[str] = field(default_factory=list)
+    haproxy_listen: list[tuple[str, bool]] = field(default_factory=list)  # (address, implicit TLS)
     demo: bool = False
     inetd: bool = False
     show_config: bool = False
@@ -95,6 +96,8 @@ def parse_command_line(argv: Sequence[str]) -> Invocation:
             setattr(inv, mode, True)
         elif flag == "--tls-listen":
             inv.tls_listen.append(value)
+        elif flag in ("--haproxy-listen", "--haproxy-tls-listen"):
+            inv.haproxy_listen.append((value, flag == "--haproxy-tls-listen"))
         else:
             inv.assignments += _assignments(flag, value)
     return inv
@@ -169,6 +172,11 @@ def build_options(inv: Invocation) -> Options:
             listen.append(ListenAddress(first.host, 0 if first.port == 0 else DEMO_TLS_PORT, tls=True))
     if inv.tls_listen:
         listen += [parse_listen_address(a, 995, tls=True) for a in inv.tls_listen]
+        sources["listen"] = "command line"
+    if inv.haproxy_listen:
+        if not inv.listen and not inv.demo:  # behind a balancer only: no plain *:110 beside it
+            listen = [a for a in listen if a != ListenAddress(None, 110)]
+        listen += [parse_listen_address(a, 995 if tls else 110, tls=tls, proxy=True) for a, tls in inv.haproxy_listen]
         sources["listen"] = "command line"
     changes["listen"] = tuple(listen)
     return opts.replace(sources=sources, **changes)
@@ -397,7 +405,7 @@ def _log_startup_warnings(options: Options, *, inetd: bool) -> None:
 def _settle_inetd(inv: Invocation) -> None:
     """inetd mode with -i, or without it when inetd handed us a connection and no listener was given
     (an inetd.conf line written for qpopper's inetd build); then stdin/stdout must be able to carry it."""
-    if not inv.inetd and not (inv.listen or inv.tls_listen or inv.demo) and started_by_inetd():
+    if not inv.inetd and not (inv.listen or inv.tls_listen or inv.haproxy_listen or inv.demo) and started_by_inetd():
         inv.inetd = True
     if inv.inetd:
         check_inetd_streams()

@@ -213,7 +213,7 @@ class ForkingServer:
 
     async def _serve_child(self, conn: socket.socket, implicit_tls: bool) -> None:
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self.server.serve_socket(conn, implicit_tls))
+        task = loop.create_task(self.server.serve_socket(conn, implicit_tls, self.server.behind_balancer(conn)))
         stopping: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
         def stop(drain: bool) -> None:

@@ -66,20 +66,35 @@ def dotlock_path(spool: str) -> str:
     return spool + ".lock"
 
 
-def _pid_of_holder(path: str) -> int | None:
-    """The process id a lock file records, if it records one.
+def _this_host() -> bytes:
+    return socket.gethostname().encode("ascii", "replace").replace(b" ", b"_")[:64] or b"localhost"
 
-    liblockfile and this module write the holder's pid as text; postfix
-    and others leave the file empty. An empty or unreadable lock tells us
-    nothing, and only its age can make it stale.
+
+def _lock_content() -> bytes:
+    """What our dotlocks hold: the pid, as liblockfile writes it, and the
+    host, so that on shared storage another host does not judge our pid
+    by its own processes (readers that take only the number still work)."""
+    return b"%d %s\n" % (os.getpid(), _this_host())
+
+
+def _pid_of_holder(path: str) -> int | None:
+    """The process id a lock file records, if it records one of this host.
+
+    liblockfile writes the holder's pid as text, this module the pid and
+    the host; postfix and others leave the file empty. An empty or
+    unreadable lock, or one made on another host (its pid means nothing
+    here), tells us nothing, and only its age can make it stale.
     """
     try:
         with open(path, "rb") as f:
-            text = f.read(32)
+            text = f.read(128)
     except OSError:
         return None
+    fields = text.split()
+    if len(fields) > 1 and fields[1] != _this_host():
+        return None
     try:
-        pid = int(text.strip() or b"0")
+        pid = int(fields[0] if fields else b"0")
     except ValueError:
         return None
     return pid if pid > 0 else None
@@ -133,7 +148,7 @@ class DotLock:
             raise MaildropError(f"cannot create dotlock for {self.spool}: {exc}") from exc
         try:
             try:
-                os.write(fd, b"%d\n" % os.getpid())
+                os.write(fd, _lock_content())
             except OSError as exc:  # a full disk, a quota
                 raise MaildropError(f"cannot write dotlock for {self.spool}: {exc}") from exc
             finally:

@@ -142,7 +142,7 @@ class Connection:
             tls=tls_active,
             plaintext_allowed=plaintext_allowed(
                 options.clear_text_password,
-                tls_active=tls_active,
+                tls_active=tls_active or self.peer.tls_at_balancer,
                 peer=self.peer.host,
                 tls_configured=tls.context is not None,
             ),

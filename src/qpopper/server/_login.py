@@ -136,7 +136,11 @@ class Login:
                 quick = self.services.authenticate_quickly
                 principal = quick(effect.credentials) if quick is not None else None
                 if principal is None:
-                    principal = await self.blocking(self.services.authenticator.authenticate, effect.credentials)
+                    on_loop = self.services.authenticate_async
+                    if on_loop is not None:
+                        principal = await on_loop(effect.credentials, self.peer.host)
+                    else:
+                        principal = await self.blocking(self.services.authenticator.authenticate, effect.credentials)
         except (AuthUnavailable, MaildropError) as exc:
             log.error("%s: authentication backend failed: %s", self.peer, exc)
             # A maildrop that cannot be named for this account (SYS/PERM) is
@@ -152,8 +156,12 @@ class Login:
                 principal = None
         if principal is None:
             # Unknown user, wrong password, refused user: one answer, at one time.
-            wanted = self.services.failures.delay(self.peer.host)
-            self.services.failures.record_failure(self.peer.host)
+            shared = self.services.shared
+            if shared is None:
+                wanted = self.services.failures.delay(self.peer.host)
+                self.services.failures.record_failure(self.peer.host)
+            else:  # the delay this address earned on every instance
+                wanted = await shared.failed_login(self.peer.host)
             delay = wanted - (time.monotonic() - started)
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -270,7 +278,13 @@ class Login:
                 self.session.config = session_config(self.options)
                 self._apply_user_options(before, principal.user)
         delay = self.options.announce_login_delay
-        if self.options.enforce_login_delay and delay and self.services.login_delays.too_soon(principal.user, delay):
+        shared = self.services.shared
+        if (
+            self.options.enforce_login_delay
+            and delay
+            and (self.services.login_delays.too_soon(principal.user, delay) if shared is None
+                 else await shared.too_soon(principal.user, delay))
+        ):
             log.info("%s: %s logged in again within %d s", self.peer, principal.user, delay)
             self._failed(ResponseCode.LOGIN_DELAY)
             return None
@@ -300,7 +314,10 @@ class Login:
         records.opened = time.monotonic()
         self.debug("%s: opened %s in %.3f s", self.peer, principal.mail, records.opened - (records.authenticated or 0))
         if self.options.enforce_login_delay:  # a record per user otherwise kept for nothing
-            self.services.login_delays.record(principal.user)
+            if shared is None:
+                self.services.login_delays.record(principal.user)
+            else:
+                await shared.record_login(principal.user, delay or 0)
         messages = maildrop.messages()
         log.info("%s: %s logged in, %d messages", self.peer, principal.user, len(messages))
         if self.options.log_login:

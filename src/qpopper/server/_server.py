@@ -18,9 +18,9 @@ import os
 import socket
 import ssl
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..auth import Authenticator, UserLookup
+from ..auth import AsyncAuthenticator, Authenticator, Reloadable, UserLookup
 from ..auth.access import AccessPolicy
 from ..auth.passwdfile import PasswdFileAuthenticator
 from ..config.options import ListenAddress, Options
@@ -32,19 +32,32 @@ from ._services import Peer, Services, TlsState
 from ._stream import PopStream
 from ._tls import build_context, reload_certificates, tls_failure_reason
 
+if TYPE_CHECKING:
+    from ._proxied import ProxyPolicy
+    from .proxyheader import ProxyHeader
+
 log = logging.getLogger("qpopper.server")
 
 _BUSY_REPLY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 
 
-def _peer_from(info: object) -> Peer:
-    """The client's address from a socket's peer name (an AF_UNIX one is "local")."""
+def _peer_from(info: object, tls_at_balancer: bool = False) -> Peer:
+    """The client's address from a socket's peer name (an AF_UNIX one is
+    "local"), or from the (address, port) of a trusted PROXY header."""
     if isinstance(info, tuple) and len(info) >= 2:
         host = str(info[0])
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]  # an IPv4 client on a dual-stack socket
-        return Peer(host, int(info[1]))
+        return Peer(host, int(info[1]), tls_at_balancer)
     return Peer("local", 0)
+
+
+def _behind_balancer(balancer: Peer, header: ProxyHeader, policy: ProxyPolicy) -> Peer:
+    """The client a trusted balancer's header names; the balancer itself for
+    its own health checks (LOCAL) and for clients it cannot name."""
+    if header.source is None:
+        return balancer
+    return _peer_from(header.source, tls_at_balancer=policy.secure(header))
 
 
 def _peer_of(stream: PopStream) -> Peer:
@@ -56,6 +69,24 @@ def _peer_of_socket(sock: socket.socket) -> Peer:
         return _peer_from(sock.getpeername())
     except OSError:  # gone already
         return Peer("unknown", 0)
+
+
+async def _refuse_busy(stream: PopStream, peer: Peer, where: str = "") -> None:
+    log.warning("%s: connection refused, limit reached%s", peer, f" {where}" if where else "")
+    try:
+        stream.write(_BUSY_REPLY)
+        await asyncio.wait_for(stream.drain(), 5)
+    except (OSError, RuntimeError):  # the peer may be gone (uvloop: RuntimeError); it is closed below
+        pass
+    stream.close()
+
+
+def _header_failure(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no PROXY header in time"
+    if isinstance(exc, OSError):
+        return f"connection lost before the PROXY header: {exc.strerror or exc}"
+    return f"bad PROXY header: {exc}"
 
 
 class TlsListener:
@@ -168,6 +199,19 @@ def make_authenticator(options: Options) -> Authenticator:
             )
         except ImportError as exc:
             raise ConfigError(f"system users need python-pam and libpam: {exc}") from None
+    if options.auth_backend in ("sql", "ldap"):
+        from ..auth.userdb import database_authenticator  # only where a database backend is configured
+
+        return database_authenticator(
+            options.auth_backend,
+            options.auth_backend_args,
+            mail_location=options.mail_location,
+            default_scheme=options.default_password_scheme,
+            cache_size=options.auth_cache_size,
+            cache_ttl=options.auth_cache_ttl,
+            cache_negative_ttl=options.auth_cache_negative_ttl,
+            hash_workers=options.auth_hash_workers,
+        )
     if options.passwd_file is None:
         raise ConfigError("no user database: give --passwd-file (or run --demo)")
     return PasswdFileAuthenticator(options.passwd_file, options.mail_location, options.default_password_scheme)
@@ -204,6 +248,13 @@ class Server:
             base = ApopAuthenticator(base, ApopDatabase(options.apop_file), options.clear_text_password)
         self.authenticator: Authenticator = base
         self._given_sockets = list(sockets)
+        self._proxy: ProxyPolicy | None = None
+        if any(a.proxy for a in options.listen):
+            from ._proxied import policy_of  # only behind a balancer
+
+            self._proxy = policy_of(
+                options.haproxy_trusted_networks, options.haproxy_timeout, options.haproxy_tls_is_secure
+            )
         self.tls = TlsState()
         if options.tls_configured:
             self.tls.context = build_context(options)
@@ -255,6 +306,15 @@ class Server:
             drop_privileges=options.system_users and authenticator is None,
             kerberos=kerberos,
         )
+        if options.redis_url:
+            try:
+                from ._shared_state import SharedState  # only where state is shared
+            except ImportError as exc:
+                raise ConfigError(f"redis-url needs redis-py (pip install redis): {exc}") from None
+            self.services.shared = SharedState(
+                options.redis_url, options.redis_timeout, options.redis_key_prefix,
+                self.services.failures, self.services.login_delays,
+            )
 
     # ---- life cycle -------------------------------------------------------
 
@@ -262,25 +322,33 @@ class Server:
         """Bind (or adopt) every listener; errors surface here, not later."""
         sockets = list(self._given_sockets)
         alternate_port = self.options.effective_tls_support == "alternate-port"
+        proxied: list[bool] = []  # per socket: behind a balancer
         if not sockets:
             try:
                 for address in self.options.listen:
                     sockets.append((bind_socket(address), address.tls or alternate_port))
+                    proxied.append(address.proxy)
             except BaseException:
                 for sock, _ in sockets:
                     sock.close()
                 raise
+        else:
+            proxied = [self.behind_balancer(sock) for sock, _ in sockets]
         loop = asyncio.get_running_loop()
+        if isinstance(self.authenticator, AsyncAuthenticator):
+            self.authenticator.attach(loop)
         try:
-            for sock, implicit_tls in sockets:
+            for (sock, implicit_tls), behind_balancer in zip(sockets, proxied, strict=True):
                 handshake_first = implicit_tls or alternate_port
                 listener: asyncio.Server | TlsListener
                 if handshake_first:
                     if self.tls.context is None:
                         raise ConfigError("an implicit-TLS listener needs tls-server-cert-file")
-                    listener = TlsListener(sock, self.serve_socket)
+                    serve = functools.partial(self.serve_socket, proxied=True) if behind_balancer else self.serve_socket
+                    listener = TlsListener(sock, serve)
                 else:
-                    listener = await loop.create_server(lambda: PopStream(loop, self._accept), sock=sock)
+                    accept = self._accept_proxied if behind_balancer else self._accept
+                    listener = await loop.create_server(functools.partial(PopStream, loop, accept), sock=sock)
                 self._servers.append(listener)
                 self._implicit_tls.append(handshake_first)
         except BaseException:
@@ -300,6 +368,13 @@ class Server:
             if self._sessions_seen != seen:
                 seen = self._sessions_seen
                 release_free_memory()
+
+    def behind_balancer(self, sock: socket.socket) -> bool:
+        """Whether a socket handed over (workers, systemd, a forked session)
+        is a PROXY listener's or was accepted by one: known by its port."""
+        if self._proxy is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        return int(sock.getsockname()[1]) in {a.port for a in self.options.listen if a.proxy}
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -355,7 +430,11 @@ class Server:
                 await asyncio.wait(late, timeout=5)
         for server in self._servers:
             await server.wait_closed()
+        if self.services.shared is not None:
+            await self.services.shared.close()
         self._executor.shutdown(wait=drain, cancel_futures=True)
+        if isinstance(self.authenticator, AsyncAuthenticator):
+            await self.authenticator.aclose()
         self._closed.set()
 
     async def __aenter__(self) -> Server:
@@ -376,13 +455,15 @@ class Server:
         try:
             if options is not None:
                 kept = {"listen": self.options.listen, "auth_backend": self.options.auth_backend,
-                        "passwd_file": self.options.passwd_file}
+                        "passwd_file": self.options.passwd_file, "auth_backend_args": self.options.auth_backend_args}
                 options = options.replace(**kept)
                 self.options = options
                 self.services.options = options
                 self.services.access = AccessPolicy(options.nonauth_file, options.auth_file)
             if reload is not None:
                 reload("")
+            if isinstance(self.authenticator, Reloadable):
+                self.authenticator.reload()
             if self.tls.context is not None and self.options.tls_cert_file is not None:
                 reload_certificates(self.tls.context, self.options)
                 self.tls.channel_binding = server_end_point(self.options.tls_cert_file)
@@ -412,6 +493,18 @@ class Server:
         # at its first step, which the loop's ready queue holds it until.
         asyncio.get_running_loop().create_task(self.serve_stream(stream))
 
+    def _accept_proxied(self, stream: PopStream) -> None:
+        """A connection from a load balancer: a PROXY header comes first."""
+        asyncio.get_running_loop().create_task(self.serve_stream(stream, proxied=True))
+
+    def _refuse_untrusted(self, peer: Peer) -> bool:
+        """True (and logged) if a PROXY listener's peer is not a trusted balancer."""
+        assert self._proxy is not None
+        if self._proxy.trusts(peer.host):
+            return False
+        log.warning("%s: connection refused: not from haproxy-trusted-networks", peer)
+        return True
+
     def _evict_oldest_idle(self) -> None:
         """Full: make room by closing the oldest connection that has not
         logged in and sits waiting (slow-drip and idle crowds go first)."""
@@ -425,15 +518,31 @@ class Server:
                     del self._connections[task]
                     self._per_ip[oldest.peer.host] -= 1
 
-    async def serve_socket(self, sock: socket.socket, implicit_tls: bool = False) -> None:
+    async def serve_socket(self, sock: socket.socket, implicit_tls: bool = False, proxied: bool = False) -> None:
         """Serve one accepted connection (a forked session process, or one
-        accepted by an implicit-TLS listener)."""
+        accepted by an implicit-TLS listener); `proxied`: a PROXY header
+        comes first, before any TLS handshake."""
         context = self.tls.context if implicit_tls else None
         peer = _peer_of_socket(sock)  # asked now: a failed handshake closes the socket
+        if proxied and self._refuse_untrusted(peer):
+            sock.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._handshaking.add(task)  # a stop ends handshakes still under way
         try:
+            if proxied:
+                from ._proxied import read_from_socket
+                from .proxyheader import ProxyHeaderError
+
+                assert self._proxy is not None
+                try:
+                    header = await read_from_socket(sock, self._proxy.timeout)
+                except (ProxyHeaderError, TimeoutError, OSError) as exc:
+                    log.warning("%s: connection refused: %s", peer, _header_failure(exc))
+                    sock.close()
+                    return
+                peer = _behind_balancer(peer, header, self._proxy)
             stream = await accepted_socket_stream(sock, context, self.options.tls_handshake_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             log.info("%s: TLS handshake failed: %s", peer, tls_failure_reason(exc))
@@ -444,14 +553,47 @@ class Server:
             raise
         finally:
             self._handshaking.discard(task)
-        await self.serve_stream(stream)
+        await self.serve_stream(stream, peer=peer if proxied else None)
 
-    async def serve_stream(self, stream: PopStream) -> None:
-        """Serve one session on an already connected stream."""
-        peer = _peer_of(stream)
+    async def _read_proxy_header(self, stream: PopStream, balancer: Peer, task: asyncio.Task[Any]) -> Peer | None:
+        """The client a trusted balancer names; None (logged, closed) if the
+        peer is not trusted or its header is late or invalid."""
+        from ._proxied import read_from_stream
+        from .proxyheader import ProxyHeaderError
+
+        assert self._proxy is not None
+        if self._refuse_untrusted(balancer):
+            stream.close()
+            return None
+        self._handshaking.add(task)  # a stop ends it like a TLS handshake
+        try:
+            header = await read_from_stream(stream, self._proxy.timeout)
+        except (ProxyHeaderError, TimeoutError, OSError) as exc:
+            log.warning("%s: connection refused: %s", balancer, _header_failure(exc))
+            stream.close()
+            return None
+        except asyncio.CancelledError:  # the server stops
+            stream.close()
+            raise
+        finally:
+            self._handshaking.discard(task)
+        peer = _behind_balancer(balancer, header, self._proxy)
+        log.debug("%s: %s client %s via %s", peer, header.command, header.family, balancer)
+        return peer
+
+    async def serve_stream(self, stream: PopStream, proxied: bool = False, peer: Peer | None = None) -> None:
+        """Serve one session on an already connected stream; `proxied`: it
+        starts with a PROXY header; `peer`: the client, known already."""
+        if peer is None:
+            peer = _peer_of(stream)
         _set_nodelay(stream)
         task = asyncio.current_task()
         assert task is not None
+        if proxied:
+            found = await self._read_proxy_header(stream, peer, task)
+            if found is None:
+                return
+            peer = found
         if (
             len(self._connections) >= self.options.max_connections
             and self._per_ip[peer.host] < self.options.max_connections_per_ip
@@ -461,14 +603,15 @@ class Server:
             len(self._connections) >= self.options.max_connections
             or self._per_ip[peer.host] >= self.options.max_connections_per_ip
         ):
-            log.warning("%s: connection refused, limit reached", peer)
-            try:
-                stream.write(_BUSY_REPLY)
-                await asyncio.wait_for(stream.drain(), 5)
-            except (OSError, RuntimeError):  # the peer may be gone (uvloop: RuntimeError); it is closed below
-                pass
-            stream.close()
+            await _refuse_busy(stream, peer)
             return
+        shared = self.services.shared
+        token = None
+        if shared is not None:  # the address's sessions on every instance
+            token = await shared.open_session(peer.host, self.options.max_connections_per_ip)
+            if token is None:
+                await _refuse_busy(stream, peer, "on all instances")
+                return
         self._connections[task] = None
         self._idle.clear()
         self._per_ip[peer.host] += 1
@@ -486,3 +629,6 @@ class Server:
                 self._per_ip.pop(peer.host, None)
             if not self._connections:
                 self._idle.set()
+            if token is not None:
+                assert shared is not None
+                await shared.close_session(token)

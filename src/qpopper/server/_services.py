@@ -8,15 +8,18 @@ the client's address, taken from one place per connection.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..auth import Authenticator, Principal, QuickAuthenticator, ScramSecretSource
+from ..auth import AsyncAuthenticator, Authenticator, Principal, QuickAuthenticator, ScramSecretSource
 from ..auth.access import AccessPolicy, FailureDelays, LoginDelays
 from ..auth.credentials import Credentials, ScramSecret
 from ..config.options import Options
 from ..protocol import SessionConfig
+
+if TYPE_CHECKING:
+    from ._shared_state import SharedState
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +28,9 @@ class Peer:
 
     host: str
     port: int
+    # The client reached the load balancer over TLS, and the server is
+    # configured to trust it as such (haproxy-tls-is-secure).
+    tls_at_balancer: bool = False
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -51,6 +57,9 @@ class Services:
     failures: FailureDelays = field(init=False)
     # System users: become the user before opening anything of theirs.
     drop_privileges: bool = False
+    # Failure delays, LOGIN-DELAY and per-address caps shared through Redis
+    # (redis-url); None: this process's own state only.
+    shared: SharedState | None = None
     # The Kerberos acceptor when GSSAPI logins are on.
     kerberos: object | None = None
     # Called after each UPDATE that succeeded, with the user and how many
@@ -61,6 +70,8 @@ class Services:
     # it has not got them.
     authenticate_quickly: Callable[[Credentials], Principal | None] | None = field(init=False)
     scram_secret: Callable[[str, str], ScramSecret | None] | None = field(init=False)
+    # A database served on the event loop (SQL, LDAP): awaited, no thread.
+    authenticate_async: Callable[[Credentials, str | None], Awaitable[Principal | None]] | None = field(init=False)
     # One frozen SessionConfig shared by new sessions while `options` stays.
     _config: tuple[Options, SessionConfig] | None = field(default=None, init=False, repr=False)
 
@@ -71,6 +82,7 @@ class Services:
         auth = self.authenticator
         self.authenticate_quickly = auth.authenticate_quickly if isinstance(auth, QuickAuthenticator) else None
         self.scram_secret = auth.scram_secret if isinstance(auth, ScramSecretSource) else None
+        self.authenticate_async = auth.authenticate_async if isinstance(auth, AsyncAuthenticator) else None
 
     def session_config(self) -> SessionConfig:
         if self._config is None or self._config[0] is not self.options:

@@ -117,6 +117,11 @@ class PopStream(asyncio.Protocol):
         self._eof = True
         self._wake_reader()
 
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front of the input (what followed a PROXY header)."""
+        self._buffer[:0] = data
+        self._wake_reader()
+
     def discard_buffered(self) -> int:
         """Drop what arrived and was not read yet (plaintext after STLS)."""
         n = len(self._buffer)

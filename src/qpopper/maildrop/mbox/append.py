@@ -18,6 +18,8 @@ from ..dotlock import SpoolLock
 from ..fsutil import write_all
 from ..mboxindex import XUIDL_MAX, XUIDL_MIN, is_from_line
 
+_MAX_REOPENS = 20  # each one means a session renamed a new spool in between
+
 _FROM_TO_QUOTE = re.compile(rb"(?m)^(>*From )")
 
 
@@ -47,18 +49,39 @@ def append_message(spool: str, message: bytes, *, from_line: bytes | None = None
     text = quote_from(message)
     if not text.endswith(b"\n"):
         text += b"\n"
-    fd = os.open(spool, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    # A session's UPDATE renames a new spool over the old one under the same
+    # locks: a spool opened just before that and locked just after is the
+    # replaced file, and what went into it would be lost. Once locked, the
+    # path must still name the open file; otherwise open the new one.
+    for _ in range(_MAX_REOPENS):
+        fd = os.open(spool, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with SpoolLock(spool, fd, exclusive=True):
+                if not _names(spool, fd):
+                    continue
+                _append_locked(fd, from_line, text)
+                return spool
+        finally:
+            os.close(fd)
+    raise MaildropError(f"{spool} was replaced {_MAX_REOPENS} times while waiting for its lock", ResponseCode.SYS_TEMP)
+
+
+def _names(path: str, fd: int) -> bool:
+    """Whether `path` still names the file open on `fd`."""
     try:
-        with SpoolLock(spool, fd, exclusive=True):
-            size = os.fstat(fd).st_size
-            prefix = b""
-            if size:
-                tail = os.pread(fd, 2, size - 2) if size >= 2 else os.pread(fd, 1, 0)
-                prefix = (
-                    b"" if tail.endswith(b"\n\n") or tail == b"\n" else (b"\n" if tail.endswith(b"\n") else b"\n\n")
-                )
-            write_all(fd, prefix + from_line + text + b"\n")
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    return spool
+        on_path = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (on_path.st_dev, on_path.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _append_locked(fd: int, from_line: bytes, text: bytes) -> None:
+    """The message after the spool's last one, made durable (locks held)."""
+    size = os.fstat(fd).st_size
+    prefix = b""
+    if size:
+        tail = os.pread(fd, 2, size - 2) if size >= 2 else os.pread(fd, 1, 0)
+        prefix = b"" if tail.endswith(b"\n\n") or tail == b"\n" else (b"\n" if tail.endswith(b"\n") else b"\n\n")
+    write_all(fd, prefix + from_line + text + b"\n")
+    os.fsync(fd)

@@ -1,0 +1,219 @@
+"""State shared across instances through Redis (server/_shared_state.py):
+failure delays per address, LOGIN-DELAY and per-address session caps hold
+across two servers; Redis stopped or frozen (SIGSTOP) costs no login, only
+a log line, and the per-process state answers. Debian's redis-server is
+started by each test on a Unix socket (or a loopback port) in tmp_path."""
+
+from __future__ import annotations
+
+import logging
+import poplib
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from conftest import PASSWORD
+from qpopper import Controller, StaticAuthenticator
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+pytestmark = pytest.mark.skipif(
+    not Path(REDIS_SERVER).exists(), reason="redis-server is not installed (Debian package redis-server)"
+)
+Fill = Callable[[str, list[bytes]], Path]
+MSG = b"Subject: shared\n\nbody\n"
+
+
+class RedisProcess:
+    """A private redis-server: no persistence, its socket in `base`."""
+
+    def __init__(self, base: Path, tcp: bool = False) -> None:
+        self.base = base
+        self.socket = base / "redis.sock"
+        self.port = 0
+        args = [REDIS_SERVER, "--save", "", "--appendonly", "no", "--dir", str(base)]
+        if tcp:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.port = probe.getsockname()[1]
+            args += ["--port", str(self.port), "--bind", "127.0.0.1"]
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+        else:
+            args += ["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
+            self.url = f"unix://{self.socket}"
+        self._args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self._args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if self.client().ping():
+                    return
+            except redis.RedisError:
+                pass
+            assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            self.proc.wait(20)
+        if self.socket.exists():
+            self.socket.unlink()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def instances(mailroot: Path, fill: Fill) -> Iterator[Callable[..., Controller]]:
+    """Start servers on one maildir root, as instances behind a balancer would be."""
+    fill("alice", [MSG])
+    fill("bob", [MSG])
+    started: list[Controller] = []
+
+    def start(**settings: Any) -> Controller:
+        auth = StaticAuthenticator({"alice": PASSWORD, "bob": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
+        server = Controller(authenticator=auth, **settings).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def fail_once(server: Controller) -> float:
+    """One wrong password; the seconds its answer took."""
+    client = poplib.POP3(server.host, server.port, timeout=60)
+    client.user("alice")
+    began = time.monotonic()
+    with pytest.raises(poplib.error_proto):
+        client.pass_("wrong")
+    took = time.monotonic() - began
+    client.quit()
+    return took
+
+
+def login(server: Controller, user: str = "alice") -> poplib.POP3:
+    client = poplib.POP3(server.host, server.port, timeout=60)
+    client.user(user)
+    client.pass_(PASSWORD)
+    return client
+
+
+def test_failure_delays_follow_the_address_across_instances(
+    redis_server: RedisProcess, instances: Callable[..., Controller]
+) -> None:
+    settings = {"redis_url": redis_server.url, "auth_fail_delay": 0.1, "auth_fail_delay_max": 10.0}
+    a, b = instances(**settings), instances(**settings)
+    for _ in range(3):
+        fail_once(a)
+    assert int(redis_server.client().get("qpopper:fail:127.0.0.1") or 0) == 3
+    # The fourth failure, on the other instance, waits as long as a fourth
+    # one on the first would: 0.1 s doubled three times (a lower bound, which load cannot break).
+    assert fail_once(b) >= 0.8
+    assert int(redis_server.client().get("qpopper:fail:127.0.0.1") or 0) == 4
+    assert 0 < redis_server.client().ttl("qpopper:fail:127.0.0.1") <= 600
+
+
+def test_login_delay_holds_across_instances(redis_server: RedisProcess, instances: Callable[..., Controller]) -> None:
+    settings = {"redis_url": redis_server.url, "enforce_login_delay": True, "announce_login_delay": 600}
+    a, b = instances(**settings), instances(**settings)
+    login(a).quit()
+    client = poplib.POP3(b.host, b.port, timeout=60)
+    client.user("alice")
+    with pytest.raises(poplib.error_proto, match=r"LOGIN-DELAY"):
+        client.pass_(PASSWORD)
+    client.close()
+    login(b, "bob").quit()  # another user is not held
+
+
+def test_per_address_cap_counts_every_instance(
+    redis_server: RedisProcess, instances: Callable[..., Controller]
+) -> None:
+    settings = {"redis_url": redis_server.url, "max_connections_per_ip": 2}
+    a, b = instances(**settings), instances(**settings)
+    first, second = login(a), login(b, "bob")
+    with socket.create_connection((a.host, a.port), timeout=30) as third:
+        assert third.recv(200).startswith(b"-ERR [SYS/TEMP] Too many connections")
+    second.quit()
+    deadline = time.monotonic() + 30  # the end of a session reaches Redis just after its QUIT
+    while redis_server.client().zcard("qpopper:conns:127.0.0.1") > 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    login(a, "bob").quit()
+    first.quit()
+
+
+def test_a_dead_instances_sessions_expire(redis_server: RedisProcess, instances: Callable[..., Controller]) -> None:
+    # Another host died with a session open: its lease ran out, so it no longer counts.
+    redis_server.client().zadd("qpopper:conns:127.0.0.1", {"deadhost:1:1:0": time.time() - 1})
+    server = instances(redis_url=redis_server.url, max_connections_per_ip=1)
+    login(server).quit()
+
+
+def test_redis_stopped_costs_no_login(
+    redis_server: RedisProcess, instances: Callable[..., Controller], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = instances(redis_url=redis_server.url, auth_fail_delay=0.05, max_connections_per_ip=5,
+                       enforce_login_delay=True, announce_login_delay=1)
+    login(server).quit()
+    redis_server.stop()
+    with caplog.at_level(logging.WARNING, "qpopper.server"):
+        client = login(server, "bob")  # connection cap, login and LOGIN-DELAY record without Redis
+        assert client.stat()[0] == 1
+        client.quit()
+        fail_once(server)
+        fail_once(server)  # per-process failure delays go on
+    assert "shared state: Redis failed" in caplog.text
+    assert caplog.text.count("shared state: Redis failed") == 1  # one line per outage, not per call
+    redis_server.start()
+    # The instance leaves Redis alone for a few seconds after a failure, then asks again.
+    deadline = time.monotonic() + 60
+    with caplog.at_level(logging.WARNING, "qpopper.server"):
+        while "Redis answers again" not in caplog.text and time.monotonic() < deadline:
+            fail_once(server)
+    assert "Redis answers again" in caplog.text
+
+
+def test_redis_frozen_costs_no_login(tmp_path: Path, instances: Callable[..., Controller],
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    frozen = RedisProcess(tmp_path, tcp=True)
+    try:
+        server = instances(redis_url=frozen.url, redis_timeout=0.2, max_connections_per_ip=5,
+                           enforce_login_delay=True, announce_login_delay=1)
+        fail_once(server)  # the client is connected: the next calls go to a live socket
+        assert frozen.proc is not None
+        frozen.proc.send_signal(signal.SIGSTOP)
+        with caplog.at_level(logging.WARNING, "qpopper.server"):
+            for user in ("alice", "bob"):
+                client = login(server, user)  # each within the poplib timeout: Redis is waited on 0.2 s at most
+                assert client.stat()[0] == 1
+                client.quit()
+        assert "shared state: Redis failed (TimeoutError" in caplog.text
+    finally:
+        frozen.stop()
+
+
+def test_without_redis_nothing_is_shared(instances: Callable[..., Controller]) -> None:
+    server = instances()
+    assert server.server.services.shared is None
+    login(server).quit()
