@@ -237,7 +237,9 @@ class MaildirMaildrop:
             raise MaildropError(f"cannot create maildir {path}: {exc}") from exc
         if quick and self._dirs_too_big():
             raise WouldBlock(f"{path} is too big to list on the event loop")
-        lock = SessionLock(os.path.join(path, LOCK_NAME))
+        # The lock file stays between sessions: made once, it costs an open per
+        # login; made and removed each time, a journal transaction or two.
+        lock = SessionLock(os.path.join(path, LOCK_NAME), remove=False)
         lock.acquire()
         try:
             self._scan()
