@@ -12,6 +12,11 @@ are zeroed, a fixed number of sessions run one after another from this process
     retr    RETR of a ~15 kB message in one logged-in session
 
     flock /work/tools/bench.lock python bench/instructions.py [--sessions N] [--retrs N] [--keep DIR]
+        [--twisted PYTHON]
+
+With --twisted (the interpreter of a virtualenv holding Twisted, as bench/run.py
+makes) Twisted's POP3 server (bench/twisted_pop3.py) is counted the same way on
+the same mail, for the side-by-side figure a loaded machine's clock cannot give.
 
 prints one JSON object: instructions per login session and per RETR, and the
 dump files (read them with callgrind_annotate for the C functions that cost most).
@@ -104,20 +109,28 @@ def total_instructions(dump: Path) -> int:
     return int(m.group(1))
 
 
-def measure(work: Path, sessions: int, count: int) -> dict[str, Any]:
-    make_maildirs(work)
+def server_command(work: Path, port: int, twisted: str | None) -> list[str]:
+    if twisted is not None:
+        passwd = work / "twisted-passwd"
+        passwd.write_text("".join(f"u{i}:{PASSWORD}\n" for i in range(1, USERS + 1)))
+        return [twisted, str(REPO / "bench" / "twisted_pop3.py"), "--maildirs", str(work / "maildir"),
+                "--passwd", str(passwd), "--port", str(port)]
     passwd = work / "passwd"
     passwd.write_text("".join(f"u{i}:{{PLAIN}}{PASSWORD}::::{work}::\n" for i in range(1, USERS + 1)))
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "src")], check=True)
+    return [sys.executable, "-m", "qpopper", "--passwd-file", str(passwd), "--mail-location",
+            f"maildir:{work}/maildir/%u", "--auth-fail-delay", "0", "--syslog-socket", "", f"127.0.0.1:{port}"]
+
+
+def measure(work: Path, sessions: int, count: int, twisted: str | None = None) -> dict[str, Any]:
+    make_maildirs(work)
     env = dict(os.environ, PYTHONHASHSEED="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "src")], check=True)
     port = free_port()
     out = work / "callgrind.out"
-    with open(work / "qpopper.log", "wb") as log:  # the default records, to a file as in bench/run.py
+    with open(work / "server.log", "wb") as log:  # our default records, to a file as in bench/run.py
         server = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m", "qpopper",
-             "--passwd-file", str(passwd), "--mail-location", f"maildir:{work}/maildir/%u",
-             "--auth-fail-delay", "0", "--syslog-socket", "", f"127.0.0.1:{port}"],
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *server_command(work, port, twisted)],
             stdout=log, stderr=log, env=env, cwd=work,
         )
         try:
@@ -142,16 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=200, help="login sessions counted (default 200)")
     parser.add_argument("--retrs", type=int, default=400, help="RETRs counted (default 400)")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it (the dumps)")
+    parser.add_argument("--twisted", help="count Twisted's POP3 server instead, run by this interpreter")
     a = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("bench/instructions.py: valgrind is missing (apt-get install -y valgrind)", file=sys.stderr)
         return 2
     if a.keep is not None:
         a.keep.mkdir(parents=True, exist_ok=True)
-        result = measure(a.keep, a.sessions, a.retrs)
+        result = measure(a.keep, a.sessions, a.retrs, a.twisted)
     else:
         with tempfile.TemporaryDirectory(prefix="qpopper-callgrind-") as tmp:
-            result = measure(Path(tmp), a.sessions, a.retrs)
+            result = measure(Path(tmp), a.sessions, a.retrs, a.twisted)
     print(json.dumps(result))
     return 0
 
