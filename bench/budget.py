@@ -42,29 +42,32 @@ USERS = 300
 MESSAGES = 10
 RATE = 997  # samples/s; prime, so it never beats with the event loop's timers
 
+_Q = r"(?:\w+\.)*"  # py-spy names methods Class.name
 # (step, pattern on "function (file)" of a frame). The innermost frame that
 # matches one decides the step; the first matching rule wins for that frame.
 RULES: list[tuple[str, str]] = [
     ("records (logging)", r"\(logging/|logsetup\.py|_records\.py"),
-    ("maildrop: open and list", r"^(open_maildrop|_open|_list\w*|_scan\w*|__init__|messages) .*maildrop/"),
-    ("maildrop: read a message", r"^(read\w*|_read\w*) .*maildrop/"),
-    ("maildrop: close, commit, unlock", r"^(close|commit|_commit\w*|unlock|release\w*) .*maildrop/"),
+    ("maildrop: session lock", r"sessionlock\.py"),
+    ("maildrop: read a message", rf"^{_Q}(read|_open|_find_moved) .*maildrop/"),
+    ("maildrop: open and list", rf"^{_Q}(open_maildrop|expand_location|__init__|_list|_scan|_dirs_too_big|messages"
+                                r"|_uids\w*|_subdirs_of)\b.*maildrop/|<listcomp>.*maildrop/"),
+    ("maildrop: close, commit", rf"^{_Q}(close|commit|writes_nothing|_lacks_seen) .*maildrop/"),
     ("maildrop: other", r"maildrop/"),
     ("authentication (passwd-file)", r"\(.*qpopper/auth/"),
     ("protocol: encoding (line ends, dot-stuffing)", r"_stuffing\.py"),
-    ("protocol: USER", r"^cmd_user "),
-    ("protocol: PASS", r"^(cmd_pass|auth_succeeded|maildrop_opened) "),
-    ("protocol: STAT", r"^cmd_stat "),
-    ("protocol: RETR", r"^cmd_retr "),
-    ("protocol: LIST, UIDL", r"^(cmd_list|cmd_uidl) "),
-    ("protocol: QUIT and UPDATE", r"^(cmd_quit|commit_done) "),
-    ("protocol: greeting and session set-up", r"^(__init__|greeting|_greet\w*) .*protocol/"),
+    ("protocol: USER", rf"^{_Q}cmd_user "),
+    ("protocol: PASS", rf"^{_Q}(cmd_pass|auth_succeeded|maildrop_opened) "),
+    ("protocol: STAT", rf"^{_Q}cmd_stat "),
+    ("protocol: RETR", rf"^{_Q}cmd_retr "),
+    ("protocol: LIST, UIDL", rf"^{_Q}(cmd_list|cmd_uidl) "),
+    ("protocol: QUIT and UPDATE", rf"^{_Q}(cmd_quit|commit_done) "),
+    ("protocol: greeting and session set-up", rf"^{_Q}(__init__|greeting) .*protocol/"),
     ("protocol: framing and dispatch", r"qpopper/protocol/"),
     ("server: login step", r"_login\.py"),
     ("server: retrieval (read, encode, write)", r"_retrieval\.py"),
     ("server: UPDATE and close of the maildrop", r"_update\.py"),
-    ("server: accept and connection set-up", r"^(__init__|_security|new_timestamp) .*_connection\.py|_server\.py"),
-    ("server: session end (records, close)", r"^(_finish|shutdown) .*_connection\.py"),
+    ("server: accept and connection set-up", rf"^{_Q}(__init__|_security|new_timestamp) .*_connection\.py|_server\.py"),
+    ("server: session end (records, close)", rf"^{_Q}(_finish|shutdown) .*_connection\.py"),
     ("server: connection loop (effects, flush)", r"_connection\.py"),
     ("server: stream (read, write: the send system call)", r"_stream\.py"),
     ("server: TLS", r"_tls\.py|ssl\.py"),
