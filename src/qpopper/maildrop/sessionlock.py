@@ -65,7 +65,8 @@ class SessionLock:
             try:
                 if not _lock_fd(fd):
                     raise MaildropBusy()
-                if self._names(fd):
+                # A file nobody removes needs no check that it is still the one named.
+                if not self.remove or self._names(fd):
                     self._fd = fd
                     return
             except BaseException:
