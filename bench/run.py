@@ -15,9 +15,12 @@ missing. Then, for each mail format (maildir, mbox):
      flag renames or locks;
   2. starts a private Dovecot (dovecot.sh, Dovecot's default "secure" login mode)
      and this server (`python -m qpopper`, --auth-fail-delay 0) on separate ports;
-  3. runs `popbench.py compare` (A = Dovecot, B = qpopper, alternating) for
-     login, retr -c 1, retr -c 8, idle and bigbox (warm), plus Dovecot's
-     cold-index bigbox (restart + drop-index before each run);
+  3. runs `popbench.py run` against each server in turn, round after round (A =
+     Dovecot, T = Twisted, B = qpopper: A T B A T B) for login, retr -c 1, retr -c 8,
+     idle and bigbox (warm), plus Dovecot's cold-index bigbox (restart + drop-index
+     before each run); Twisted's POP3 server (bench/twisted_pop3.py, in a virtualenv
+     made under --work or given by --twisted-venv) joins login, TLS login and idle on
+     Maildir, on small maildrops and on medium ones (the -200 sections);
   4. stops both servers.
 
 Finally it writes REPORT.md (medians, spread, B/A ratio, target verdicts), ratios.png
@@ -57,6 +60,14 @@ SESSION_USERS = 1000  # l1..l1000, 10 messages each: login churn and idle (see n
 # default. With 50 concurrent logins cycling over 16 users the sessions would collide, and
 # 500 held sessions need 500 distinct users. Both servers get the same users.
 BIGBOX_SIZES = "lognormal:median=3000,sigma=0.8,min=600,max=100000"
+# The Python peer (Twisted's POP3 server) stats every message at login, so its cost grows
+# with the maildrop: m1..m200 hold 200 messages each for the medium-maildrop sections. Login
+# never reads a message, so they are small (2 kB) to keep three copies of the mail cheap.
+MEDIUM_USERS = 200
+MEDIUM_SIZES = "fixed:2000"
+# The reference peers: A = Dovecot (every section), T = Twisted (Maildir login, TLS login
+# and idle, small and medium maildrops). B is this server.
+PEER_NAMES = {"A": "Dovecot", "T": "Twisted"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -72,6 +83,8 @@ class Metric:
     # target on the ratio qpopper/Dovecot (None: informational); see issue 4
     target: tuple[str, float] | None = None  # (">=" | "<=", ratio)
     chart: bool = False
+    # target on the ratio qpopper/Twisted, where Twisted runs (issue 24)
+    twisted_target: tuple[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,13 +94,16 @@ class Scenario:
     args: tuple[str, ...]
     metrics: tuple[Metric, ...]
     needs_tls: bool = False
+    peers: tuple[str, ...] = ("A",)  # reference peers it runs against (PEER_NAMES), before B
+    maildir_only: bool = False
 
 
 def scenarios(quick: bool, mail_manifest: str) -> list[Scenario]:
     dur = "3" if quick else "10"
     login_metrics = (
-        Metric("sessions_per_s", "sessions/s", True, (">=", 5.0), chart=True),
-        Metric("server_cpu_ms_per_session", "server CPU ms/session", False, ("<=", 0.2), chart=True),
+        Metric("sessions_per_s", "sessions/s", True, (">=", 5.0), chart=True, twisted_target=(">=", 1.5)),
+        Metric("server_cpu_ms_per_session", "server CPU ms/session", False, ("<=", 0.2), chart=True,
+               twisted_target=("<=", 2 / 3)),
         Metric("p50_ms", "latency p50 ms", False),
         Metric("p99_ms", "latency p99 ms", False),
         Metric("client_cpu_util", "client CPU (cores)", True),
@@ -103,24 +119,34 @@ def scenarios(quick: bool, mail_manifest: str) -> list[Scenario]:
         Metric("other_cpu_util", "other tenants' CPU (cores)", False),
     )
     session_users = ("--user-format", "l{i}", "--users", str(SESSION_USERS))
+    medium_users = ("--user-format", "m{i}", "--users", str(MEDIUM_USERS))
+    tls_metrics = tuple(
+        Metric(m.key, m.label, m.higher_is_better, (">=", 1.5) if m.key == "sessions_per_s" else None,
+               m.chart and m.key == "sessions_per_s", m.twisted_target if m.key == "sessions_per_s" else None)
+        for m in login_metrics)
+    idle_metrics = (
+        Metric("pss_kb_per_session", "PSS kB/session", False, ("<=", 0.1), chart=True),
+        Metric("rss_kb_per_session", "RSS kB/session", False),
+        Metric("pss_delta_kb_per_session", "PSS kB/session over idle baseline", False, twisted_target=("<=", 1.0)),
+        Metric("rss_delta_kb_per_session", "RSS kB/session over idle baseline", False),
+    )
+    with_twisted = ("A", "T")
     return [
-        Scenario("login", "login", ("-c", "50", "-d", dur) + session_users, login_metrics),
-        Scenario("tls-login", "tls-login", ("-c", "50", "-d", dur) + session_users,
-                 tuple(Metric(m.key, m.label, m.higher_is_better,
-                              (">=", 1.5) if m.key == "sessions_per_s" else None, m.chart and m.key == "sessions_per_s")
-                       for m in login_metrics),
-                 needs_tls=True),
+        Scenario("login", "login", ("-c", "50", "-d", dur) + session_users, login_metrics, peers=with_twisted),
+        Scenario("tls-login", "tls-login", ("-c", "50", "-d", dur) + session_users, tls_metrics,
+                 needs_tls=True, peers=with_twisted),
+        Scenario("login-200", "login", ("-c", "50", "-d", dur) + medium_users, login_metrics,
+                 peers=("T",), maildir_only=True),
+        Scenario("tls-login-200", "tls-login", ("-c", "50", "-d", dur) + medium_users, tls_metrics,
+                 needs_tls=True, peers=("T",), maildir_only=True),
         Scenario("retr-c1", "retr", ("-c", "1", "-d", dur, "--users", str(RETR_USERS), "--manifest", mail_manifest),
                  retr_metrics),
         Scenario("retr-c8", "retr", ("-c", "8", "-d", dur, "--users", str(RETR_USERS), "--manifest", mail_manifest),
                  retr_metrics),
         Scenario("idle", "idle", ("-k", "500", "-c", "50", "--hold", "2" if quick else "3") + session_users,
-                 (
-                     Metric("pss_kb_per_session", "PSS kB/session", False, ("<=", 0.1), chart=True),
-                     Metric("rss_kb_per_session", "RSS kB/session", False),
-                     Metric("pss_delta_kb_per_session", "PSS kB/session over idle baseline", False),
-                     Metric("rss_delta_kb_per_session", "RSS kB/session over idle baseline", False),
-                 )),
+                 idle_metrics, peers=with_twisted),
+        Scenario("idle-200", "idle", ("-k", str(MEDIUM_USERS), "-c", "50", "--hold", "2" if quick else "3")
+                 + medium_users, idle_metrics, peers=("T",), maildir_only=True),
         Scenario("bigbox", "bigbox", ("--user-format", "big{i}", "--repeat", "2" if quick else "3"),
                  (
                      Metric("ready_s_median", "PASS to STAT answered, s (warm)", False, ("<=", 5.0), chart=True),
@@ -435,18 +461,82 @@ class Qpopper:
         self.proc = None
 
 
+class Twisted:
+    """Twisted's POP3 server (bench/twisted_pop3.py) on its own copy of the Maildirs."""
+
+    def __init__(self, python: str, dir: Path, port: int, tls_port: int | None, cert: Path, key: Path) -> None:
+        self.python, self.dir, self.port, self.tls_port, self.cert, self.key = python, dir, port, tls_port, cert, key
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = dir / "twisted.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> int:
+        maildirs = self.dir / "mail" / "maildir"
+        passwd = self.dir / "passwd"
+        passwd.write_text("".join(f"{u}:{PASSWORD}\n" for u in sorted(os.listdir(maildirs))))
+        cmd = [self.python, str(REPO / "bench" / "twisted_pop3.py"), "--maildirs", str(maildirs),
+               "--passwd", str(passwd), "--port", str(self.port)]
+        if self.tls_port:
+            cmd += ["--tls-port", str(self.tls_port), "--cert", str(self.cert), "--key", str(self.key)]
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=self.dir,
+                                         start_new_session=True)
+        wait_port(self.port, 20, self.proc)
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def version(self) -> str:
+        r = run([self.python, "-c", "import twisted; print(twisted.__version__)"])
+        return r.stdout.strip() or "?"
+
+
+def twisted_python(args: argparse.Namespace) -> str | None:
+    """The interpreter of a virtualenv with Twisted: --twisted-venv if it has one, else one
+    made there (pip install twisted[tls]). None, with the reason logged, if that fails."""
+    venv = Path(args.twisted_venv).resolve()
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import twisted.mail.pop3, OpenSSL, service_identity"]
+    if python.exists() and run(probe).returncode == 0:
+        return str(python)
+    log(f"making a virtualenv with Twisted in {venv} (pip install twisted[tls])")
+    made = run([sys.executable, "-m", "venv", str(venv)])
+    if made.returncode == 0:
+        made = run([str(python), "-m", "pip", "install", "-q", "twisted[tls]"])
+    if made.returncode != 0 or run(probe).returncode != 0:
+        log(f"no Twisted peer: could not make {venv}: {(made.stderr or made.stdout).strip()[-300:]}")
+        return None
+    return str(python)
+
+
 # ----------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------
 
 
-def gen_mail(env: Env, out: Path, fmt: str) -> None:
+MAIL_SETS = {
+    "retr": ["--users", str(RETR_USERS), "--messages", "200"],
+    "session": ["--users", str(SESSION_USERS), "--user-format", "l{i}", "--messages", "10"],
+    "medium": ["--users", str(MEDIUM_USERS), "--user-format", "m{i}", "--messages", "200", "--sizes", MEDIUM_SIZES],
+    "bigbox": ["--users", "1", "--user-format", "big{i}", "--messages", "50000", "--sizes", BIGBOX_SIZES],
+}
+
+
+def gen_mail(env: Env, out: Path, fmt: str, sets: tuple[str, ...] = ("retr", "session", "bigbox")) -> None:
     pb = [env.python, str(env.popbench), f"gen-{fmt}", "--out", str(out)]
-    for extra in (
-        ["--users", str(RETR_USERS), "--messages", "200"],
-        ["--users", str(SESSION_USERS), "--user-format", "l{i}", "--messages", "10"],
-        ["--users", "1", "--user-format", "big{i}", "--messages", "50000", "--sizes", BIGBOX_SIZES],
-    ):
+    for extra in (MAIL_SETS[name] for name in sets):
         r = run(pb + extra)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(pb + extra)} failed:\n{r.stderr}")
@@ -476,6 +566,10 @@ class Bench:
         self.skipped: list[str] = []
         self.extra: dict[str, Any] = {}
         self.started = datetime.datetime.now(datetime.UTC)
+        self.twisted_python = None if args.no_twisted else twisted_python(args)
+        if self.twisted_python is None:
+            self.skipped.append("no Twisted peer" + (" (--no-twisted)" if args.no_twisted else
+                                                     f": no virtualenv with Twisted at {args.twisted_venv}"))
 
     def popbench(self, argv: list[str], timeout: float) -> tuple[int, list[dict[str, Any]], str]:
         cmd = [self.env.python, str(self.env.popbench)] + argv
@@ -497,22 +591,37 @@ class Bench:
         if rc != 0:
             self.extra["ceiling_error"] = err[-2000:]
 
-    def compare(self, fmt: str, sc: Scenario, a: tuple[int, int], b: tuple[int, int]) -> None:
+    def compare(self, fmt: str, sc: Scenario, sides: list[tuple[str, int, int]]) -> None:
+        """`popbench run` against each side in turn, round after round (A T B A T B ...):
+        what popbench's own `compare` does for two servers, for any number of them.
+        `sides` are (label, port, pid); B, ours, comes last."""
         key = f"{fmt}/{sc.name}"
-        argv = ["compare", sc.popbench, "--a", f"127.0.0.1:{a[0]}", "--a-pid", str(a[1]),
-                "--b", f"127.0.0.1:{b[0]}", "--b-pid", str(b[1]), "--rounds", str(self.rounds),
-                "--pause", "1", "--password", PASSWORD, *sc.args]
-        # Only B (ours) is split: A's work is spread over Dovecot's short-lived
-        # login processes. Ours is idle while A runs, so the delta is B's runs.
-        split0 = cpu_split(b[1])
-        rc, lines, err = self.popbench(argv, timeout=1800)
-        split1 = cpu_split(b[1])
+        argv = ["run", sc.popbench, "--password", PASSWORD, *sc.args]
+        lines: list[dict[str, Any]] = []
+        rc, errs = 0, []
+        user = kernel = 0.0
+        for r in range(self.rounds):
+            for label, port, pid in sides:
+                # Only B (ours) is split: Dovecot's work is spread over its short-lived
+                # login processes. Ours is idle while the others run: the delta is its runs.
+                split0 = cpu_split(pid)
+                rc_one, got, err = self.popbench(argv + ["--port", str(port), "--server-pid", str(pid)], timeout=900)
+                if label == "B":
+                    split1 = cpu_split(pid)
+                    user, kernel = user + split1[0] - split0[0], kernel + split1[1] - split0[1]
+                rc |= rc_one
+                if rc_one != 0:
+                    errs.append(f"{PEER_NAMES.get(label, 'qpopper')}: {err[-1000:]}")
+                for x in got:
+                    x["side"], x["round"] = label, r + 1
+                lines += got
+                time.sleep(1)
         (self.raw / f"{fmt}-{sc.name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         runs = [x for x in lines if "side" in x]
         data: dict[str, Any] = {"scenario": sc, "argv": argv, "rc": rc, "runs": runs,
                                 "errors": [x.get("error_samples") for x in runs if not x.get("ok", True)],
-                                "stderr": err[-3000:] if rc != 0 else "",
-                                "ours_user_kernel_s": (split1[0] - split0[0], split1[1] - split0[1])}
+                                "stderr": "\n".join(errs)[-3000:],
+                                "ours_user_kernel_s": (user, kernel)}
         self.results[key] = data
         bad = sum(1 for x in runs if not x.get("ok", True))
         log(f"{key}: rc={rc}, {len(runs)} runs, {bad} with errors")
@@ -544,10 +653,19 @@ class Bench:
         work = Path(self.args.work).resolve() / fmt
         if work.exists():
             shutil.rmtree(work)
-        dov_dir, our_dir = work / "dovecot", work / "qpopper"
-        log(f"{fmt}: generating mail (two identical copies) under {work}")
+        dov_dir, our_dir, tw_dir = work / "dovecot", work / "qpopper", work / "twisted"
+        selected = [s for s in scenarios(self.args.quick, str(dov_dir / "mail"))
+                    if (not self.args.scenarios or s.name in self.args.scenarios)
+                    and (fmt == "maildir" or not s.maildir_only)]
+        with_twisted = fmt == "maildir" and self.twisted_python is not None
+        if not with_twisted:
+            selected = [s for s in selected if "A" in s.peers]
+        medium = ("medium",) if any("A" not in s.peers for s in selected) else ()
+        log(f"{fmt}: generating mail (identical copies, same seed) under {work}")
         gen_mail(self.env, dov_dir / "mail", fmt)
-        gen_mail(self.env, our_dir / "mail", fmt)
+        gen_mail(self.env, our_dir / "mail", fmt, ("retr", "session", "bigbox") + medium)
+        if with_twisted:
+            gen_mail(self.env, tw_dir / "mail", fmt, ("session",) + medium)
         pb = self.args.port_base
         dov = Dovecot(self.env, dov_dir, fmt, pb, pb + 1)
         tls = self.env.tls
@@ -555,13 +673,19 @@ class Bench:
                        dov_dir / "etc" / "cert.pem", dov_dir / "etc" / "key.pem")
         ours.no_syslog = self.args.no_syslog
         ours.workers = self.args.workers
-        selected = [s for s in scenarios(self.args.quick, str(dov_dir / "mail"))
-                    if not self.args.scenarios or s.name in self.args.scenarios]
+        tw = None
+        if with_twisted:
+            assert self.twisted_python is not None
+            tw = Twisted(self.twisted_python, tw_dir, pb + 20, pb + 21 if tls else None,
+                         dov_dir / "etc" / "cert.pem", dov_dir / "etc" / "key.pem")
         try:
             dpid = dov.start()
             qpid = ours.start()
             self.extra["dovecot_version"] = dov.version()
             log(f"{fmt}: Dovecot PID {dpid} on :{dov.port}, qpopper PID {qpid} on :{ours.port}")
+            if tw is not None:
+                log(f"{fmt}: Twisted PID {tw.start()} on :{tw.port}")
+                self.extra["twisted_version"] = tw.version()
             for sc in selected:
                 if sc.needs_tls:
                     if not tls:
@@ -569,7 +693,10 @@ class Bench:
                                             "(no --tls-listen option) in the measured revision.")
                         log(self.skipped[-1])
                         continue
-                    self.compare(fmt, sc, (dov.tls_port, dov.pid or 0), (pb + 11, ours.pid))
+                    sides = [("A", dov.tls_port, dov.pid or 0)] if "A" in sc.peers else []
+                    if tw is not None and "T" in sc.peers and tw.tls_port:
+                        sides.append(("T", tw.tls_port, tw.pid))
+                    self.compare(fmt, sc, sides + [("B", pb + 11, ours.pid)])
                     continue
                 sampler = MemSampler(ours.pid) if sc.name == "bigbox" else None
                 if sc.name == "bigbox":
@@ -577,7 +704,10 @@ class Bench:
                     for port, pid in ((dov.port, dov.pid), (ours.port, ours.pid)):
                         self.popbench(["run", "bigbox", "--port", str(port), "--server-pid", str(pid),
                                        "--password", PASSWORD, "--user-format", "big{i}", "--repeat", "1"], 600)
-                self.compare(fmt, sc, (dov.port, dov.pid or 0), (ours.port, ours.pid))
+                sides = [("A", dov.port, dov.pid or 0)] if "A" in sc.peers else []
+                if tw is not None and "T" in sc.peers:
+                    sides.append(("T", tw.port, tw.pid))
+                self.compare(fmt, sc, sides + [("B", ours.port, ours.pid)])
                 if sampler is not None:
                     self.extra[f"{fmt}/qpopper_bigbox_mem"] = sampler.stop()
                     self.bigbox_cold(fmt, dov)
@@ -586,6 +716,8 @@ class Bench:
         finally:
             ours.stop()
             dov.stop()
+            if tw is not None:
+                tw.stop()
         if not self.args.keep_mail:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -625,11 +757,19 @@ def git_rev(args: argparse.Namespace) -> str:
     return f"working tree on `{r.stdout.strip() or '?'}`" + (" with uncommitted changes in src/" if dirty else "")
 
 
-def verdict(m: Metric, ratio: float | None) -> str:
-    if m.target is None or ratio is None:
+def verdict(m: Metric, ratio: float | None, peer: str = "A", values: tuple[float, float] | None = None) -> str:
+    """Met or missed; `values` (the peer's median, ours) decide where the peer's is not
+    above zero and a ratio means nothing (memory over a baseline can be 0 or below)."""
+    target = m.target if peer == "A" else m.twisted_target
+    if target is None or (ratio is None and values is None):
         return ""
-    op, t = m.target
-    ok = ratio >= t if op == ">=" else ratio <= t
+    op, t = target
+    if ratio is None:
+        assert values is not None
+        theirs, ours = values
+        ok = ours >= t * theirs if op == ">=" else ours <= t * theirs
+    else:
+        ok = ratio >= t if op == ">=" else ratio <= t
     return f"{'met' if ok else '**missed**'} ({op} {t:g})"
 
 
@@ -680,10 +820,10 @@ def write_report(bench: Bench, args: argparse.Namespace, argv: list[str]) -> Pat
     lines: list[str] = []
     w = lines.append
     finished = datetime.datetime.now(datetime.UTC)
-    w("# qpopper (Python) vs Dovecot: benchmark report\n")
+    w("# qpopper (Python) vs Dovecot and Twisted: benchmark report\n")
     w(f"Generated by `{' '.join(['bench/run.py'] + argv)}` "
-      f"({'quick' if args.quick else 'full'} mode, {bench.rounds} rounds per side, A = Dovecot, B = qpopper, "
-      "alternating A B A B).\n")
+      f"({'quick' if args.quick else 'full'} mode, {bench.rounds} rounds per side, A = Dovecot, T = Twisted, "
+      "B = qpopper, alternating A T B A T B).\n")
     w(f"- date: {bench.started:%Y-%m-%d %H:%M} – {finished:%H:%M} UTC")
     for m in machine_info():
         w(f"- {m}")
@@ -691,11 +831,18 @@ def write_report(bench: Bench, args: argparse.Namespace, argv: list[str]) -> Pat
       "(private instance via dovecot.sh, default secure login mode: one pop3-login process per connection)")
     w(f"- qpopper: {git_rev(args)}; run with `--auth-fail-delay 0 --workers {args.workers}`, uvloop if installed")
     w(f"- harness: {env.popbench} (client loop: see `loop` in raw/*.jsonl)")
+    if "twisted_version" in bench.extra:
+        w(f"- Twisted {bench.extra['twisted_version']} (`twisted.mail.pop3` with a cred Portal, a cached "
+          "FilePasswordDB of plain-text passwords and a realm of `MaildirMailbox`es: bench/twisted_pop3.py; its "
+          "default reactor; no log observer, so no records) on its own copy of the Maildirs: login, TLS login "
+          "and idle, on the small maildrops (l1..l1000, 10 messages) and on medium ones "
+          f"(m1..m{MEDIUM_USERS}, 200 messages of 2 kB: sections `*-200`)")
     for n in env.notes + bench.skipped:
         w(f"- note: {n}")
     w("")
-    w("Ratio = qpopper / Dovecot. Spread = half the min–max range over the runs, as % of the median. "
-      "Targets are issue 4's, expressed on that ratio. Raw JSON of every run: `raw/`.\n")
+    w("Ratio = qpopper / the peer named. Spread = half the min–max range over the runs, as % of the median. "
+      "Targets are issue 4's (Dovecot) and issue 24's (Twisted), expressed on that ratio. "
+      "Raw JSON of every run: `raw/`.\n")
     ceil = bench.extra.get("ceiling") or []
     if ceil:
         parts = []
@@ -719,19 +866,27 @@ def write_report(bench: Bench, args: argparse.Namespace, argv: list[str]) -> Pat
         if not runs:
             w("No runs completed.\n")
             continue
-        w("| metric | Dovecot median (spread) | qpopper median (spread) | ratio | target |")
-        w("|---|---|---|---|---|")
+        peers = [x for x in PEER_NAMES if any(r.get("side") == x for r in runs)]
+        names = [PEER_NAMES[x] for x in peers]
+        w("| metric | " + "".join(f"{n} median (spread) | " for n in names) + "qpopper median (spread) | "
+          + "".join(f" ratio to {n} | target |" for n in names))
+        w("|---|" + "---|" * (3 * len(peers) + 1))
         for m in sc.metrics:
-            a, b = side_values(runs, "A", m.key), side_values(runs, "B", m.key)
-            if not a or not b:
+            b = side_values(runs, "B", m.key)
+            refs = [side_values(runs, x, m.key) for x in peers]
+            if not b or not all(refs):
                 continue
-            sa, sb = summarise(a), summarise(b)
-            ratio = sb["median"] / sa["median"] if sa["median"] else None
-            w(f"| {m.label} | {fmt_num(sa['median'])} (±{sa['spread_pct']:.0f}%) | "
-              f"{fmt_num(sb['median'])} (±{sb['spread_pct']:.0f}%) | {fmt_num(ratio)} | {verdict(m, ratio)} |")
-            if m.chart and ratio:
-                adv = ratio if m.higher_is_better else 1 / ratio
-                chart_points.append((f"{fmt} {name}\n{m.label}", adv))
+            sb = summarise(b)
+            cells, verdicts = [], []
+            for peer, values in zip(peers, refs, strict=True):
+                sa = summarise(values)
+                ratio = sb["median"] / sa["median"] if sa["median"] > 0 else None
+                cells.append(f"{fmt_num(sa['median'])} (±{sa['spread_pct']:.0f}%) | ")
+                verdicts.append(f" {fmt_num(ratio)} | {verdict(m, ratio, peer, (sa['median'], sb['median']))} |")
+                if m.chart and ratio:
+                    adv = ratio if m.higher_is_better else 1 / ratio
+                    chart_points.append((f"{fmt} {name}\n{m.label}" + (" (vs Twisted)" if peer == "T" else ""), adv))
+            w(f"| {m.label} | {''.join(cells)}{fmt_num(sb['median'])} (±{sb['spread_pct']:.0f}%) | {''.join(verdicts)}")
         for note in cost_notes(bench, name, data):
             w(note)
         if name == "bigbox":
@@ -851,7 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="2 rounds of 3 s (development); default 5 rounds of 10 s")
     p.add_argument("--rounds", type=int, help="rounds per side (overrides the mode's default)")
     p.add_argument("--formats", default="maildir,mbox", help="comma list of maildir, mbox")
-    p.add_argument("--scenarios", help="comma list of login,tls-login,retr-c1,retr-c8,idle,bigbox (default all)")
+    p.add_argument("--scenarios", help="comma list of login,tls-login,login-200,tls-login-200,retr-c1,retr-c8,idle,"
+                                       "idle-200,bigbox (default all; the -200 ones only on Maildir, with Twisted)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="results directory")
     p.add_argument("--report-name", default="REPORT.md")
     p.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "qpopper-bench"),
@@ -864,20 +1020,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--python", default=default_python(), help="interpreter for qpopper and popbench (default .venv)")
     p.add_argument("--port-base", type=int, default=11210,
-                   help="Dovecot on BASE (TLS BASE+1), qpopper on BASE+10 (TLS BASE+11), ceiling on BASE+90/91")
+                   help="Dovecot on BASE (TLS BASE+1), qpopper on BASE+10 (TLS BASE+11), Twisted on BASE+20 "
+                        "(TLS BASE+21), ceiling on BASE+90/91")
     p.add_argument("--rev", default="HEAD", help="git revision of src/ to measure (exported to --work; default HEAD)")
     p.add_argument("--worktree", action="store_true", help="measure the working tree's src/ instead of --rev")
     p.add_argument("--no-ceiling", action="store_true", help="skip the harness-ceiling run")
     p.add_argument("--no-chart", action="store_true", help="no PNG (matplotlib not needed)")
+    p.add_argument("--twisted-venv", help="virtualenv with Twisted for the Python peer (made there if it has none; "
+                                          "default WORK/twisted-venv)")
+    p.add_argument("--no-twisted", action="store_true", help="leave out the Twisted peer")
     p.add_argument("--workers", type=int, default=1,
                    help="qpopper's --workers (default 1, its default: the smallest in memory)")
     args = p.parse_args(argv)
+    args.twisted_venv = args.twisted_venv or os.path.join(args.work, "twisted-venv")
     if args.scenarios:
         args.scenarios = set(args.scenarios.split(","))
     args.src_dir = export_source(args)
     env = check_prerequisites(args)
     for port in (args.port_base, args.port_base + 1, args.port_base + 10, args.port_base + 11,
-                 args.port_base + 90, args.port_base + 91):
+                 args.port_base + 20, args.port_base + 21, args.port_base + 90, args.port_base + 91):
         if not port_free(port):
             print(f"bench/run.py: port {port} is in use (choose --port-base)", file=sys.stderr)
             return 2

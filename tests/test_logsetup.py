@@ -1,14 +1,15 @@
 """The syslog handler: the wire format syslogd expects, a syslogd that
-restarts, one that is gone."""
+restarts, one that is gone; the record formatter writes what logging's own would."""
 
 from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 from pathlib import Path
 
-from qpopper.daemon.logsetup import SyslogHandler
+from qpopper.daemon.logsetup import RECORD_FORMAT, RecordFormatter, SyslogHandler
 
 
 def _listener(path: Path) -> socket.socket:
@@ -84,3 +85,22 @@ def test_a_syslogd_that_stops_reading_never_blocks_the_server(tmp_path: Path) ->
     finally:
         handler.close()
         syslogd.close()
+
+
+def test_record_formatter_writes_what_the_generic_one_does() -> None:
+    generic = {False: logging.Formatter(RECORD_FORMAT),
+               True: logging.Formatter("%(asctime)s qpopper[%(process)d] %(levelname)s " + RECORD_FORMAT)}
+    for stamped in (False, True):
+        ours = RecordFormatter(stamped)
+        for created in (1_700_000_000.0, 1_700_000_000.0421, 1_700_000_001.999):  # one second twice, then the next
+            record = logging.LogRecord("qpopper.session", logging.INFO, __file__, 1, "%s: %s logged in, %d messages",
+                                       ("127.0.0.1:4000", "alice", 3), None)
+            record.created, record.msecs = created, (created - int(created)) * 1000
+            assert ours.format(record) == generic[stamped].format(record)
+        try:
+            raise ValueError("broken")
+        except ValueError:
+            failed = logging.LogRecord("qpopper.session", logging.ERROR, __file__, 1, "internal error", None,
+                                       sys.exc_info())
+        text = ours.format(failed)
+        assert text.startswith(generic[stamped].format(failed)[:10]) and text.endswith("ValueError: broken")

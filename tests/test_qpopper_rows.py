@@ -236,7 +236,7 @@ def test_expire_with_auto_delete_is_warned_of_and_announces_expire_0(daemons: Ca
 # ---- session lock files ----------------------------------------------------------------
 
 
-def test_no_lock_file_stays_beside_an_mbox_or_in_a_maildir(tmp_path: Path, mailroot: Path) -> None:
+def test_no_lock_file_stays_beside_an_mbox_and_a_maildir_keeps_its_one(tmp_path: Path, mailroot: Path) -> None:
     with spool_server(tmp_path, "") as server:
         pop_session(server)
     assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [".alice.qpopper-options", "alice"]
@@ -245,7 +245,10 @@ def test_no_lock_file_stays_beside_an_mbox_or_in_a_maildir(tmp_path: Path, mailr
     auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
     with Controller(authenticator=auth) as server:
         pop_session(server)
-    assert not (maildir / LOCK_NAME).exists()
+        made = (maildir / LOCK_NAME).stat()
+        pop_session(server)  # the same file again: no file made or removed per login
+    kept = (maildir / LOCK_NAME).stat()
+    assert (kept.st_ino, kept.st_size) == (made.st_ino, 0)
 
 
 def test_a_lock_file_unlinked_under_a_waiting_locker_is_not_a_second_lock(tmp_path: Path) -> None:

@@ -7,8 +7,10 @@ F_OFD_SETLK): unlike classic fcntl locks it also excludes two sessions of
 the same process, it is released by the kernel when the holder dies (no
 stale locks after kill -9), and NFS maps it to a POSIX lock.
 
-The file is removed when the session ends, so spool directories do not
-fill with empty lock files. Removing a lock file is the classic race (a
+The file beside an mbox spool is removed when the session ends, so spool
+directories do not fill with empty lock files; a Maildir keeps its one lock
+file (`remove=False`): creating and removing a file costs the file system's
+journal at every login, often more than the rest of a session. Removing a lock file is the classic race (a
 second session opens the file, the holder unlinks it, a third creates a
 new one: two sessions hold "the" lock). Two rules close it: only the
 holder unlinks, and only while it still holds the lock; and a locker,
@@ -52,8 +54,9 @@ def _lock_fd(fd: int) -> bool:
 class SessionLock:
     """Held from login until the session ends; `release` is idempotent."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, remove: bool = True) -> None:
         self.path = path
+        self.remove = remove  # unlink the file at release (see the module's docstring)
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -62,7 +65,8 @@ class SessionLock:
             try:
                 if not _lock_fd(fd):
                     raise MaildropBusy()
-                if self._names(fd):
+                # A file nobody removes needs no check that it is still the one named.
+                if not self.remove or self._names(fd):
                     self._fd = fd
                     return
             except BaseException:
@@ -92,7 +96,7 @@ class SessionLock:
             # Remove the file while the lock is still ours (see the module's
             # docstring); a directory we may not write keeps it, as before.
             try:
-                if self._names(fd):
+                if self.remove and self._names(fd):
                     os.unlink(self.path)
             except OSError:
                 pass
