@@ -240,6 +240,9 @@ def test_check_config_reads_the_args_file(sqlite_args: Path, tmp_path: Path) -> 
 
     good = check(sqlite_args)
     assert good.returncode == 0, good.stderr
+    shown = subprocess.run(QPOPPER + ["--show-config", "--auth-backend=sql", f"--auth-backend-args={sqlite_args}"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert f"# user database: sql sqlite ({sqlite_args})" in shown.stdout, shown.stdout
     secret = _args_file(tmp_path / "secret.conf", "pgsql", f"host={tmp_path} dbname=mail password=x")
     secret.chmod(0o644)
     warned = check(secret)
