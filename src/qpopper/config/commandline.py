@@ -41,6 +41,9 @@ FLAGS: tuple[Flag, ...] = (
          "load the passwd-file, APOP database, certificates and listen addresses as the daemon would; "
          "print each problem, exit 1 on any error"),
     Flag((), "tls-listen", "[address][:port]", "an extra listener speaking implicit TLS (port 995 unless given)"),
+    Flag((), "kpop-listen", "[address][:port]",
+         "an extra listener where clients start with KPOP, Kerberos before the greeting (port 1109 unless given; "
+         "needs -k)"),
     Flag((), "help", None, "print every option in one line, with its default, then exit"),
 )
 

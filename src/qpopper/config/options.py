@@ -27,12 +27,16 @@ class ListenAddress:
     port: int
     # Implicit TLS ("alternate port", RFC 8314): handshake before the greeting.
     tls: bool = False
+    # KPOP (qpopper's -k on port 1109): the Kerberos exchange before the greeting.
+    kpop: bool = False
 
     def __str__(self) -> str:
         if self.host is None:
             text = f"*:{self.port}"
         else:
             text = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        if self.kpop:
+            return text + " (KPOP)"
         return text + " (TLS)" if self.tls else text
 
 

@@ -16,6 +16,7 @@ getopt's strings, the usage and `--help` come from the registry
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import getopt
 import logging
 import os
@@ -53,6 +54,7 @@ class Invocation:
     assignments: list[tuple[str, object, str]] = field(default_factory=list)
     listen: list[str] = field(default_factory=list)
     tls_listen: list[str] = field(default_factory=list)
+    kpop_listen: list[str] = field(default_factory=list)
     demo: bool = False
     inetd: bool = False
     show_config: bool = False
@@ -95,6 +97,8 @@ def parse_command_line(argv: Sequence[str]) -> Invocation:
             setattr(inv, mode, True)
         elif flag == "--tls-listen":
             inv.tls_listen.append(value)
+        elif flag == "--kpop-listen":
+            inv.kpop_listen.append(value)
         else:
             inv.assignments += _assignments(flag, value)
     return inv
@@ -169,6 +173,9 @@ def build_options(inv: Invocation) -> Options:
             listen.append(ListenAddress(first.host, 0 if first.port == 0 else DEMO_TLS_PORT, tls=True))
     if inv.tls_listen:
         listen += [parse_listen_address(a, 995, tls=True) for a in inv.tls_listen]
+        sources["listen"] = "command line"
+    if inv.kpop_listen:
+        listen += [dataclasses.replace(parse_listen_address(a, 1109), kpop=True) for a in inv.kpop_listen]
         sources["listen"] = "command line"
     changes["listen"] = tuple(listen)
     return opts.replace(sources=sources, **changes)
@@ -397,7 +404,7 @@ def _log_startup_warnings(options: Options, *, inetd: bool) -> None:
 def _settle_inetd(inv: Invocation) -> None:
     """inetd mode with -i, or without it when inetd handed us a connection and no listener was given
     (an inetd.conf line written for qpopper's inetd build); then stdin/stdout must be able to carry it."""
-    if not inv.inetd and not (inv.listen or inv.tls_listen or inv.demo) and started_by_inetd():
+    if not inv.inetd and not (inv.listen or inv.tls_listen or inv.kpop_listen or inv.demo) and started_by_inetd():
         inv.inetd = True
     if inv.inetd:
         check_inetd_streams()
