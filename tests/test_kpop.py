@@ -9,6 +9,7 @@ crash of the daemon, which then still serves the next client."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import random
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import QpopperProcess, write_maildir_message
+from helpers import QPOPPER, TEST_DAEMON_ARGS, QpopperProcess, write_maildir_message
 from qpopper.auth.kpop import (
     APPL_VERSION,
     BAD_APPL_VERSION,
@@ -115,7 +116,7 @@ def daemon(realm: Realm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     write_maildir_message(mail / "alice", b"Subject: over KPOP\n\nhello through Kerberos\n")
     d = QpopperProcess(tmp_path, [
         f"--passwd-file={passwd}", "-k", f"--kerberos-keytab={realm.keytab}", f"--hostname={HOST}",
-        f"--kpop-listen={HOST}", "--login-timeout=3", "--workers=1",
+        f"--kpop-listen={HOST}", "--login-timeout=3", "--workers=2",
     ])  # fmt: skip
     yield d
     d.stop()
@@ -292,3 +293,28 @@ def _closed(s: socket.socket) -> bool:
         return s.recv(100) == b""
     except ConnectionResetError:
         return True
+
+
+@needs_fetchmail
+def test_inetd_kpop_line_needs_no_flag(realm: Realm, alice: Client, tmp_path: Path) -> None:
+    """qpopper's own inetd.conf line, `kpop stream tcp nowait root popper popper -k`:
+    a connection inetd accepted on port 1109 starts with KPOP."""
+    mail = tmp_path / "mail"
+    passwd = tmp_path / "passwd"
+    passwd.write_text(f"alice:{{PLAIN}}x::::::userdb_mail=maildir:{mail}/alice\n")
+    write_maildir_message(mail / "alice", b"Subject: from inetd\n\nkpop by inetd\n")
+    env = {**os.environ, "KRB5_CONFIG": realm.env["KRB5_CONFIG"], "KRB5RCACHEDIR": str(tmp_path)}
+    # inetd's part: listen, accept, hand the connection over as stdin and stdout.
+    with socket.create_server((HOST, KPOP_PORT)) as listener, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fetched = pool.submit(alice.fetchmail, "alice")
+        listener.settimeout(30)
+        conn, _ = listener.accept()
+        with conn:
+            daemon = subprocess.run(
+                [*QPOPPER, *TEST_DAEMON_ARGS, "-k", f"--kerberos-keytab={realm.keytab}", f"--hostname={HOST}",
+                 f"--passwd-file={passwd}"],
+                stdin=conn.fileno(), stdout=conn.fileno(), stderr=subprocess.PIPE, env=env, timeout=FETCH_TIMEOUT,
+            )  # fmt: skip
+        out = fetched.result(timeout=FETCH_TIMEOUT)
+    assert out.returncode == 0, out.stdout + out.stderr + daemon.stderr.decode()
+    assert b"kpop by inetd" in alice.mbox.read_bytes()
