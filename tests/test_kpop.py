@@ -235,7 +235,7 @@ def test_an_oversized_ap_req_is_refused_unread(daemon: QpopperProcess) -> None:
 
 
 def test_a_plain_pop_client_on_the_kpop_port_and_many_hang_ups(daemon: QpopperProcess) -> None:
-    """Bounded: 40 connections cut at every point of the opening."""
+    """Bounded: one connection cut at each point of the opening (36)."""
     d = daemon
     opening = length_prefixed(SENDAUTH_VERSION) + length_prefixed(APPL_VERSION)
     for cut in range(len(opening)):
@@ -318,3 +318,45 @@ def test_inetd_kpop_line_needs_no_flag(realm: Realm, alice: Client, tmp_path: Pa
         out = fetched.result(timeout=FETCH_TIMEOUT)
     assert out.returncode == 0, out.stdout + out.stderr + daemon.stderr.decode()
     assert b"kpop by inetd" in alice.mbox.read_bytes()
+
+
+@needs_fetchmail
+@pytest.mark.skipif(os.geteuid() != 0, reason="Unix accounts and a forking daemon need root")
+def test_unix_accounts_follow_krb5_kuserok_and_k5login(
+    realm: Realm, alice: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """System users (a process per session, qpopper's model): krb5_kuserok
+    decides, so the account's ~/.k5login may let alice@REALM in, and an
+    account without one is not alice's."""
+    from test_system_users import REPO, _make_account, procmail_deliver
+
+    if shutil.which("useradd") is None or shutil.which("procmail") is None:
+        pytest.skip("needs useradd and procmail")
+    base = 24000 + random.randrange(0, 900)
+    shared, other = _make_account("k", base), _make_account("k", base + 1)
+    pam = Path("/etc/pam.d") / f"qpopper-kpop-{base}"
+    shutil.copy(REPO / "packaging" / "pam.d" / "pop3", pam)
+    d = None
+    try:
+        (shared.home / ".k5login").write_text(f"alice@{REALM}\n")
+        os.chown(shared.home / ".k5login", shared.uid, shared.gid)
+        procmail_deliver(shared, "for the shared account")
+        monkeypatch.setenv("KRB5_CONFIG", realm.env["KRB5_CONFIG"])
+        monkeypatch.setenv("KRB5RCACHEDIR", str(tmp_path))
+        d = QpopperProcess(tmp_path, [
+            "-k", f"--kerberos-keytab={realm.keytab}", f"--hostname={HOST}", f"--kpop-listen={HOST}",
+            f"--pam-service={pam.name}", "--min-uid=1000",
+        ])  # fmt: skip
+        out = alice.fetchmail(shared.name)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert b"for the shared account" in alice.mbox.read_bytes()
+        out = alice.fetchmail(other.name)
+        assert out.returncode != 0 and "-ERR [AUTH]" in out.stdout
+        _wait_for_log(d, f"KPOP principal alice@{REALM} may not log in as {other.name}")
+    finally:
+        if d is not None:
+            d.stop()
+        pam.unlink(missing_ok=True)
+        for account in (shared, other):
+            subprocess.run(["userdel", "-r", account.name], capture_output=True)
+            Path(f"/var/mail/{account.name}").unlink(missing_ok=True)
