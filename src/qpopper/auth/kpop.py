@@ -55,6 +55,7 @@ BAD_SENDAUTH_VERSION = b"\x01"
 BAD_APPL_VERSION = b"\x02"
 
 _NT_SRV_HST = 3  # KRB5_NT_SRV_HST: service with the host name as instance
+_PAIR_TIMEOUT = 10.0  # seconds any one call on the socket pair may take (they take microseconds)
 _LOCAL_NAME_MAX = 1024  # krb5_aname_to_localname's buffer; a longer name is an error, not an overflow
 
 
@@ -265,9 +266,15 @@ def recvauth(
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with ours, theirs:
-            ours.sendall(client_bytes)  # fits: the pair holds far more than MAX_AP_REQ_LENGTH
+            # Room for all of it each way, and a bound on every call should
+            # that ever be wrong: a stuck pair is an error, never a hung thread.
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * MAX_AP_REQ_LENGTH)
+            ours.settimeout(_PAIR_TIMEOUT)
+            theirs.settimeout(None)  # libkrb5 needs a blocking descriptor...
+            for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):  # ...whose reads and writes end
+                theirs.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", int(_PAIR_TIMEOUT), 0))
+            ours.sendall(client_bytes)
             ours.shutdown(socket.SHUT_WR)  # a short message ends in EOF, never a wait
-            theirs.settimeout(None)
             identity, reason = _recvauth_on(theirs.fileno(), service, hostname, keytab)
             theirs.shutdown(socket.SHUT_WR)
             reply = _read_all(ours)
