@@ -224,6 +224,16 @@ def test_a_client_that_stalls_is_closed_at_the_deadline(daemon: QpopperProcess) 
     assert _greets(d.port)
 
 
+def test_a_stop_ends_an_exchange_under_way(daemon: QpopperProcess) -> None:
+    with socket.create_connection((HOST, KPOP_PORT), timeout=30) as s:
+        s.sendall(length_prefixed(SENDAUTH_VERSION) + length_prefixed(APPL_VERSION))
+        assert s.recv(1) == VERSIONS_OK  # the exchange is waiting for the AP-REQ
+        log = daemon.stop()  # SIGTERM: the daemon ends without waiting for this client
+        assert _closed(s)
+    assert daemon.proc.returncode == 0
+    assert "Traceback" not in log
+
+
 def test_an_oversized_ap_req_is_refused_unread(daemon: QpopperProcess) -> None:
     d = daemon
     with socket.create_connection((HOST, KPOP_PORT), timeout=10) as s:
