@@ -105,6 +105,13 @@ def utf8_replies(ctx: CommandContext) -> bool:
     return ctx.utf8 or ctx.language is not ENGLISH
 
 
+def utf8_name(ctx: CommandContext) -> bool:
+    """Whether the session's user name goes into a reply in UTF-8: a
+    non-ASCII name in a session where `utf8_replies` holds."""
+    user = ctx.user
+    return user is not None and not user.isascii() and utf8_replies(ctx)
+
+
 def _translated(lang: Language, text: str) -> str | None:
     found = lang.texts.get(text)
     if found is not None:

@@ -285,7 +285,9 @@ class Session(StateMachine):
             count, octets = len(visible), sum(sizes.values())
         else:
             count, octets = self.visible_totals()
-        self.reply(ok(drop_summary(self.user, count, octets), utf8_replies(self)))
+        user = self.user  # an ASCII name (nearly all) costs one isascii, no call
+        utf8 = user is not None and not user.isascii() and utf8_replies(self)
+        self.reply(ok(drop_summary(user, count, octets), utf8))
 
     def maildrop_failed(self, code: ResponseCode) -> None:
         self.answered(Awaiting.MAILDROP)
