@@ -85,8 +85,9 @@ def test_capa_announces_utf8_user_and_lang(daemon: QpopperProcess) -> None:
 def test_a_utf8_name_and_password_log_in_through_the_passwd_file(daemon: QpopperProcess) -> None:
     wire = Wire(daemon.port)
     assert wire.cmd(b"UTF8") == b"+OK UTF8 enabled.\r\n"
-    assert wire.cmd(b"USER " + nfd(NAME)).startswith(b"+OK Password required for j?rgen")
-    assert wire.cmd(b"PASS " + nfd(PASSWORD)).startswith(b"+OK j?rgen has 1 visible messages")
+    # After UTF8 the replies carry the name in UTF-8, in its prepared (composed) form.
+    assert wire.cmd(b"USER " + nfd(NAME)) == f"+OK Password required for {NAME}.\r\n".encode()
+    assert wire.cmd(b"PASS " + nfd(PASSWORD)).startswith(f"+OK {NAME} has 1 visible messages".encode())
     status, body = wire.multi(b"RETR 1")
     assert status.startswith(b"+OK")
     assert b"".join(body) == EIGHT_BIT.replace(b"\n", b"\r\n")  # 8-bit headers as stored
@@ -154,7 +155,7 @@ def test_lang_lists_and_switches_mid_session(daemon: QpopperProcess) -> None:
     wire = Wire(daemon.port)
     status, body = wire.multi(b"LANG")
     assert status == b"+OK Language listing follows:\r\n"
-    assert body == [b"en English\r\n", b"i-default Default language\r\n"]
+    assert body == [b"en English\r\n", b"i-default Default language\r\n", b"de Deutsch\r\n"]
     assert wire.cmd(b"LANG i-default") == b"+OK i-default Language changed.\r\n"
     assert wire.cmd(b"USER carol").startswith(b"+OK")
     assert wire.cmd(b"PASS pw").startswith(b"+OK carol has 1 visible")

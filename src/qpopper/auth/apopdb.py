@@ -10,6 +10,16 @@ renamed over the old one, under an exclusive lock, so a crash or two
 APOP, CRAM-MD5 and SCRAM are checked against this secret for users listed
 here; under qpopper's default clear-text policy (`-p 0`) such users may not
 log in with USER/PASS at all (RFC 1939 section 13: not both for one user).
+
+UTF-8 (RFC 6856 section 2.2): names are kept in their prepared form
+(RFC 8265 UsernameCasePreserved, as the session prepares what a client
+sends), so a name typed composed or decomposed is one entry. Secrets are
+stored prepared too (OpaqueString, as UTF-8), and the APOP and CRAM-MD5
+digests are computed over the prepared secret, which RFC 6856 requires of
+APOP; an entry written by hand or before this rule also matches a digest
+over its bytes as stored, which is what a client that does not prepare
+computes (both are the one secret, so nothing is weakened). An ASCII name
+or secret is unchanged by all of this.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..usernames import is_valid_username
+from ..usernames import is_valid_login_name
 from . import (
     AsyncAuthenticator,
     Authenticator,
@@ -33,6 +43,7 @@ from . import (
     UserLookup,
 )
 from .credentials import ApopDigest, CramMD5, Credentials, ScramSecret, UserPass, Verified
+from .i18n import prepare_password, prepare_username
 from .sasl import scram_secret_from_password
 from .secrets import matches_secret
 
@@ -50,6 +61,37 @@ def validate_secret(secret: str) -> None:
         raise ConfigError("a secret may not contain control characters")
 
 
+def prepared_name(user: str) -> str:
+    """`user` as the database keeps it (and the session looks it up)."""
+    prepared = prepare_username(user)
+    if prepared is None or not is_valid_login_name(prepared):
+        raise ConfigError(f"invalid user name {user!r}")
+    return prepared
+
+
+def prepared_secret(secret: str) -> str:
+    """`secret` as stored: prepared (RFC 8265 OpaqueString) when not ASCII."""
+    validate_secret(secret)
+    prepared = prepare_password(secret.encode("utf-8"))
+    if prepared is None:
+        raise ConfigError("a secret may not contain characters RFC 8265 disallows in passwords")
+    return prepared.decode("utf-8")
+
+
+def secret_forms(stored: str) -> tuple[bytes, ...]:
+    """The bytes a digest may be computed over: the prepared secret, and
+    the stored bytes where an unprepared entry differs from it."""
+    raw = stored.encode("utf-8")
+    prepared = prepare_password(raw)
+    if prepared is None or prepared == raw:
+        return (raw,)
+    return (prepared, raw)
+
+
+def _matches(stored: str, credentials: ApopDigest | CramMD5) -> bool:
+    return any(matches_secret(form, credentials) for form in secret_forms(stored))
+
+
 class ApopDatabase:
     def __init__(self, path: str = DEFAULT_APOP_FILE) -> None:
         self.path = path
@@ -65,9 +107,10 @@ class ApopDatabase:
             if not line.strip() or line.startswith("#"):
                 continue
             user, sep, secret = line.partition(":")
-            if not sep or not is_valid_username(user) or not secret.startswith("{PLAIN}"):
+            name = prepare_username(user) if sep else None
+            if name is None or not is_valid_login_name(name) or not secret.startswith("{PLAIN}"):
                 raise ConfigError(f"{self.path}:{lineno}: expected user:{{PLAIN}}secret")
-            out[user] = secret[len("{PLAIN}") :]
+            out[name] = secret[len("{PLAIN}") :]
         return out
 
     def load(self) -> dict[str, str]:
@@ -164,9 +207,7 @@ class ApopDatabase:
             self._write({})
 
     def set_secret(self, user: str, secret: str) -> None:
-        if not is_valid_username(user):
-            raise ConfigError(f"invalid user name {user!r}")
-        validate_secret(secret)
+        user, secret = prepared_name(user), prepared_secret(secret)
         with self._locked():
             if not os.path.exists(self.path):
                 raise ConfigError(f"{self.path} does not exist (run popauth -init first)")
@@ -175,6 +216,7 @@ class ApopDatabase:
             self._write(secrets)
 
     def delete(self, user: str) -> None:
+        user = prepared_name(user)
         with self._locked():
             secrets = self.load()
             if user not in secrets:
@@ -237,7 +279,7 @@ class ApopAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource, Us
                 return None  # qpopper -p 0: APOP users never send clear passwords
             return self.inner.authenticate(credentials)
         if isinstance(credentials, (ApopDigest, CramMD5)):
-            if not matches_secret(secret.encode("utf-8"), credentials):
+            if not _matches(secret, credentials):
                 return None
             return self.inner.authenticate(Verified(credentials.user, "APOP database"))
         return self.inner.authenticate(credentials)
@@ -254,7 +296,7 @@ class ApopAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource, Us
         if isinstance(credentials, UserPass):
             return quick(credentials) if self.policy not in (None, "default") else None
         if isinstance(credentials, (ApopDigest, CramMD5)):
-            if not matches_secret(secret.encode("utf-8"), credentials):
+            if not _matches(secret, credentials):
                 return None
             return quick(Verified(credentials.user, "APOP database"))
         return quick(credentials)

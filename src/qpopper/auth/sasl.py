@@ -162,6 +162,17 @@ def _scram_name(escaped: str) -> str | None:
     return escaped.replace("=2C", ",").replace("=3D", "=")
 
 
+def _scram_user(escaped: str) -> str | None:
+    """The account a SCRAM saslname names: unescaped, then prepared as every
+    other login name is (RFC 8265 UsernameCasePreserved, `_user`), so that
+    one account has one name whatever the mechanism; that prepared name is
+    what the stored secret is looked up by. RFC 5802 asks clients to send
+    the name SASLprep'ed; for the names people use the two preparations
+    agree, and a client that sends the raw form is prepared here."""
+    name = _scram_name(escaped)
+    return None if name is None else _user(name.encode("utf-8"))
+
+
 def _scram_attributes(message: str) -> list[tuple[str, str]] | None:
     """`k=v,k=v` as pairs, or None if malformed (RFC 5802 section 7)."""
     pairs = []
@@ -235,13 +246,13 @@ class Scram(Mechanism):
         flag, comma1, rest = text.partition(",")
         authzid, comma2, bare = rest.partition(",")
         name = bare[2:].partition(",")[0] if bare.startswith("n=") else ""
-        user = _scram_name(name)
-        if not (comma1 and comma2) or user is None or not is_valid_username(user):
+        user = _scram_user(name)
+        if not (comma1 and comma2) or user is None:
             return Fail("malformed SCRAM client-first message")
         if authzid:
             if not authzid.startswith("a=") or not _scram_name(authzid[2:]):
                 return Fail("malformed SCRAM authorisation identity")
-            if _scram_name(authzid[2:]) != user:
+            if _scram_user(authzid[2:]) != user:
                 # Logging in as somebody else needs a proxy right nobody has here.
                 self._stage = 4
                 return Finish(Rejected(user, self.name))

@@ -46,6 +46,9 @@ FLAGS: tuple[Flag, ...] = (
          "replaces the default *:110)"),
     Flag((), "haproxy-tls-listen", "[address][:port]",
          "the same, speaking implicit TLS after the PROXY header (port 995 unless given)"),
+    Flag((), "kpop-listen", "[address][:port]",
+         "an extra listener where clients start with KPOP, Kerberos before the greeting (port 1109 unless given; "
+         "needs -k)"),
     Flag((), "help", None, "print every option in one line, with its default, then exit"),
 )
 

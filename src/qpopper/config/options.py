@@ -30,12 +30,16 @@ class ListenAddress:
     # Behind a load balancer: each connection starts with a PROXY protocol
     # header from a trusted network (haproxy-trusted-networks).
     proxy: bool = False
+    # KPOP (qpopper's -k on port 1109): the Kerberos exchange before the greeting.
+    kpop: bool = False
 
     def __str__(self) -> str:
         if self.host is None:
             text = f"*:{self.port}"
         else:
             text = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        if self.kpop:
+            return text + " (KPOP)"
         text = text + " (TLS)" if self.tls else text
         return text + " (PROXY)" if self.proxy else text
 

@@ -16,6 +16,7 @@ getopt's strings, the usage and `--help` come from the registry
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import getopt
 import logging
 import os
@@ -54,6 +55,7 @@ class Invocation:
     listen: list[str] = field(default_factory=list)
     tls_listen: list[str] = field(default_factory=list)
     haproxy_listen: list[tuple[str, bool]] = field(default_factory=list)  # (address, implicit TLS)
+    kpop_listen: list[str] = field(default_factory=list)
     demo: bool = False
     inetd: bool = False
     show_config: bool = False
@@ -98,6 +100,8 @@ def parse_command_line(argv: Sequence[str]) -> Invocation:
             inv.tls_listen.append(value)
         elif flag in ("--haproxy-listen", "--haproxy-tls-listen"):
             inv.haproxy_listen.append((value, flag == "--haproxy-tls-listen"))
+        elif flag == "--kpop-listen":
+            inv.kpop_listen.append(value)
         else:
             inv.assignments += _assignments(flag, value)
     return inv
@@ -177,6 +181,9 @@ def build_options(inv: Invocation) -> Options:
         if not inv.listen and not inv.demo:  # behind a balancer only: no plain *:110 beside it
             listen = [a for a in listen if a != ListenAddress(None, 110)]
         listen += [parse_listen_address(a, 995 if tls else 110, tls=tls, proxy=True) for a, tls in inv.haproxy_listen]
+        sources["listen"] = "command line"
+    if inv.kpop_listen:
+        listen += [dataclasses.replace(parse_listen_address(a, 1109), kpop=True) for a in inv.kpop_listen]
         sources["listen"] = "command line"
     changes["listen"] = tuple(listen)
     return opts.replace(sources=sources, **changes)
@@ -418,7 +425,8 @@ def _log_startup_warnings(options: Options, *, inetd: bool) -> None:
 def _settle_inetd(inv: Invocation) -> None:
     """inetd mode with -i, or without it when inetd handed us a connection and no listener was given
     (an inetd.conf line written for qpopper's inetd build); then stdin/stdout must be able to carry it."""
-    if not inv.inetd and not (inv.listen or inv.tls_listen or inv.haproxy_listen or inv.demo) and started_by_inetd():
+    listeners = inv.listen or inv.tls_listen or inv.haproxy_listen or inv.kpop_listen
+    if not inv.inetd and not (listeners or inv.demo) and started_by_inetd():
         inv.inetd = True
     if inv.inetd:
         check_inetd_streams()

@@ -113,6 +113,9 @@ async def serve_inetd(server: Server) -> None:
         os.dup2(devnull, 1)
         os.close(devnull)
         sys.stdout = sys.stderr
+        if server.speaks_kpop(sock):  # inetd's "kpop" line: qpopper -k on port 1109
+            await server.serve_kpop_socket(sock)
+            return
         stream = await accepted_socket_stream(sock)
     else:
         stream = await _pipe_stream()

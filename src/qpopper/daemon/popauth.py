@@ -21,7 +21,7 @@ import pwd
 import sys
 from collections.abc import Callable, Sequence
 
-from ..auth.apopdb import DEFAULT_APOP_FILE, ApopDatabase
+from ..auth.apopdb import DEFAULT_APOP_FILE, ApopDatabase, prepared_name
 from ..errors import ConfigError
 
 USAGE = (
@@ -106,9 +106,10 @@ def _list(database: ApopDatabase, rest: list[str], caller: str, privileged: bool
     users = sorted(database.load())
     if rest:
         _require(privileged or rest[0] == caller, "you may only look up your own entry")
-        if rest[0] not in users:
+        name = prepared_name(rest[0])  # as stored: a UTF-8 name in either normal form is one entry
+        if name not in users:
             raise ConfigError(f"{rest[0]} is not in {database.path}")
-        users = [rest[0]]
+        users = [name]
     else:
         _require(privileged, "only root may list the APOP database")
     for user in users:

@@ -20,7 +20,7 @@ from ._args import PASSWORD_BYTES, parse_number
 from ._capa import cmd_capa
 from ._context import CommandContext, Handler
 from ._effects import Authenticate, Close, Commit, SendMessage, StartTls
-from ._lang import cmd_lang, cmd_utf8
+from ._lang import cmd_lang, cmd_utf8, utf8_name, utf8_replies
 from ._replies import drop_summary, err, listing, ok
 from ._sasl_driver import cmd_auth
 from ._state import Awaiting, Event, State
@@ -63,7 +63,7 @@ def cmd_user(ctx: CommandContext, args: list[bytes], _line: bytes) -> None:
         ctx.bad("Invalid user name.")
         return
     ctx.user = name
-    ctx.reply(ok(f"Password required for {name}."))
+    ctx.reply(ok(f"Password required for {name}.", not name.isascii() and utf8_replies(ctx)))
 
 
 def cmd_pass(ctx: CommandContext, args: list[bytes], _line: bytes) -> None:
@@ -257,7 +257,7 @@ def cmd_rset(ctx: CommandContext, args: list[bytes], _line: bytes) -> None:
         return
     ctx.reset_marks()
     count, octets = ctx.visible_totals()
-    ctx.reply(ok(drop_summary(ctx.user, count, octets)))
+    ctx.reply(ok(drop_summary(ctx.user, count, octets), utf8_name(ctx)))
 
 
 def cmd_last(ctx: CommandContext, args: list[bytes], _line: bytes) -> None:

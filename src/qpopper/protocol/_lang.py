@@ -2,17 +2,29 @@
 
 Each language is a table from the English text of a status line to its
 text in that language; English is the source, so its table is empty, and
-a text a table lacks is sent in English. Adding a language is adding a
-`Language` to `LANGUAGES` with its table: the session translates every
-status line it sends through the chosen table (`translate`), and LANG
-lists and chooses from `LANGUAGES`.
+a text a table lacks is sent in English. A text with variable parts (a
+message number, a user name) is a key with "{}" for each part, and its
+translation names them "{0}", "{1}"... in the order they come in the
+English, so a language may move them. Adding a language is writing its
+table as a module (`_lang_de.py` is one) and naming it in `LANGUAGES`:
+the module is read when a client first chooses the language, and the
+session translates every status line it sends through the chosen table
+(`translate`).
 
-Texts are matched whole, after the "+OK " or "-ERR [CODE] " prefix; a
-table may hold the texts with numbers in them as they are sent.
+Texts are matched whole, after the "+OK " or "-ERR [CODE] " prefix. The
+status line of RETR and TOP and the listings of the XTND extensions are
+not translated (their texts are built as effects, not replies).
+
+UTF-8 in replies: a session that has sent neither UTF8 nor LANG gets
+ASCII status lines (a UTF-8 user name shows as "?"); after either, the
+user names in replies are sent in UTF-8, as RFC 6856 allows
+(`utf8_replies`).
 """
 
 from __future__ import annotations
 
+import importlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -25,16 +37,51 @@ class Language:
     tag: str  # an RFC 5646 tag
     description: str  # the language's name, in that language (UTF-8 on the wire)
     texts: Mapping[str, str] = field(default_factory=dict)
+    # The texts with "{}" parts, as (pattern, translation), longest first.
+    patterns: tuple[tuple[re.Pattern[str], str], ...] = ()
+    # The module holding TEXTS, read at the first choice of this language.
+    module: str | None = None
 
 
+def language(tag: str, description: str, texts: Mapping[str, str]) -> Language:
+    """A Language from a table whose keys may hold "{}" parts."""
+    exact = {k: v for k, v in texts.items() if "{}" not in k}
+    patterns = tuple(
+        (re.compile(re.escape(k).replace(r"\{\}", "(.+?)")), v)
+        for k, v in sorted(texts.items(), key=lambda kv: -len(kv[0]))
+        if "{}" in k
+    )
+    # `texts` keeps the whole table: the session asks only whether it is
+    # empty, and a key with "{}" never equals a text as sent.
+    return Language(tag, description, {**texts, **exact}, patterns)
+
+
+# The language of a session that has not sent LANG: English, in ASCII.
 ENGLISH = Language("en", "English")
 # RFC 2277's tag for the server's default, which here is English.
 DEFAULT = Language("i-default", "Default language")
 
-LANGUAGES: dict[str, Language] = {lang.tag: lang for lang in (ENGLISH, DEFAULT)}
+LANGUAGES: dict[str, Language] = {
+    lang.tag: lang
+    for lang in (
+        Language("en", "English"),  # chosen with LANG: English, and UTF-8 may follow
+        DEFAULT,
+        Language("de", "Deutsch", module="qpopper.protocol._lang_de"),
+    )
+}
 
 # The text of LANG's own success reply, after the tag; translated like any other.
 CHANGED = "Language changed."
+
+
+def _loaded(lang: Language) -> Language:
+    """`lang` with its table read (once; the entry is replaced)."""
+    if lang.module is None:
+        return lang
+    table: Mapping[str, str] = importlib.import_module(lang.module).TEXTS
+    loaded = language(lang.tag, lang.description, table)
+    LANGUAGES[lang.tag] = loaded
+    return loaded
 
 
 def choose(requested: str) -> Language | None:
@@ -47,8 +94,32 @@ def choose(requested: str) -> Language | None:
     while wanted:
         for tag, lang in LANGUAGES.items():
             if tag.lower() == wanted or tag.lower().startswith(wanted + "-"):
-                return lang
+                return _loaded(lang)
         wanted = wanted.rpartition("-")[0]
+    return None
+
+
+def utf8_replies(ctx: CommandContext) -> bool:
+    """Whether this session's status lines may carry UTF-8 (a user name):
+    after UTF8 or LANG (RFC 6856 sections 2 and 3)."""
+    return ctx.utf8 or ctx.language is not ENGLISH
+
+
+def utf8_name(ctx: CommandContext) -> bool:
+    """Whether the session's user name goes into a reply in UTF-8: a
+    non-ASCII name in a session where `utf8_replies` holds."""
+    user = ctx.user
+    return user is not None and not user.isascii() and utf8_replies(ctx)
+
+
+def _translated(lang: Language, text: str) -> str | None:
+    found = lang.texts.get(text)
+    if found is not None:
+        return found
+    for pattern, translation in lang.patterns:
+        match = pattern.fullmatch(text)
+        if match is not None:
+            return translation.format(*match.groups())
     return None
 
 
@@ -62,7 +133,7 @@ def translate(lang: Language, reply: bytes) -> bytes:
     if text.startswith(b"[") and b"] " in text:
         code, _, text = text.partition(b"] ")
         prefix = code + b"] "
-    translated = lang.texts.get(text.decode("utf-8", "replace"))
+    translated = _translated(lang, text.decode("utf-8", "replace"))
     if translated is None:
         return reply
     return status + b" " + prefix + translated.encode("utf-8") + sep + rest

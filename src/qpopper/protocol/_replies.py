@@ -1,7 +1,9 @@
 """How replies look on the wire: status lines, response codes, listings.
 
 Every byte the core sends is built here or from these helpers, so the
-rules hold everywhere: a status line is ASCII (anything else becomes "?"),
+rules hold everywhere: a status line is ASCII (anything else becomes "?")
+unless the session may carry UTF-8 (RFC 6856: after UTF8 or LANG; the
+callers that can show a UTF-8 user name say so with `utf8`),
 an RFC 2449/3206 response code goes in brackets right after "-ERR", and a
 multi-line reply ends with the lone dot. None of them is given raw client
 input: callers pass values that have already passed validation.
@@ -16,9 +18,9 @@ from ..errors import ResponseCode
 END = b".\r\n"
 
 
-def ok(text: str) -> bytes:
-    """A "+OK" status line."""
-    return b"+OK " + text.encode("ascii", "replace") + b"\r\n"
+def ok(text: str, utf8: bool = False) -> bytes:
+    """A "+OK" status line; `utf8`: the session may get UTF-8 text."""
+    return b"+OK " + text.encode("utf-8" if utf8 else "ascii", "replace") + b"\r\n"
 
 
 def err(text: str, code: ResponseCode | None = None) -> bytes:

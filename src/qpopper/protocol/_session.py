@@ -34,7 +34,7 @@ from ._config import SASL_LINE_MAX, ConnectionSecurity, SessionConfig
 from ._context import LineSink
 from ._effects import Close, Effect, OpenMaildrop, ResolveUids, Send
 from ._framing import LineBuffer, OverlongLine
-from ._lang import ENGLISH, Language, translate
+from ._lang import ENGLISH, Language, translate, utf8_replies
 from ._replies import drop_summary, err, greeting, ok
 from ._sasl_driver import SaslExchange
 from ._state import Awaiting, Event, State, StateMachine
@@ -285,7 +285,9 @@ class Session(StateMachine):
             count, octets = len(visible), sum(sizes.values())
         else:
             count, octets = self.visible_totals()
-        self.reply(ok(drop_summary(self.user, count, octets)))
+        user = self.user  # an ASCII name (nearly all) costs one isascii, no call
+        utf8 = user is not None and not user.isascii() and utf8_replies(self)
+        self.reply(ok(drop_summary(user, count, octets), utf8))
 
     def maildrop_failed(self, code: ResponseCode) -> None:
         self.answered(Awaiting.MAILDROP)

@@ -16,13 +16,14 @@ no session stalls another.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ..auth.cleartext import plaintext_allowed
 from ..config.options import Options
@@ -56,6 +57,9 @@ from ._retrieval import Retrieval
 from ._services import Peer, Services, TlsState
 from ._stream import PopStream
 from ._tls import certificate_identity, tls_failure_reason
+
+if TYPE_CHECKING:
+    from ..auth.kpop import KpopIdentity
 
 __all__ = ["Connection", "Peer", "Services", "TlsState", "new_timestamp"]
 
@@ -92,18 +96,23 @@ class Connection:
     )  # fmt: skip
 
 
-    def __init__(self, stream: PopStream, peer: Peer, services: Services) -> None:
+    def __init__(self, stream: PopStream, peer: Peer, services: Services, kpop: KpopIdentity | None = None) -> None:
+        """`kpop`: who a KPOP exchange before the greeting proved the client
+        to be; the login's password then proves nothing and is not asked
+        for by the clear-text policy (see Login.authenticate)."""
         self.stream = stream
         self.peer = peer
         self.services = services
         options = services.options
+        security = self._security(tls_active=stream.get_extra_info("ssl_object") is not None)
+        if kpop is not None:
+            security = dataclasses.replace(security, plaintext_allowed=True)
         self.session = Session(
-            services.session_config(),
-            timestamp=new_timestamp(options.hostname),
-            security=self._security(tls_active=stream.get_extra_info("ssl_object") is not None),
+            services.session_config(), timestamp=new_timestamp(options.hostname), security=security
         )
         self.records = SessionRecords(options, peer.host, services.run_blocking)
         self.login = Login(services, peer, self.session, self.records)
+        self.login.kpop = kpop
         # The open maildrop and what serves it, from its opening to UPDATE.
         self.retrieval: Retrieval | None = None
         self.out = bytearray()

@@ -26,10 +26,10 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..auth import Principal
-from ..auth.credentials import Rejected
+from ..auth.credentials import Rejected, UserPass, Verified
 from ..auth.sasl import Fail
 from ..config.configfile import Context, read_config
 from ..config.options import Options, apply_settings
@@ -45,6 +45,9 @@ from ._privileges import SpoolPrivilege, check_spool, drop_to_user
 from ._records import SessionRecords, expand_login_template
 from ._services import Peer, Services, session_config
 from ._spool import maildrop_settings, resolve_spool
+
+if TYPE_CHECKING:
+    from ..auth.kpop import KpopIdentity
 
 log = logging.getLogger("qpopper.session")
 
@@ -94,7 +97,7 @@ class Login:
     their principal, their options, the privilege that reaches their spool."""
 
     __slots__ = (
-        "_background", "options", "peer", "principal", "records", "services", "session", "session_debug",
+        "_background", "kpop", "options", "peer", "principal", "records", "services", "session", "session_debug",
         "spool_privilege",
     )
 
@@ -108,6 +111,8 @@ class Login:
         self.spool_privilege: SpoolPrivilege | None = None
         self._background: set[asyncio.Task[Any]] | None = None  # made by the first one
         self.session_debug = False  # the user's option file asked for debug records
+        # Who a KPOP exchange proved the client to be (qpopper -k on port 1109).
+        self.kpop: KpopIdentity | None = None
 
     async def blocking(self, func: Callable[..., T], *args: Any) -> T:
         """`func(*args)` in the server's thread pool."""
@@ -129,18 +134,21 @@ class Login:
         auth_failed, the latter only after the failure delay."""
         started = time.monotonic()
         user = effect.credentials.user
+        credentials = effect.credentials
         try:
-            if isinstance(effect.credentials, Rejected):
+            if self.kpop is not None and isinstance(credentials, UserPass):
+                credentials = await self.blocking(self._kpop_credentials, self.kpop, user)
+            if isinstance(credentials, Rejected):
                 principal = None
             else:
                 quick = self.services.authenticate_quickly
-                principal = quick(effect.credentials) if quick is not None else None
+                principal = quick(credentials) if quick is not None else None
                 if principal is None:
                     on_loop = self.services.authenticate_async
                     if on_loop is not None:
-                        principal = await on_loop(effect.credentials, self.peer.host)
+                        principal = await on_loop(credentials, self.peer.host)
                     else:
-                        principal = await self.blocking(self.services.authenticator.authenticate, effect.credentials)
+                        principal = await self.blocking(self.services.authenticator.authenticate, credentials)
         except (AuthUnavailable, MaildropError) as exc:
             log.error("%s: authentication backend failed: %s", self.peer, exc)
             # A maildrop that cannot be named for this account (SYS/PERM) is
@@ -175,6 +183,22 @@ class Login:
         self._after_login(principal.user)
         log.debug("%s: authenticated %s (%s)", self.peer, principal.user, type(effect.credentials).__name__)
         self.session.auth_succeeded(principal.user)
+
+    def _kpop_credentials(self, kpop: KpopIdentity, user: str) -> Verified | Rejected:
+        """After KPOP, a password login names the user and the principal
+        decides, as qpopper's PASS did; the password is ignored."""
+        from ..auth.kpop import KpopError, may_log_in
+
+        realms = tuple((self.options.kerberos_realms or "").split())
+        try:
+            allowed = may_log_in(kpop.principal, user, realms, unix_accounts=self.options.system_users)
+        except KpopError as exc:
+            log.error("%s: KPOP: %s", self.peer, exc)
+            allowed = False
+        if not allowed:
+            log.info("%s: KPOP principal %s may not log in as %s", self.peer, kpop.principal, printable(user))
+            return Rejected(user, "KPOP")
+        return Verified(user, "KPOP")
 
     async def lookup_scram_secret(self, effect: LookupScramSecret) -> None:
         lookup = self.services.scram_secret

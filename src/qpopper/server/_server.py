@@ -33,6 +33,7 @@ from ._stream import PopStream
 from ._tls import build_context, reload_certificates, tls_failure_reason
 
 if TYPE_CHECKING:
+    from ..auth.kpop import KpopIdentity
     from ._proxied import ProxyPolicy
     from .proxyheader import ProxyHeader
 
@@ -189,6 +190,26 @@ async def accepted_socket_stream(
     return stream
 
 
+def _kpop_ports(options: Options) -> frozenset[int]:
+    """The ports whose connections start with KPOP: with -k, each KPOP
+    listener's and qpopper's 1109 (so inetd's and systemd's sockets for the
+    "kpop" service need no flag); none without -k."""
+    kpop = [a.port for a in options.listen if a.kpop]
+    if not options.kerberos:
+        if kpop:
+            raise ConfigError("a KPOP listener needs Kerberos: add -k (kerberos)")
+        return frozenset()
+    from ..auth.kpop import KPOP_PORT, KpopUnavailable, library  # Kerberos sites only
+
+    try:
+        library()  # a KPOP site learns at start-up, not at the first client, that libkrb5 is missing
+    except KpopUnavailable as exc:
+        if kpop:
+            raise ConfigError(f"KPOP: {exc}") from None
+        return frozenset()
+    return frozenset([*kpop, KPOP_PORT])
+
+
 def make_authenticator(options: Options) -> Authenticator:
     if options.system_users:
         from ..auth.system import SystemAuthenticator
@@ -298,6 +319,7 @@ class Server:
             # to a GSSAPI library without the credential-store extension.
             except (gssapi.raw.misc.GSSError, NotImplementedError) as exc:
                 raise ConfigError(f"Kerberos: cannot use the key of {key}: {exc}") from None
+        self.kpop_ports = _kpop_ports(options)
         # Only a server that authenticates Unix accounts itself switches to
         # them; an embedding caller's authenticator keeps the process as is.
         self.services = Services(
@@ -343,7 +365,10 @@ class Server:
             for (sock, implicit_tls), behind_balancer in zip(sockets, proxied, strict=True):
                 handshake_first = implicit_tls or alternate_port
                 listener: asyncio.Server | TlsListener
-                if handshake_first:
+                if self.speaks_kpop(sock):  # accepted by hand, as TLS ones: the exchange reads the raw socket
+                    listener = TlsListener(sock, lambda conn, _tls: self.serve_socket(conn))
+                    handshake_first = False
+                elif handshake_first:
                     if self.tls.context is None:
                         raise ConfigError("an implicit-TLS listener needs tls-server-cert-file")
                     serve = functools.partial(self.serve_socket, proxied=True) if behind_balancer else self.serve_socket
@@ -520,10 +545,50 @@ class Server:
                     del self._connections[task]
                     self._per_ip[oldest.peer.host] -= 1
 
+    def speaks_kpop(self, sock: socket.socket) -> bool:
+        """Whether connections on `sock` (listening or accepted) start with
+        the KPOP exchange: those to a KPOP port, with -k on."""
+        if not self.kpop_ports or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        try:
+            return int(sock.getsockname()[1]) in self.kpop_ports
+        except OSError:
+            return False
+
+    async def serve_kpop_socket(self, sock: socket.socket) -> None:
+        """A KPOP connection: the Kerberos exchange, then the POP session
+        as the principal it proved (`_kpop`)."""
+        from ._kpop import kpop_exchange  # Kerberos sites only
+
+        peer = _peer_of_socket(sock)
+        task = asyncio.current_task()
+        assert task is not None
+        self._handshaking.add(task)  # a stop ends exchanges still under way
+        try:
+            sock.setblocking(False)
+            identity = await kpop_exchange(sock, peer, self.services)
+            if identity is None:
+                sock.close()
+                return
+            stream = await accepted_socket_stream(sock)
+        except OSError as exc:
+            log.info("%s: connection lost after KPOP: %s", peer, exc)
+            sock.close()
+            return
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        finally:
+            self._handshaking.discard(task)
+        await self.serve_stream(stream, kpop=identity)
+
     async def serve_socket(self, sock: socket.socket, implicit_tls: bool = False, proxied: bool = False) -> None:
         """Serve one accepted connection (a forked session process, or one
-        accepted by an implicit-TLS listener); `proxied`: a PROXY header
-        comes first, before any TLS handshake."""
+        accepted by an implicit-TLS or KPOP listener); `proxied`: a PROXY
+        header comes first, before any TLS handshake."""
+        if not implicit_tls and not proxied and self.speaks_kpop(sock):
+            await self.serve_kpop_socket(sock)
+            return
         context = self.tls.context if implicit_tls else None
         peer = _peer_of_socket(sock)  # asked now: a failed handshake closes the socket
         if proxied and self._refuse_untrusted(peer):
@@ -583,9 +648,12 @@ class Server:
         log.debug("%s: %s client %s via %s", peer, header.command, header.family, balancer)
         return peer
 
-    async def serve_stream(self, stream: PopStream, proxied: bool = False, peer: Peer | None = None) -> None:
+    async def serve_stream(
+        self, stream: PopStream, proxied: bool = False, peer: Peer | None = None, kpop: KpopIdentity | None = None
+    ) -> None:
         """Serve one session on an already connected stream; `proxied`: it
-        starts with a PROXY header; `peer`: the client, known already."""
+        starts with a PROXY header; `peer`: the client, known already;
+        `kpop`: the principal a KPOP exchange proved on it."""
         if peer is None:
             peer = _peer_of(stream)
         _set_nodelay(stream)
@@ -619,7 +687,7 @@ class Server:
         self._per_ip[peer.host] += 1
         self._sessions_seen += 1
         try:
-            conn = Connection(stream, peer, self.services)
+            conn = Connection(stream, peer, self.services, kpop)
             self._connections[task] = conn
             await conn.run()
         finally:
