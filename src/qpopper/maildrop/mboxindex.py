@@ -552,7 +552,9 @@ def _sampled_uids_agree(index: MboxIndex, raw: list[str], read_at: Callable[[int
     n = len(index)
     if len(raw) != n or min(map(len, raw)) < 1 or max(map(len, raw)) > UID_MAX_LEN:
         return False
-    picks = {0, n - 1} | {int.from_bytes(os.urandom(4), "little") % n for _ in range(min(UID_SAMPLES, n))}
+    import random  # only sessions that kept UIDs need it
+
+    picks = {0, n - 1, *random.SystemRandom().sample(range(n), min(UID_SAMPLES, n))}
     try:
         return all(raw_uid(index, i, read_at) == raw[i] for i in picks)
     except (OSError, EOFError):

@@ -21,8 +21,10 @@ full index, as without a cache, and the next session writes a new one:
   line, message, body, end, next segment), segments tiling the length;
 * the spool's identity: the same device and inode, not shorter than the
   indexed length; if not longer, the same modification and change times
-  (ctime cannot be set back by a user), recorded only when the last change
-  was older than a clock tick before the index was made;
+  (ctime cannot be set back by a user), trusted only when the last change
+  was older than a clock tick when the index was made, the locks still held
+  (a file system with coarse timestamps gives a write in the same tick the
+  same times);
 * the content, sampled: `SAMPLES` messages chosen at random at each load
   (so a planted file cannot know which), and the first and last, are
   indexed again from their bytes in the spool, and every cached field of
@@ -82,7 +84,7 @@ REGION_MAX_BYTES = 64 << 20
 # The spool's times are trusted only if its last change was this much older
 # than the index (timestamps are taken from a coarse clock: a write in the
 # same tick leaves them as they were).
-SETTLED_NS = 20_000_000
+SETTLED_NS = 10_000_000
 # No spool needs a bigger file (about 70 octets per message).
 MAX_FILE_BYTES = 512 << 20
 
@@ -155,11 +157,19 @@ class KeptIndex:
         unlink_quietly(index_cache_path(self.path))
         self.uids_kept = True  # nothing more to write in this session
 
+    def indexed(self) -> None:
+        """Called once the spool is indexed, the locks still held: whether
+        its times can be trusted next time is judged now (a writer waiting
+        for the locks writes after this instant)."""
+        self.state = SpoolState.of(self.owner)
+
     def needs_saving(self, index: MboxIndex) -> bool:
         """UIDs were worked out since the cache was written."""
         return index.uids is not None and not self.uids_kept
 
     def save(self, index: MboxIndex) -> None:
+        if not len(index):
+            return  # nothing to keep
         if _save(self.path, index, self.state, self.use_content_length, self.owner):
             self.uids_kept = index.uids is not None or index.raw_uids is not None
         else:

@@ -168,9 +168,10 @@ def _index_spool(
 
     kept = KeptIndex(spool.path, st, use_content_length)
     loaded = kept.load(fd)
-    if loaded is not None:
-        return loaded[0], kept, loaded[1]
-    return index_file(fd, st.st_size, use_content_length=use_content_length, tick=lock.refresh), kept, True
+    if loaded is None:
+        loaded = index_file(fd, st.st_size, use_content_length=use_content_length, tick=lock.refresh), True
+    kept.indexed()
+    return loaded[0], kept, loaded[1]
 
 
 def update_in_place(
