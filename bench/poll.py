@@ -15,7 +15,8 @@ Two uses:
   messages), for the report's "bigbox poll" rows;
 * run alone, it measures how the costs grow with the maildrop's size, for
   Dovecot and for two revisions of this server (this one, and the one
-  before the kept indexes, by default), each on its own copy of the mail:
+  before the kept indexes, by default; both exported from git), each on its
+  own copy of the mail:
 
       .venv/bin/python bench/poll.py --sizes 10000,50000,200000 --mail /tmp/poll-mail
 
@@ -221,8 +222,8 @@ def bigbox(run: ModuleType, bench: Any, port: int, pid: int, repeat: int) -> dic
 
 def scan(args: argparse.Namespace) -> int:
     run = load_module("bench_run", HERE / "run.py")
-    ns = argparse.Namespace(shared_bench=args.shared_bench, python=args.python, no_chart=True, worktree=True,
-                            work=args.work, rev="HEAD")
+    ns = argparse.Namespace(shared_bench=args.shared_bench, python=args.python, no_chart=True, worktree=False,
+                            work=args.work, rev=args.rev)
     ns.src_dir = run.export_source(ns)
     env = run.check_prerequisites(ns)
     pb = load_module("popbench", env.popbench)
@@ -247,7 +248,6 @@ def scan(args: argparse.Namespace) -> int:
             for q in (ours, old):
                 q.no_syslog = ns.no_syslog
             try:
-                dov.drop_index()
                 servers = {"dovecot": (dov.start(), base), "qpopper": (ours.start(), base + 10),
                            "before": (old.start(), base + 20)}
                 row: dict[str, Any] = {"format": fmt, "messages": n, "date": datetime.datetime.now(datetime.UTC)
@@ -284,7 +284,8 @@ def _ms(x: float | None) -> str:
 def write_report(path: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     lines = [
         "# The poll on a big maildrop: Dovecot, qpopper, and qpopper before its kept indexes\n",
-        f"`bench/poll.py {' '.join(sys.argv[1:])}`; `before` = `{args.before}`. Times in ms (medians); "
+        f"`bench/poll.py {' '.join(sys.argv[1:])}`; qpopper = `{args.rev}`, before = `{args.before}`. "
+        "Times in ms (medians); "
         "cold = the first session with no index (Dovecot: index dropped and restarted; qpopper: no kept "
         "index); warm = PASS to STAT answered, median of 3 sessions; poll = a delivery then PASS, UIDL, "
         "RETR of the new message, QUIT; CPU = the server's CPU per poll.\n",
@@ -312,6 +313,7 @@ def main() -> int:
                    help="where the generated maildrops are kept between runs")
     p.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "qpopper-bench"))
     p.add_argument("--out", default=str(HERE / "results" / "poll"))
+    p.add_argument("--rev", default="HEAD", help="the revision measured (exported from git, as run.py does)")
     p.add_argument("--before", default="7a8f538", help="the revision to compare with (default: before issue 22)")
     p.add_argument("--port-base", type=int, default=11310)
     p.add_argument("--keep-mail", action="store_true")
