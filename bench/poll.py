@@ -273,6 +273,9 @@ def scan(args: argparse.Namespace) -> int:
                 dov.stop()
             if not args.keep_mail:
                 shutil.rmtree(work / f"{fmt}-{n}", ignore_errors=True)
+    # The report holds every row poll.jsonl has (runs of other sizes add to it).
+    with open(out / "poll.jsonl") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
     write_report(out / "POLL.md", rows, args)
     return 0
 
@@ -284,22 +287,23 @@ def _ms(x: float | None) -> str:
 def write_report(path: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     lines = [
         "# The poll on a big maildrop: Dovecot, qpopper, and qpopper before its kept indexes\n",
-        f"`bench/poll.py {' '.join(sys.argv[1:])}`; qpopper = `{args.rev}`, before = `{args.before}`. "
+        f"`bench/poll.py` (last: `{' '.join(sys.argv[1:])}`); qpopper = `{args.rev}`, before = `{args.before}`. "
         "Times in ms (medians); "
         "cold = the first session with no index (Dovecot: index dropped and restarted; qpopper: no kept "
         "index); warm = PASS to STAT answered, median of 3 sessions; poll = a delivery then PASS, UIDL, "
         "RETR of the new message, QUIT; CPU = the server's CPU per poll.\n",
         "| format | messages | server | cold PASS→STAT | warm PASS→STAT | warm full UIDL | poll PASS | poll UIDL "
-        "| poll session | poll server CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| poll session | poll server CPU | date |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
+    for row in sorted(rows, key=lambda r: (r["format"], r["messages"])):
         for name in ("dovecot", "qpopper", "before"):
             lines.append(
                 f"| {row['format']} | {row['messages']:,} | {name} | {_ms(row.get(f'{name}_cold'))} | "
                 f"{_ms(row.get(f'{name}_warm'))} | {_ms(row.get(f'{name}_warm_uidl'))} | "
                 f"{_ms(row.get(f'{name}_poll_pass_s'))} | {_ms(row.get(f'{name}_poll_uidl_s'))} | "
-                f"{_ms(row.get(f'{name}_poll_session_s'))} | {_ms(row.get(f'{name}_poll_server_cpu_s_per_poll'))} |")
+                f"{_ms(row.get(f'{name}_poll_session_s'))} | {_ms(row.get(f'{name}_poll_server_cpu_s_per_poll'))} | "
+                f"{row.get('date', '')} |")
     path.write_text("\n".join(lines) + "\n")
 
 
