@@ -185,7 +185,9 @@ def _list_kept(path: str) -> tuple[list[str], list[str]]:
         if known is None or known[0] != now:
             names, state = kept.list_subdir(directory, _names_in)
             listing[sub] = (state, names)
-            read_again = True
+            # Worth writing only if the next session may use it: a directory
+            # that changed just now (a delivery) is read again anyway.
+            read_again = read_again or state != kept.NO_STATE
     if read_again:
         kept.save(path, listing, owner)
     return _merged(listing["cur"][1], listing["new"][1])

@@ -1,7 +1,7 @@
 """The index of a big spool, kept between sessions: a poll pays for what arrived since.
 
 A session that indexed a spool of at least `spool.CACHED_SPOOL_BYTES` (server mode)
-writes what it learned to `.<name>.qpopper-index` beside the spool (see
+writes what it learned, when it ends, to `.<name>.qpopper-index` beside the spool (see
 `paths`): every message's offsets, size, flags and, once a UIDL asked for
 them, UIDs, with the spool's identity. The next session loads it and, when
 the spool only grew, indexes only from the last known message on
@@ -121,7 +121,7 @@ class KeptIndex:
     """A session's link to the cache of its spool: the spool as indexed,
     and whether the cache holds the index as the session has it."""
 
-    __slots__ = ("from_cache", "owner", "path", "state", "uids_kept", "use_content_length")
+    __slots__ = ("from_cache", "owner", "path", "pending", "state", "uids_kept", "use_content_length")
 
     def __init__(self, path: str, st: os.stat_result, use_content_length: bool) -> None:
         self.path = path
@@ -130,6 +130,10 @@ class KeptIndex:
         self.use_content_length = use_content_length
         self.uids_kept = False
         self.from_cache = False  # the session's index came from the cache
+        # The session's index differs from the cache: written when the session
+        # ends (off the login's path; a session that dies first costs the
+        # next one a full index, nothing else).
+        self.pending = False
 
     def load(self, fd: int) -> tuple[MboxIndex, bool] | None:
         """The index of the spool open on `fd`, from the cache, and whether it
@@ -156,6 +160,7 @@ class KeptIndex:
         """Remove the cache: it describes a spool that is no more."""
         unlink_quietly(index_cache_path(self.path))
         self.uids_kept = True  # nothing more to write in this session
+        self.pending = False
 
     def indexed(self) -> None:
         """Called once the spool is indexed, the locks still held: whether
@@ -164,10 +169,11 @@ class KeptIndex:
         self.state = SpoolState.of(self.owner)
 
     def needs_saving(self, index: MboxIndex) -> bool:
-        """UIDs were worked out since the cache was written."""
-        return index.uids is not None and not self.uids_kept
+        """The index changed, or UIDs were worked out, since the cache was written."""
+        return self.pending or (index.uids is not None and not self.uids_kept)
 
     def save(self, index: MboxIndex) -> None:
+        self.pending = False
         if not len(index):
             return  # nothing to keep
         if _save(self.path, index, self.state, self.use_content_length, self.owner):

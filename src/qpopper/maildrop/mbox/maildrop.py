@@ -244,7 +244,7 @@ class MboxMaildrop:
         if self._fd is None:
             return True
         if self._cache is not None and self._cache.needs_saving(self._index):
-            return False  # close writes the UIDs worked out into the kept index
+            return False  # close writes the kept index (in a worker thread)
         if not self.settings.server_mode or self._committed:
             return False  # close puts the temp drop back; a second commit fails
         if any(0 <= i < len(self._infos) for i in deleted):

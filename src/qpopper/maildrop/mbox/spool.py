@@ -147,8 +147,8 @@ def open_in_place(
                     index, kept, changed = _index_spool(spool, fd, st, lock)
                 except (OSError, ValueError) as exc:
                     raise MaildropError(f"cannot index {spool.path}: {exc}") from exc
-            if changed and kept is not None:
-                kept.save(index)  # after the locks: MDAs need not wait for it
+            if kept is not None:
+                kept.pending = changed  # written at the end of the session
         except BaseException:
             os.close(fd)
             raise
