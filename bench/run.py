@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))  # poll.py, bigbox's poll variant
 PASSWORD = "pass"
 RETR_USERS = 16  # u1..u16, 200 messages each (popbench's default maildrop)
 SESSION_USERS = 1000  # l1..l1000, 10 messages each: login churn and idle (see note below)
@@ -644,6 +645,18 @@ class Bench:
         (self.raw / f"{fmt}-bigbox-dovecot-cold.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines_all))
         self.extra[f"{fmt}/bigbox_cold"] = vals
 
+    def bigbox_poll(self, fmt: str, dov: Dovecot, ours: Qpopper) -> None:
+        """bigbox's poll variant (bench/poll.py): a delivery, then PASS, UIDL, RETR of it, QUIT."""
+        from poll import Side, load_module, maildrop_of, poll_compare
+
+        pb = load_module("popbench", self.env.popbench)
+        sides = [Side("A", dov.port, dov.pid or 0, maildrop_of(dov.dir, fmt)),
+                 Side("B", ours.port, ours.pid, maildrop_of(ours.dir, fmt))]
+        try:
+            self.extra[f"{fmt}/bigbox_poll"] = poll_compare(pb, fmt, sides, PASSWORD, self.rounds)
+        except Exception as exc:  # noqa: BLE001 - report what failed, keep what was measured
+            self.skipped.append(f"{fmt}/bigbox poll: {exc}")
+
     def format(self, fmt: str) -> None:
         if fmt == "mbox" and not self.env.mbox_backend:
             self.skipped.append("mbox: skipped, this server has no mbox backend yet "
@@ -711,6 +724,7 @@ class Bench:
                 if sampler is not None:
                     self.extra[f"{fmt}/qpopper_bigbox_mem"] = sampler.stop()
                     self.bigbox_cold(fmt, dov)
+                    self.bigbox_poll(fmt, dov, ours)
                 if ours.proc is not None and ours.proc.poll() is not None:
                     raise RuntimeError(f"qpopper died during {sc.name}; see {ours.log_path}")
         finally:
@@ -900,6 +914,15 @@ def write_report(bench: Bench, args: argparse.Namespace, argv: list[str]) -> Pat
                   f"{fmt_num(statistics.median(ours))} | {fmt_num(ratio)} | "
                   f"{verdict(Metric('x', '', False, ('<=', 0.2)), ratio)} |")
                 chart_points.append((f"{fmt} bigbox\nvs Dovecot cold", 1 / ratio))
+            poll = bench.extra.get(f"{fmt}/bigbox_poll")
+            for key, label in (("pass_s", "poll: PASS s"), ("uidl_s", "poll: UIDL s"), ("session_s", "poll: session s"),
+                               ("server_cpu_s_per_poll", "poll: server CPU s per poll")):
+                if poll:
+                    a, b = poll["A"][key], poll["B"][key]
+                    target = verdict(Metric(key, "", False, ("<=", 1.0)), b / a if a else None) \
+                        if key == "server_cpu_s_per_poll" else ""
+                    w(f"| {label} (a delivery, then PASS, UIDL, RETR of it, QUIT; {poll['B']['polls']} polls) | "
+                      f"{fmt_num(a)} | {fmt_num(b)} | {fmt_num(b / a if a else None)} | {target} |")
             mem = bench.extra.get(f"{fmt}/qpopper_bigbox_mem")
             if mem:
                 b, pk = mem["before"], mem["peak"]

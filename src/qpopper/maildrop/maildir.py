@@ -60,6 +60,10 @@ _SUBDIRS = ("cur", "new")
 # A quick open lists directories up to this size (st_size; a few hundred
 # to a few thousand names, depending on the file system) and reads no file.
 QUICK_DIR_BYTES = 64 * 1024
+# From this size (cur/ and new/ together) the listing is kept between
+# sessions (maildirlisting; the size is here so that a small Maildir never
+# loads that module).
+CACHED_DIR_BYTES = 256 * 1024
 
 
 def _unique_part(name: str) -> str:
@@ -134,24 +138,61 @@ def _uids_of(names: list[str]) -> list[str]:
     return uids
 
 
+def _names_in(directory: str) -> list[str]:
+    """The regular files of one subdirectory, not hidden ones ([] if it is missing)."""
+    try:
+        with os.scandir(directory) as it:
+            # is_file/is_symlink answer from the entry's type, no stat
+            return [de.name for de in it if de.is_file(follow_symlinks=False) and de.name[0] != "."]
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise MaildropError(f"cannot list {directory}: {exc}") from exc
+
+
 def _list(path: str) -> tuple[list[str], list[str]]:
     """Regular files of cur/ and new/ in name order, and the subdirectory of each."""
-    listed: dict[str, list[str]] = {}
-    for sub in _SUBDIRS:
-        directory = os.path.join(path, sub)
-        try:
-            with os.scandir(directory) as it:
-                # is_file/is_symlink answer from the entry's type, no stat
-                found = [de.name for de in it if de.is_file(follow_symlinks=False) and de.name[0] != "."]
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise MaildropError(f"cannot list {directory}: {exc}") from exc
-        listed[sub] = found
-    in_cur, in_new = listed.get("cur", []), listed.get("new", [])
+    in_cur, in_new = (_names_in(os.path.join(path, sub)) for sub in _SUBDIRS)
+    return _merged(in_cur, in_new)
+
+
+def _merged(in_cur: list[str], in_new: list[str]) -> tuple[list[str], list[str]]:
     names = in_cur + in_new
     names.sort()  # stable: of two equal names, cur/'s (listed first) stays first
     return names, _subdirs_of(names, in_cur, in_new)
+
+
+def _list_kept(path: str) -> tuple[list[str], list[str]]:
+    """`_list` for a big Maildir: a subdirectory unchanged since the kept
+    listing (maildirlisting) is not read again; the listing is kept anew
+    when one was."""
+    from . import maildirlisting as kept  # only for big Maildirs
+
+    try:
+        owner = os.stat(path)
+    except OSError as exc:
+        raise MaildropError(f"cannot list {path}: {exc}") from exc
+    listing = kept.load(path, owner)
+    read_again = False
+    for sub in _SUBDIRS:
+        directory = os.path.join(path, sub)
+        try:
+            now = kept.DirState.of(os.stat(directory))
+        except FileNotFoundError:
+            listing[sub] = (kept.NO_STATE, [])
+            continue
+        except OSError as exc:
+            raise MaildropError(f"cannot list {directory}: {exc}") from exc
+        known = listing.get(sub)
+        if known is None or known[0] != now:
+            names, state = kept.list_subdir(directory, _names_in)
+            listing[sub] = (state, names)
+            # Worth writing only if the next session may use it: a directory
+            # that changed just now (a delivery) is read again anyway.
+            read_again = read_again or state != kept.NO_STATE
+    if read_again:
+        kept.save(path, listing, owner)
+    return _merged(listing["cur"][1], listing["new"][1])
 
 
 # Where Dovecot and courier-pop3d left the UIDLs they served (uidimport.py).
@@ -260,7 +301,18 @@ class MaildirMaildrop:
         return total > QUICK_DIR_BYTES
 
     def _list(self) -> tuple[list[str], list[str]]:
+        if not self._quick and self._dir_bytes() >= CACHED_DIR_BYTES:
+            return _list_kept(self.path)
         return _list(self.path)
+
+    def _dir_bytes(self) -> int:
+        total = 0
+        for sub in _SUBDIRS:
+            try:
+                total += os.stat(os.path.join(self.path, sub)).st_size
+            except OSError:
+                pass
+        return total
 
     def _scan(self) -> None:
         names, subdirs = self._list()

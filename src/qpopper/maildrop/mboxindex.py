@@ -47,12 +47,12 @@ import mmap
 import os
 import re
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ..wiresize import SizeCounter, wire_size
-from ._base import is_valid_uid
+from ._base import UID_MAX_LEN, is_valid_uid
 
 # Longest line we accept as a From_ line (qpopper reads 1 kB lines; we are
 # more generous for long VERP senders, but a megabyte-long line is body).
@@ -67,6 +67,8 @@ COUNT_CHUNK = 4 * 1024 * 1024
 POPULATE_BYTES = 1024 * 1024 * 1024
 # qpopper accepts an X-UIDL value (with its line end) of 12..33 octets.
 XUIDL_MIN, XUIDL_MAX = 12, 33
+# Octets of the digest of one part of the fingerprint.
+PART_DIGEST = 16
 
 # A line starting "From " (group 1, after the newline before it) up to and
 # with its newline; a line longer than MAX_FROM_LINE ends the match without one.
@@ -246,6 +248,19 @@ class MboxIndex:
     uids: list[str] | None = None  # None until work_out_uids
     renamed: set[int] = field(default_factory=set)  # UIDs given a suffix to be unique
     fingerprint: bytes = b""
+    # The fingerprint's parts (see `fingerprint`): messages per part, and a digest per part.
+    fp_parts: tuple[int, ...] = ()
+    fp_digests: bytes = b""
+    # How far a Content-Length of a message may reach (the farthest offset it
+    # could name as the next boundary): of all but the last message, and of the last.
+    cl_reach_before_last: int = 0
+    cl_reach_last: int = 0
+    # UIDs before they were made unique, when known before `work_out_uids`
+    # (kept from an earlier session); and, once made unique, the plain UID of
+    # each renamed message.
+    raw_uids: list[str] | None = None
+    raw_renamed: dict[int, str] | None = None
+    raw_uid_text: bytes = b""  # raw_uids still to be split out (one per line)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -345,36 +360,71 @@ def fingerprint(read_at: Callable[[int, int], bytes], index: MboxIndex) -> bytes
     spool was changed other than by appending (an MUA rewrote it), the
     From_ lines no longer sit where the index says and UPDATE refuses to
     run rather than cut messages in the wrong places.
+
+    The From_ lines are digested in parts, runs of consecutive messages
+    (`index.fp_parts`), and the fingerprint is the digest of the length,
+    the parts' digests and both ends: an index extended by mail appended
+    since (`extend_index`) keeps the digests of the parts it kept, so it
+    need not read every From_ line again, and the result is the same.
     """
-    h = _fingerprint_start(index)
-    for i in range(len(index)):
-        a = index.from_starts[i]
-        h.update(read_at(a, index.starts[i] - a))
-    return _fingerprint_end(h, read_at, index)
+    digests = []
+    i = 0
+    for count in index.fp_parts:
+        h = _part_hash()
+        for k in range(i, i + count):
+            a = index.from_starts[k]
+            h.update(read_at(a, index.starts[k] - a))
+        digests.append(h.digest())
+        i += count
+    return _fingerprint_of_parts(index, b"".join(digests), read_at)
 
 
-def _fingerprint_of_buffer(buf: bytes | mmap.mmap, index: MboxIndex, from_lines: list[bytes] | None) -> bytes:
-    """`fingerprint` of the buffer just indexed, the From_ lines joined into
-    one update (the digest is the same as line by line): `from_lines` when
-    they are exactly the indexed messages' From_ lines, else sliced out."""
-    h = _fingerprint_start(index)
-    if from_lines is not None:
-        h.update(b"".join(from_lines))
-    else:
+def _part_hash() -> hashlib.blake2b:
+    return hashlib.blake2b(digest_size=PART_DIGEST)
+
+
+def split_parts(count: int) -> tuple[int, ...]:
+    """How an index of `count` messages splits its From_ lines into parts:
+    the last message alone, so that an extension, which indexes the last
+    message again with the new mail, keeps every other part."""
+    if count <= 1:
+        return (count,) if count else ()
+    return (count - 1, 1)
+
+
+def _fingerprint_of_buffer(buf: bytes | mmap.mmap, index: MboxIndex, from_lines: list[bytes] | None) -> None:
+    """Set the fingerprint of the buffer just indexed, the From_ lines of
+    each part joined into one update (the digest is the same as line by
+    line): `from_lines` when they are exactly the indexed messages' From_
+    lines, else sliced out."""
+    parts = split_parts(len(index))
+    if from_lines is None:
         with memoryview(buf) as view:  # slices of a view are not copied before the join
             # Each message is appended to every array at once: equal lengths by construction.
-            h.update(b"".join([view[a:s] for a, s in zip(index.from_starts, index.starts, strict=False)]))
-    return _fingerprint_end(h, lambda a, n: bytes(buf[a : a + n]), index)
+            lines: list[bytes | memoryview] = [view[a:s] for a, s in zip(index.from_starts, index.starts, strict=False)]
+            index.fp_digests = _digest_parts(lines, parts)
+    else:
+        # text before the first From_ line is a message with an empty From_ line
+        found = from_lines if len(from_lines) == len(index) else [b"", *from_lines]
+        index.fp_digests = _digest_parts(found, parts)
+    index.fp_parts = parts
+    index.fingerprint = _fingerprint_of_parts(index, index.fp_digests, lambda a, n: bytes(buf[a : a + n]))
 
 
-def _fingerprint_start(index: MboxIndex) -> hashlib.blake2b:
+def _digest_parts(lines: Sequence[bytes | memoryview], parts: tuple[int, ...]) -> bytes:
+    out = []
+    i = 0
+    for count in parts:
+        out.append(hashlib.blake2b(b"".join(lines[i : i + count]), digest_size=PART_DIGEST).digest())
+        i += count
+    return b"".join(out)
+
+
+def _fingerprint_of_parts(index: MboxIndex, digests: bytes, read_at: Callable[[int, int], bytes]) -> bytes:
+    """The fingerprint from the parts' digests: with the length, and both ends of the file."""
     h = hashlib.blake2b(digest_size=20)
     h.update(index.length.to_bytes(8, "little"))
-    return h
-
-
-def _fingerprint_end(h: hashlib.blake2b, read_at: Callable[[int, int], bytes], index: MboxIndex) -> bytes:
-    """The fingerprint once every From_ line went into `h`: both ends of the file."""
+    h.update(digests)
     h.update(read_at(0, min(4096, index.length)))
     tail = min(4096, index.length)
     h.update(read_at(index.length - tail, tail))
@@ -420,6 +470,7 @@ def index_buffer(
     add_end, add_seg_end, add_size = index.ends.append, index.seg_ends.append, index.sizes.append
     add_seen, add_crlf = index.seen.append, index.crlf.append
     skip_to = 0  # separators a Content-Length put inside a message body
+    reaches: dict[int, int] = {}  # message -> how far its Content-Length reaches
     jumped = False  # some were: not every From_ line found starts a message
     # One entry per From_ line in each list (`_separators` appends to all four together;
     # seg_ends and ends are shifted by one and completed above): equal by construction.
@@ -445,6 +496,7 @@ def index_buffer(
             if position_of is None:
                 position_of = {p: i for i, p in enumerate(positions)}
             target = index.body_starts[-1] + facts.content_length
+            reaches[len(index) - 1] = target + 2  # the farthest boundary it may name
             jump = _content_length_target(buf, length, target, position_of)
             if jump is not None and jump > k + 1:
                 skip_to = jump
@@ -453,7 +505,11 @@ def index_buffer(
                 _add(index, buf, from_start, start, positions[jump] if jump < count else length)
     # Text before the first From_ line adds a message with an empty From_
     # line, so without a jump the lines found are the messages' From_ lines.
-    index.fingerprint = _fingerprint_of_buffer(buf, index, None if jumped else from_lines)
+    _fingerprint_of_buffer(buf, index, None if jumped else from_lines)
+    if reaches:
+        last = len(index) - 1
+        index.cl_reach_last = reaches.pop(last, 0)
+        index.cl_reach_before_last = max(reaches.values(), default=0)
     if with_uids:
         work_out_uids(index, lambda a, n: bytes(buf[a : a + n]))
     return index
@@ -468,27 +524,75 @@ def work_out_uids(index: MboxIndex, read_at: Callable[[int, int], bytes]) -> lis
     session reads it, so the From_ lines read here are checked against the
     index's fingerprint: a spool rewritten since (an MUA ignoring the
     session) raises ValueError rather than yield UIDs of other messages.
+    UIDs known before (`raw_uids`, kept from the session that read those
+    messages) are not read again.
     """
     if index.uids is not None:
         return index.uids
-    uids: list[str] = []
-    check = _fingerprint_start(index)
-    starts, from_starts, body_starts, xuidls = index.starts, index.from_starts, index.body_starts, index.xuidls
-    for i in range(len(starts)):
-        a, s = from_starts[i], starts[i]
-        uid = xuidls.get(i)
-        if uid is None:
-            head = read_at(a, min(body_starts[i], s + MAX_HEADER_PARSE) - a)
-            uid = computed_uid(head[: s - a], header_facts(head[s - a :]).hashed_lines)
-            check.update(head[: s - a])
-        else:
-            check.update(read_at(a, s - a))
-        uids.append(uid)
-    if uids and _fingerprint_end(check, read_at, index) != index.fingerprint:
-        raise ValueError("the spool changed since it was indexed")
-    index.renamed = _make_unique(uids)
+    if index.raw_uid_text:
+        raw, index.raw_uid_text = index.raw_uid_text.decode("ascii").split("\n"), b""
+        index.raw_uids = raw if _sampled_uids_agree(index, raw, read_at) else None
+    if index.raw_uids is not None and len(index.raw_uids) == len(index):
+        uids = list(index.raw_uids)
+    else:
+        uids = _uids_read_from(index, read_at)
+    index.renamed, index.raw_renamed = _make_unique(uids)
     index.uids = uids
     return uids
+
+
+# UIDs kept from an earlier session are checked by working these many out again.
+UID_SAMPLES = 32
+
+
+def _sampled_uids_agree(index: MboxIndex, raw: list[str], read_at: Callable[[int, int], bytes]) -> bool:
+    """Whether UIDs kept from an earlier session (`raw`) hold for some
+    messages picked at random, and the first and last; if not, every UID
+    is worked out from the file."""
+    n = len(index)
+    if len(raw) != n or min(map(len, raw)) < 1 or max(map(len, raw)) > UID_MAX_LEN:
+        return False
+    import random  # only sessions that kept UIDs need it
+
+    picks = {0, n - 1, *random.SystemRandom().sample(range(n), min(UID_SAMPLES, n))}
+    try:
+        return all(raw_uid(index, i, read_at) == raw[i] for i in picks)
+    except (OSError, EOFError):
+        return False
+
+
+def _uids_read_from(index: MboxIndex, read_at: Callable[[int, int], bytes]) -> list[str]:
+    uids: list[str] = []
+    digests = []
+    starts, from_starts, body_starts, xuidls = index.starts, index.from_starts, index.body_starts, index.xuidls
+    first = 0
+    for count in index.fp_parts:
+        check = _part_hash()
+        for i in range(first, first + count):
+            a, s = from_starts[i], starts[i]
+            uid = xuidls.get(i)
+            if uid is None:
+                head = read_at(a, min(body_starts[i], s + MAX_HEADER_PARSE) - a)
+                uid = computed_uid(head[: s - a], header_facts(head[s - a :]).hashed_lines)
+                check.update(head[: s - a])
+            else:
+                check.update(read_at(a, s - a))
+            uids.append(uid)
+        first += count
+        digests.append(check.digest())
+    if uids and _fingerprint_of_parts(index, b"".join(digests), read_at) != index.fingerprint:
+        raise ValueError("the spool changed since it was indexed")
+    return uids
+
+
+def raw_uid(index: MboxIndex, i: int, read_at: Callable[[int, int], bytes]) -> str:
+    """Message `i`'s UID before it is made unique."""
+    uid = index.xuidls.get(i)
+    if uid is not None:
+        return uid
+    a, s = index.from_starts[i], index.starts[i]
+    head = read_at(a, min(index.body_starts[i], s + MAX_HEADER_PARSE) - a)
+    return computed_uid(head[: s - a], header_facts(head[s - a :]).hashed_lines)
 
 
 def _content_length_target(
@@ -550,19 +654,21 @@ def _drop_last(index: MboxIndex) -> None:
     index.xuidls.pop(len(index.starts), None)
 
 
-def _make_unique(uids: list[str]) -> set[int]:
+def _make_unique(uids: list[str]) -> tuple[set[int], dict[int, str] | None]:
     """Give repeated UIDs a counter suffix, in file order.
 
     Copies of one message (same From_ line and headers, or one X-UIDL
     copied along) would otherwise share a UID, which RFC 1939 forbids.
     The first keeps the plain UID, so deleting a later copy changes no
-    other UID.
+    other UID. Returns the renamed messages and their plain UIDs (None:
+    none was renamed).
     """
     seen: set[str] = set(uids)
     renamed: set[int] = set()
     if len(seen) == len(uids):
-        return renamed
+        return renamed, None
     used: set[str] = set()
+    plain: dict[int, str] = {}
     for i, uid in enumerate(uids):
         if uid not in used:
             used.add(uid)
@@ -576,7 +682,77 @@ def _make_unique(uids: list[str]) -> set[int]:
         uids[i] = candidate
         used.add(candidate)
         renamed.add(i)
-    return renamed
+        plain[i] = uid
+    return renamed, plain
+
+
+# An extension that would make the fingerprint of more parts than this
+# indexes the spool whole instead (and so starts again from two parts).
+MAX_PARTS = 512
+
+
+def extend_index(
+    index: MboxIndex,
+    region: bytes,
+    length: int,
+    read_at: Callable[[int, int], bytes],
+    *,
+    use_content_length: bool = True,
+) -> bool:
+    """Extend `index`, in place, to a file that grew to `length` octets.
+
+    The caller has made sure that the first `index.length` octets are still
+    those `index` describes. `region` holds the file's octets from the last
+    indexed message's From_ line to `length`: that message is indexed
+    again with what follows it (mail appended after it may have extended
+    it, or start after the empty line that ends it), so the result is the
+    index a full scan of the file gives. Returns False, with `index`
+    unchanged, where that cannot be promised: the last message has no
+    From_ line, or a Content-Length of an earlier message could name a
+    boundary in the new part; the caller then indexes the file whole.
+    """
+    n = len(index)
+    if n == 0 or (index.fp_parts[-1:] != (1,)) or len(index.fp_parts) >= MAX_PARTS:
+        return False
+    at = index.from_starts[n - 1]
+    if at == index.starts[n - 1] or at + len(region) != length or length < index.length:
+        return False  # text before the first From_ line: only a full scan knows it
+    if use_content_length and index.cl_reach_before_last > at:
+        return False
+    new = index_buffer(region, len(region), use_content_length=use_content_length, with_uids=False)
+    if len(new) == 0 or new.from_starts[0] != 0:
+        return False
+    if index.raw_uid_text:
+        index.raw_uids, index.raw_uid_text = index.raw_uid_text.decode("ascii").split("\n"), b""
+    raw_uids = index.raw_uids
+    if raw_uids is not None:
+        del raw_uids[n - 1 :]
+        raw_uids.extend(raw_uid(new, k, lambda a, m: region[a : a + m]) for k in range(len(new)))
+    keep = n - 1
+    for name in ("from_starts", "starts", "body_starts", "ends", "seg_ends", "sizes"):
+        old_arr: array[int] = getattr(index, name)
+        del old_arr[keep:]
+        added: array[int] = getattr(new, name)
+        old_arr.extend(added if name == "sizes" else array("q", [x + at for x in added]))
+    del index.seen[keep:]
+    index.seen += new.seen
+    del index.crlf[keep:]
+    index.crlf += new.crlf
+    index.xuidls.pop(keep, None)
+    index.xuidls.update({keep + k: uid for k, uid in new.xuidls.items()})
+    index.fp_parts = index.fp_parts[:-1] + new.fp_parts
+    index.fp_digests = index.fp_digests[: -PART_DIGEST] + new.fp_digests
+    index.length = length
+    if new.cl_reach_before_last:
+        index.cl_reach_before_last = max(index.cl_reach_before_last, new.cl_reach_before_last + at)
+    index.cl_reach_last = new.cl_reach_last + at if new.cl_reach_last else 0
+    index.uids, index.renamed, index.raw_renamed = None, set(), None
+
+    def read_new(a: int, m: int) -> bytes:
+        return region[a - at : a - at + m] if a >= at else read_at(a, m)
+
+    index.fingerprint = _fingerprint_of_parts(index, index.fp_digests, read_new)
+    return True
 
 
 def index_file(

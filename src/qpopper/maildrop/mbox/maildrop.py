@@ -60,6 +60,7 @@ import re
 from array import array
 from collections.abc import Iterator, Set
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from ...errors import MaildropError, ResponseCode, WouldBlock
 from .._base import MaildropSettings, MessageList
@@ -70,6 +71,9 @@ from .recovery import recover, recovery_pending
 from .spool import Spool, open_in_place, update_in_place
 from .tempdrop import gather, open_temp_drop, put_back
 from .update import pread
+
+if TYPE_CHECKING:
+    from .indexcache import KeptIndex
 
 log = logging.getLogger("qpopper.maildrop.mbox")
 
@@ -99,6 +103,7 @@ class MboxMaildrop:
 
     # Slots: hundreds of idle sessions each hold one of these.
     __slots__ = (
+        "_cache",
         "_committed",
         "_fd",
         "_hidden",
@@ -140,6 +145,7 @@ class MboxMaildrop:
         self._session: SessionLock | None = None
         self._fd: int | None = None  # the file served: spool or temp drop
         self._ident: tuple[int, int] | None = None
+        self._cache: KeptIndex | None = None  # a big spool's index kept between sessions
         self._index = MboxIndex()
         self._infos = MessageList((), ())
         self._hidden = 0  # 1 when UW-IMAP's internal message is hidden
@@ -158,12 +164,12 @@ class MboxMaildrop:
             elif recovery_pending(spool):
                 raise WouldBlock(f"{self.path}: an earlier session left work to finish")
             if s.server_mode:
-                served = open_in_place(spool, quick)
+                kept = open_in_place(spool, quick)
+                if kept is not None:
+                    self._fd, self._index, self._ident, self._cache = kept
             else:
                 gather(spool)
-                served = open_temp_drop(spool)
-            if served is not None:
-                self._fd, self._index, self._ident = served
+                self._fd, self._index, self._ident = open_temp_drop(spool)
             self._prepare_listing()
         except BaseException:
             session.release()
@@ -237,6 +243,8 @@ class MboxMaildrop:
     def writes_nothing(self, deleted: Set[int], retrieved: Set[int]) -> bool:
         if self._fd is None:
             return True
+        if self._cache is not None and self._cache.needs_saving(self._index):
+            return False  # close writes the kept index (in a worker thread)
         if not self.settings.server_mode or self._committed:
             return False  # close puts the temp drop back; a second commit fails
         if any(0 <= i < len(self._infos) for i in deleted):
@@ -262,7 +270,10 @@ class MboxMaildrop:
             if not drop and not status:
                 return  # nothing changed: nothing is written
             assert self._ident is not None
-            update_in_place(self._spool, self._fd, self._index, self._ident, drop, self._xuidl, status)
+            update_in_place(self._spool, self._fd, self._index, self._ident, drop, self._xuidl, status, self._cache)
+            if self._cache is not None:
+                cache, self._cache = self._cache, None
+                cache.forget()  # it describes the spool just replaced
         else:
             put_back(self._spool, self._fd, self._index, drop, self._xuidl, status)
             self._returned = True
@@ -285,6 +296,8 @@ class MboxMaildrop:
                     self._returned = True
                 except MaildropError as exc:
                     log.error("cannot put back %s: %s; it is kept for the next login", self.temp_drop, exc)
+            if self._cache is not None and self._fd is not None and self._cache.needs_saving(self._index):
+                self._cache.save(self._index)
         finally:
             self._close_fd()
             if self._session is not None:

@@ -16,6 +16,7 @@ SESSION_LOCK_SUFFIX = ".qpopper-pop3.lock"
 NEW_SPOOL_SUFFIX = ".qpopper-new"
 PUTBACK_SUFFIX = ".qpopper-putback"
 GATHER_SUFFIX = ".qpopper-gather"
+INDEX_SUFFIX = ".qpopper-index"
 
 
 def session_lock_path(spool: str) -> str:
@@ -33,6 +34,13 @@ def new_spool_path(spool: str) -> str:
     """
     directory, name = os.path.split(spool)
     return os.path.join(directory, f".{name}{NEW_SPOOL_SUFFIX}")
+
+
+def index_cache_path(spool: str) -> str:
+    """Where the index of a big spool is kept between sessions (mbox/indexcache.py);
+    its replacement is written beside it, with ".new" appended, and renamed over it."""
+    directory, name = os.path.split(spool)
+    return os.path.join(directory, f".{name}{INDEX_SUFFIX}")
 
 
 def putback_flag_path(spool: str) -> str:

@@ -24,6 +24,7 @@ import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from ...errors import MaildropError, ResponseCode, WouldBlock
 from .._base import MaildropSettings
@@ -31,6 +32,9 @@ from ..dotlock import SpoolLock
 from ..fsutil import check_space, fsync_dir, unlink_quietly
 from ..mboxindex import MboxIndex, fingerprint, index_file, read_exact
 from .paths import temp_drop_path
+
+if TYPE_CHECKING:
+    from .indexcache import KeptIndex
 from .update import (
     FREE_SPACE_MARGIN,
     append_new_mail,
@@ -42,6 +46,9 @@ from .update import (
 # A quick open (on the event loop) indexes spools up to this size: about a
 # millisecond of work.
 QUICK_SPOOL_BYTES = 512 * 1024
+# Server mode keeps the index of spools from this size between sessions
+# (indexcache); a smaller one is indexed whole in a millisecond or two.
+CACHED_SPOOL_BYTES = 1 << 20
 
 
 class Spool:
@@ -117,10 +124,13 @@ class Spool:
             return False
 
 
-def open_in_place(spool: Spool, quick: bool = False) -> tuple[int, MboxIndex, tuple[int, int]] | None:
+def open_in_place(
+    spool: Spool, quick: bool = False
+) -> tuple[int, MboxIndex, tuple[int, int], KeptIndex | None] | None:
     """Server mode's login: the spool's descriptor (open for the session),
-    its index made under the locks, and its (device, inode); None if it
-    does not exist (no mail ever delivered)."""
+    its index made under the locks, its (device, inode) and, for a big
+    spool, the link to its kept index; None if it does not exist (no mail
+    ever delivered)."""
     for _ in range(5):
         fd = spool.open()
         if fd is None:
@@ -134,26 +144,48 @@ def open_in_place(spool: Spool, quick: bool = False) -> tuple[int, MboxIndex, tu
                     os.close(fd)  # replaced between open and lock: start over
                     continue
                 try:
-                    index = index_file(
-                        fd, st.st_size, use_content_length=spool.settings.use_content_length, tick=lock.refresh
-                    )
+                    index, kept, changed = _index_spool(spool, fd, st, lock)
                 except (OSError, ValueError) as exc:
                     raise MaildropError(f"cannot index {spool.path}: {exc}") from exc
+            if kept is not None:
+                kept.pending = changed  # written at the end of the session
         except BaseException:
             os.close(fd)
             raise
-        return fd, index, (st.st_dev, st.st_ino)
+        return fd, index, (st.st_dev, st.st_ino), kept
     raise MaildropError(f"spool {spool.path} kept being replaced while opening it")
+
+
+def _index_spool(
+    spool: Spool, fd: int, st: os.stat_result, lock: SpoolLock
+) -> tuple[MboxIndex, KeptIndex | None, bool]:
+    """The spool's index, from the kept one where it is big and that one
+    passes its checks; and whether the kept one must be written anew."""
+    use_content_length = spool.settings.use_content_length
+    if st.st_size < CACHED_SPOOL_BYTES:
+        return index_file(fd, st.st_size, use_content_length=use_content_length, tick=lock.refresh), None, False
+    from .indexcache import KeptIndex  # only for big spools
+
+    kept = KeptIndex(spool.path, st, use_content_length)
+    loaded = kept.load(fd)
+    if loaded is None:
+        loaded = index_file(fd, st.st_size, use_content_length=use_content_length, tick=lock.refresh), True
+    kept.indexed()
+    return loaded[0], kept, loaded[1]
 
 
 def update_in_place(
     spool: Spool, fd: int, index: MboxIndex, ident: tuple[int, int],
-    drop: set[int], xuidl: dict[int, bytes], status: set[int],
+    drop: set[int], xuidl: dict[int, bytes], status: set[int], kept: KeptIndex | None = None,
 ) -> None:
     """Server mode's UPDATE of the spool `open_in_place` gave: the kept
-    messages plus the new mail, renamed over the spool."""
+    messages plus the new mail, renamed over the spool. An index that came
+    from the kept one (`kept`) is confirmed by a full index first."""
     with spool.lock(fd) as lock:
         current = _verify_unchanged(spool, fd, index, ident)
+        if kept is not None and not kept.confirm(index, fd):
+            kept.forget()
+            raise MaildropError(f"{spool.path}: its kept index disagrees with the spool; not updating")
         pieces, end_bytes = plan_kept(fd, index, drop, xuidl, status)
         append_new_mail(pieces, end_bytes, fd, index.length, current)
         check_space(spool.dir, total_size(pieces), FREE_SPACE_MARGIN)
