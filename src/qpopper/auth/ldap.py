@@ -333,6 +333,9 @@ class _Connection(AIOLDAPConnection):
     bonsai's own code; `opened` switches to ours.
     """
 
+    READS_PER_WAKE = 3
+    RECHECK = 0.05  # seconds
+
     def __init__(self, client: bonsai.LDAPClient, loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(client, loop)  # type: ignore[no-untyped-call]  # bonsai's asyncio module is untyped
         self.opened = False
@@ -350,27 +353,40 @@ class _Connection(AIOLDAPConnection):
         self._waiting = (msg_id, future)
         fd = self.fileno()
         self._loop.add_reader(fd, self._readable)
+        # TLS may hold a message already read off the socket, which then never
+        # turns readable for it: looked at again after a while, just in case.
+        check = self._loop.call_later(self.RECHECK, self._recheck)
         try:
             self._readable()  # the answer may be in already
             return await future
         finally:
             self._waiting = None
+            check.cancel()
             if not self.closed:
                 self._loop.remove_reader(fd)
+
+    def _recheck(self) -> None:
+        if self._waiting is not None and not self._waiting[1].done():
+            self._readable()
+            self._loop.call_later(self.RECHECK, self._recheck)
 
     def _readable(self) -> None:
         if self._waiting is None:
             return
         msg_id, future = self._waiting
-        if future.done():
-            return
-        try:
-            result = BaseLDAPConnection.get_result(self, msg_id)  # libldap's, without waiting
-        except bonsai.LDAPError as exc:
-            future.set_exception(exc)
-            return
-        if result is not None:
-            future.set_result(result)
+        # libldap takes one message off the connection per call: an entry
+        # and the result that ends the search, two calls for the usual answer.
+        for _ in range(self.READS_PER_WAKE):
+            if future.done():
+                return
+            try:
+                result = BaseLDAPConnection.get_result(self, msg_id)  # libldap's, without waiting
+            except bonsai.LDAPError as exc:
+                future.set_exception(exc)
+                return
+            if result is not None:
+                future.set_result(result)
+                return
 
     def close(self) -> None:
         """Fail the request in flight, then close the socket."""
