@@ -28,7 +28,7 @@ class Clock:
 
 def test_entries_expire_after_their_ttl() -> None:
     clock = Clock()
-    cache = AuthCache(1 << 20, ttl=60, negative_ttl=10, clock=clock)
+    cache = AuthCache[UserRecord](1 << 20, ttl=60, negative_ttl=10, clock=clock)
     alice = UserRecord("alice", "{PLAIN}pw")
     cache.put("alice", None, alice)
     cache.put("ghost", None, None)
@@ -48,7 +48,7 @@ def test_entries_expire_after_their_ttl() -> None:
 
 def test_the_size_bound_drops_the_least_recently_used() -> None:
     one = UserRecord("u0", "{PLAIN}" + "x" * 100)
-    cache = AuthCache(size=3 * record_size(one), ttl=60, negative_ttl=60)
+    cache = AuthCache[UserRecord](size=3 * record_size(one), ttl=60, negative_ttl=60)
     for i in range(3):
         cache.put(f"u{i}", None, UserRecord(f"u{i}", "{PLAIN}" + "x" * 100))
     assert cache.get("u0", None)[0]  # u0 is now the most recently used
@@ -58,27 +58,27 @@ def test_the_size_bound_drops_the_least_recently_used() -> None:
 
 
 def test_zero_ttls_and_size_keep_nothing() -> None:
-    cache = AuthCache(1 << 20, ttl=60, negative_ttl=0)
+    cache = AuthCache[UserRecord](1 << 20, ttl=60, negative_ttl=0)
     cache.put("ghost", None, None)
     assert cache.entries == 0
-    off = AuthCache(0, ttl=60, negative_ttl=60)
+    off = AuthCache[UserRecord](0, ttl=60, negative_ttl=60)
     off.put("alice", None, UserRecord("alice"))
     assert off.entries == 0
 
 
 def test_keyed_by_client_only_when_the_queries_use_it() -> None:
     record = UserRecord("alice", "{PLAIN}pw")
-    by_client = AuthCache(1 << 20, 60, 60, keyed_by_client=True)
+    by_client = AuthCache[UserRecord](1 << 20, 60, 60, keyed_by_client=True)
     by_client.put("alice", "192.0.2.1", record)
     assert by_client.get("alice", "192.0.2.2") == (False, None)
     assert by_client.get("alice", "192.0.2.1") == (True, record)
-    per_user = AuthCache(1 << 20, 60, 60, keyed_by_client=False)
+    per_user = AuthCache[UserRecord](1 << 20, 60, 60, keyed_by_client=False)
     per_user.put("alice", "192.0.2.1", record)
     assert per_user.get("alice", "192.0.2.2") == (True, record)
 
 
 def test_stats_line_names_hit_rate_and_entries(caplog: pytest.LogCaptureFixture) -> None:
-    cache = AuthCache(1 << 20, 60, 60)
+    cache = AuthCache[UserRecord](1 << 20, 60, 60)
     cache.put("alice", None, UserRecord("alice", "{PLAIN}hunter2"))
     cache.get("alice", None)
     cache.get("bob", None)

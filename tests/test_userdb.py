@@ -105,6 +105,9 @@ def test_logins_through_the_seam(database: DictDatabase, mailroot: Path) -> None
         assert "[AUTH]" in refused(server, "erin", "x")  # 127.0.0.1 is not in allow_nets
         login(server, "dave", "anything").quit()  # nopassword
         assert ("alice", "127.0.0.1") in database.lookups  # the client address reaches the database
+        # An unknown user's dummy check now costs what bob's ARGON2ID check costs.
+        assert auth.hashes.last_real is not None and auth.hashes.last_real[0] == "ARGON2ID"
+        assert auth.counters() == {"auth_db_lookups": len(database.lookups), "auth_db_failures": 0}
     assert database.closed
 
 
@@ -114,6 +117,7 @@ def test_a_database_that_is_down_is_sys_temp(database: DictDatabase, mailroot: P
         database.down = True
         reply = refused(server, "alice", "secret")
         assert "[SYS/TEMP]" in reply and "[AUTH]" not in reply
+        assert auth.counters()["auth_db_failures"] == 1
         database.down = False
         login(server, "alice", "secret").quit()
 
@@ -142,7 +146,7 @@ def test_blocking_entry_point_runs_on_the_servers_loop(database: DictDatabase, m
 
 
 def test_cache_refuses_a_wrong_password_on_a_hit(database: DictDatabase, mailroot: Path) -> None:
-    cache = AuthCache(size=1 << 20, ttl=3600, negative_ttl=3600)
+    cache = AuthCache[UserRecord](size=1 << 20, ttl=3600, negative_ttl=3600)
     auth = DatabaseAuthenticator(database, mail_location=f"maildir:{mailroot}/%u/Maildir", cache=cache)
     with Controller(authenticator=auth) as server:
         login(server, "alice", "secret").quit()
@@ -160,3 +164,4 @@ def test_cache_refuses_a_wrong_password_on_a_hit(database: DictDatabase, mailroo
         assert "[AUTH]" in refused(server, "ghost", "pw")
         assert len(database.lookups) == looked_up
     assert cache.hits >= 3 and cache.negative_hits == 1 and cache.entries == 2
+    assert auth.counters()["auth_cache_entries"] == 2

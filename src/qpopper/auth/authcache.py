@@ -16,18 +16,34 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .userdb import UserRecord
+from collections.abc import Callable, Mapping
+from typing import Generic, Protocol, TypeVar
 
 log = logging.getLogger("qpopper.auth")
 
 _Key = tuple[str, str | None]
 
 
-def record_size(record: UserRecord | None) -> int:
+class CachedRecord(Protocol):
+    """What the cache reads of a record (userdb.UserRecord has it): the
+    fields that count against its size."""
+
+    @property
+    def user(self) -> str: ...
+    @property
+    def password(self) -> str | None: ...
+    @property
+    def home(self) -> str | None: ...
+    @property
+    def mail(self) -> str | None: ...
+    @property
+    def extra(self) -> Mapping[str, str]: ...
+
+
+R = TypeVar("R", bound=CachedRecord)
+
+
+def record_size(record: CachedRecord | None) -> int:
     """Bytes an entry takes, roughly: what counts against the size bound."""
     if record is None:
         return 64
@@ -35,7 +51,7 @@ def record_size(record: UserRecord | None) -> int:
     return size + sum(len(k) + len(v) + 16 for k, v in record.extra.items())
 
 
-class AuthCache:
+class AuthCache(Generic[R]):
     """Records by (user, client): the client only when the queries use it.
 
     `size` bounds the entries' bytes (auth-cache-size); `ttl` and
@@ -57,7 +73,7 @@ class AuthCache:
         self.keyed_by_client = keyed_by_client
         self._clock = clock
         # key -> (expires, record, size), oldest use first
-        self._entries: collections.OrderedDict[_Key, tuple[float, UserRecord | None, int]] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[_Key, tuple[float, R | None, int]] = collections.OrderedDict()
         self.bytes = 0
         self.hits = 0
         self.negative_hits = 0
@@ -70,7 +86,7 @@ class AuthCache:
     def _key(self, user: str, client: str | None) -> _Key:
         return (user, client if self.keyed_by_client else None)
 
-    def get(self, user: str, client: str | None) -> tuple[bool, UserRecord | None]:
+    def get(self, user: str, client: str | None) -> tuple[bool, R | None]:
         """(True, record) on a hit, the record None for a negative entry;
         (False, None) on a miss or an expired entry."""
         key = self._key(user, client)
@@ -86,7 +102,7 @@ class AuthCache:
             self.negative_hits += 1
         return True, entry[1]
 
-    def put(self, user: str, client: str | None, record: UserRecord | None) -> None:
+    def put(self, user: str, client: str | None, record: R | None) -> None:
         ttl = self.ttl if record is not None else self.negative_ttl
         if ttl <= 0 or self.size <= 0:
             return

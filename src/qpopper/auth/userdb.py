@@ -26,6 +26,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -121,16 +122,34 @@ def default_hash_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+# How much lower than the event loop a hash thread runs (nice levels).
+HASH_NICENESS = 10
+
+
+def _yield_to_the_loop() -> None:
+    """Lower this hash thread's CPU priority (Linux schedules threads one
+    by one), so that a login burst takes the CPU the running sessions do
+    not want, not the CPU they need. Where that cannot be done the thread
+    runs as it is."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICENESS)
+    except (AttributeError, OSError):
+        pass
+
+
 class HashPool:
     """Slow password hashes, checked in a few threads of their own.
 
     The pool is bounded so a burst of ARGON2ID logins queues here instead
-    of taking every core from the sessions already running; the hash
-    libraries (argon2-cffi, bcrypt, crypt) release the GIL while they work.
+    of taking every core from the sessions already running, and its
+    threads run at a lower priority than the event loop. argon2-cffi and
+    bcrypt release the GIL while they work; libpass's SHA512-CRYPT and
+    SHA256-CRYPT are Python loops over hashlib and hold it in turns.
     """
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers or default_hash_workers()
+        self.last_real: tuple[str, str] | None = None  # see verify_dummy
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None  # made at the first slow hash
 
     async def verify(self, scheme: str, hashed: str, password: bytes) -> bool:
@@ -140,15 +159,33 @@ class HashPool:
         if scheme.partition(".")[0] in _CHEAP_SCHEMES:
             return verify_password(scheme, hashed, password)
         if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="qpopper-hash")
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self.workers, thread_name_prefix="qpopper-hash", initializer=_yield_to_the_loop
+            )
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, verify_password, scheme, hashed, password)
 
     async def verify_dummy(self, password: bytes) -> None:
-        """What an unknown user costs: a check of the default strength."""
-        from .passwdfile import _dummy_hash
+        """What an unknown user costs: a check against the last stored hash
+        checked for a real user (so its scheme and cost are the
+        database's), or one of the default strength before there is one.
+        The answer is thrown away."""
+        if self.last_real is not None:
+            scheme, hashed = self.last_real
+        else:
+            from .passwdfile import _dummy_hash
 
-        await self.verify("SHA512-CRYPT", _dummy_hash(), password)
+            scheme, hashed = "SHA512-CRYPT", _dummy_hash()
+        try:
+            await self.verify(scheme, hashed, password)
+        except ValueError:
+            pass
+
+    def remember(self, scheme: str, hashed: str) -> None:
+        """A real user's stored hash was just checked: the next dummy check
+        costs the same."""
+        if scheme.partition(".")[0] not in _CHEAP_SCHEMES:
+            self.last_real = (scheme, hashed)
 
     def close(self) -> None:
         if self._executor is not None:
@@ -215,7 +252,7 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
         database: UserDatabase,
         mail_location: str = DEFAULT_LOCATION,
         default_scheme: str = "CRYPT",
-        cache: AuthCache | None = None,
+        cache: AuthCache[UserRecord] | None = None,
         hash_pool: HashPool | None = None,
         timeout: float = 30.0,
         reopen: Callable[[], tuple[UserDatabase, str]] | None = None,
@@ -231,10 +268,20 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
         self._reopen = reopen
         self._loop: asyncio.AbstractEventLoop | None = None
         self._retired: set[asyncio.Task[None]] = set()  # old databases closing after a reload
+        self.lookups = 0  # questions sent to the database
+        self.failures = 0  # of which it could not answer (AuthUnavailable)
         self._next_stats = 0.0
 
     def describe(self) -> str:
         return self.database.describe()
+
+    def counters(self) -> dict[str, int]:
+        """What a metrics exporter reads, by metric name: the database's
+        lookups and failures, and the cache's figures when there is one."""
+        figures = {"auth_db_lookups": self.lookups, "auth_db_failures": self.failures}
+        if self.cache is not None:
+            figures.update(self.cache.counters())
+        return figures
 
     # ---- on the event loop
 
@@ -262,10 +309,18 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
             found, record = self._cached(cache, user, client)
             if found:
                 return record
-        record = await self.database.lookup(user, client)
+        record = await self._ask(user, client)
         if cache is not None:
             cache.put(user, client, record)
         return record
+
+    async def _ask(self, user: str, client: str | None) -> UserRecord | None:
+        self.lookups += 1
+        try:
+            return await self.database.lookup(user, client)
+        except AuthUnavailable:
+            self.failures += 1
+            raise
 
     async def _check_password(self, user: str, password: bytes, client: str | None) -> UserRecord | None:
         cache = self.cache
@@ -283,7 +338,7 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
                 return await self._fresh_check(user, password, client, refused=record.password)
         return await self._fresh_check(user, password, client)
 
-    def _cached(self, cache: AuthCache, user: str, client: str | None) -> tuple[bool, UserRecord | None]:
+    def _cached(self, cache: AuthCache[UserRecord], user: str, client: str | None) -> tuple[bool, UserRecord | None]:
         """The cache's answer; its figures go to the log every few minutes
         while it is used."""
         now = time.monotonic()
@@ -301,14 +356,19 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
         database = self.database
         cache = self.cache
         if isinstance(database, BindingUserDatabase):
-            record = await database.bind(user, password.decode("utf-8", "replace"), client)
+            self.lookups += 1
+            try:
+                record = await database.bind(user, password.decode("utf-8", "replace"), client)
+            except AuthUnavailable:
+                self.failures += 1
+                raise
             if record is None:
                 await self.hashes.verify_dummy(password)  # a bind's refusal costs what a hash check costs
                 return None
             if cache is not None:
                 cache.put(user, client, _with_password(record, bind_cache_hash(password)))
             return record
-        record = await database.lookup(user, client)
+        record = await self._ask(user, client)
         if cache is not None:
             cache.put(user, client, record)
         if record is None:
@@ -324,6 +384,7 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
         if record.password is None:
             return False
         scheme, hashed = split_password(record.password, self.default_scheme)
+        self.hashes.remember(scheme, hashed)
         try:
             return await self.hashes.verify(scheme, hashed, password)
         except ValueError as exc:
@@ -500,7 +561,7 @@ def database_authenticator(
     cache = None
     if cache_size > 0:
         by_client = bool(getattr(database, "uses_client", True))
-        cache = AuthCache(cache_size, cache_ttl, cache_negative_ttl, keyed_by_client=by_client)
+        cache = AuthCache[UserRecord](cache_size, cache_ttl, cache_negative_ttl, keyed_by_client=by_client)
     return DatabaseAuthenticator(
         database, mail_location, scheme, cache=cache, hash_pool=HashPool(hash_workers or None), reopen=reopen,
     )
