@@ -121,8 +121,8 @@ def expand(
             value = (entry or {}).get("$", "")
         elif name in values:
             value = values[name]
-        else:
-            raise KeyError(match.group(0))
+        else:  # not ours to fill (refused at start-up where it matters)
+            return match.group(0)
         value = value.lower() if case == "L" else value.upper() if case == "U" else value
         return escape(value)
 
@@ -660,9 +660,10 @@ def record_from_entry(
             continue
         own = {**values, "$": values.get(item.attribute.lower(), "") if item.attribute else ""}
         if item.field == "mail":
-            # The location is expanded again by the maildrop layer (%u %h ...): a
-            # directory value goes in with its % doubled, the rest as written.
-            fields["mail"] = expand(item.template, {}, lambda v: v.replace("%", "%%"), own, keep=frozenset("undh%"))
+            # The location is expanded again by the maildrop layer, which fills %h:
+            # every value put in here has its % doubled, and %h and %% stay.
+            doubled = expand(item.template, user_values, lambda v: v.replace("%", "%%"), own, keep=frozenset("h%"))
+            fields["mail"] = doubled
         else:
             fields[item.field] = expand(item.template, user_values, str, own)
     name = fields.pop("user", None) or user
