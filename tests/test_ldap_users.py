@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import poplib
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -426,9 +428,25 @@ def test_the_daemon_serves_ldap_users_with_the_cache(slapd: Slapd, tmp_path: Pat
             client.quit()
         with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
             daemon.login("bob", "wrong")
+        # SIGHUP re-reads the file: its new filter also wants uidNumber=9, which bob has not.
+        args.write_text(args.read_text().replace("timeout = 3", "timeout = 3\npass_filter = (&(uid=%u)(uidNumber=9))"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "user database reloaded" not in daemon.log.read_text():
+            assert time.monotonic() < deadline, daemon.log.read_text()
+            time.sleep(0.05)
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            daemon.login("bob", BOB_PW)
     finally:
         log = daemon.stop()
     assert READER_PW not in log and BOB_PW not in log
+
+
+def test_a_plain_session_loads_no_ldap_code() -> None:
+    code = ("import sys, qpopper.server, qpopper.daemon.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith(('bonsai', 'qpopper.auth.ldap'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_check_config_refuses_a_bad_ldap_file_in_one_line(tmp_path: Path) -> None:

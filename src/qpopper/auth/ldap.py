@@ -421,6 +421,7 @@ class LdapDirectory:
         self._retry_at = 0.0
         self._backoff = 0.0
         self._down = False
+        self._closed = False
 
     def client(self, uri: str, dn: str | None, password: str | None) -> bonsai.LDAPClient:
         s = self.settings
@@ -530,7 +531,7 @@ class LdapDirectory:
         return conn
 
     def _release(self, conn: _Connection, healthy: bool) -> None:
-        if healthy and not conn.closed:
+        if healthy and not conn.closed and not self._closed:
             self._idle.append(conn)
         else:
             conn.close()
@@ -588,10 +589,13 @@ class LdapDirectory:
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
+        """Close the idle connections; those lent out close when they come back
+        (a SIGHUP replaces the database while logins are in flight)."""
+        self._closed = True
         for conn in self._idle:
             conn.close()
+        self._count -= len(self._idle)
         self._idle.clear()
-        self._count = 0
 
     def describe(self) -> str:
         return self.settings.describe()
