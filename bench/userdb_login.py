@@ -238,7 +238,13 @@ class Dovecot:
         if result.returncode != 0:
             raise RuntimeError(f"dovecot failed: {start_log.read_text(errors='replace')}{self.log_tail()}")
         wait_port(self.port)
-        self.pid = int((self.dir / "run" / "master.pid").read_text().split()[0])
+        pid_file = self.dir / "run" / "master.pid"
+        deadline = time.monotonic() + 20
+        while not (pid_file.exists() and pid_file.read_text().strip()):  # written after the listeners open
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dovecot wrote no master.pid: {self.log_tail()}")
+            time.sleep(0.02)
+        self.pid = int(pid_file.read_text().split()[0])
         return self.pid
 
     def log_tail(self) -> str:
