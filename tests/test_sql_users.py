@@ -32,7 +32,9 @@ from qpopper.errors import ConfigError
 CONNECT_SECRET = "c0nnect-Secret-42"
 QUOTED_USER = "o'brien'OR'1'='1"
 MSG = b"From: a@example.org\nSubject: sql\n\nhello\n"
-PASSWORD_QUERY = "SELECT userid AS user, password, nologin, allow_nets FROM users WHERE userid = '%u'"
+# The client's address (%r) takes part: from 192.0.2.99 nobody logs in.
+PASSWORD_QUERY = ("SELECT userid AS user, password, nologin, allow_nets FROM users WHERE userid = '%u' "
+                  "AND COALESCE('%r', '') <> '192.0.2.99'")  # fmt: skip
 USER_QUERY = "SELECT home, maildir AS mail FROM users WHERE userid = '%u'"
 
 needs_postgres = pytest.mark.skipif(pg_bin() is None, reason=SKIP_REASON)
@@ -145,6 +147,16 @@ def test_rows_become_records() -> None:
     assert dict(record.extra) == {"nopassword": "y", "quota": "1G"}
 
 
+def test_dovecots_maxconns_sizes_the_pool() -> None:
+    from qpopper.auth.sql import settings_from_args
+
+    text = ("driver = pgsql\nconnect = host=/run/postgresql maxconns=3 dbname=mail\n"
+            "password_query = SELECT password FROM users WHERE userid = '%u'\n")
+    args = parse_backend_args(text, "sql.conf")
+    settings = settings_from_args(args)
+    assert (settings.connect, settings.pool_size) == ("host=/run/postgresql dbname=mail", 3)
+
+
 def test_args_file_format() -> None:
     args = parse_backend_args(
         'driver = pgsql\n# comment\n\nconnect = "host=/tmp dbname=mail"\npassword_query = SELECT a \\\n  FROM b\n',
@@ -209,6 +221,7 @@ def _quote_laden_lookups(args_file: Path) -> None:
                 assert await database.lookup(name, None) is None
             alice = await database.lookup("alice", None)
             assert alice is not None and alice.mail is not None  # the table is still there
+            assert await database.lookup("alice", "192.0.2.99") is None  # %r, bound too
         finally:
             await database.close()
 
@@ -227,6 +240,13 @@ def test_check_config_reads_the_args_file(sqlite_args: Path, tmp_path: Path) -> 
 
     good = check(sqlite_args)
     assert good.returncode == 0, good.stderr
+    shown = subprocess.run(QPOPPER + ["--show-config", "--auth-backend=sql", f"--auth-backend-args={sqlite_args}"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert f"# user database: sql sqlite ({sqlite_args})" in shown.stdout, shown.stdout
+    secret = _args_file(tmp_path / "secret.conf", "pgsql", f"host={tmp_path} dbname=mail password=x")
+    secret.chmod(0o644)
+    warned = check(secret)
+    assert warned.returncode == 0 and "every user can read this file" in warned.stdout, warned.stdout
     bad = tmp_path / "bad.conf"
     bad.write_text("driver = sqlite\nconnect = /x\npassword_query = SELECT password FROM u WHERE p = '%w'\n")
     result = check(bad)
@@ -388,7 +408,8 @@ def test_sighup_reloads_the_args_file(postgres: PostgresServer, tmp_path: Path) 
         postgres.execute("CREATE TABLE other (userid TEXT, password TEXT, home TEXT, maildir TEXT); "
                          "INSERT INTO other SELECT 'zed', '{PLAIN}zed-pw', home, maildir FROM users "
                          "WHERE userid = 'alice'; GRANT SELECT ON other TO qpopper")  # fmt: skip
-        args.write_text(args.read_text().replace("FROM users", "FROM other").replace(", nologin, allow_nets", ""))
+        args.write_text(args.read_text().replace("FROM users", "FROM other").replace(", nologin, allow_nets", "")
+                        .replace(" AND COALESCE('%r', '') <> '192.0.2.99'", ""))
         daemon.proc.send_signal(signal.SIGHUP)
         _wait_for(lambda: "user database reloaded" in daemon.log.read_text(), 20, "no reload")
         _login(daemon.port, "zed", "zed-pw").quit()

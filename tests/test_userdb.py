@@ -73,6 +73,8 @@ def database(fill: Callable[[str, list[bytes]], Path], mailroot: Path) -> DictDa
         "carol": UserRecord("carol", "{PLAIN}x", extra={"nologin": "y"}),
         "dave": UserRecord("dave", None, extra={"nopassword": "y"}, mail=f"maildir:{mailroot}/carol/Maildir"),
         "erin": UserRecord("erin", "{PLAIN}x", extra={"allow_nets": "192.0.2.0/24, 2001:db8::/32"}),
+        "fred": UserRecord("fred", "{PLAIN}x", extra={"allow_nets": "192.0.2.0/24 127.0.0.0/8"},
+                           mail=f"maildir:{mailroot}/carol/Maildir"),
     })
 
 
@@ -104,6 +106,7 @@ def test_logins_through_the_seam(database: DictDatabase, mailroot: Path) -> None
         assert "[AUTH]" in refused(server, "carol", "x")  # nologin
         assert "[AUTH]" in refused(server, "erin", "x")  # 127.0.0.1 is not in allow_nets
         login(server, "dave", "anything").quit()  # nopassword
+        login(server, "fred", "x").quit()  # 127.0.0.1 is in fred's allow_nets
         assert ("alice", "127.0.0.1") in database.lookups  # the client address reaches the database
         # An unknown user's dummy check now costs what bob's ARGON2ID check costs.
         assert auth.hashes.last_real is not None and auth.hashes.last_real[0] == "ARGON2ID"
@@ -143,6 +146,9 @@ def test_blocking_entry_point_runs_on_the_servers_loop(database: DictDatabase, m
         principal = auth.authenticate(UserPass("alice", b"secret"))
         assert principal is not None and principal.mail.endswith("/alice/Maildir")
         assert auth.authenticate(UserPass("alice", b"nope")) is None
+        secret = auth.scram_secret("alice", "SCRAM-SHA-256")  # SCRAM from a {PLAIN} password, as SASL asks
+        assert secret is not None and secret.iterations > 0
+        assert auth.scram_secret("nobody", "SCRAM-SHA-256") is None
 
 
 def test_cache_refuses_a_wrong_password_on_a_hit(database: DictDatabase, mailroot: Path) -> None:

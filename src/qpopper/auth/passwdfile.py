@@ -215,10 +215,15 @@ class PasswdFileAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSour
         path: str,
         mail_location: str = DEFAULT_LOCATION,
         default_scheme: str = "CRYPT",
+        hash_workers: int = 0,
     ) -> None:
+        """`hash_workers`: slow hashes checked at once (0: one per CPU); the
+        server's worker threads are many, and a burst of ARGON2ID logins
+        on all of them at once would take the CPU from running sessions."""
         self.path = path
         self.mail_location = mail_location
         self.default_scheme = default_scheme
+        self._hashing = threading.BoundedSemaphore(hash_workers or len(os.sched_getaffinity(0)))
         self._lock = threading.Lock()
         self._mtime: tuple[int, int] | None = None
         self._entries: dict[str, PasswdEntry] = {}
@@ -282,10 +287,12 @@ class PasswdFileAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSour
         entry = self.lookup(credentials.user)
         if isinstance(credentials, UserPass):
             if entry is None:
-                _verify_dummy(credentials.password)
+                with self._hashing:
+                    _verify_dummy(credentials.password)
                 return None
             try:
-                ok = verify_password(entry.scheme, entry.hashed, credentials.password)
+                with self._hashing:
+                    ok = verify_password(entry.scheme, entry.hashed, credentials.password)
             except ValueError as exc:
                 log.error("cannot verify password of %s: %s", entry.user, exc)
                 ok = False

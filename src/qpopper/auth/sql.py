@@ -267,17 +267,29 @@ class SqlSettings:
     source: str = ""
 
 
+_MAXCONNS = re.compile(r"(?:^|\s)maxconns=(\d+)(?=\s|$)")
+
+
+def _dovecot_connect_options(connect: str) -> tuple[str, int | None]:
+    """Dovecot's own word in a connect string, `maxconns=N` (which libpq
+    would refuse), taken out: it sizes the pool unless pool_size does."""
+    match = _MAXCONNS.search(connect)
+    if match is None:
+        return connect, None
+    return (connect[: match.start()] + connect[match.end() :]).strip(), int(match.group(1)) or None
+
+
 def settings_from_args(args: BackendArgs) -> SqlSettings:
     args.check_keys(KNOWN_KEYS, "the sql backend")
     driver = args.required("driver")
     if driver not in DRIVERS:
         raise args.error("driver", f"driver {driver!r} is not supported here (use {' or '.join(DRIVERS)})")
-    connect = args.required("connect")
+    connect, maxconns = _dovecot_connect_options(args.required("connect"))
     placeholder = "%s" if driver == "pgsql" else "?"
     password_query = bind_query(args.required("password_query"), placeholder, args.where("password_query"))
     user_text = args.get("user_query")
     user_query = bind_query(user_text, placeholder, args.where("user_query")) if user_text else None
-    pool_size = args.number("pool_size", 10)
+    pool_size = args.number("pool_size", maxconns or 10)
     if pool_size < 1 or pool_size != int(pool_size):
         raise args.error("pool_size", "pool_size must be a whole number, at least 1")
     query_timeout = args.number("query_timeout", 5.0)

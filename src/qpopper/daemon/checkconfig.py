@@ -118,10 +118,21 @@ def backend_args_problems(options: Options) -> list[Problem]:
     if not options.auth_backend_args:
         text = f"auth-backend {options.auth_backend} needs auth-backend-args (its settings file)"
         return [Problem(ERROR, where, text)]
+    path = options.auth_backend_args
     try:
-        open_user_database(options.auth_backend, options.auth_backend_args)
+        open_user_database(options.auth_backend, path)
     except ConfigError as exc:
         return [Problem(ERROR, None, str(exc))]
+    from ..auth.backendargs import read_backend_args
+
+    args = read_backend_args(path)  # read fine just now
+    holds_secret = "password=" in (args.get("connect") or "") or bool(args.get("dnpass"))  # sql, ldap
+    try:
+        readable_by_all = os.stat(path).st_mode & 0o004
+    except OSError:
+        return []
+    if readable_by_all and holds_secret:
+        return [Problem(WARNING, path, "every user can read this file, and it holds the database password (chmod o-r)")]
     return []
 
 

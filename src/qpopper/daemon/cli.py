@@ -228,6 +228,17 @@ def offered_sasl_lines(options: Options) -> list[str]:
     return lines
 
 
+def _user_database_line(options: Options) -> str:
+    """What the sql or ldap backend's args file amounts to (no secret, no connection)."""
+    from ..auth.userdb import open_user_database
+
+    try:
+        database, _ = open_user_database(options.auth_backend, options.auth_backend_args or "")
+    except ConfigError as exc:
+        return f"# user database: {exc}"
+    return f"# user database: {database.describe()}"
+
+
 def show_config(options: Options) -> str:
     """Every setting with its effective value and where it came from."""
     lines = []
@@ -256,6 +267,8 @@ def show_config(options: Options) -> str:
         lines.append(_with_source(f"set {setting.name} = {text}", source))
         if setting.field == "sasl_mechanisms":
             lines += offered_sasl_lines(options)
+        if setting.field == "auth_backend_args" and options.auth_backend in ("sql", "ldap"):
+            lines.append(_user_database_line(options))
     listen = " ".join(str(a) for a in options.listen)
     lines.append(f"# listen: {listen}  ({options.source_of('listen')})")
     return "\n".join(lines) + "\n"

@@ -183,7 +183,9 @@ def make_authenticator(options: Options) -> Authenticator:
         )
     if options.passwd_file is None:
         raise ConfigError("no user database: give --passwd-file (or run --demo)")
-    return PasswdFileAuthenticator(options.passwd_file, options.mail_location, options.default_password_scheme)
+    return PasswdFileAuthenticator(
+        options.passwd_file, options.mail_location, options.default_password_scheme, options.auth_hash_workers
+    )
 
 
 class Server:
