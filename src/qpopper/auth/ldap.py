@@ -438,7 +438,6 @@ class LdapDirectory:
         if s.key_file:
             client.set_client_key(s.key_file)
         client.set_ignore_referrals(True)
-        client.set_async_connection_class(_Connection)
         return client
 
     async def open(self, dn: str | None, password: str | None) -> _Connection:
