@@ -131,7 +131,7 @@ def run_login(python: str, port: int, pid: int, users: int, concurrency: int, du
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--users", type=int, default=64)  # > -c: a user whose last session still holds its lock gets [IN-USE]
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("-d", "--duration", type=int, default=10)
     parser.add_argument("-c", "--concurrency", type=int, default=16)
@@ -151,6 +151,7 @@ def main() -> int:
     names = make_users(args.users, args.crypt_method)
     results: dict[str, list[dict[str, float]]] = {"dovecot": [], "qpopper": []}
     dovecot_pid = None
+    qpopper: subprocess.Popen[bytes] | None = None
     try:
         (work / "mail" / "maildir").mkdir(parents=True)
         for name in names:  # Dovecot serves the same names from its passwd-file
@@ -171,9 +172,10 @@ def main() -> int:
             results["qpopper"].append(
                 run_login(args.python, 11520, qpopper.pid, args.users, args.concurrency, args.duration)
             )
-        qpopper.terminate()
-        qpopper.wait(60)
     finally:
+        if qpopper is not None:  # also when a run failed: it holds the port and the PAM service
+            qpopper.terminate()
+            qpopper.wait(60)
         if dovecot_pid is not None:
             stop_pid(dovecot_pid)
         remove_users(names)
