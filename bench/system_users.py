@@ -131,7 +131,8 @@ def run_login(python: str, port: int, pid: int, users: int, concurrency: int, du
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=64)  # > -c: a user whose last session still holds its lock gets [IN-USE]
+    # More users than -c: a user whose last session still holds its POP lock gets [IN-USE].
+    parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("-d", "--duration", type=int, default=10)
     parser.add_argument("-c", "--concurrency", type=int, default=16)
