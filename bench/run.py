@@ -1030,7 +1030,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="rounds per side (overrides the mode's default)")
     p.add_argument("--formats", default="maildir,mbox", help="comma list of maildir, mbox")
     p.add_argument("--scenarios", help="comma list of login,tls-login,login-200,tls-login-200,retr-c1,retr-c8,idle,"
-                                       "idle-200,bigbox (default all; the -200 ones only on Maildir, with Twisted)")
+                                       "idle-200,bigbox (default all; the -200 ones only on Maildir, with Twisted), "
+                                       "userdb (issue 19's pairings, bench/userdb_login.py: only when named)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="results directory")
     p.add_argument("--report-name", default="REPORT.md")
     p.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "qpopper-bench"),
@@ -1073,6 +1074,15 @@ def main(argv: list[str] | None = None) -> int:
         log("warning: " + env.notes[-1])
     bench = Bench(args, env)
     log(f"results -> {bench.out}; {bench.rounds} rounds per side; python {env.python}")
+    if args.scenarios and "userdb" in args.scenarios:  # issue 19: real hashes, SQL and LDAP (its own report)
+        import userdb_login
+
+        userdb_login.main((["--quick"] if args.quick else []) + [
+            "--out", str(bench.out), "--src", str(args.src_dir), "--python", env.python,
+            "--shared-bench", args.shared_bench, *(["--rounds", str(args.rounds)] if args.rounds else [])])
+        args.scenarios.discard("userdb")
+        if not args.scenarios:
+            return 0  # REPORT.md is left as it was
     if not args.no_ceiling:
         bench.ceiling()
     for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
