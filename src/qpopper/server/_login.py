@@ -129,6 +129,8 @@ class Login:
         auth_failed, the latter only after the failure delay."""
         started = time.monotonic()
         user = effect.credentials.user
+        tally = self.services.tally
+        refusal: str | None = None
         try:
             if isinstance(effect.credentials, Rejected):
                 principal = None
@@ -142,6 +144,8 @@ class Login:
             # A maildrop that cannot be named for this account (SYS/PERM) is
             # no passing outage: say so rather than "try again later".
             permanent = isinstance(exc, MaildropError) and exc.code is ResponseCode.SYS_PERM
+            if tally is not None:
+                tally.login(effect.credentials, "error")
             self.session.auth_failed(ResponseCode.SYS_PERM if permanent else ResponseCode.SYS_TEMP)
             return
         if principal is not None:
@@ -157,6 +161,9 @@ class Login:
             delay = wanted - (time.monotonic() - started)
             if delay > 0:
                 await asyncio.sleep(delay)
+            if tally is not None:
+                tally.failure_delay(max(0.0, time.monotonic() - started))
+                tally.login(effect.credentials, "failed" if refusal is None else "refused")
             log.info("%s: authentication failed for %s", self.peer, printable(user))
             if self.options.log_auth_failures:
                 log.warning("authentication failure; rhost=%s user=%s", self.peer.host, printable(user))
@@ -164,6 +171,8 @@ class Login:
             return
         self.principal = principal
         self.records.authenticated = time.monotonic()
+        if tally is not None:
+            tally.login(effect.credentials, "ok")
         self._after_login(principal.user)
         log.debug("%s: authenticated %s (%s)", self.peer, principal.user, type(effect.credentials).__name__)
         self.session.auth_succeeded(principal.user)
@@ -298,6 +307,8 @@ class Login:
                 return None
         records = self.records
         records.opened = time.monotonic()
+        if self.services.tally is not None:
+            self.services.tally.maildrop_opened(records.opened - (records.authenticated or records.opened))
         self.debug("%s: opened %s in %.3f s", self.peer, principal.mail, records.opened - (records.authenticated or 0))
         if self.options.enforce_login_delay:  # a record per user otherwise kept for nothing
             self.services.login_delays.record(principal.user)

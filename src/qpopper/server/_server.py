@@ -143,7 +143,8 @@ def bind_socket(address: ListenAddress) -> socket.socket:
 
 
 async def accepted_socket_stream(
-    sock: socket.socket, ssl_context: ssl.SSLContext | None = None, handshake_timeout: float | None = None
+    sock: socket.socket, ssl_context: ssl.SSLContext | None = None, handshake_timeout: float | None = None,
+    new_stream: Callable[..., PopStream] = PopStream,
 ) -> PopStream:
     """The stream of an already accepted socket (inetd, a forked session);
     with `ssl_context` the implicit-TLS handshake runs first."""
@@ -151,7 +152,7 @@ async def accepted_socket_stream(
     tls_args: dict[str, Any] = {}
     if ssl_context is not None:
         tls_args = {"ssl": ssl_context, "ssl_handshake_timeout": handshake_timeout}
-    stream = PopStream(loop)
+    stream = new_stream(loop)
     # Our protocol object, not the one returned: with TLS, uvloop returns
     # its SSL protocol rather than the application's.
     await loop.connect_accepted_socket(lambda: stream, sock, **tls_args)
@@ -255,6 +256,13 @@ class Server:
             drop_privileges=options.system_users and authenticator is None,
             kerberos=kerberos,
         )
+        # Operations (metrics, the control socket): a counting stream; the plain one otherwise.
+        self.new_stream: Callable[..., PopStream] = PopStream
+        self.control: Any = None  # the control socket's listener (`_control.ControlListener`)
+        if options.metrics_listen or options.control_dir:
+            from ._operations import attach
+
+            attach(self, per_session_process)
 
     # ---- life cycle -------------------------------------------------------
 
@@ -280,7 +288,7 @@ class Server:
                         raise ConfigError("an implicit-TLS listener needs tls-server-cert-file")
                     listener = TlsListener(sock, self.serve_socket)
                 else:
-                    listener = await loop.create_server(lambda: PopStream(loop, self._accept), sock=sock)
+                    listener = await loop.create_server(lambda: self.new_stream(loop, self._accept), sock=sock)
                 self._servers.append(listener)
                 self._implicit_tls.append(handshake_first)
         except BaseException:
@@ -289,6 +297,8 @@ class Server:
             raise
         for host, port, tls in self.listeners:
             log.info("listening on %s", ListenAddress(host, port, tls))
+        if self.control is not None:
+            await self.control.start()
         self._housekeeping_task = asyncio.get_running_loop().create_task(self._housekeeping())
 
     async def _housekeeping(self) -> None:
@@ -356,6 +366,10 @@ class Server:
         for server in self._servers:
             await server.wait_closed()
         self._executor.shutdown(wait=drain, cancel_futures=True)
+        if self.control is not None:
+            self.control.close()
+        if self.services.tally is not None:
+            self.services.tally.publish()
         self._closed.set()
 
     async def __aenter__(self) -> Server:
@@ -390,6 +404,10 @@ class Server:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         log.info("configuration reloaded")
+
+    def sessions(self) -> list[Connection]:
+        """The sessions running now (who, kick and the metrics read them)."""
+        return [conn for conn in self._connections.values() if conn is not None]
 
     @property
     def connection_count(self) -> int:
@@ -434,9 +452,11 @@ class Server:
         assert task is not None
         self._handshaking.add(task)  # a stop ends handshakes still under way
         try:
-            stream = await accepted_socket_stream(sock, context, self.options.tls_handshake_timeout)
+            stream = await accepted_socket_stream(sock, context, self.options.tls_handshake_timeout, self.new_stream)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             log.info("%s: TLS handshake failed: %s", peer, tls_failure_reason(exc))
+            if context is not None and self.services.tally is not None:
+                self.services.tally.tls_handshake("implicit", ok=False)
             sock.close()
             return
         except asyncio.CancelledError:
@@ -444,6 +464,8 @@ class Server:
             raise
         finally:
             self._handshaking.discard(task)
+        if context is not None and self.services.tally is not None:
+            self.services.tally.tls_handshake("implicit", ok=True)
         await self.serve_stream(stream)
 
     async def serve_stream(self, stream: PopStream) -> None:
@@ -462,6 +484,9 @@ class Server:
             or self._per_ip[peer.host] >= self.options.max_connections_per_ip
         ):
             log.warning("%s: connection refused, limit reached", peer)
+            if self.services.tally is not None:
+                full = len(self._connections) >= self.options.max_connections
+                self.services.tally.refused("max-connections" if full else "max-connections-per-ip")
             try:
                 stream.write(_BUSY_REPLY)
                 await asyncio.wait_for(stream.drain(), 5)

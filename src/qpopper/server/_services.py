@@ -10,13 +10,16 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..auth import Authenticator, Principal, QuickAuthenticator, ScramSecretSource
 from ..auth.access import AccessPolicy, FailureDelays, LoginDelays
 from ..auth.credentials import Credentials, ScramSecret
 from ..config.options import Options
 from ..protocol import SessionConfig
+
+if TYPE_CHECKING:
+    from ._tally import Tally
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,8 @@ class Services:
     # Called after each UPDATE that succeeded, with the user and how many
     # messages were deleted and retrieved: the embedding Controller's waits.
     committed: Callable[[str, int, int], None] | None = None
+    # What the operator's metrics count (`_tally.Tally`); None when they are off.
+    tally: Tally | None = None
     # The authenticator's optional abilities, found once here (a Protocol
     # isinstance check costs microseconds, too much per login): None where
     # it has not got them.
