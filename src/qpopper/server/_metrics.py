@@ -17,6 +17,7 @@ it ever had sessions at once, not one per session.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,8 @@ from ._tally import COMMAND_BUCKETS, RESPONSE_CODES, Tally
 if TYPE_CHECKING:
     from ._connection import Connection
 
+log = logging.getLogger("qpopper.server")
+
 # Counts reach the files at most this long after they happened.
 PUBLISH_INTERVAL = 1.0
 MAILDROP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -37,6 +40,7 @@ MECHANISMS = ("password", "APOP", "CRAM-MD5")  # the first: USER/PASS and SASL P
 LOGIN_RESULTS = ("ok", "failed", "refused", "error")
 
 _identity: list[str | None] = [None]
+_opened_by: list[Any] = []  # a metric without labels, touched to open the files
 
 
 def process_identity() -> str:
@@ -45,8 +49,11 @@ def process_identity() -> str:
 
 
 def set_process_identity(name: str) -> None:
-    """A session process's slot (`s3`), set in the child before it counts anything."""
+    """A session process's slot (`s3`), set in the child before it counts
+    anything; its files are opened now, while it may (before it becomes its user)."""
     _identity[0] = name
+    for metric in _opened_by:
+        metric.inc(0)  # prometheus-client opens a process's files when it sees a new identity
 
 
 def use_directory(directory: str) -> None:
@@ -90,10 +97,17 @@ class Metrics(Tally):
             self.publish()
 
     def publish(self) -> None:
-        """Everything counted since the last call, into the files."""
+        """Everything counted since the last call, into the files (a
+        failure costs the batch and a log line, never the session)."""
         self._armed = False
-        m = self._m
         batch = self.take()
+        try:
+            self._write(batch)
+        except OSError as exc:
+            log.error("metrics: cannot write the metric files: %s", exc)
+
+    def _write(self, batch: Tally) -> None:
+        m = self._m
         for key, n in batch.counts.items():
             kind, labels = key[0], key[1:]
             metric = m[kind]
@@ -155,6 +169,7 @@ def _build() -> dict[str, Any]:
         "open": Histogram("qpopper_maildrop_open_seconds", "Time to lock and list a maildrop",
                           buckets=MAILDROP_BUCKETS, **kw),
     }
+    _opened_by[:] = [m["sent"]]
     for state in STATES:
         m["sessions"].labels(state)
     for mechanism in MECHANISMS:
