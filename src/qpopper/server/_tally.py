@@ -157,7 +157,8 @@ class CountingStream(PopStream):
         if self._tally is not None and not self._since:
             self._since = time.perf_counter()
             self._command = data[:8].split(None, 1)[0] if data[:1].isalpha() else b""
-        super().data_received(data)
+        self._buffer += data  # PopStream.data_received's body: no second call per command
+        self._wake_reader()
 
     def write(self, data: bytes) -> None:
         self.sent += len(data)
@@ -169,7 +170,9 @@ class CountingStream(PopStream):
                 self._since = 0.0
             if data[:4] == b"-ERR":
                 tally.error_reply(data)
-        super().write(data)
+        transport = self.transport
+        assert transport is not None
+        transport.write(data)
 
 
 def mechanism_of(credentials: Credentials) -> str:
