@@ -111,7 +111,8 @@ def _instructions(work: Path, metrics: bool, sessions: int, downloads: int) -> i
             stop(proc)
             proc.wait()
     text = (work / f"valgrind-{port}.log").read_text()
-    match = re.search(r"Collected : (\d+)", text)
+    # The daemon's own count: the exporter it forks prints one too.
+    match = re.search(rf"=={proc.pid}== Collected : (\d+)", text)
     if match is None:
         raise RuntimeError(f"callgrind gave no count: {text[-500:]}")
     return int(match.group(1))

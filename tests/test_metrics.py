@@ -260,3 +260,19 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_the_tally_names_commands_and_codes_from_fixed_sets() -> None:
+    from qpopper.server._tally import Tally
+
+    tally = Tally()
+    for word in (b"RETR", b"retr", b"c2VjcmV0", b"PASSWORD", b"TOP"):
+        tally.command(word, 0.001)
+    assert set(tally.commands) == {"RETR", "other", "TOP"}  # a base64 AUTH line is no label
+    assert tally.commands["RETR"][-1] == pytest.approx(0.002)
+    for reply in (b"-ERR [SYS/TEMP] x\r\n", b"-ERR [IN-USE] x\r\n", b"-ERR no such message\r\n",
+                  b"-ERR [EVIL/CODE] x\r\n", b"-ERR [unterminated"):
+        tally.error_reply(reply)
+    assert tally.errors == {"SYS/TEMP": 1, "IN-USE": 1, "none": 1, "other": 2}
+    batch = tally.take()
+    assert batch.errors and not tally.errors and not tally.commands
