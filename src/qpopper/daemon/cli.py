@@ -298,10 +298,6 @@ def _serve_workers(options: Options, inv: Invocation) -> None:
         return worker_options(new, count)
 
     pool = WorkerPool(options, listen_fds())
-    if options.metrics_listen or options.control_dir:
-        from .operations import ProcessBook
-
-        pool.book = ProcessBook(options)
     pool.bind()
     # Built here, before the fork: a bad certificate or user database is
     # one start-up error, and the workers share the server's memory (user
@@ -417,31 +413,6 @@ def _serve_inetd(options: Options) -> None:
         loop.close()
 
 
-def _serve(options: Options, inv: Invocation) -> None:
-    """Standalone: the process model the options ask for."""
-    if options.system_users:
-        from .forking import ForkingServer  # only this mode needs it
-
-        system_server = Server(options, per_session_process=True)
-        forking = ForkingServer(system_server, listen_fds(), _reloader(system_server, inv))
-        if options.metrics_listen or options.control_dir:
-            from .operations import ProcessBook
-
-            forking.book = ProcessBook(options)
-        forking.bind()
-        forking.serve_forever()
-        return
-    if options.effective_workers > 1 and not inv.demo:
-        _serve_workers(options, inv)
-        return
-    server = Server(options, sockets=listen_fds())
-    loop = _new_loop(options)
-    try:
-        loop.run_until_complete(_run_daemon(server, inv.demo, _reloader(server, inv)))
-    finally:
-        loop.close()
-
-
 def _is_usage_error(exc: ConfigError) -> bool:
     return exc.source is not None and (exc.source.startswith("-") or exc.source == "command line")
 
@@ -476,21 +447,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             # One session per process and nothing that outlives it: no exporter, no control socket.
             _serve_inetd(options.replace(metrics_listen=None, control_dir=None))
             return 0
-        exporter = None
         if options.metrics_listen or options.control_dir:
-            from .operations import Exporter, prepare_control_dir
+            from .operations import start_operations
 
-            if options.control_dir:
-                prepare_control_dir(options.control_dir)
-            if options.metrics_listen:
-                exporter = Exporter(options)
-                options = exporter.options(options)
-                exporter.start()  # before anything forks or starts a thread
+            options = start_operations(options)  # before anything forks or starts a thread
+        if options.system_users:
+            from .forking import ForkingServer  # only this mode needs it
+
+            system_server = Server(options, per_session_process=True)
+            forking = ForkingServer(system_server, listen_fds(), _reloader(system_server, inv))
+            forking.bind()
+            forking.serve_forever()
+            return 0
+        if options.effective_workers > 1 and not inv.demo:
+            _serve_workers(options, inv)
+            return 0
+        server = Server(options, sockets=listen_fds())
+        loop = _new_loop(options)
         try:
-            _serve(options, inv)
+            loop.run_until_complete(_run_daemon(server, inv.demo, _reloader(server, inv)))
         finally:
-            if exporter is not None:
-                exporter.stop()
+            loop.close()
     except ConfigError as exc:
         print(f"qpopper: {exc}", file=sys.stderr)
         if _is_usage_error(exc) and "--check-config" not in args:

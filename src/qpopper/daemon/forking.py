@@ -28,7 +28,7 @@ from collections.abc import Callable
 from ..config.options import Options
 from ..server._privileges import preload_session_modules
 from ..server._server import Server, bind_socket
-from .operations import ProcessBook
+from .operations import process_book
 from .systemd import notify
 
 log = logging.getLogger("qpopper.server")
@@ -55,8 +55,8 @@ class ForkingServer:
         self._stopping: str | None = None
         self._reload = False
         self._reloader = reload or server.reload
-        # Set when metrics or the control socket are on (`operations.ProcessBook`).
-        self.book: ProcessBook | None = None
+        # Set when metrics or the control socket are on: what is tidied when a session process ends.
+        self.book = process_book(self.options)
 
     # ---- parent ---------------------------------------------------------------
 

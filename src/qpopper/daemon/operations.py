@@ -11,6 +11,7 @@ scraper asks for it, and ends when the daemon does.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import logging
@@ -112,6 +113,20 @@ def _serve(sock: socket.socket, directory: str, parent: int) -> None:
         http.handle_request()
 
 
+def start_operations(options: Options) -> Options:
+    """The control directory and the exporter, as configured; returns the
+    options the server runs with. The exporter is stopped when the daemon
+    exits (its serving children leave by os._exit and so never stop it)."""
+    if options.control_dir:
+        prepare_control_dir(options.control_dir)
+    if options.metrics_listen:
+        exporter = Exporter(options)
+        options = exporter.options(options)
+        exporter.start()
+        atexit.register(exporter.stop)
+    return options
+
+
 def prepare_control_dir(directory: str) -> None:
     """The control sockets' directory: mode 0700, owned by whoever runs the
     daemon (root, or the service account); sockets of an earlier run removed."""
@@ -120,6 +135,11 @@ def prepare_control_dir(directory: str) -> None:
     for old in glob.glob(os.path.join(directory, "*.sock")):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(old)
+
+
+def process_book(options: Options) -> ProcessBook | None:
+    """The book a parent of serving processes keeps, if metrics or the control socket are on."""
+    return ProcessBook(options) if options.metrics_listen or options.control_dir else None
 
 
 class ProcessBook:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from ..config.options import Options
 from ..server._privileges import preload_session_modules
 from ..server._server import bind_socket
-from .operations import ProcessBook
+from .operations import process_book
 from .systemd import notify
 
 log = logging.getLogger("qpopper.server")
@@ -63,7 +63,7 @@ class WorkerPool:
         self._old_mask: set[int | signal.Signals] = set()
         self._children: dict[int, float] = {}  # pid -> start time
         self._stopping = False
-        self.book: ProcessBook | None = None  # metrics or the control socket: tidied when a worker ends
+        self.book = process_book(options)  # metrics or the control socket: tidied when a worker ends
 
     def bind(self) -> None:
         """Bind every listener now, so that errors stop the start-up.
