@@ -83,7 +83,7 @@ class ControlListener:
             os.chmod(path, 0o600)
             sock.listen(16)
             sock.setblocking(False)
-            self._listener = await asyncio.start_unix_server(self._serve, sock=sock)
+            self._listener = await asyncio.start_unix_server(self._serve, sock=sock, limit=4 * MAX_REQUEST)
         except BaseException:
             sock.close()
             raise
@@ -102,11 +102,13 @@ class ControlListener:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             uid = peer_uid(writer.get_extra_info("socket"))
+            # The request is read (bounded) even from a caller who is refused, so
+            # that the refusal reaches them instead of a broken pipe.
+            line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
             if uid not in self.allowed:
                 log.warning("control socket: refused a request from uid %d", uid)
                 answer: dict[str, object] = {"error": "permission denied: only root and the service account"}
             else:
-                line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
                 answer = self.answer(line[:MAX_REQUEST])
             writer.write(json.dumps(answer).encode() + b"\n")
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)

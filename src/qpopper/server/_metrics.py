@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Counter, Gauge, Histogram, values
 from prometheus_client.multiprocess import mark_process_dead
 
-from ._tally import COMMAND_BUCKETS, RESPONSE_CODES, Tally
+from ._tally import COMMAND_BUCKETS, MAILDROP_BUCKETS, RESPONSE_CODES, Tally
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -34,7 +34,6 @@ log = logging.getLogger("qpopper.server")
 
 # Counts reach the files at most this long after they happened.
 PUBLISH_INTERVAL = 1.0
-MAILDROP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STATES = ("authorization", "transaction", "update")
 MECHANISMS = ("password", "APOP", "CRAM-MD5")  # the first: USER/PASS and SASL PLAIN and LOGIN
 LOGIN_RESULTS = ("ok", "failed", "refused", "error")
@@ -70,7 +69,7 @@ def process_ended(name: str, directory: str) -> None:
 class Metrics(Tally):
     """The tally, published about once a second to the metric files."""
 
-    __slots__ = ("_armed", "_live", "_m", "publish_each_session")
+    __slots__ = ("_armed", "_children", "_live", "_m", "_states", "publish_each_session")
 
     def __init__(self, directory: str, live: Callable[[], Iterable[Connection]]) -> None:
         super().__init__()
@@ -80,6 +79,9 @@ class Metrics(Tally):
         # A session process publishes at its session's end: it exits then.
         self.publish_each_session = False
         self._m = _build()
+        # Each series' value object, found once (`labels()` takes a lock and checks its arguments).
+        self._children: dict[tuple[str, ...], Any] = {}
+        self._states: dict[str, int] = {}  # the sessions gauge as last set
 
     def changed(self) -> None:
         if not self._armed:
@@ -106,29 +108,32 @@ class Metrics(Tally):
         except OSError as exc:
             log.error("metrics: cannot write the metric files: %s", exc)
 
+    def _series(self, key: tuple[str, ...]) -> Any:
+        child = self._children.get(key)
+        if child is None:
+            metric = self._m[key[0]]
+            child = self._children[key] = metric.labels(*key[1:]) if len(key) > 1 else metric
+        return child
+
     def _write(self, batch: Tally) -> None:
-        m = self._m
+        series = self._series
         for key, n in batch.counts.items():
-            kind, labels = key[0], key[1:]
-            metric = m[kind]
-            (metric.labels(*labels) if labels else metric).inc(n)
+            series(key).inc(n)
         for code, n in batch.errors.items():
-            m["error"].labels(code).inc(n)
+            series(("error", code)).inc(n)
         if batch.sent:
-            m["sent"].inc(batch.sent)
+            series(("sent",)).inc(batch.sent)
         for name, buckets in batch.commands.items():
-            _add_to_histogram(m["command"].labels(name), buckets)
-        for seconds in batch.opens:
-            m["open"].observe(seconds)
-        if batch.delays:
-            m["delays"].inc(len(batch.delays))
-            m["delay_seconds"].inc(sum(batch.delays))
+            _add_to_histogram(series(("command", name)), buckets)
+        if batch.opens[-1] or any(batch.opens):
+            _add_to_histogram(series(("open",)), batch.opens)
         states = dict.fromkeys(STATES, 0)
         for conn in self._live():
-            if conn is not None:
-                states[conn.state] += 1
-        for state, n in states.items():
-            m["sessions"].labels(state).set(n)
+            states[conn.state] += 1
+        if states != self._states:
+            for state, n in states.items():
+                series(("sessions", state)).set(n)
+            self._states = states
 
 
 def _add_to_histogram(child: Histogram, buckets: list[float]) -> None:

@@ -29,6 +29,8 @@ from ._stream import PopStream
 # Upper bounds of the command-latency buckets, in seconds (the last, +Inf, is implied).
 COMMAND_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0)
+# Upper bounds of the maildrop-open buckets, in seconds.
+MAILDROP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # The command label's values: POP3's keywords and qpopper's; anything else is "other", so a client
 # cannot grow the number of series (and a password, sent as an AUTH line, never becomes a label).
 COMMANDS = frozenset({
@@ -48,16 +50,15 @@ class Tally:
     starts a new one. The hooks' names say what happened, not which metric
     moves, so the rooms of the server know nothing about the metrics."""
 
-    __slots__ = ("commands", "counts", "delays", "errors", "opens", "sent")
+    __slots__ = ("commands", "counts", "errors", "opens", "sent")
 
     def __init__(self) -> None:
         self.sent = 0
         self.counts: collections.Counter[tuple[str, ...]] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
-        # command -> [count per bucket..., count above the last bound, sum of seconds]
-        self.commands: dict[str, list[float]] = {}
-        self.opens: list[float] = []  # maildrop open times, seconds
-        self.delays: list[float] = []  # failure delays served, seconds
+        # Histograms: [count per bucket..., count above the last bound, sum of seconds]
+        self.commands: dict[str, list[float]] = {}  # per command
+        self.opens: list[float] = [0.0] * (len(MAILDROP_BUCKETS) + 2)
 
     def take(self) -> Tally:
         """This batch; the tally starts a new one."""
@@ -66,8 +67,7 @@ class Tally:
         batch.counts, self.counts = self.counts, collections.Counter()
         batch.errors, self.errors = self.errors, collections.Counter()
         batch.commands, self.commands = self.commands, {}
-        batch.opens, self.opens = self.opens, []
-        batch.delays, self.delays = self.delays, []
+        batch.opens, self.opens = self.opens, batch.opens
         return batch
 
     def changed(self) -> None:
@@ -102,11 +102,14 @@ class Tally:
         self.changed()
 
     def failure_delay(self, seconds: float) -> None:
-        self.delays.append(seconds)
+        self.counts[("delays",)] += 1
+        self.counts[("delay_seconds",)] += seconds  # type: ignore[assignment]  # a Counter adds floats alike
         self.changed()
 
     def maildrop_opened(self, seconds: float) -> None:
-        self.opens.append(seconds)
+        opens = self.opens
+        opens[bisect.bisect_left(MAILDROP_BUCKETS, seconds)] += 1
+        opens[-1] += seconds
         self.changed()
 
     def session_ended(self, retrieved: int, deleted: int) -> None:
