@@ -120,6 +120,10 @@ def start_operations(options: Options) -> Options:
     if options.control_dir:
         prepare_control_dir(options.control_dir)
     if options.metrics_listen:
+        try:
+            import prometheus_client  # noqa: F401 - present, or one clear line now
+        except ImportError:
+            raise ConfigError("metrics-listen needs prometheus-client: pip install 'qpopper[metrics]'") from None
         exporter = Exporter(options)
         options = exporter.options(options)
         exporter.start()
