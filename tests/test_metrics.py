@@ -276,3 +276,38 @@ def test_the_tally_names_commands_and_codes_from_fixed_sets() -> None:
     assert tally.errors == {"SYS/TEMP": 1, "IN-USE": 1, "none": 1, "other": 2}
     batch = tally.take()
     assert batch.errors and not tally.errors and not tally.commands
+
+
+def test_tls_handshakes_and_cap_refusals_are_counted(tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    daemon = MetricsDaemon(tmp_path, f"--tls-server-cert-file={tmp_path / 'server.pem'}",
+                           f"--tls-private-key-file={tmp_path / 'server.pem'}", "--tls-listen=127.0.0.1:0",
+                           "--max-connections-per-ip=1")
+    try:
+        tls_port = int(daemon._wait_for(rb"listening on 127\.0\.0\.1:(\d+) \(TLS\)"))
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        client = poplib.POP3_SSL("127.0.0.1", tls_port, context=context, timeout=20)
+        client.user(USERS[0])
+        client.pass_("pw")
+        # The cap: one connection per address, so a second is refused while this one holds.
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=20) as second:
+            assert second.makefile("rb").readline().startswith(b"-ERR [SYS/TEMP]")
+        client.quit()
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=20) as broken:
+            broken.sendall(b"USER not-a-tls-client\r\n" * 10)  # no ClientHello: the handshake fails
+            broken.recv(100)
+        samples = wait_until(daemon.samples, "qpopper_tls_handshakes_total", 1, kind="implicit", result="failed")
+        assert value(samples, "qpopper_tls_handshakes_total", kind="implicit", result="ok") == 1
+        assert value(samples, "qpopper_tls_handshakes_total", kind="implicit", result="failed") == 1
+        assert value(samples, "qpopper_connections_total", port=str(tls_port), tls="true") == 1
+        assert value(samples, "qpopper_connections_refused_total", reason="max-connections-per-ip") == 1
+        assert value(samples, "qpopper_logins_total", mechanism="password", result="ok") == 1
+    finally:
+        daemon.stop()
