@@ -41,9 +41,9 @@ class MetricsDaemon(QpopperProcess):
             for _ in range(2):
                 write_maildir_message(self.home / user / "Maildir", MSG)
         super().__init__(tmp_path, ["--passwd-file", str(passwd), "--metrics-listen", "127.0.0.1:0", *args])
-        self.metrics_port = int(self._wait_for(rb"metrics on http://127\.0\.0\.1:(\d+)/metrics"))
+        self.metrics_port = int(self.wait_for_log(rb"metrics on http://127\.0\.0\.1:(\d+)/metrics"))
 
-    def _wait_for(self, pattern: bytes) -> bytes:
+    def wait_for_log(self, pattern: bytes) -> bytes:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             match = re.search(pattern, self.log.read_bytes())
@@ -290,7 +290,7 @@ def test_tls_handshakes_and_cap_refusals_are_counted(tmp_path: Path) -> None:
                            f"--tls-private-key-file={tmp_path / 'server.pem'}", "--tls-listen=127.0.0.1:0",
                            "--max-connections-per-ip=1")
     try:
-        tls_port = int(daemon._wait_for(rb"listening on 127\.0\.0\.1:(\d+) \(TLS\)"))
+        tls_port = int(daemon.wait_for_log(rb"listening on 127\.0\.0\.1:(\d+) \(TLS\)"))
         context = ssl.create_default_context()
         ca.configure_trust(context)
         client = poplib.POP3_SSL("127.0.0.1", tls_port, context=context, timeout=20)
