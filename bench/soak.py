@@ -450,6 +450,8 @@ def run(work: Path, model: str, seconds: float, clients: int, every: float) -> d
         "model": model, "seconds": seconds, "clients": clients, "samples": len(samples),
         "slopes_per_hour": slopes,
         "first": samples[0] if samples else None, "last": samples[-1] if samples else None,
+        # Every sample after the warm-up: seconds, RSS MB, descriptors, tasks, sessions held (who).
+        "series": [[round(s["t"]), round(s["rss_mb"], 2), s["fds"], s["tasks"], s.get("who")] for s in warm],
         "ops": dict(ledger.ops), "delivered": len(ledger.delivered), "taken": sum(ledger.taken.values()),
         "left": sum(left.values()),
         "lost": lost[:20], "duplicated": duplicated[:20], "unknown": unknown[:20],
