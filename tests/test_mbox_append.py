@@ -4,6 +4,7 @@ bytes bulletins have always written, the locks MDAs take, the quoting."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,33 @@ def test_a_bad_from_line_is_refused_before_anything_is_written(tmp_path: Path) -
     with pytest.raises(MaildropError):
         deliver(f"mbox:{spool}", MESSAGE, from_line=b"From nobody\n")
     assert not spool.exists()
+
+
+def test_an_append_waiting_while_update_renames_a_new_spool_over_lands_in_the_new_one(tmp_path: Path) -> None:
+    # Found by bench/soak.py (system users): the appender opened the spool, waited for
+    # the lock while UPDATE wrote a new spool and renamed it over, then appended to the
+    # old, unlinked file: the message was lost.
+    import threading
+
+    from qpopper.maildrop.dotlock import SpoolLock
+
+    spool = tmp_path / "carol"
+    deliver(f"mbox:{spool}", b"Subject: kept\n\nold\n")
+    fd = os.open(spool, os.O_RDONLY)
+    lock = SpoolLock(str(spool), fd)
+    lock.acquire()  # as UPDATE holds it
+    appender = threading.Thread(target=deliver, args=(f"mbox:{spool}", b"Subject: new\n\nnew mail\n"))
+    appender.start()
+    deadline = time.monotonic() + 10
+    while not any(f"/proc/self/fd/{n}" for n in os.listdir("/proc/self/fd")
+                  if os.path.realpath(f"/proc/self/fd/{n}") == str(spool) and int(n) != fd):
+        assert time.monotonic() < deadline  # the appender has the spool open and waits
+        time.sleep(0.01)
+    replacement = tmp_path / "carol.new"
+    replacement.write_bytes(spool.read_bytes())
+    os.rename(replacement, spool)  # UPDATE's rename over the spool
+    lock.release()
+    os.close(fd)
+    appender.join(timeout=30)
+    assert not appender.is_alive()
+    assert b"new mail" in spool.read_bytes() and b"Subject: kept" in spool.read_bytes()

@@ -47,18 +47,42 @@ def append_message(spool: str, message: bytes, *, from_line: bytes | None = None
     text = quote_from(message)
     if not text.endswith(b"\n"):
         text += b"\n"
-    fd = os.open(spool, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    for _ in range(_REOPENS):
+        fd = os.open(spool, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with SpoolLock(spool, fd, exclusive=True):
+                if _still_the_spool(spool, fd):
+                    _append_locked(fd, from_line, text)
+                    return spool
+        finally:
+            os.close(fd)
+        # A writer renamed a new spool over the one opened while we waited for the lock: again.
+    raise MaildropError(f"{spool} kept being replaced while waiting to append", ResponseCode.SYS_TEMP)
+
+
+# Reopens when the spool was replaced under a waiting appender (each is one UPDATE's rename).
+_REOPENS = 20
+
+
+def _still_the_spool(spool: str, fd: int) -> bool:
+    """Whether the locked descriptor is still the file at the spool's name
+    (MDAs check this: an UPDATE may have renamed a new spool over it)."""
     try:
-        with SpoolLock(spool, fd, exclusive=True):
-            size = os.fstat(fd).st_size
-            prefix = b""
-            if size:
-                tail = os.pread(fd, 2, size - 2) if size >= 2 else os.pread(fd, 1, 0)
-                prefix = (
-                    b"" if tail.endswith(b"\n\n") or tail == b"\n" else (b"\n" if tail.endswith(b"\n") else b"\n\n")
-                )
-            write_all(fd, prefix + from_line + text + b"\n")
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    return spool
+        named = os.stat(spool, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _append_locked(fd: int, from_line: bytes, text: bytes) -> None:
+    """The message at the end of the locked spool, after the empty line the last one may lack."""
+    size = os.fstat(fd).st_size
+    prefix = b""
+    if size:
+        tail = os.pread(fd, 2, size - 2) if size >= 2 else os.pread(fd, 1, 0)
+        prefix = (
+            b"" if tail.endswith(b"\n\n") or tail == b"\n" else (b"\n" if tail.endswith(b"\n") else b"\n\n")
+        )
+    write_all(fd, prefix + from_line + text + b"\n")
+    os.fsync(fd)
