@@ -95,3 +95,26 @@ def test_nothing_but_the_entry_point_imports_the_daemon() -> None:
 def test_every_part_is_in_the_table() -> None:
     parts = {_part_of_file(p) for p in PACKAGE.rglob("*.py")}
     assert parts - set(ALLOWED) - BASE <= {"__init__", "__main__"}, parts
+
+
+# Optional packages, and the only modules that may import them at their top (the others load
+# them lazily, inside the function that needs them, so a server without the feature never does).
+OPTIONAL_IMPORTERS = {
+    "prometheus_client": {"server/_metrics.py"},
+}
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(OPTIONAL_IMPORTERS))
+def test_optional_packages_are_imported_at_the_top_of_their_own_modules_only(package: str) -> None:
+    importers = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if package in _top_level_imports(p)}
+    assert importers <= OPTIONAL_IMPORTERS[package], importers

@@ -78,12 +78,14 @@ with Controller(authenticator=auth) as pop:
     c = poplib.POP3(pop.host, pop.port)
     c.user("carol"); c.pass_("pw"); c.stat(); c.list(); c.uidl(); c.retr(1); c.top(1, 0); c.quit()
 print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("email", "html", "ipaddress", "pickle", "logging",
-                                                                    "redis", "crc32c")
+                                                                    "redis", "crc32c", "prometheus_client")
                       or m.startswith("qpopper.extensions.xmangle.")
                       and m.rsplit(".", 1)[1] not in ("spec", "messages", "commands")
                       or m in ("logging.handlers", "qpopper.extensions.bulletins",
                                "qpopper.daemon.forking", "qpopper.daemon.workers", "qpopper.server.proxyheader",
-                               "qpopper.server._proxied", "qpopper.server._shared_state"))))
+                               "qpopper.server._proxied", "qpopper.server._shared_state",
+                               "qpopper.server._tally", "qpopper.server._metrics", "qpopper.server._control",
+                               "qpopper.server._operations", "qpopper.daemon.operations"))))
 """
 
 

@@ -119,6 +119,10 @@ class Options:
     auth_fail_delay_max: float = _default("auth_fail_delay_max")
     # One log line per failed login in a form fail2ban matches easily.
     log_auth_failures: bool = _default("log_auth_failures")
+    # Operations: the OpenMetrics endpoint, its processes' files, the control sockets (who, kick).
+    metrics_listen: str | None = _default("metrics_listen")
+    metrics_dir: str | None = _default("metrics_dir")
+    control_dir: str | None = _default("control_dir")
     # Seconds a client has to log in, in all (a slow-drip client cannot
     # hold a connection by sending a byte now and then).
     login_timeout: float = _default("login_timeout")

@@ -473,8 +473,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "run as root, or serve virtual users with --passwd-file"
             )
         if inv.inetd:
-            _serve_inetd(options)
+            # One session per process and nothing that outlives it: no exporter, no control socket.
+            _serve_inetd(options.replace(metrics_listen=None, control_dir=None))
             return 0
+        if options.metrics_listen or options.control_dir:
+            from .operations import start_operations
+
+            options = start_operations(options)  # before anything forks or starts a thread
         if options.system_users:
             from .forking import ForkingServer  # only this mode needs it
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from ..config.options import Options
 from ..server._privileges import preload_session_modules
 from ..server._server import Server, bind_socket
+from .operations import process_book
 from .systemd import notify
 
 log = logging.getLogger("qpopper.server")
@@ -54,6 +55,8 @@ class ForkingServer:
         self._stopping: str | None = None
         self._reload = False
         self._reloader = reload or server.reload
+        # Set when metrics or the control socket are on: what is tidied when a session process ends.
+        self.book = process_book(self.options)
 
     # ---- parent ---------------------------------------------------------------
 
@@ -153,6 +156,8 @@ class ForkingServer:
             if pid == 0:
                 return
             address = self._children.pop(pid, None)
+            if self.book is not None:
+                self.book.ended(pid)
             if address is not None:
                 self._per_ip[address] -= 1
                 if self._per_ip[address] <= 0:
@@ -178,6 +183,9 @@ class ForkingServer:
             or self._per_ip[host] >= self.options.max_connections_per_ip
         ):
             log.warning("%s: connection refused, limit reached", host)
+            if self.server.services.tally is not None:
+                full = len(self._children) >= self.options.max_connections
+                self.server.services.tally.refused("max-connections" if full else "max-connections-per-ip")
             try:
                 conn.setblocking(True)
                 conn.settimeout(2)
@@ -186,18 +194,24 @@ class ForkingServer:
                 pass
             conn.close()
             return
+        if self.book is not None:
+            self.book.before_fork()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 for sock, _ in self._listeners:
                     sock.close()
+                if self.book is not None:
+                    self.book.in_session_child()
                 code = self._child(conn, implicit_tls)
             except BaseException:  # the child must never return into the parent's loop
                 log.exception("session process failed")
             finally:
                 os._exit(code)
         conn.close()
+        if self.book is not None:
+            self.book.forked(pid)
         self._children[pid] = host
         self._per_ip[host] += 1
 
@@ -213,6 +227,8 @@ class ForkingServer:
 
     async def _serve_child(self, conn: socket.socket, implicit_tls: bool) -> None:
         loop = asyncio.get_running_loop()
+        if self.server.control is not None:
+            await self.server.control.start()  # before the session becomes its user
         task = loop.create_task(self.server.serve_socket(conn, implicit_tls, self.server.behind_balancer(conn)))
         stopping: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from ..config.options import Options
 from ..server._privileges import preload_session_modules
 from ..server._server import bind_socket
+from .operations import process_book
 from .systemd import notify
 
 log = logging.getLogger("qpopper.server")
@@ -62,6 +63,7 @@ class WorkerPool:
         self._old_mask: set[int | signal.Signals] = set()
         self._children: dict[int, float] = {}  # pid -> start time
         self._stopping = False
+        self.book = process_book(options)  # metrics or the control socket: tidied when a worker ends
 
     def bind(self) -> None:
         """Bind every listener now, so that errors stop the start-up.
@@ -140,6 +142,8 @@ class WorkerPool:
             if pid == 0:
                 return
             started = self._children.pop(pid, None)
+            if self.book is not None:
+                self.book.ended(pid)
             if started is None or self._stopping:
                 continue
             code = os.waitstatus_to_exitcode(status)

@@ -91,7 +91,7 @@ class Connection:
 
     __slots__ = (
         "_committed", "_deadline", "_idle", "_login_deadline", "_loop_ref", "_timed_out", "_watchdog",
-        "_watchdog_at", "login", "out", "peer", "records", "retrieval", "services", "session", "stream",
+        "_watchdog_at", "kicked", "login", "out", "peer", "records", "retrieval", "services", "session", "stream",
         "updating",
     )  # fmt: skip
 
@@ -119,6 +119,7 @@ class Connection:
         # True while UPDATE runs: a draining server waits for it.
         self.updating = False
         self._committed = False
+        self.kicked = False  # ended by the administrator (kick): nothing of it is committed
         self._idle = False  # waiting for the client's next command
         # The read deadline: one timer per connection, moved only when it
         # fires early (a timer per read cost more than parsing the command).
@@ -131,10 +132,29 @@ class Connection:
         self.session.kerberos = services.kerberos
         if trace_log.isEnabledFor(logging.DEBUG) and trace_log.handlers:
             self.session.trace = self._trace_in
+        if services.tally is not None:
+            services.tally.connected(stream)
 
     @property
     def connected_at(self) -> float:
         return self.records.connected
+
+    @property
+    def state(self) -> str:
+        """The POP3 state, as `who` and the metrics name it."""
+        if self.updating:
+            return "update"
+        return "transaction" if self.retrieval is not None else "authorization"
+
+    def kick(self) -> bool:
+        """End this session now without applying its deletions; False if
+        its UPDATE is already under way (it finishes, as a QUIT would)."""
+        if self.updating:
+            return False
+        self.kicked = True
+        log.info("%s: session of %s ended by the administrator", self.peer, self.session.user or "-")
+        self.shutdown(b"-ERR [SYS/TEMP] Session ended by the administrator.\r\n")
+        return True
 
     @property
     def options(self) -> Options:
@@ -181,11 +201,11 @@ class Connection:
         """Not logged in and waiting for the client: first to go when full."""
         return self._idle and not self.session.authenticated
 
-    def shutdown(self) -> None:
+    def shutdown(self, reply: bytes = b"-ERR [SYS/TEMP] Server shutting down.\r\n") -> None:
         """The server is stopping: tell an idle client and close."""
         if self._idle:
             try:
-                self.stream.write(b"-ERR [SYS/TEMP] Server shutting down.\r\n")
+                self.stream.write(reply)
             except (OSError, RuntimeError):  # the peer may be gone already (uvloop: RuntimeError)
                 pass
         self.stream.close()
@@ -264,7 +284,7 @@ class Connection:
             if retrieval is not None:
                 maildrop = retrieval.maildrop
                 try:
-                    if self.options.update_on_abort and self.session.in_transaction:
+                    if self.options.update_on_abort and self.session.in_transaction and not self.kicked:
                         # qpopper's update-on-abort: commit marks on a lost connection.
                         self.updating = True
                         marks = Commit(frozenset(self.session.marked_deleted), self.session.retrieved)
@@ -282,6 +302,9 @@ class Connection:
             # Whatever happened above, even a cancellation: the socket closes.
             self.stream.close()
             self.records.cancel_lookup()
+            if self.services.tally is not None:
+                deleted = len(self.session.marked_deleted) if self._committed else 0
+                self.services.tally.session_ended(len(self.session.retrieved), deleted)
         await self.login.wait_background(timeout=10)
         try:
             async with asyncio.timeout(5):
@@ -380,12 +403,18 @@ class Connection:
             await self.stream.start_tls(context, ssl_handshake_timeout=self.options.tls_handshake_timeout)
         except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
             log.info("%s: STLS handshake failed: %s", self.peer, exc)
+            if self.services.tally is not None:
+                self.services.tally.tls_handshake("stls", ok=False)
             return True
+        if self.services.tally is not None:
+            self.services.tally.tls_handshake("stls", ok=True)
         self.session.tls_started(self._security(tls_active=True))
         return False
 
     async def _commit(self, effect: Commit) -> None:
         assert self.retrieval is not None
+        if self.kicked:  # a QUIT that was read before the kick: its deletions are not applied
+            raise _Abort()
         maildrop = self.retrieval.maildrop
         self.updating = True
         try:

@@ -135,6 +135,8 @@ class Login:
         started = time.monotonic()
         user = effect.credentials.user
         credentials = effect.credentials
+        tally = self.services.tally
+        refusal: str | None = None
         try:
             if self.kpop is not None and isinstance(credentials, UserPass):
                 credentials = await self.blocking(self._kpop_credentials, self.kpop, user)
@@ -154,6 +156,8 @@ class Login:
             # A maildrop that cannot be named for this account (SYS/PERM) is
             # no passing outage: say so rather than "try again later".
             permanent = isinstance(exc, MaildropError) and exc.code is ResponseCode.SYS_PERM
+            if tally is not None:
+                tally.login(effect.credentials, "error")
             self.session.auth_failed(ResponseCode.SYS_PERM if permanent else ResponseCode.SYS_TEMP)
             return
         if principal is not None:
@@ -173,6 +177,9 @@ class Login:
             delay = wanted - (time.monotonic() - started)
             if delay > 0:
                 await asyncio.sleep(delay)
+            if tally is not None:
+                tally.failure_delay(max(0.0, time.monotonic() - started))
+                tally.login(effect.credentials, "failed" if refusal is None else "refused")
             log.info("%s: authentication failed for %s", self.peer, printable(user))
             if self.options.log_auth_failures:
                 log.warning("authentication failure; rhost=%s user=%s", self.peer.host, printable(user))
@@ -180,6 +187,8 @@ class Login:
             return
         self.principal = principal
         self.records.authenticated = time.monotonic()
+        if tally is not None:
+            tally.login(effect.credentials, "ok")
         self._after_login(principal.user)
         log.debug("%s: authenticated %s (%s)", self.peer, principal.user, type(effect.credentials).__name__)
         self.session.auth_succeeded(principal.user)
@@ -336,6 +345,8 @@ class Login:
                 return None
         records = self.records
         records.opened = time.monotonic()
+        if self.services.tally is not None:
+            self.services.tally.maildrop_opened(records.opened - (records.authenticated or records.opened))
         self.debug("%s: opened %s in %.3f s", self.peer, principal.mail, records.opened - (records.authenticated or 0))
         if self.options.enforce_login_delay:  # a record per user otherwise kept for nothing
             if shared is None:

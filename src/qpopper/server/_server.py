@@ -175,7 +175,8 @@ def bind_socket(address: ListenAddress) -> socket.socket:
 
 
 async def accepted_socket_stream(
-    sock: socket.socket, ssl_context: ssl.SSLContext | None = None, handshake_timeout: float | None = None
+    sock: socket.socket, ssl_context: ssl.SSLContext | None = None, handshake_timeout: float | None = None,
+    new_stream: Callable[..., PopStream] = PopStream,
 ) -> PopStream:
     """The stream of an already accepted socket (inetd, a forked session);
     with `ssl_context` the implicit-TLS handshake runs first."""
@@ -183,7 +184,7 @@ async def accepted_socket_stream(
     tls_args: dict[str, Any] = {}
     if ssl_context is not None:
         tls_args = {"ssl": ssl_context, "ssl_handshake_timeout": handshake_timeout}
-    stream = PopStream(loop)
+    stream = new_stream(loop)
     # Our protocol object, not the one returned: with TLS, uvloop returns
     # its SSL protocol rather than the application's.
     await loop.connect_accepted_socket(lambda: stream, sock, **tls_args)
@@ -339,6 +340,13 @@ class Server:
                 options.redis_url, options.redis_timeout, options.redis_key_prefix,
                 self.services.failures, self.services.login_delays,
             )
+        # Operations (metrics, the control socket): a counting stream; the plain one otherwise.
+        self.new_stream: Callable[..., PopStream] = PopStream
+        self.control: Any = None  # the control socket's listener (`_control.ControlListener`)
+        if options.metrics_listen or options.control_dir:
+            from ._operations import attach
+
+            attach(self, per_session_process)
 
     # ---- life cycle -------------------------------------------------------
 
@@ -375,7 +383,7 @@ class Server:
                     listener = TlsListener(sock, serve)
                 else:
                     accept = self._accept_proxied if behind_balancer else self._accept
-                    listener = await loop.create_server(functools.partial(PopStream, loop, accept), sock=sock)
+                    listener = await loop.create_server(functools.partial(self.new_stream, loop, accept), sock=sock)
                 self._servers.append(listener)
                 self._implicit_tls.append(handshake_first)
         except BaseException:
@@ -384,6 +392,8 @@ class Server:
             raise
         for host, port, tls in self.listeners:
             log.info("listening on %s", ListenAddress(host, port, tls))
+        if self.control is not None:
+            await self.control.start()
         self._housekeeping_task = asyncio.get_running_loop().create_task(self._housekeeping())
 
     async def _housekeeping(self) -> None:
@@ -462,6 +472,10 @@ class Server:
         self._executor.shutdown(wait=drain, cancel_futures=True)
         if isinstance(self.authenticator, AsyncAuthenticator):
             await self.authenticator.aclose()
+        if self.control is not None:
+            self.control.close()
+        if self.services.tally is not None:
+            self.services.tally.publish()
         self._closed.set()
 
     async def __aenter__(self) -> Server:
@@ -498,6 +512,10 @@ class Server:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         log.info("configuration reloaded")
+
+    def sessions(self) -> list[Connection]:
+        """The sessions running now (who, kick and the metrics read them)."""
+        return [conn for conn in self._connections.values() if conn is not None]
 
     @property
     def connection_count(self) -> int:
@@ -570,7 +588,7 @@ class Server:
             if identity is None:
                 sock.close()
                 return
-            stream = await accepted_socket_stream(sock)
+            stream = await accepted_socket_stream(sock, new_stream=self.new_stream)
         except OSError as exc:
             log.info("%s: connection lost after KPOP: %s", peer, exc)
             sock.close()
@@ -610,9 +628,11 @@ class Server:
                     sock.close()
                     return
                 peer = _behind_balancer(peer, header, self._proxy)
-            stream = await accepted_socket_stream(sock, context, self.options.tls_handshake_timeout)
+            stream = await accepted_socket_stream(sock, context, self.options.tls_handshake_timeout, self.new_stream)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             log.info("%s: TLS handshake failed: %s", peer, tls_failure_reason(exc))
+            if context is not None and self.services.tally is not None:
+                self.services.tally.tls_handshake("implicit", ok=False)
             sock.close()
             return
         except asyncio.CancelledError:
@@ -620,6 +640,8 @@ class Server:
             raise
         finally:
             self._handshaking.discard(task)
+        if context is not None and self.services.tally is not None:
+            self.services.tally.tls_handshake("implicit", ok=True)
         await self.serve_stream(stream, peer=peer if proxied else None)
 
     async def _read_proxy_header(self, stream: PopStream, balancer: Peer, task: asyncio.Task[Any]) -> Peer | None:
@@ -673,7 +695,6 @@ class Server:
             len(self._connections) >= self.options.max_connections
             or self._per_ip[peer.host] >= self.options.max_connections_per_ip
         ):
-            await _refuse_busy(stream, peer)
             return
         shared = self.services.shared
         token = None

@@ -20,6 +20,7 @@ from ..protocol import SessionConfig
 
 if TYPE_CHECKING:
     from ._shared_state import SharedState
+    from ._tally import Tally
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,8 @@ class Services:
     # Called after each UPDATE that succeeded, with the user and how many
     # messages were deleted and retrieved: the embedding Controller's waits.
     committed: Callable[[str, int, int], None] | None = None
+    # What the operator's metrics count (`_tally.Tally`); None when they are off.
+    tally: Tally | None = None
     # The authenticator's optional abilities, found once here (a Protocol
     # isinstance check costs microseconds, too much per login): None where
     # it has not got them.
