@@ -695,12 +695,18 @@ class Server:
             len(self._connections) >= self.options.max_connections
             or self._per_ip[peer.host] >= self.options.max_connections_per_ip
         ):
+            if self.services.tally is not None:
+                full = len(self._connections) >= self.options.max_connections
+                self.services.tally.refused("max-connections" if full else "max-connections-per-ip")
+            await _refuse_busy(stream, peer)
             return
         shared = self.services.shared
         token = None
         if shared is not None:  # the address's sessions on every instance
             token = await shared.open_session(peer.host, self.options.max_connections_per_ip)
             if token is None:
+                if self.services.tally is not None:
+                    self.services.tally.refused("max-connections-per-ip")
                 await _refuse_busy(stream, peer, "on all instances")
                 return
         self._connections[task] = None
