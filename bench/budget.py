@@ -15,7 +15,7 @@ in C (a system call, uvloop's transport) counts for the Python frame that
 called it; samples with no frame of ours are the event loop's own work
 (accepting, reading sockets, running callbacks).
 
-    flock /work/tools/bench.lock python bench/budget.py [--rev REV | --worktree] [--seconds S]
+    python bench/budget.py [--rev REV | --worktree] [--seconds S]
 
 prints a Markdown table per scenario (and --json FILE keeps the figures).
 """

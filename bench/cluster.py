@@ -1,7 +1,7 @@
 """Scaling out: one instance against two behind HAProxy, each on a core of its own.
 
-    flock /work/tools/bench.lock .venv/bin/python bench/cluster.py --quick   # 1 round of 3 s per case
-    flock /work/tools/bench.lock .venv/bin/python bench/cluster.py           # 3 rounds of 8 s
+    .venv/bin/python bench/cluster.py --quick   # 1 round of 3 s per case
+    .venv/bin/python bench/cluster.py           # 3 rounds of 8 s
 
 Three set-ups serve the same Maildir (one directory, as shared storage would
 be), each qpopper process pinned to one core with taskset:
@@ -203,7 +203,7 @@ def report(results: dict[tuple[str, str], list[dict[str, Any]]], args: argparse.
         "",
         f"Commit {rev}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
         f"{args.rounds} round(s) of {args.duration} s per case (medians). Command: "
-        f"`flock /work/tools/bench.lock .venv/bin/python bench/cluster.py{' --quick' if args.quick else ''}`.",
+        f"`.venv/bin/python bench/cluster.py{' --quick' if args.quick else ''}`.",
         "Each qpopper process is pinned to one core (taskset); HAProxy (1 thread) and the popbench client",
         "are not pinned and share the same two cores.",
         "",
@@ -245,8 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default=str(REPO / ".venv" / "bin" / "python")
                    if (REPO / ".venv" / "bin" / "python").exists() else sys.executable)
     shared = Path(os.environ.get("QPOPPER_BENCH_SHARED", REPO.parent / "shared" / "bench"))
-    if not (shared / "popbench.py").exists():
-        shared = Path("/work/shared/bench")
     p.add_argument("--popbench", default=str(shared / "popbench.py"))
     p.add_argument("--haproxy", default=shutil.which("haproxy") or "/usr/sbin/haproxy")
     p.add_argument("--port-base", type=int, default=11310)

@@ -11,7 +11,7 @@ own allocations (the socket module, this file) are left out. Memory outside
 Python's allocators (the kernel's socket buffers, uvloop's libuv handles,
 OpenSSL) is not seen: popbench's PSS figure includes it.
 
-    flock /work/tools/bench.lock python bench/idle_bytes.py [--sessions N] [--top K]
+    python bench/idle_bytes.py [--sessions N] [--top K]
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ are zeroed, a fixed number of sessions run one after another from this process
     login   USER, PASS, STAT, QUIT on a new connection (popbench's login session)
     retr    RETR of a ~15 kB message in one logged-in session
 
-    flock /work/tools/bench.lock python bench/instructions.py [--sessions N] [--retrs N] [--keep DIR]
+    python bench/instructions.py [--sessions N] [--retrs N] [--keep DIR]
         [--twisted PYTHON]
 
 With --twisted (the interpreter of a virtualenv holding Twisted, as bench/run.py

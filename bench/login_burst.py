@@ -13,7 +13,7 @@ clients logging in and out as fast as they are let), for each configuration:
     file-argon2id  the passwd-file backend, same hashes, checked in the server's
                    general worker threads (up to 32 at once, normal priority)
 
-    flock /work/tools/bench.lock .venv/bin/python bench/login_burst.py --quick
+    .venv/bin/python bench/login_burst.py --quick
 
 Prints one line per configuration and phase: RETRs measured, p50, p99
 and max latency in ms, and logins per second of the burst.

@@ -13,7 +13,7 @@ instructions the workload cost, per session and per message retrieved:
 the figure that other load on the machine does not move. The exporter
 process (which only works when scraped) is not counted in either mode.
 
-Run it under the shared bench lock: flock /work/tools/bench.lock python bench/metrics_cost.py
+Run it alone on the machine: python bench/metrics_cost.py
 """
 
 from __future__ import annotations

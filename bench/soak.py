@@ -21,7 +21,7 @@ still in its maildrop once, never both, never twice (exit 1 otherwise). The long
 `--sample` seconds: RSS, open descriptors, tasks; the slopes per hour are fitted by least squares
 after the first fifth of the run (the warm-up). Prints one JSON object.
 
-Run it under the bench lock: flock /work/tools/bench.lock python bench/soak.py --minutes 30
+Run it alone on the machine: python bench/soak.py --minutes 30
 """
 
 from __future__ import annotations
