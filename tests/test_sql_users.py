@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import QPOPPER, TEST_DAEMON_ARGS, QpopperProcess, write_maildir_message
+from helpers import QPOPPER, TEST_DAEMON_ARGS, QpopperProcess, without_coverage, write_maildir_message
 from pg_helpers import SKIP_REASON, PostgresServer, pg_bin
 from qpopper.auth.backendargs import parse_backend_args
 from qpopper.auth.sql import bind_query, query_values, record_from_rows
@@ -428,5 +428,6 @@ def test_sql_backend_is_not_loaded_by_a_plain_session() -> None:
     code = ("import sys, qpopper.server, qpopper.daemon.cli; "
             "print(sorted(m for m in sys.modules if m.startswith(('psycopg', 'qpopper.auth.sql', "
             "'qpopper.auth.userdb', 'qpopper.auth.authcache', 'sqlite3'))))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                         env=without_coverage())  # coverage's data file is SQLite
     assert out.stdout.strip() == "[]"
