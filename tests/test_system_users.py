@@ -166,6 +166,19 @@ def test_wrong_password_unknown_and_system_accounts_refused(daemon: Daemon, acco
     assert "login of root refused: uid 0 is below min-uid" in log
 
 
+def test_nul_in_password_does_not_cut_it_short_for_pam(daemon: Daemon, accounts: list[Account]) -> None:
+    """PAM takes C strings: "password\\0junk" must not reach pam_unix as "password"."""
+    from test_nul_password import auth_login
+
+    alice = accounts[0]
+    reply, bye = auth_login(daemon.port, alice.name.encode(), alice.password.encode() + b"\0junk")
+    assert reply.startswith(b"-ERR [AUTH]"), reply
+    assert bye.startswith(b"+OK"), bye
+    reply, _ = auth_login(daemon.port, alice.name.encode(), alice.password.encode())
+    assert reply.startswith(b"+OK"), reply
+    assert "Traceback" not in daemon.stop()
+
+
 def test_locked_and_expired_accounts_refused(daemon: Daemon, accounts: list[Account]) -> None:
     bob = accounts[1]
     subprocess.run(["usermod", "-L", bob.name], check=True)

@@ -76,7 +76,7 @@ def _dummy_hash() -> str:
 
 def _verify_dummy(password: bytes) -> None:
     """Unknown users cost what a real check of the default strength costs."""
-    _handler("sha512_crypt").verify(password, _dummy_hash())
+    verify_password("SHA512-CRYPT", _dummy_hash(), password)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +132,11 @@ def verify_password(scheme: str, hashed: str, password: bytes) -> bool:
         secret = parse_scram_secret(hashed)
         derived = scram_secret_from_password(password, base, secret.salt, secret.iterations)
         return hmac.compare_digest(derived.stored_key, secret.stored_key)
+    if base in _CRYPT_HANDLERS or base == "CRYPT":
+        if b"\0" in password:
+            # crypt(3) hashes C strings: no stored hash can hold a NUL, and passlib
+            # refuses one. Known and unknown users both answer at once here.
+            return False
     if base in _CRYPT_HANDLERS:
         return bool(_handler(_CRYPT_HANDLERS[base]).verify(password, hashed))
     if base == "CRYPT":

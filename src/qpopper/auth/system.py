@@ -94,6 +94,10 @@ class SystemAuthenticator(Authenticator):
     def authenticate(self, credentials: Credentials) -> Principal | None:
         entry = self._account(credentials.user)
         if isinstance(credentials, UserPass):
+            if b"\0" in credentials.password:
+                # PAM's conversation carries C strings: "secret\0junk" would reach
+                # pam_unix as "secret". No Unix password holds a NUL.
+                return None
             handle = self._pam.pam()
             ok = handle.authenticate(
                 credentials.user, credentials.password, service=self.service, resetcreds=False
