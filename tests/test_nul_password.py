@@ -9,12 +9,10 @@ from __future__ import annotations
 import base64
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from helpers import QpopperProcess, write_maildir_message
-
 from qpopper.auth.passwdfile import verify_password
 
 

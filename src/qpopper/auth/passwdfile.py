@@ -132,11 +132,10 @@ def verify_password(scheme: str, hashed: str, password: bytes) -> bool:
         secret = parse_scram_secret(hashed)
         derived = scram_secret_from_password(password, base, secret.salt, secret.iterations)
         return hmac.compare_digest(derived.stored_key, secret.stored_key)
-    if base in _CRYPT_HANDLERS or base == "CRYPT":
-        if b"\0" in password:
-            # crypt(3) hashes C strings: no stored hash can hold a NUL, and passlib
-            # refuses one. Known and unknown users both answer at once here.
-            return False
+    if (base in _CRYPT_HANDLERS or base == "CRYPT") and b"\0" in password:
+        # crypt(3) hashes C strings: no stored hash can hold a NUL, and passlib
+        # refuses one. Known and unknown users both answer at once here.
+        return False
     if base in _CRYPT_HANDLERS:
         return bool(_handler(_CRYPT_HANDLERS[base]).verify(password, hashed))
     if base == "CRYPT":
