@@ -431,3 +431,66 @@ def test_sql_backend_is_not_loaded_by_a_plain_session() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
                          env=without_coverage())  # coverage's data file is SQLite
     assert out.stdout.strip() == "[]"
+
+
+def _scram_login(port: int, mechanism: str, user: str, password: str) -> tuple[bytes, bytes]:
+    """A whole SCRAM exchange over the wire with scramp's client (RFC 5802):
+    the server's final reply and the answer to STAT after it."""
+    import base64
+
+    import scramp
+
+    client = scramp.ScramClient([mechanism], user, password)
+    with contextlib.closing(poplib.POP3("127.0.0.1", port, timeout=30)) as pop:
+        wire = pop.file
+
+        def send(line: bytes) -> bytes:
+            pop.sock.sendall(line + b"\r\n")
+            return wire.readline().rstrip(b"\r\n")
+
+        first = send(b"AUTH " + mechanism.encode() + b" " + base64.b64encode(client.get_client_first().encode()))
+        assert first.startswith(b"+ "), first
+        client.set_server_first(base64.b64decode(first[2:]).decode())
+        final = send(base64.b64encode(client.get_client_final().encode()))
+        if final.startswith(b"+ "):
+            client.set_server_final(base64.b64decode(final[2:]).decode())  # checks the server's signature
+            final = send(b"")
+        stat = send(b"STAT") if final.startswith(b"+OK") else b""
+        send(b"QUIT")
+        return final, stat
+
+
+@needs_postgres
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-1"])
+def test_scram_logins_against_postgres(postgres: PostgresServer, tmp_path: Path, mechanism: str) -> None:
+    """SCRAM end to end with the secret from the database: stored as
+    Dovecot stores it ({SCRAM-SHA-256}iterations,salt,stored,server), or
+    derived from a {PLAIN} password; a wrong password fails at the proof."""
+    import base64
+
+    from qpopper.auth.sasl import scram_secret_from_password
+
+    secret = scram_secret_from_password(b"dave-pw", mechanism)
+    salt, stored_key, server_key = (base64.b64encode(v).decode() for v in (secret.salt, secret.stored_key,
+                                                                          secret.server_key))  # fmt: skip
+    stored = f"{{{mechanism}}}{secret.iterations},{salt},{stored_key},{server_key}"
+    home = tmp_path / "home" / "dave"
+    write_maildir_message(home / "Maildir", MSG)
+    postgres.execute("INSERT INTO users (userid, password, home, maildir) VALUES (%s, %s, %s, %s)",
+                     ("dave", stored, str(home), f"maildir:{home / 'Maildir'}"))  # fmt: skip
+    postgres.execute("UPDATE users SET allow_nets = NULL WHERE userid = 'erin'")  # erin: {PLAIN}
+    daemon = _daemon(tmp_path, _pg_args(tmp_path, postgres), "--auth-cache-size=1M")
+    try:
+        for user, password in [("dave", "dave-pw"), ("dave", "dave-pw"), ("erin", "erin-pw")]:  # the 2nd: a cache hit
+            final, stat = _scram_login(daemon.port, mechanism, user, password)
+            assert final.startswith(b"+OK"), final
+            assert stat.startswith(b"+OK 1 "), stat
+        final, _ = _scram_login(daemon.port, mechanism, "dave", "wrong")
+        assert final.startswith(b"-ERR [AUTH]"), final
+        final, _ = _scram_login(daemon.port, mechanism, "nobody", "x")
+        assert final.startswith(b"-ERR [AUTH]"), final
+    finally:
+        log = daemon.stop()
+    assert "Traceback" not in log
+    for text in (CONNECT_SECRET, "dave-pw", "erin-pw"):
+        assert text not in log
