@@ -204,6 +204,28 @@ def test_sqlite_users_log_in(sqlite_args: Path, tmp_path: Path) -> None:
         assert secret not in log
 
 
+def test_nologin_reason_is_shown_only_with_the_right_password(sqlite_args: Path, tmp_path: Path) -> None:
+    """Dovecot's nologin with reason=: the administrator's text replaces
+    "Authentication failed." once the password matched (one line, control
+    characters gone); a wrong password gets the usual answer."""
+    text = sqlite_args.read_text().replace(
+        "SELECT userid AS user, password, nologin, allow_nets FROM users",
+        "SELECT userid AS user, password, nologin, allow_nets, CASE WHEN nologin IS NOT NULL THEN "
+        "'Mailbox moving to the new server' || char(13, 10) || '+OK forged  until Monday' END AS reason FROM users",
+    )
+    assert "AS reason" in text
+    sqlite_args.write_text(text)
+    daemon = _daemon(tmp_path, sqlite_args)
+    try:
+        assert _refusal(daemon.port, "carol", "carol-pw") == (
+            "-ERR [AUTH] Mailbox moving to the new server +OK forged until Monday")
+        assert _refusal(daemon.port, "carol", "wrong") == "-ERR [AUTH] Authentication failed."
+        _login(daemon.port, "alice", "alice-pw").quit()  # no nologin: the reason column is NULL
+    finally:
+        log = daemon.stop()
+    assert "login of carol refused by the user database (nologin)" in log
+
+
 def _quote_laden_lookups(args_file: Path) -> None:
     """Names full of quotes straight at the database: each finds its own
     row or none, as bound parameters do (spliced, the first would match all)."""

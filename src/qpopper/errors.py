@@ -63,3 +63,14 @@ class WouldBlock(QpopperError):
 
 class AuthUnavailable(QpopperError):
     """The authentication backend failed (not the user's credentials)."""
+
+
+class LoginRefused(QpopperError):
+    """Right credentials, but the user database says this user may not log
+    in now and gives the client a reason (Dovecot's nologin with reason=,
+    e.g. "mailbox is being migrated, try again tomorrow"). Only raised once
+    the password has matched, so the text tells a stranger nothing."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

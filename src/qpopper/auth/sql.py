@@ -18,7 +18,7 @@ client sends is ever part of the SQL text.
 The password query's columns: `user` (the canonical name; or `username`
 and `domain`), `password` (or `password_noscheme`), `userdb_home`,
 `userdb_uid`, `userdb_gid`, `userdb_mail` (Dovecot's prefetch), and any
-other field (nopassword, nologin, deny, allow_nets, ...) as an extra; a
+other field (nopassword, nologin with its reason, deny, allow_nets, ...) as an extra; a
 NULL is no value. The user query, when there is one, adds home, uid, gid
 and mail; a user it does not find cannot log in.
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
-from ..errors import AuthUnavailable, ConfigError
+from ..errors import AuthUnavailable, ConfigError, LoginRefused
 from ..maildrop.location import DEFAULT_LOCATION, expand_location
 from . import AsyncAuthenticator, Authenticator, Principal, ScramSecretSource
 from .credentials import Credentials, Rejected, ScramSecret, UserPass, Verified
@@ -208,6 +208,15 @@ def bind_cache_hash(password: bytes) -> str:
     return "{SSHA512}" + base64.b64encode(hashlib.sha512(password + salt).digest() + salt).decode("ascii")
 
 
+def client_reason(text: str | None) -> str:
+    """A database's reason= text as one reply line: printable characters,
+    runs of white space as one space, at most 200 characters (a POP3
+    reply line has 512 in all)."""
+    if not text:
+        return ""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())[:200]
+
+
 def _client_allowed(allow_nets: str, client: str | None) -> bool:
     """Dovecot's allow_nets: a comma or space separated list of networks."""
     if client is None:
@@ -242,9 +251,10 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
     Lookups go through the auth cache when there is one; passwords are
     checked in `HashPool`; unknown users cost a dummy check; a database
     failure is AuthUnavailable ([SYS/TEMP] to the client). Which record
-    fields refuse a login: `nologin` and `deny` (always), `allow_nets`
-    (when the client is not in one). `nopassword` lets any password pass,
-    as in Dovecot.
+    fields refuse a login: `nologin` and `deny` (always; a `reason` beside
+    `nologin` is what the client is told once its password matched),
+    `allow_nets` (when the client is not in one). `nopassword` lets any
+    password pass, as in Dovecot.
     """
 
     def __init__(
@@ -399,10 +409,15 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
         return hashed.encode("utf-8") if scheme in _PLAINTEXT_SCHEMES else None
 
     def _may_log_in(self, record: UserRecord, client: str | None) -> bool:
+        """Whether a user whose credentials were right may log in; raises
+        LoginRefused for nologin with a reason, which the client is shown."""
         extra = record.extra
         if _flag(extra, "nologin") or _flag(extra, "deny"):
             log.info("login of %s refused by the user database (%s)", record.user,
                      "nologin" if _flag(extra, "nologin") else "deny")
+            reason = client_reason(extra.get("reason"))
+            if reason and _flag(extra, "nologin"):
+                raise LoginRefused(reason)
             return False
         nets = extra.get("allow_nets")
         if nets and not _client_allowed(nets, client):

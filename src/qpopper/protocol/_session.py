@@ -255,12 +255,14 @@ class Session(StateMachine):
         self.user = user
         self.ask(OpenMaildrop(user), Awaiting.MAILDROP)
 
-    def auth_failed(self, code: ResponseCode = ResponseCode.AUTH) -> None:
-        """Bad credentials (AUTH) or a failing backend (SYS/TEMP)."""
+    def auth_failed(self, code: ResponseCode = ResponseCode.AUTH, reason: str | None = None) -> None:
+        """Bad credentials (AUTH) or a failing backend (SYS/TEMP). `reason`
+        replaces the AUTH text: the user database's word to a user whose
+        password was right (one printable line, from the administrator)."""
         self.answered(Awaiting.AUTH)
         self.user = None
         if code is ResponseCode.AUTH:
-            self.reply(err("Authentication failed.", code))
+            self.reply(err(reason or "Authentication failed.", code))
         elif code is ResponseCode.SYS_PERM:
             self.reply(err("This account cannot be served; please contact support.", code))
         else:

@@ -29,11 +29,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..auth import Principal
-from ..auth.credentials import Rejected, UserPass, Verified
+from ..auth.credentials import Credentials, Rejected, UserPass, Verified
 from ..auth.sasl import Fail
 from ..config.configfile import Context, read_config
 from ..config.options import Options, apply_settings
-from ..errors import AuthUnavailable, ConfigError, MaildropError, ResponseCode, WouldBlock
+from ..errors import AuthUnavailable, ConfigError, LoginRefused, MaildropError, ResponseCode, WouldBlock
 from ..extensions.postlogin import after_login
 from ..logtext import printable
 from ..maildrop import Maildrop, MaildropSettings
@@ -134,23 +134,13 @@ class Login:
         auth_failed, the latter only after the failure delay."""
         started = time.monotonic()
         user = effect.credentials.user
-        credentials = effect.credentials
         tally = self.services.tally
         refusal: str | None = None
+        reason: str | None = None  # the user database's text for a refused user
         try:
-            if self.kpop is not None and isinstance(credentials, UserPass):
-                credentials = await self.blocking(self._kpop_credentials, self.kpop, user)
-            if isinstance(credentials, Rejected):
-                principal = None
-            else:
-                quick = self.services.authenticate_quickly
-                principal = quick(credentials) if quick is not None else None
-                if principal is None:
-                    on_loop = self.services.authenticate_async
-                    if on_loop is not None:
-                        principal = await on_loop(credentials, self.peer.host)
-                    else:
-                        principal = await self.blocking(self.services.authenticator.authenticate, credentials)
+            principal = await self._check(effect.credentials)
+        except LoginRefused as exc:
+            principal, refusal, reason = None, "the user database says nologin", exc.reason
         except (AuthUnavailable, MaildropError) as exc:
             log.error("%s: authentication backend failed: %s", self.peer, exc)
             # A maildrop that cannot be named for this account (SYS/PERM) is
@@ -183,7 +173,7 @@ class Login:
             log.info("%s: authentication failed for %s", self.peer, printable(user))
             if self.options.log_auth_failures:
                 log.warning("authentication failure; rhost=%s user=%s", self.peer.host, printable(user))
-            self.session.auth_failed(ResponseCode.AUTH)
+            self.session.auth_failed(ResponseCode.AUTH, reason)
             return
         self.principal = principal
         self.records.authenticated = time.monotonic()
@@ -192,6 +182,23 @@ class Login:
         self._after_login(principal.user)
         log.debug("%s: authenticated %s (%s)", self.peer, principal.user, type(effect.credentials).__name__)
         self.session.auth_succeeded(principal.user)
+
+    async def _check(self, credentials: Credentials) -> Principal | None:
+        """The principal these credentials name, or None: the cheap check on
+        the loop first, then the database's own coroutine or a thread."""
+        if self.kpop is not None and isinstance(credentials, UserPass):
+            credentials = await self.blocking(self._kpop_credentials, self.kpop, credentials.user)
+        if isinstance(credentials, Rejected):
+            return None
+        quick = self.services.authenticate_quickly
+        principal = quick(credentials) if quick is not None else None
+        if principal is None:
+            on_loop = self.services.authenticate_async
+            if on_loop is not None:
+                principal = await on_loop(credentials, self.peer.host)
+            else:
+                principal = await self.blocking(self.services.authenticator.authenticate, credentials)
+        return principal
 
     def _kpop_credentials(self, kpop: KpopIdentity, user: str) -> Verified | Rejected:
         """After KPOP, a password login names the user and the principal
