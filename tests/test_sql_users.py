@@ -445,6 +445,25 @@ def test_sighup_reloads_the_args_file(postgres: PostgresServer, tmp_path: Path) 
     assert CONNECT_SECRET not in log
 
 
+def test_sighup_applies_new_cache_and_hash_settings(sqlite_args: Path, tmp_path: Path) -> None:
+    """auth-cache-size and auth-hash-workers from a -f file, changed and
+    picked up at SIGHUP without a restart (Dovecot needs a reload too)."""
+    conf = tmp_path / "qpopper.conf"
+    conf.write_text("set auth-cache-size = 0\n")
+    daemon = _daemon(tmp_path, sqlite_args, "-f", str(conf))
+    try:
+        _login(daemon.port, "alice", "alice-pw").quit()
+        conf.write_text("set auth-cache-size = 1M\nset auth-cache-negative-ttl = 0\nset auth-hash-workers = 3\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "password hashes: 3 checked at once" in daemon.log.read_text(), 20, "no reload")
+        for _ in range(3):
+            _login(daemon.port, "alice", "alice-pw").quit()
+    finally:
+        log = daemon.stop()
+    # At stop: the new cache saw the three logins, one miss and two hits.
+    assert "auth cache: 1 entries" in log and "2 hits (0 negative), 1 misses" in log, log
+
+
 def test_sql_backend_is_not_loaded_by_a_plain_session() -> None:
     """The passwd-file path loads none of this (tests/test_memory.py counts the rest)."""
     code = ("import sys, qpopper.server, qpopper.daemon.cli; "

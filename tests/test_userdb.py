@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qpopper import Controller
-from qpopper.auth.authcache import AuthCache
+from qpopper.auth import AuthTuning
 from qpopper.auth.userdb import BindingUserDatabase, DatabaseAuthenticator, UserDatabase, UserRecord
 from qpopper.errors import AuthUnavailable
 
@@ -152,8 +152,10 @@ def test_blocking_entry_point_runs_on_the_servers_loop(database: DictDatabase, m
 
 
 def test_cache_refuses_a_wrong_password_on_a_hit(database: DictDatabase, mailroot: Path) -> None:
-    cache = AuthCache[UserRecord](size=1 << 20, ttl=3600, negative_ttl=3600)
-    auth = DatabaseAuthenticator(database, mail_location=f"maildir:{mailroot}/%u/Maildir", cache=cache)
+    auth = DatabaseAuthenticator(database, mail_location=f"maildir:{mailroot}/%u/Maildir",
+                                 tuning=AuthTuning(cache_size=1 << 20))  # fmt: skip
+    cache = auth.cache
+    assert cache is not None
     with Controller(authenticator=auth) as server:
         login(server, "alice", "secret").quit()
         looked_up = len(database.lookups)
@@ -171,3 +173,24 @@ def test_cache_refuses_a_wrong_password_on_a_hit(database: DictDatabase, mailroo
         assert len(database.lookups) == looked_up
     assert cache.hits >= 3 and cache.negative_hits == 1 and cache.entries == 2
     assert auth.counters()["auth_cache_entries"] == 2
+
+
+def test_sighup_tuning_resizes_the_cache_and_the_hash_pool(database: DictDatabase, mailroot: Path) -> None:
+    """auth-cache-* and auth-hash-workers change at a reload: a new, empty
+    cache of the new size (none for 0), a pool of the new width; logins
+    go on across it."""
+    auth = DatabaseAuthenticator(database, mail_location=f"maildir:{mailroot}/%u/Maildir")
+    assert auth.cache is None
+    with Controller(authenticator=auth) as server:
+        login(server, "alice", "secret").quit()
+        auth.reload(AuthTuning(cache_size=1 << 20, cache_ttl=60, cache_negative_ttl=0, hash_workers=3))
+        assert auth.cache is not None and (auth.cache.size, auth.cache.ttl, auth.cache.negative_ttl) == (1 << 20, 60, 0)
+        assert auth.hashes.workers == 3
+        looked_up = len(database.lookups)
+        login(server, "alice", "secret").quit()
+        login(server, "alice", "secret").quit()
+        assert len(database.lookups) == looked_up + 1  # the second was a hit
+        auth.reload(AuthTuning(cache_size=0, hash_workers=3))
+        assert auth.cache is None and auth.hashes.workers == 3
+        login(server, "alice", "secret").quit()
+        assert "[AUTH]" in refused(server, "alice", "wrong")

@@ -79,13 +79,25 @@ class AsyncAuthenticator(Protocol):
     async def aclose(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class AuthTuning:
+    """The sizes of the auth cache and of the hash pool (auth-cache-size,
+    -ttl, -negative-ttl, auth-hash-workers): SIGHUP may change them."""
+
+    cache_size: int = 0  # bytes; 0: no cache
+    cache_ttl: float = 3600.0
+    cache_negative_ttl: float = 3600.0
+    hash_workers: int = 0  # 0: one per CPU
+
+
 @runtime_checkable
 class Reloadable(Protocol):
     """An authenticator whose backend settings SIGHUP reads again (the
-    sql and ldap backends' args file); a broken file is logged and the
-    running settings kept."""
+    sql and ldap backends' args file, and `tuning` from the reloaded
+    settings when given); a broken file is logged and the running
+    settings kept."""
 
-    def reload(self) -> None: ...
+    def reload(self, tuning: AuthTuning | None = None) -> None: ...
 
 
 @runtime_checkable

@@ -36,6 +36,7 @@ from ..usernames import is_valid_login_name
 from . import (
     AsyncAuthenticator,
     Authenticator,
+    AuthTuning,
     Principal,
     QuickAuthenticator,
     Reloadable,
@@ -254,7 +255,7 @@ class ApopAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource, Us
     authenticate_async: Callable[[Credentials, str | None], Awaitable[Principal | None]]
     attach: Callable[[asyncio.AbstractEventLoop], None]
     aclose: Callable[[], Awaitable[None]]
-    reload: Callable[[], None]
+    reload: Callable[[AuthTuning | None], None]
 
     async def _authenticate_async(self, credentials: Credentials, client: str | None) -> Principal | None:
         """`authenticate`, awaiting the inner database on the loop."""

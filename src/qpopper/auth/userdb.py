@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from ..errors import AuthUnavailable, ConfigError, LoginRefused
 from ..maildrop.location import DEFAULT_LOCATION, expand_location
-from . import AsyncAuthenticator, Authenticator, Principal, ScramSecretSource
+from . import AsyncAuthenticator, Authenticator, AuthTuning, Principal, ScramSecretSource
 from .credentials import Credentials, Rejected, ScramSecret, UserPass, Verified
 from .secrets import matches_secret
 
@@ -187,9 +187,11 @@ class HashPool:
         if scheme.partition(".")[0] not in _CHEAP_SCHEMES:
             self.last_real = (scheme, hashed)
 
-    def close(self) -> None:
+    def close(self, finish_queued: bool = False) -> None:
+        """Stop the threads; `finish_queued` lets the checks already asked
+        for finish (a pool replaced at SIGHUP still has logins waiting)."""
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor.shutdown(wait=False, cancel_futures=not finish_queued)
             self._executor = None
 
 
@@ -262,18 +264,19 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
         database: UserDatabase,
         mail_location: str = DEFAULT_LOCATION,
         default_scheme: str = "CRYPT",
-        cache: AuthCache[UserRecord] | None = None,
-        hash_pool: HashPool | None = None,
+        tuning: AuthTuning | None = None,
         timeout: float = 30.0,
         reopen: Callable[[], tuple[UserDatabase, str]] | None = None,
     ) -> None:
-        """`reopen` reads the backend's settings again (SIGHUP): a new
+        """`tuning` sizes the auth cache (none by default) and the hash
+        pool; `reopen` reads the backend's settings again (SIGHUP): a new
         database and its default scheme, or ConfigError."""
         self.database = database
         self.mail_location = mail_location
         self.default_scheme = default_scheme
-        self.cache = cache
-        self.hashes = hash_pool or HashPool()
+        self.tuning = tuning or AuthTuning()
+        self.cache = self._new_cache()
+        self.hashes = HashPool(self.tuning.hash_workers or None)
         self.timeout = timeout  # for callers in worker threads, beyond the database's own
         self._reopen = reopen
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -462,28 +465,46 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
         await self.database.close()
         self.hashes.close()
 
-    def reload(self) -> None:
+    def _new_cache(self) -> AuthCache[UserRecord] | None:
+        from .authcache import AuthCache
+
+        tuning = self.tuning
+        if tuning.cache_size <= 0:
+            return None
+        by_client = bool(getattr(self.database, "uses_client", True))  # keyed by %r only where a query uses it
+        return AuthCache[UserRecord](tuning.cache_size, tuning.cache_ttl, tuning.cache_negative_ttl,
+                                     keyed_by_client=by_client)  # fmt: skip
+
+    def reload(self, tuning: AuthTuning | None = None) -> None:
         """SIGHUP: read the backend's settings file again and serve new
         logins from a new database; the old one closes once the logins
         in flight on it are done. A broken file is logged and the running
-        database kept. The cache is emptied: the queries may have changed."""
-        if self._reopen is None:
-            return
-        try:
-            database, scheme = self._reopen()
-        except ConfigError as exc:
-            log.error("user database settings not reloaded, keeping the running ones: %s", exc)
-            return
-        old, self.database, self.default_scheme = self.database, database, scheme
+        database kept. `tuning` (from the reloaded settings) resizes the
+        cache and the hash pool. The cache starts empty either way: the
+        queries, and so whether it is keyed by the client, may have changed."""
+        if self._reopen is not None:
+            try:
+                database, scheme = self._reopen()
+            except ConfigError as exc:
+                log.error("user database settings not reloaded, keeping the running ones: %s", exc)
+            else:
+                old, self.database, self.default_scheme = self.database, database, scheme
+                log.info("user database reloaded: %s", database.describe())
+                loop = self._loop
+                if loop is not None and not loop.is_closed():
+                    task = loop.create_task(self._retire(old))
+                    self._retired.add(task)
+                    task.add_done_callback(self._retired.discard)
+        if tuning is not None and tuning.hash_workers != self.tuning.hash_workers:
+            old_pool, self.hashes = self.hashes, HashPool(tuning.hash_workers or None)
+            self.hashes.last_real = old_pool.last_real
+            old_pool.close(finish_queued=True)
+            log.info("password hashes: %d checked at once", self.hashes.workers)
+        if tuning is not None:
+            self.tuning = tuning
         if self.cache is not None:
             self.cache.log_stats()
-            self.cache.clear()
-        log.info("user database reloaded: %s", database.describe())
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            task = loop.create_task(self._retire(old))
-            self._retired.add(task)
-            task.add_done_callback(self._retired.discard)
+        self.cache = self._new_cache()
 
     async def _retire(self, database: UserDatabase) -> None:
         try:
@@ -557,14 +578,9 @@ def database_authenticator(
     *,
     mail_location: str = DEFAULT_LOCATION,
     default_scheme: str = "CRYPT",
-    cache_size: int = 0,
-    cache_ttl: float = 3600.0,
-    cache_negative_ttl: float = 3600.0,
-    hash_workers: int = 0,
+    tuning: AuthTuning | None = None,
 ) -> DatabaseAuthenticator:
     """The authenticator the server runs for auth-backend sql or ldap."""
-    from .authcache import AuthCache
-
     if not args_path:
         raise ConfigError(f"auth-backend {backend} needs auth-backend-args (its settings file)")
 
@@ -573,10 +589,4 @@ def database_authenticator(
         return database, scheme or default_scheme
 
     database, scheme = reopen()
-    cache = None
-    if cache_size > 0:
-        by_client = bool(getattr(database, "uses_client", True))
-        cache = AuthCache[UserRecord](cache_size, cache_ttl, cache_negative_ttl, keyed_by_client=by_client)
-    return DatabaseAuthenticator(
-        database, mail_location, scheme, cache=cache, hash_pool=HashPool(hash_workers or None), reopen=reopen,
-    )
+    return DatabaseAuthenticator(database, mail_location, scheme, tuning=tuning, reopen=reopen)

@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..auth import AsyncAuthenticator, Authenticator, Reloadable, UserLookup
+from ..auth import AsyncAuthenticator, Authenticator, AuthTuning, Reloadable, UserLookup
 from ..auth.access import AccessPolicy
 from ..auth.passwdfile import PasswdFileAuthenticator
 from ..config.options import ListenAddress, Options
@@ -211,6 +211,12 @@ def _kpop_ports(options: Options) -> frozenset[int]:
     return frozenset([*kpop, KPOP_PORT])
 
 
+def auth_tuning(options: Options) -> AuthTuning:
+    """The cache and hash-pool sizes of the settings, which SIGHUP may change."""
+    return AuthTuning(options.auth_cache_size, options.auth_cache_ttl, options.auth_cache_negative_ttl,
+                      options.auth_hash_workers)  # fmt: skip
+
+
 def make_authenticator(options: Options) -> Authenticator:
     if options.system_users:
         from ..auth.system import SystemAuthenticator
@@ -229,10 +235,7 @@ def make_authenticator(options: Options) -> Authenticator:
             options.auth_backend_args,
             mail_location=options.mail_location,
             default_scheme=options.default_password_scheme,
-            cache_size=options.auth_cache_size,
-            cache_ttl=options.auth_cache_ttl,
-            cache_negative_ttl=options.auth_cache_negative_ttl,
-            hash_workers=options.auth_hash_workers,
+            tuning=auth_tuning(options),
         )
     if options.passwd_file is None:
         raise ConfigError("no user database: give --passwd-file (or run --demo)")
@@ -504,7 +507,7 @@ class Server:
             if reload is not None:
                 reload("")
             if isinstance(self.authenticator, Reloadable):
-                self.authenticator.reload()
+                self.authenticator.reload(auth_tuning(self.options))
             if self.tls.context is not None and self.options.tls_cert_file is not None:
                 reload_certificates(self.tls.context, self.options)
                 self.tls.channel_binding = server_end_point(self.options.tls_cert_file)
