@@ -143,3 +143,18 @@ def test_a_slow_login_never_stalls_other_sessions(tmp_path: Path) -> None:
         release.set()
         assert rawpop.getresp(slow).startswith(b"+OK")
         slow.quit()
+
+
+def test_sighup_tuning_sets_how_many_hashes_run_at_once(tmp_path: Path) -> None:
+    from qpopper.auth import AuthTuning, Reloadable
+
+    path = tmp_path / "passwd"
+    path.write_text("alice:{PLAIN}secret::::::\n")
+    auth = PasswdFileAuthenticator(str(path), hash_workers=2)
+    assert isinstance(auth, Reloadable) and auth.hash_workers == 2
+    auth.reload(None)  # a reload without settings keeps them
+    assert auth.hash_workers == 2
+    auth.reload(AuthTuning(hash_workers=5))
+    assert auth.hash_workers == 5
+    held = [auth._hashing.acquire(blocking=False) for _ in range(6)]  # noqa: SLF001 - the bound itself
+    assert held == [True] * 5 + [False]  # the new semaphore admits exactly five

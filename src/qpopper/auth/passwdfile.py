@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import AuthUnavailable, ConfigError
 from ..maildrop.location import DEFAULT_LOCATION, expand_location
 from ..usernames import is_valid_login_name
-from . import Authenticator, Principal, QuickAuthenticator, ScramSecretSource, UserLookup
+from . import Authenticator, AuthTuning, Principal, QuickAuthenticator, Reloadable, ScramSecretSource, UserLookup
 from .credentials import Credentials, ScramSecret, UserPass, Verified
 from .i18n import prepare_password, prepare_username
 from .sasl import scram_secret_from_password
@@ -211,7 +211,7 @@ def load_passwd_file(path: str, default_scheme: str = "CRYPT") -> dict[str, Pass
     return entries
 
 
-class PasswdFileAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource, UserLookup):
+class PasswdFileAuthenticator(Authenticator, QuickAuthenticator, Reloadable, ScramSecretSource, UserLookup):
     """Authenticator over one passwd-file, reloaded when it changes."""
 
     def __init__(
@@ -227,11 +227,22 @@ class PasswdFileAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSour
         self.path = path
         self.mail_location = mail_location
         self.default_scheme = default_scheme
-        self._hashing = threading.BoundedSemaphore(hash_workers or len(os.sched_getaffinity(0)))
+        self.hash_workers = hash_workers or len(os.sched_getaffinity(0))
+        self._hashing = threading.BoundedSemaphore(self.hash_workers)
         self._lock = threading.Lock()
         self._mtime: tuple[int, int] | None = None
         self._entries: dict[str, PasswdEntry] = {}
         self._reload()  # a broken file is a start-up error, not a login error
+
+    def reload(self, tuning: AuthTuning | None = None) -> None:
+        """SIGHUP: a new auth-hash-workers. (The file itself is read again
+        whenever it changes.) A check under way keeps the semaphore it took."""
+        if tuning is None:
+            return
+        workers = tuning.hash_workers or len(os.sched_getaffinity(0))
+        if workers != self.hash_workers:
+            self.hash_workers, self._hashing = workers, threading.BoundedSemaphore(workers)
+            log.info("password hashes: %d checked at once", workers)
 
     def _reload(self) -> None:
         try:
