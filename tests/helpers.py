@@ -39,6 +39,29 @@ QPOPPER = [sys.executable, "-m", "qpopper"]
 TEST_DAEMON_ARGS = ["--syslog-socket=", "--nonauth-file=", "--auth-fail-delay=0"]
 
 
+def pop_login(port: int, user: str, password: str, timeout: float = 30) -> poplib.POP3:
+    """USER/PASS on a fresh loopback connection; the logged-in client (the
+    caller QUITs it), or poplib.error_proto with the server's refusal."""
+    client = poplib.POP3("127.0.0.1", port, timeout=timeout)
+    try:
+        client.user(user)
+        client.pass_(password)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def pop_refusal(port: int, user: str, password: str) -> str:
+    """The -ERR line a login that must fail gets (AssertionError if it succeeds)."""
+    try:
+        pop_login(port, user, password).quit()
+    except poplib.error_proto as exc:
+        reply: bytes = exc.args[0]
+        return reply.decode()
+    raise AssertionError(f"{user} logged in")
+
+
 class QpopperProcess:
     """A real `qpopper` command listening on a free loopback port, its
     stderr kept in a file for the test to read."""
@@ -62,14 +85,7 @@ class QpopperProcess:
                 time.sleep(0.02)
 
     def login(self, user: str, password: str) -> poplib.POP3:
-        client = poplib.POP3("127.0.0.1", self.port, timeout=20)
-        try:
-            client.user(user)
-            client.pass_(password)
-        except BaseException:
-            client.close()
-            raise
-        return client
+        return pop_login(self.port, user, password)
 
     def stop(self) -> str:
         """SIGTERM, wait, and return everything it logged."""

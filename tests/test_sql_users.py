@@ -23,7 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import QPOPPER, TEST_DAEMON_ARGS, QpopperProcess, without_coverage, write_maildir_message
+from helpers import (
+    QPOPPER,
+    TEST_DAEMON_ARGS,
+    QpopperProcess,
+    pop_login,
+    pop_refusal,
+    without_coverage,
+    write_maildir_message,
+)
 from pg_helpers import SKIP_REASON, PostgresServer, pg_bin
 from qpopper.auth.backendargs import parse_backend_args
 from qpopper.auth.sql import bind_query, query_values, record_from_rows
@@ -69,22 +77,6 @@ def _users(tmp_path: Path) -> list[tuple[str, str, str | None, str | None, str, 
     return rows
 
 
-def _login(port: int, user: str, password: str) -> poplib.POP3:
-    client = poplib.POP3("127.0.0.1", port, timeout=30)
-    try:
-        client.user(user)
-        client.pass_(password)
-    except BaseException:
-        client.close()
-        raise
-    return client
-
-
-def _refusal(port: int, user: str, password: str) -> str:
-    with pytest.raises(poplib.error_proto) as caught:
-        _login(port, user, password).quit()
-    reply: bytes = caught.value.args[0]
-    return reply.decode()
 
 
 def _wait_for(predicate: object, timeout: float, what: str) -> None:
@@ -188,16 +180,16 @@ def test_sqlite_users_log_in(sqlite_args: Path, tmp_path: Path) -> None:
     daemon = _daemon(tmp_path, sqlite_args)
     try:
         for user, password in [("alice", "alice-pw"), ("bob@example.org", "bob-pw")]:
-            client = _login(daemon.port, user, password)
+            client = pop_login(daemon.port, user, password)
             assert client.stat()[0] == 1  # the user query's maildir
             client.quit()
-        assert "[AUTH]" in _refusal(daemon.port, "alice", "wrong")
-        assert "[AUTH]" in _refusal(daemon.port, "nobody", "alice-pw")
-        assert "[AUTH]" in _refusal(daemon.port, "carol", "carol-pw")  # nologin
-        assert "[AUTH]" in _refusal(daemon.port, "erin", "erin-pw")  # not from allow_nets
+        assert "[AUTH]" in pop_refusal(daemon.port, "alice", "wrong")
+        assert "[AUTH]" in pop_refusal(daemon.port, "nobody", "alice-pw")
+        assert "[AUTH]" in pop_refusal(daemon.port, "carol", "carol-pw")  # nologin
+        assert "[AUTH]" in pop_refusal(daemon.port, "erin", "erin-pw")  # not from allow_nets
         # The protocol refuses a quote in a name before any database sees it;
         # the database's own defence is tested below without that guard.
-        assert "Invalid user name" in _refusal(daemon.port, "x'OR'1'='1", "alice-pw")
+        assert "Invalid user name" in pop_refusal(daemon.port, "x'OR'1'='1", "alice-pw")
     finally:
         log = daemon.stop()
     for secret in ("alice-pw", "bob-pw", "quoted-pw"):
@@ -217,10 +209,10 @@ def test_nologin_reason_is_shown_only_with_the_right_password(sqlite_args: Path,
     sqlite_args.write_text(text)
     daemon = _daemon(tmp_path, sqlite_args)
     try:
-        assert _refusal(daemon.port, "carol", "carol-pw") == (
+        assert pop_refusal(daemon.port, "carol", "carol-pw") == (
             "-ERR [AUTH] Mailbox moving to the new server +OK forged until Monday")
-        assert _refusal(daemon.port, "carol", "wrong") == "-ERR [AUTH] Authentication failed."
-        _login(daemon.port, "alice", "alice-pw").quit()  # no nologin: the reason column is NULL
+        assert pop_refusal(daemon.port, "carol", "wrong") == "-ERR [AUTH] Authentication failed."
+        pop_login(daemon.port, "alice", "alice-pw").quit()  # no nologin: the reason column is NULL
     finally:
         log = daemon.stop()
     assert "login of carol refused by the user database (nologin)" in log
@@ -309,16 +301,16 @@ def test_postgres_users_log_in(postgres: PostgresServer, tmp_path: Path) -> None
     daemon = _daemon(tmp_path, _pg_args(tmp_path, postgres), "--auth-cache-size=1M")
     try:
         for user, password in [("alice", "alice-pw"), ("bob@example.org", "bob-pw")]:
-            client = _login(daemon.port, user, password)
+            client = pop_login(daemon.port, user, password)
             assert client.stat()[0] == 1
             client.quit()
-        assert "[AUTH]" in _refusal(daemon.port, "alice", "wrong")  # a cache hit, still refused
-        assert "[AUTH]" in _refusal(daemon.port, "nobody", "x")
-        assert "[AUTH]" in _refusal(daemon.port, "carol", "carol-pw")
+        assert "[AUTH]" in pop_refusal(daemon.port, "alice", "wrong")  # a cache hit, still refused
+        assert "[AUTH]" in pop_refusal(daemon.port, "nobody", "x")
+        assert "[AUTH]" in pop_refusal(daemon.port, "carol", "carol-pw")
         # A changed password works at once, though the old record is cached.
         postgres.execute("UPDATE users SET password = %s WHERE userid = 'alice'", (_hash("SHA512-CRYPT", "new-pw"),))
-        _login(daemon.port, "alice", "new-pw").quit()
-        assert "[AUTH]" in _refusal(daemon.port, "alice", "alice-pw")
+        pop_login(daemon.port, "alice", "new-pw").quit()
+        assert "[AUTH]" in pop_refusal(daemon.port, "alice", "alice-pw")
     finally:
         log = daemon.stop()
     assert "auth cache:" in log  # the figures at stop
@@ -335,17 +327,17 @@ def test_postgres_quote_laden_names_are_bound(postgres: PostgresServer, tmp_path
 def test_postgres_down_is_sys_temp_and_back_is_served(postgres: PostgresServer, tmp_path: Path) -> None:
     daemon = _daemon(tmp_path, _pg_args(tmp_path, postgres, query_timeout="2"))
     try:
-        _login(daemon.port, "alice", "alice-pw").quit()
+        pop_login(daemon.port, "alice", "alice-pw").quit()
         postgres.stop()
         started = time.monotonic()
-        reply = _refusal(daemon.port, "alice", "alice-pw")
+        reply = pop_refusal(daemon.port, "alice", "alice-pw")
         assert "[SYS/TEMP]" in reply and "[AUTH]" not in reply
         assert time.monotonic() - started < 30  # bounded (2 s, and the login itself)
         postgres.start()
 
         def served() -> bool:
             try:
-                _login(daemon.port, "alice", "alice-pw").quit()
+                pop_login(daemon.port, "alice", "alice-pw").quit()
             except poplib.error_proto as exc:
                 replies.append(exc.args[0])
                 return False
@@ -369,9 +361,9 @@ def test_slow_query_is_sys_temp(postgres: PostgresServer, tmp_path: Path) -> Non
     args.write_text(args.read_text().replace(PASSWORD_QUERY, slow))
     daemon = _daemon(tmp_path, args)
     try:
-        reply = _refusal(daemon.port, "alice", "alice-pw")
+        reply = pop_refusal(daemon.port, "alice", "alice-pw")
         assert "[SYS/TEMP]" in reply
-        _login(daemon.port, "bob@example.org", "bob-pw").quit()  # the next query is served
+        pop_login(daemon.port, "bob@example.org", "bob-pw").quit()  # the next query is served
     finally:
         log = daemon.stop()
     assert "query ran past 1.5 s" in log or "no answer within 1.5 s" in log
@@ -391,7 +383,7 @@ def test_exhausted_pool_queues_with_a_deadline(postgres: PostgresServer, tmp_pat
         done: list[str] = []
 
         def log_in(user: str) -> None:
-            _login(daemon.port, user, "pw").quit()
+            pop_login(daemon.port, user, "pw").quit()
             done.append("ok")
 
         threads = [threading.Thread(target=log_in, args=(f"u{i}",)) for i in range(4)]
@@ -407,7 +399,7 @@ def test_exhausted_pool_queues_with_a_deadline(postgres: PostgresServer, tmp_pat
         with psycopg.connect(postgres.dsn()) as locker:
             locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
             replies: list[str] = []
-            waiting = [threading.Thread(target=lambda u=user: replies.append(_refusal(daemon.port, u, "pw")))
+            waiting = [threading.Thread(target=lambda u=user: replies.append(pop_refusal(daemon.port, u, "pw")))
                        for user in ("u0", "u1")]  # fmt: skip
             for t in waiting:
                 t.start()
@@ -415,7 +407,7 @@ def test_exhausted_pool_queues_with_a_deadline(postgres: PostgresServer, tmp_pat
                 t.join(60)
             locker.rollback()
         assert len(replies) == 2 and all("[SYS/TEMP]" in r for r in replies)
-        _login(daemon.port, "alice", "alice-pw").quit()
+        pop_login(daemon.port, "alice", "alice-pw").quit()
     finally:
         log = daemon.stop()
     assert "query ran past 2 s" in log  # the one on the connection; the other waited for it, 2 s at most
@@ -426,7 +418,7 @@ def test_sighup_reloads_the_args_file(postgres: PostgresServer, tmp_path: Path) 
     args = _pg_args(tmp_path, postgres)
     daemon = _daemon(tmp_path, args)
     try:
-        _login(daemon.port, "alice", "alice-pw").quit()
+        pop_login(daemon.port, "alice", "alice-pw").quit()
         postgres.execute("CREATE TABLE other (userid TEXT, password TEXT, home TEXT, maildir TEXT); "
                          "INSERT INTO other SELECT 'zed', '{PLAIN}zed-pw', home, maildir FROM users "
                          "WHERE userid = 'alice'; GRANT SELECT ON other TO qpopper")  # fmt: skip
@@ -434,12 +426,12 @@ def test_sighup_reloads_the_args_file(postgres: PostgresServer, tmp_path: Path) 
                         .replace(" AND COALESCE('%r', '') <> '192.0.2.99'", ""))
         daemon.proc.send_signal(signal.SIGHUP)
         _wait_for(lambda: "user database reloaded" in daemon.log.read_text(), 20, "no reload")
-        _login(daemon.port, "zed", "zed-pw").quit()
-        assert "[AUTH]" in _refusal(daemon.port, "alice", "alice-pw")
+        pop_login(daemon.port, "zed", "zed-pw").quit()
+        assert "[AUTH]" in pop_refusal(daemon.port, "alice", "alice-pw")
         args.write_text("driver = oracle\n")  # a broken edit keeps the running database
         daemon.proc.send_signal(signal.SIGHUP)
         _wait_for(lambda: "not reloaded, keeping the running ones" in daemon.log.read_text(), 20, "no refusal")
-        _login(daemon.port, "zed", "zed-pw").quit()
+        pop_login(daemon.port, "zed", "zed-pw").quit()
     finally:
         log = daemon.stop()
     assert CONNECT_SECRET not in log
@@ -452,12 +444,12 @@ def test_sighup_applies_new_cache_and_hash_settings(sqlite_args: Path, tmp_path:
     conf.write_text("set auth-cache-size = 0\n")
     daemon = _daemon(tmp_path, sqlite_args, "-f", str(conf))
     try:
-        _login(daemon.port, "alice", "alice-pw").quit()
+        pop_login(daemon.port, "alice", "alice-pw").quit()
         conf.write_text("set auth-cache-size = 1M\nset auth-cache-negative-ttl = 0\nset auth-hash-workers = 3\n")
         daemon.proc.send_signal(signal.SIGHUP)
         _wait_for(lambda: "password hashes: 3 checked at once" in daemon.log.read_text(), 20, "no reload")
         for _ in range(3):
-            _login(daemon.port, "alice", "alice-pw").quit()
+            pop_login(daemon.port, "alice", "alice-pw").quit()
     finally:
         log = daemon.stop()
     # At stop: the new cache saw the three logins, one miss and two hits.

@@ -9,12 +9,12 @@ tested is everything the seam adds on top of a lookup.
 from __future__ import annotations
 
 import asyncio
-import poplib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from helpers import pop_login, pop_refusal
 from qpopper import Controller
 from qpopper.auth import AuthTuning
 from qpopper.auth.userdb import BindingUserDatabase, DatabaseAuthenticator, UserDatabase, UserRecord
@@ -44,22 +44,6 @@ class DictDatabase:
         return "dict database"
 
 
-def login(server: Controller, user: str, password: str) -> poplib.POP3:
-    client = poplib.POP3(server.host, server.port, timeout=20)
-    try:
-        client.user(user)
-        client.pass_(password)
-    except BaseException:
-        client.close()
-        raise
-    return client
-
-
-def refused(server: Controller, user: str, password: str) -> str:
-    with pytest.raises(poplib.error_proto) as caught:
-        login(server, user, password).quit()
-    reply: bytes = caught.value.args[0]
-    return reply.decode()
 
 
 @pytest.fixture
@@ -95,18 +79,18 @@ def test_record_repr_hides_the_password() -> None:
 def test_logins_through_the_seam(database: DictDatabase, mailroot: Path) -> None:
     auth = DatabaseAuthenticator(database, mail_location=f"maildir:{mailroot}/%u/Maildir")
     with Controller(authenticator=auth) as server:
-        client = login(server, "alice", "secret")
+        client = pop_login(server.port, "alice", "secret")
         assert client.stat()[0] == 1
         client.quit()
-        client = login(server, "bob", "wonderland")  # an ARGON2ID hash, checked in the hash pool
+        client = pop_login(server.port, "bob", "wonderland")  # an ARGON2ID hash, checked in the hash pool
         assert client.stat()[0] == 1  # the record's own mail location
         client.quit()
-        assert "[AUTH]" in refused(server, "bob", "wrong")
-        assert "[AUTH]" in refused(server, "nobody", "secret")
-        assert "[AUTH]" in refused(server, "carol", "x")  # nologin
-        assert "[AUTH]" in refused(server, "erin", "x")  # 127.0.0.1 is not in allow_nets
-        login(server, "dave", "anything").quit()  # nopassword
-        login(server, "fred", "x").quit()  # 127.0.0.1 is in fred's allow_nets
+        assert "[AUTH]" in pop_refusal(server.port, "bob", "wrong")
+        assert "[AUTH]" in pop_refusal(server.port, "nobody", "secret")
+        assert "[AUTH]" in pop_refusal(server.port, "carol", "x")  # nologin
+        assert "[AUTH]" in pop_refusal(server.port, "erin", "x")  # 127.0.0.1 is not in allow_nets
+        pop_login(server.port, "dave", "anything").quit()  # nopassword
+        pop_login(server.port, "fred", "x").quit()  # 127.0.0.1 is in fred's allow_nets
         assert ("alice", "127.0.0.1") in database.lookups  # the client address reaches the database
         # An unknown user's dummy check now costs what bob's ARGON2ID check costs.
         assert auth.hashes.last_real is not None and auth.hashes.last_real[0] == "ARGON2ID"
@@ -118,11 +102,11 @@ def test_a_database_that_is_down_is_sys_temp(database: DictDatabase, mailroot: P
     auth = DatabaseAuthenticator(database, mail_location=f"maildir:{mailroot}/%u/Maildir")
     with Controller(authenticator=auth) as server:
         database.down = True
-        reply = refused(server, "alice", "secret")
+        reply = pop_refusal(server.port, "alice", "secret")
         assert "[SYS/TEMP]" in reply and "[AUTH]" not in reply
         assert auth.counters()["auth_db_failures"] == 1
         database.down = False
-        login(server, "alice", "secret").quit()
+        pop_login(server.port, "alice", "secret").quit()
 
 
 def test_apop_database_in_front_keeps_the_async_path(database: DictDatabase, mailroot: Path, tmp_path: Path) -> None:
@@ -133,7 +117,7 @@ def test_apop_database_in_front_keeps_the_async_path(database: DictDatabase, mai
     wrapped = ApopAuthenticator(inner, ApopDatabase(str(tmp_path / "none.auth")), None)
     assert isinstance(wrapped, AsyncAuthenticator)
     with Controller(authenticator=wrapped) as server:
-        login(server, "alice", "secret").quit()
+        pop_login(server.port, "alice", "secret").quit()
 
 
 def test_blocking_entry_point_runs_on_the_servers_loop(database: DictDatabase, mailroot: Path) -> None:
@@ -157,19 +141,19 @@ def test_cache_refuses_a_wrong_password_on_a_hit(database: DictDatabase, mailroo
     cache = auth.cache
     assert cache is not None
     with Controller(authenticator=auth) as server:
-        login(server, "alice", "secret").quit()
+        pop_login(server.port, "alice", "secret").quit()
         looked_up = len(database.lookups)
-        login(server, "alice", "secret").quit()
+        pop_login(server.port, "alice", "secret").quit()
         assert len(database.lookups) == looked_up  # a hit
-        assert "[AUTH]" in refused(server, "alice", "wrong")
+        assert "[AUTH]" in pop_refusal(server.port, "alice", "wrong")
         # A changed password works at once: the mismatch asks the database again.
         database.records["alice"] = UserRecord("alice", "{PLAIN}changed")
-        login(server, "alice", "changed").quit()
-        assert "[AUTH]" in refused(server, "alice", "secret")
+        pop_login(server.port, "alice", "changed").quit()
+        assert "[AUTH]" in pop_refusal(server.port, "alice", "secret")
         # A negative entry answers as a wrong password does, without the database.
-        assert "[AUTH]" in refused(server, "ghost", "pw")
+        assert "[AUTH]" in pop_refusal(server.port, "ghost", "pw")
         looked_up = len(database.lookups)
-        assert "[AUTH]" in refused(server, "ghost", "pw")
+        assert "[AUTH]" in pop_refusal(server.port, "ghost", "pw")
         assert len(database.lookups) == looked_up
     assert cache.hits >= 3 and cache.negative_hits == 1 and cache.entries == 2
     assert auth.counters()["auth_cache_entries"] == 2
@@ -182,15 +166,15 @@ def test_sighup_tuning_resizes_the_cache_and_the_hash_pool(database: DictDatabas
     auth = DatabaseAuthenticator(database, mail_location=f"maildir:{mailroot}/%u/Maildir")
     assert auth.cache is None
     with Controller(authenticator=auth) as server:
-        login(server, "alice", "secret").quit()
+        pop_login(server.port, "alice", "secret").quit()
         auth.reload(AuthTuning(cache_size=1 << 20, cache_ttl=60, cache_negative_ttl=0, hash_workers=3))
         assert auth.cache is not None and (auth.cache.size, auth.cache.ttl, auth.cache.negative_ttl) == (1 << 20, 60, 0)
         assert auth.hashes.workers == 3
         looked_up = len(database.lookups)
-        login(server, "alice", "secret").quit()
-        login(server, "alice", "secret").quit()
+        pop_login(server.port, "alice", "secret").quit()
+        pop_login(server.port, "alice", "secret").quit()
         assert len(database.lookups) == looked_up + 1  # the second was a hit
         auth.reload(AuthTuning(cache_size=0, hash_workers=3))
         assert auth.cache is None and auth.hashes.workers == 3
-        login(server, "alice", "secret").quit()
-        assert "[AUTH]" in refused(server, "alice", "wrong")
+        pop_login(server.port, "alice", "secret").quit()
+        assert "[AUTH]" in pop_refusal(server.port, "alice", "wrong")
