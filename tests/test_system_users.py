@@ -167,7 +167,7 @@ def test_wrong_password_unknown_and_system_accounts_refused(daemon: Daemon, acco
 
 
 def test_nul_in_password_does_not_cut_it_short_for_pam(daemon: Daemon, accounts: list[Account]) -> None:
-    """PAM takes C strings: "password\\0junk" must not reach pam_unix as "password"."""
+    """PAM takes C strings: "password\\0junk" is a plain [AUTH] failure, not a dropped session."""
     from test_nul_password import auth_login
 
     alice = accounts[0]

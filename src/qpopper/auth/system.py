@@ -95,8 +95,8 @@ class SystemAuthenticator(Authenticator):
         entry = self._account(credentials.user)
         if isinstance(credentials, UserPass):
             if b"\0" in credentials.password:
-                # PAM's conversation carries C strings: "secret\0junk" would reach
-                # pam_unix as "secret". No Unix password holds a NUL.
+                # PAM's conversation carries C strings (python-pam raises on a NUL):
+                # no Unix password holds one.
                 return None
             handle = self._pam.pam()
             ok = handle.authenticate(
