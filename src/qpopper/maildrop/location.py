@@ -96,7 +96,7 @@ def open_maildrop(
     if kind == "maildir":
         from .maildir import MaildirMaildrop
 
-        return MaildirMaildrop(path, quick=quick)
+        return MaildirMaildrop(path, quick=quick, settings=settings)
     if kind == "mbox":
         from .mbox import MboxMaildrop
 
