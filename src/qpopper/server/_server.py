@@ -550,6 +550,11 @@ class Server:
         assert self._proxy is not None
         if self._proxy.trusts(peer.host):
             return False
+        if peer.host in ("local", "unknown"):
+            # A PROXY listener is TCP: no address means the peer was gone (a
+            # reset, as HAProxy's health checks end) before its address was read.
+            log.debug("%s: connection gone before it was served", peer)
+            return True
         log.warning("%s: connection refused: not from haproxy-trusted-networks", peer)
         return True
 
