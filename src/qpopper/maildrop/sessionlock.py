@@ -38,6 +38,7 @@ import logging
 import os
 import struct
 import threading
+import time
 
 from ..errors import MaildropBusy, MaildropError
 from .dotlock import REFRESH_INTERVAL, STALE_AGE, DotLock
@@ -100,7 +101,7 @@ class _Refresher:
 
     def _run(self) -> None:
         while True:
-            threading.Event().wait(self.interval)
+            time.sleep(self.interval)
             with self._lock:
                 if not self._held:
                     self._thread = None
