@@ -16,7 +16,9 @@ set-ups round by round, it reports sessions/s (and MB/s), the servers' CPU
 per session (both instances summed), HAProxy's CPU per session (from /proc),
 and two+lb over one. The client (popbench) and HAProxy run on the same two
 cores as the servers, so the two-instance figure is bounded by what is left
-for them: the report says how much CPU each took. Writes
+for them: the report says how much CPU each took, each instance's share of
+the servers' CPU, and the capacity the CPU per session implies (sessions/s
+with a core per instance and nothing else on it). Writes
 bench/results/CLUSTER.md (or --out) and prints it.
 """
 
@@ -175,8 +177,11 @@ def measure(cluster: Cluster, args: argparse.Namespace, setup: str, scenario: st
            "--password", PASSWORD, "-d", str(args.duration), "--warmup", "1",
            *[f"--server-pid={pid}" for pid in cluster.pids[setup]]]
     lb_before = cpu_seconds(cluster.haproxy_pid)
+    servers_before = [cpu_seconds(pid) for pid in cluster.pids[setup]]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration * 10 + 120)
     lb_cpu = cpu_seconds(cluster.haproxy_pid) - lb_before
+    # Each instance's share of the servers' CPU (warm-up included): how evenly the balancer split the work.
+    spent = [cpu_seconds(pid) - before for pid, before in zip(cluster.pids[setup], servers_before, strict=True)]
     result = popbench_json(out.stdout)
     if not result.get("ok"):
         raise RuntimeError(f"{setup} {scenario}: {result.get('errors')} errors: {result.get('error_samples')}")
@@ -188,6 +193,12 @@ def measure(cluster: Cluster, args: argparse.Namespace, setup: str, scenario: st
         server_cpu = float(result["server_cpu_s_per_gb"]) * float(result["mbytes"]) / 1000
         result["server_cpu_ms_per_session"] = round(1000 * server_cpu / sessions, 3)
     result["haproxy_cpu_ms_per_session"] = round(1000 * lb_cpu / sessions, 3) if setup != "one" and sessions else 0.0
+    # Capacity: the sessions/s the set-up would serve if each instance had its core
+    # to itself (nothing else on it): one core-second per busiest instance's share.
+    busiest = max(spent) / sum(spent) if sum(spent) > 0 else 1.0
+    result["instance_shares"] = [round(x / sum(spent), 3) for x in spent] if sum(spent) > 0 else []
+    cpu_ms = float(result.get("server_cpu_ms_per_session") or 0)
+    result["capacity_per_s"] = round(1000 / cpu_ms / busiest, 1) if cpu_ms > 0 else float("nan")
     return result
 
 
@@ -208,8 +219,8 @@ def report(results: dict[tuple[str, str], list[dict[str, Any]]], args: argparse.
         "are not pinned and share the same two cores.",
         "",
         "| scenario | set-up | sessions/s | MB/s | server CPU ms/session | HAProxy CPU ms/session |"
-        " client CPU (cores) | other CPU (cores) |",
-        "|---|---|---|---|---|---|---|---|",
+        " client CPU (cores) | other CPU (cores) | instance shares | capacity sessions/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for scenario in ("login", "retr"):
         for setup in ("one", "one+lb", "two+lb"):
@@ -221,18 +232,29 @@ def report(results: dict[tuple[str, str], list[dict[str, Any]]], args: argparse.
                 return median([float(r[key]) for r in runs if r.get(key) is not None])
 
             mbs = f"{m('mb_per_s'):.1f}" if scenario == "retr" else ""
+            shares = "/".join(f"{median([r['instance_shares'][i] for r in runs]):.2f}"
+                              for i in range(len(runs[0].get("instance_shares", []))))
             lines.append(
                 f"| {scenario} | {setup} | {m('sessions') / m('elapsed_s'):.1f} | {mbs} | "
                 f"{m('server_cpu_ms_per_session'):.3f} | {m('haproxy_cpu_ms_per_session'):.3f} | "
-                f"{m('client_cpu_util'):.2f} | {m('other_cpu_util'):.2f} |"
+                f"{m('client_cpu_util'):.2f} | {m('other_cpu_util'):.2f} | {shares} | {m('capacity_per_s'):.0f} |"
             )
-    lines += ["", "| scenario | two+lb / one | two+lb / one+lb |", "|---|---|---|"]
+    lines += ["", "| scenario | measured two+lb / one | two+lb / one+lb | capacity two+lb / one | two+lb / one+lb |",
+              "|---|---|---|---|---|"]
     for scenario in ("login", "retr"):
-        def rate(setup: str, scenario: str = scenario) -> float:
+        def rate(setup: str, key: str = "", scenario: str = scenario) -> float:
             runs = results.get((scenario, setup), [])
+            if key:
+                return median([float(r[key]) for r in runs])
             return median([r["sessions"] / r["elapsed_s"] for r in runs])
 
-        lines.append(f"| {scenario} | {rate('two+lb') / rate('one'):.2f} | {rate('two+lb') / rate('one+lb'):.2f} |")
+        lines.append(f"| {scenario} | {rate('two+lb') / rate('one'):.2f} | {rate('two+lb') / rate('one+lb'):.2f} | "
+                     f"{rate('two+lb', 'capacity_per_s') / rate('one', 'capacity_per_s'):.2f} | "
+                     f"{rate('two+lb', 'capacity_per_s') / rate('one+lb', 'capacity_per_s'):.2f} |")
+    lines += ["", "Capacity: 1000 / (server CPU ms per session) / (the busiest instance's share of the servers'",
+              "CPU), the sessions/s if each instance had its core to itself; it extrapolates from CPU per",
+              "session measured under this run's contention, which inflates it (cache and scheduler",
+              "interference from the client, HAProxy and other tenants on the same cores)."]
     return "\n".join(lines) + "\n"
 
 

@@ -14,16 +14,21 @@ balancer; one user logs in through two hosts at once (exactly one gets the
 maildrop); one host is killed with -9 in the middle of an mbox UPDATE and
 started again; a brute force from one address meets a delay that follows
 it from host to host (Redis); every host logs the clients' addresses, never
-the balancer's. At the end every message is accounted for: in its
+the balancer's (HAProxy's health checks, PROXY LOCAL connections, log
+nothing at info). At the end every message is accounted for: in its
 maildrop, or deleted by a session that was told so, or (only for sessions
 cut by the kill) deleted by an UPDATE that finished as its host died; none
-twice, none in another user's maildrop, none altered.
+twice, none in another user's maildrop, none altered. And every host's
+metrics endpoint is scraped: its counters are what the clients saw that
+host process do (the greeting names the host and the process), so their
+sum is what the clients did, but for the process the kill took with it.
 
 Bounded: a fixed number of sessions and messages, every wait with a deadline.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import hashlib
@@ -39,12 +44,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pg_helpers import PostgresServer, pg_bin
 from qpopper.maildrop.delivery import deliver
@@ -82,6 +89,8 @@ HOSTS = {"h1": f"{NET}.11", "h2": f"{NET}.12", "h3": f"{NET}.13"}
 CLIENTS = [f"{NET}.{101 + i}" for i in range(8)]
 BRUTE = f"{NET}.120"  # the brute force's own address
 PINNED = {"h1": 1101, "h2": 1102, "h3": 1103}  # frontends that reach one host only
+METRICS_PORT = 9110
+GREETING = re.compile(rb"<(\d+)\.\d+@(h\d)\.cluster\.test>")  # the APOP timestamp: pid and host
 MAILDIR_USERS = [f"m{i:02d}" for i in range(10)]
 MBOX_USERS = [f"b{i:02d}" for i in range(5)]
 USERS = MAILDIR_USERS + MBOX_USERS
@@ -92,6 +101,18 @@ SESSIONS = 1500  # at most; they run from the start until the killed host served
 MDA_MESSAGES = 240
 FAIL_DELAY = 0.1
 CLONE_NEWNET = 0x40000000
+# Kills a pid with -9 as soon as a path exists (within 120 s): argv[1], argv[2].
+KILLER = """
+import os, signal, sys, time
+path, pid = sys.argv[1], int(sys.argv[2])
+deadline = time.monotonic() + 120
+while not os.path.exists(path):
+    if time.monotonic() > deadline:
+        sys.exit("not seen")
+    time.sleep(0.0002)
+os.kill(pid, signal.SIGKILL)
+print("killed")
+"""
 
 
 # ---- namespaces -------------------------------------------------------------------
@@ -184,6 +205,13 @@ class Ledger:
     cut: int = 0  # sessions whose host went away under them (the kill)
     errors: list[str] = field(default_factory=list)
     trail: list[str] = field(default_factory=list)  # what each session saw and did, for a failure's message
+    # What the clients saw each server process do, by (host, pid) from its greeting:
+    # logins ok and failed, messages retrieved, deleted at an answered QUIT, connections.
+    served: dict[tuple[str, int], collections.Counter[str]] = field(default_factory=dict)
+
+    def count(self, server: tuple[str, int], **what: int) -> None:
+        with self.lock:
+            self.served.setdefault(server, collections.Counter()).update(what)
 
 
 def message(user: str, serial: int) -> tuple[str, bytes]:
@@ -225,7 +253,7 @@ def parse(lines: list[bytes]) -> tuple[str, str, str]:
 
 
 class SourcedPOP3(poplib.POP3):
-    """poplib from a given source address."""
+    """poplib from a given source address; `server`: the (host, pid) that greeted it."""
 
     def __init__(self, host: str, port: int, source: str) -> None:
         self._source = source
@@ -235,6 +263,9 @@ class SourcedPOP3(poplib.POP3):
             if getattr(self, "sock", None) is not None:
                 self.close()
             raise
+        found = GREETING.search(self.welcome)
+        assert found, self.welcome
+        self.server = (found.group(2).decode(), int(found.group(1)))
 
     def _create_socket(self, timeout: float) -> socket.socket:
         return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
@@ -261,11 +292,14 @@ def one_session(user: str, source: str, ledger: Ledger, port: int = 110, delete:
     except (OSError, EOFError, poplib.error_proto) as exc:
         cut_short(ledger, f"{user} connect", exc)
         return seen
+    ledger.count(client.server, connections=1)
     try:
         client.user(user)
         client.pass_(PASSWORD)
+        ledger.count(client.server, logins_ok=1)
     except (OSError, EOFError, poplib.error_proto) as exc:
         if isinstance(exc, poplib.error_proto) and "IN-USE" in str(exc.args[0]):
+            ledger.count(client.server, logins_ok=1)  # the password was right: the maildrop was taken
             with ledger.lock:
                 ledger.in_use += 1
         else:
@@ -276,6 +310,7 @@ def one_session(user: str, source: str, ledger: Ledger, port: int = 110, delete:
         count = client.stat()[0]
         for n in range(1, count + 1):
             msgid, owner, sha = parse(client.retr(n)[1])
+            ledger.count(client.server, retrieved=1)
             seen.append(msgid)
             with ledger.lock:
                 known = ledger.delivered.get(msgid)
@@ -285,6 +320,7 @@ def one_session(user: str, source: str, ledger: Ledger, port: int = 110, delete:
                 client.dele(n)
                 marked.append(msgid)
         client.quit()
+        ledger.count(client.server, deleted=len(marked))
     except (OSError, EOFError, poplib.error_proto) as exc:
         with ledger.lock:
             ledger.uncertain.update(marked)
@@ -345,7 +381,9 @@ class Cluster:
         redis = self.net.popen("lb", [REDIS, "--bind", LB, "--port", "6379", "--save", "", "--appendonly", "no",
                                       "--protected-mode", "no", "--dir", str(self.base)], redis_log)
         self.others.append(redis)
-        servers = "\n".join(f"    server {h} {addr}:110 send-proxy-v2" for h, addr in HOSTS.items())
+        # Health checks (PROXY LOCAL headers) on the pool: quiet in the hosts' logs.
+        servers = "\n".join(f"    server {h} {addr}:110 send-proxy-v2 check check-send-proxy inter 1s fall 2 rise 1"
+                             for h, addr in HOSTS.items())
         pinned = "".join(
             f"frontend pin_{h}\n    bind {LB}:{port}\n    default_backend only_{h}\n"
             f"backend only_{h}\n    server {h} {HOSTS[h]}:110 send-proxy-v2\n"
@@ -378,14 +416,43 @@ backend pool
         return [sys.executable, "-m", "qpopper", "--syslog-socket=", "--nonauth-file=",
                 *self.user_args, f"--hostname={host}.cluster.test",
                 f"--haproxy-listen={HOSTS[host]}:110", f"--haproxy-trusted-networks={LB}/32",
-                f"--redis-url=redis://{LB}:6379/0", f"--auth-fail-delay={FAIL_DELAY}", "--auth-fail-delay-max=5",
-                "--clear-text-password=always", "-R"]
+                # Redis's answers are what this test checks: a loaded machine must not time them out.
+                f"--redis-url=redis://{LB}:6379/0", "--redis-timeout=3",
+                f"--auth-fail-delay={FAIL_DELAY}", "--auth-fail-delay-max=5", "--clear-text-password=always",
+                "-R", "--shared-storage",
+                f"--metrics-listen={HOSTS[host]}:{METRICS_PORT}", f"--metrics-dir={self.base}/metrics-{host}"]
 
     def start_host(self, host: str) -> None:
         log = self.logs / f"{host}.log"
         proc = self.net.popen(host, self.host_command(host), log)
         self.hosts[host] = proc
         wait_port(self.net, host, HOSTS[host], 110, proc, log)
+
+    def metrics(self, host: str) -> dict[str, float]:
+        """The host's counters (summed over their labels but `result`'s), scraped
+        over the network; call from a thread in the clients' namespace."""
+        url = f"http://{HOSTS[host]}:{METRICS_PORT}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                result = sample.labels.get("result")
+                name = f"{sample.name}:{result}" if result else sample.name
+                out[name] = out.get(name, 0.0) + sample.value
+        return out
+
+    def wait_pool_up(self) -> None:
+        """Until HAProxy's health checks have every pool server up (checks that
+        ran before a host listened marked it down)."""
+        deadline = time.monotonic() + 30
+        while True:
+            text = (self.logs / "haproxy.log").read_text(errors="replace")
+            states = dict(re.findall(r"Server pool/(h\d) is (UP|DOWN)", text))
+            if all(states.get(host, "UP") == "UP" for host in HOSTS):
+                return
+            assert time.monotonic() < deadline, text[-3000:]
+            time.sleep(0.1)
 
     def log_of(self, host: str) -> str:
         return (self.logs / f"{host}.log").read_text(errors="replace")
@@ -418,6 +485,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         built.start_lb()
         for host in HOSTS:
             built.start_host(host)
+        built.wait_pool_up()
         yield built
     finally:
         built.stop()
@@ -479,6 +547,8 @@ def test_three_hosts_lose_nothing(cluster: Cluster) -> None:
                     refused = exc.args[0]
                 second.close()
                 first.quit()
+                for client in (first, second):
+                    ledger.count(client.server, connections=1, logins_ok=1)
                 return first.welcome, refused
 
             _, refused = special.submit(twice).result(timeout=120)
@@ -495,6 +565,7 @@ def test_three_hosts_lose_nothing(cluster: Cluster) -> None:
                         client.pass_("wrong")
                     took.append(time.monotonic() - began)
                     client.quit()
+                    ledger.count(client.server, connections=1, failed=1)
                 return took
 
             took = special.submit(brute).result(timeout=120)
@@ -504,6 +575,7 @@ def test_three_hosts_lose_nothing(cluster: Cluster) -> None:
                 client = SourcedPOP3(LB, PINNED["h3"], CLIENTS[2])
                 client.user(BIG)
                 client.pass_(PASSWORD)
+                ledger.count(client.server, connections=1, logins_ok=1)  # the process the kill takes
                 assert client.stat()[0] == BIG_COUNT
                 ids = []
                 for n in range(1, BIG_COUNT + 1, 2):
@@ -515,14 +587,23 @@ def test_three_hosts_lose_nothing(cluster: Cluster) -> None:
                 client.sock.sendall(b"QUIT\r\n")  # no waiting for the answer: the host dies first
                 return client, ids
 
+            # The kill comes from a process of its own that watches for the new
+            # spool: a thread here, among the clients' threads, could wake too late
+            # and find the UPDATE (a few hundred ms) over.
             new_spool = root / "spool" / f".{BIG}.qpopper-new"
-            big_client, big_deleted = special.submit(start_big_update).result(timeout=120)
-            deadline = time.monotonic() + 30
-            while not new_spool.exists() and time.monotonic() < deadline:
-                time.sleep(0.0005)
-            under_way = new_spool.exists()
-            ledger.trail.append(f"{time.time():.3f} killing h3")
-            cluster.hosts["h3"].send_signal(signal.SIGKILL)
+            killed = cluster.hosts["h3"].pid
+            killer = subprocess.Popen([sys.executable, "-c", KILLER, str(new_spool), str(killed)],
+                                      stdout=subprocess.PIPE, text=True)
+            try:
+                big_client, big_deleted = special.submit(start_big_update).result(timeout=120)
+                under_way = killer.communicate(timeout=150)[0].strip() == "killed"
+            finally:
+                if killer.poll() is None:
+                    killer.kill()
+                    killer.wait(10)
+            ledger.trail.append(f"{time.time():.3f} killed h3")
+            if cluster.hosts["h3"].poll() is None:
+                cluster.hosts["h3"].send_signal(signal.SIGKILL)
             cluster.hosts["h3"].wait(10)
             big_client.close()
             assert under_way, "the UPDATE was not seen under way"
@@ -548,6 +629,13 @@ def test_three_hosts_lose_nothing(cluster: Cluster) -> None:
             remaining: dict[str, list[str]] = {BIG: big_now}
             for user in [*USERS, TWICE]:
                 remaining[user] = pool.submit(one_session, user, CLIENTS[4], ledger, 110, False).result(timeout=120)
+
+            # Every host's metrics, scraped from the clients' namespace once they
+            # are published (about once a second), against what its clients saw.
+            running = {(host, proc.pid): host for host, proc in cluster.hosts.items()}
+            assert set(ledger.served) <= {*running, ("h3", killed)}, (sorted(ledger.served), running, killed)
+            scraped = {server: pool.submit(settled_metrics, cluster, host, ledger.served.get(server))
+                       .result(timeout=120) for server, host in running.items()}
     finally:
         stop_mda.set()
         mda_thread.join(60)
@@ -566,7 +654,7 @@ def test_three_hosts_lose_nothing(cluster: Cluster) -> None:
     assert not set(left) & ledger.deleted, "a message deleted by a finished UPDATE came back"
     assert set(left) | ledger.deleted <= delivered
     lost = delivered - set(left) - ledger.deleted - ledger.uncertain
-    trail = [line for line in ledger.trail if "killing" in line or any(msgid in line for msgid in lost)]
+    trail = [line for line in ledger.trail if "killed" in line or any(msgid in line for msgid in lost)]
     assert not lost, f"lost: {sorted(lost)[:10]} ({summary}); sessions that saw them: {trail}"
 
     # The brute force's delay grew as it moved from host to host.
@@ -582,4 +670,48 @@ def test_three_hosts_lose_nothing(cluster: Cluster) -> None:
         assert logins, f"{host} served no session"
         assert all(re.search(rf"{re.escape(NET)}\.(1[0-2][0-9]):\d+: ", line) for line in logins), logins[:5]
         assert not re.search(rf"\b{re.escape(LB)}:\d+: ", text), f"{host} logged the balancer as a client"
+        # HAProxy's health checks (a LOCAL header, then a reset, once a second) log nothing at info:
+        # neither as a connection without an address nor as an error.
+        assert not re.search(r"\b(local|unknown):0: |internal error|Traceback", text), f"{host}: {text[-3000:]}"
     assert "twice logged in" in cluster.log_of("h1")
+
+    # Each running process counted what its clients saw it do; so the sum over
+    # the hosts is what the clients did, all but what the killed process served.
+    for server, metrics in scraped.items():
+        assert counters_of(metrics) == expected_of(ledger.served.get(server)), (server, metrics)
+        # Sessions ended: the clients', and HAProxy's health checks besides.
+        assert metrics.get("qpopper_sessions_ended_total", 0) >= ledger.served[server]["connections"]
+    clients = sum((ledger.served[s] for s in running), collections.Counter())
+    total = sum((collections.Counter(counters_of(m)) for m in scraped.values()), collections.Counter())
+    assert total == collections.Counter(expected_of(clients)), (total, clients)
+    assert clients["logins_ok"] > len(USERS) * 3
+    assert clients["failed"] + ledger.served.get(("h3", killed), collections.Counter())["failed"] == 4
+
+
+def counters_of(metrics: dict[str, float]) -> dict[str, int]:
+    """The counters the clients can check, from one host's scrape."""
+    return {
+        "logins_ok": int(metrics.get("qpopper_logins_total:ok", 0)),
+        "failed": int(metrics.get("qpopper_logins_total:failed", 0)),
+        "failure_delays": int(metrics.get("qpopper_failure_delays_total", 0)),
+        "retrieved": int(metrics.get("qpopper_messages_retrieved_total", 0)),
+        "deleted": int(metrics.get("qpopper_messages_deleted_total", 0)),
+    }
+
+
+def expected_of(served: collections.Counter[str] | None) -> dict[str, int]:
+    """What those counters should say, from what the clients saw one process do."""
+    seen = served or collections.Counter()
+    return {"logins_ok": seen["logins_ok"], "failed": seen["failed"], "failure_delays": seen["failed"],
+            "retrieved": seen["retrieved"], "deleted": seen["deleted"]}
+
+
+def settled_metrics(cluster: Cluster, host: str, served: collections.Counter[str] | None) -> dict[str, float]:
+    """The host's scrape once it shows what its clients saw (30 s at most:
+    each process publishes its counts about once a second)."""
+    deadline = time.monotonic() + 30
+    while True:
+        metrics = cluster.metrics(host)
+        if counters_of(metrics) == expected_of(served) or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.2)

@@ -153,6 +153,40 @@ def test_local_and_unknown_keep_the_balancers_address(
     assert "127.0.0.1:" in caplog.text and "alice logged in" in caplog.text
 
 
+def session_end_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "connection closed" in r.getMessage() or "connection lost" in r.getMessage()]
+
+
+def wait_for_records(caplog: pytest.LogCaptureFixture, count: int, peer: str = "") -> list[logging.LogRecord]:
+    """The session-end records (of `peer`'s connections), once there are `count` (20 s at most)."""
+    deadline = time.monotonic() + 20
+    while True:
+        found = [r for r in session_end_records(caplog) if peer in r.getMessage()]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
+
+
+def test_a_silent_local_connection_ends_at_debug_level(
+    balanced: Callable[..., Controller], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A health check (LOCAL header, nothing said) goes at debug level; the
+    # same from a client (a PROXY header), or a LOCAL one that sent a
+    # command, is a disconnect worth its line at info.
+    server = balanced()
+    local = build_v2(None, None, local=True)
+    with caplog.at_level(logging.DEBUG, "qpopper"):
+        for header, then in ((local, b""), (v2(), b""), (local, b"NOOP\r\n")):
+            with socket.create_connection((server.host, server.port), timeout=20) as sock:
+                sock.sendall(header + then)
+                assert sock.recv(100).startswith(b"+OK")
+        ends = wait_for_records(caplog, 3)
+    assert [(r.levelno, "health check" in r.getMessage()) for r in ends] == [
+        (logging.DEBUG, True), (logging.INFO, False), (logging.INFO, False)]
+    assert ends[1].getMessage().startswith("203.0.113.9:40000: connection ")
+    assert "127.0.0.1:" in ends[2].getMessage()
+
+
 def test_a_connection_without_a_header_is_refused(
     balanced: Callable[..., Controller], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -450,6 +484,53 @@ def test_through_haproxy(haproxy_setup: tuple[Controller, dict[str, int], Path],
     assert "127.0.0.7:" in caplog.text and "alice logged in" in caplog.text
     session_lines = [line for line in caplog.text.splitlines() if "qpopper.session" in line]
     assert session_lines and all("127.0.0.2" not in line for line in session_lines)
+
+
+@needs_haproxy
+def test_haproxy_health_checks_are_quiet(tmp_path: Path, mailroot: Path, fill: Fill,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    # HAProxy's own checks (check-send-proxy: a LOCAL header, then a reset)
+    # log nothing at info; a client through it that goes away without QUIT does.
+    fill("alice", [MSG])
+    auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
+    server = Controller(authenticator=auth, listen=(ListenAddress("127.0.0.1", 0, proxy=True),),
+                        haproxy_trusted_networks="127.0.0.2/32").start()
+    port = free_port()
+    config = f"""
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend pop3
+    bind 127.0.0.1:{port}
+    default_backend qpopper
+backend qpopper
+    server s1 127.0.0.1:{server.port} send-proxy-v2 check check-send-proxy inter 100 source 127.0.0.2
+"""
+    with caplog.at_level(logging.DEBUG, "qpopper"):
+        haproxy = HaproxyProcess(tmp_path, config)
+        try:
+            haproxy.wait_listening(port)
+            checks = wait_for_records(caplog, 5, "127.0.0.2:")
+            assert len(checks) >= 5, haproxy.log.read_text()
+            client = SourcedPOP3("127.0.0.1", port, timeout=20)
+            client.user("alice")
+            client.close()  # gone without QUIT
+            deadline = time.monotonic() + 20
+            while not any("127.0.0.7" in r.getMessage() for r in session_end_records(caplog)):
+                assert time.monotonic() < deadline, "the client's disconnect was not logged"
+                time.sleep(0.02)
+        finally:
+            haproxy.stop()
+            server.stop()
+    ends = session_end_records(caplog)
+    by_client = [r for r in ends if "127.0.0.7" in r.getMessage()]
+    by_checks = [r for r in ends if "127.0.0.2" in r.getMessage()]
+    assert [r.levelno for r in by_client] == [logging.INFO]
+    assert len(by_checks) >= 5 and {r.levelno for r in by_checks} == {logging.DEBUG}
+    assert all("health check" in r.getMessage() for r in by_checks)
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and "127.0.0.2" in r.getMessage()]
 
 
 def test_a_stop_ends_a_connection_still_waiting_for_its_header(balanced: Callable[..., Controller]) -> None:

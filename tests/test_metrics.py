@@ -245,6 +245,29 @@ def test_exporter_process_ends_with_the_daemon(tmp_path: Path) -> None:
     assert not any(_alive(pid) for pid in children)
 
 
+def test_a_daemon_killed_with_9_takes_its_exporter_along(tmp_path: Path) -> None:
+    # The kernel ends the exporter as the daemon dies (PR_SET_PDEATHSIG), so a
+    # daemon started again at once binds metrics-listen; before, the exporter
+    # noticed once a second and the restart could find the port taken.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+    first = MetricsDaemon(tmp_path / "first", "--metrics-listen", f"127.0.0.1:{port}")
+    assert first.metrics_port == port
+    children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent_of(int(p)) == first.proc.pid]
+    assert children  # the exporter
+    first.kill()
+    second = MetricsDaemon(tmp_path / "second", "--metrics-listen", f"127.0.0.1:{port}")
+    try:
+        assert second.metrics_port == port
+        assert "qpopper_logins_total" in second.exposition()
+        assert not any(_alive(pid) for pid in children)
+    finally:
+        second.stop()
+
+
 def _parent_of(pid: int) -> int:
     try:
         status = Path(f"/proc/{pid}/status").read_text()

@@ -161,6 +161,21 @@ def test_temp_drop_mode_is_never_quick(spool: str) -> None:
     assert os.listdir(os.path.dirname(spool)) == ["alice"]
 
 
+def test_shared_storage_is_never_quick(spool: str, tmp_path: Path) -> None:
+    # On NFS a system call can wait for the server: never on the event loop.
+    maildir = tmp_path / "Maildir"
+    write_maildir_message(maildir, MSG)
+    before = sorted(os.listdir(maildir))
+    with pytest.raises(WouldBlock):
+        open_maildrop(f"maildir:{maildir}", MaildropSettings(shared_storage=True), quick=True)
+    with pytest.raises(WouldBlock):
+        open_maildrop(f"mbox:{spool}", MaildropSettings(shared_storage=True), quick=True)
+    assert sorted(os.listdir(maildir)) == before and os.listdir(os.path.dirname(spool)) == ["alice"]
+    drop = open_maildrop(f"maildir:{maildir}", MaildropSettings(shared_storage=True))  # the worker's road
+    assert len(drop.messages()) == 1
+    drop.close()
+
+
 def test_mbox_writes_nothing_unless_deleting_or_marking(spool: str) -> None:
     drop = open_maildrop(f"mbox:{spool}")
     try:

@@ -12,8 +12,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ import redis
 
 from conftest import PASSWORD
 from qpopper import Controller, StaticAuthenticator
+from qpopper.maildrop.maildir import LOCK_NAME
+from qpopper.maildrop.sessionlock import SessionLock
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 pytestmark = pytest.mark.skipif(
@@ -83,15 +87,19 @@ def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
     server.stop()
 
 
+RACERS = [f"racer{i}" for i in range(8)]  # each logs in through two instances at once
+
+
 @pytest.fixture
 def instances(mailroot: Path, fill: Fill) -> Iterator[Callable[..., Controller]]:
     """Start servers on one maildir root, as instances behind a balancer would be."""
-    fill("alice", [MSG])
-    fill("bob", [MSG])
+    users = ["alice", "bob", *RACERS]
+    for user in users:
+        fill(user, [MSG])
     started: list[Controller] = []
 
     def start(**settings: Any) -> Controller:
-        auth = StaticAuthenticator({"alice": PASSWORD, "bob": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
+        auth = StaticAuthenticator(dict.fromkeys(users, PASSWORD), mail_location=f"maildir:{mailroot}/%u/Maildir")
         server = Controller(authenticator=auth, **settings).start()
         started.append(server)
         return server
@@ -145,6 +153,78 @@ def test_login_delay_holds_across_instances(redis_server: RedisProcess, instance
         client.pass_(PASSWORD)
     client.close()
     login(b, "bob").quit()  # another user is not held
+
+
+def pass_reply(sock: socket.socket) -> bytes:
+    """The one-line reply to a PASS already sent on `sock`."""
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(512)
+        assert chunk, data
+        data += chunk
+    return data
+
+
+def test_concurrent_logins_on_two_instances_let_exactly_one_in(
+    redis_server: RedisProcess, instances: Callable[..., Controller]
+) -> None:
+    # Each user's two PASS commands reach two servers at the same moment:
+    # check and record being one step in Redis, exactly one session passes,
+    # and the other is told LOGIN-DELAY (not IN-USE: it never reached the maildrop).
+    settings = {"redis_url": redis_server.url, "enforce_login_delay": True, "announce_login_delay": 600}
+    a, b = instances(**settings), instances(**settings)
+    replies: dict[str, list[bytes]] = {}
+    for user in RACERS:
+        socks = [socket.create_connection((server.host, server.port), timeout=30) for server in (a, b)]
+        try:
+            for sock in socks:
+                assert sock.recv(512).startswith(b"+OK")
+                sock.sendall(f"USER {user}\r\n".encode())
+                assert pass_reply(sock).startswith(b"+OK")
+            start = threading.Barrier(2)
+
+            def send_pass(sock: socket.socket, start: threading.Barrier = start) -> bytes:
+                start.wait(30)
+                sock.sendall(f"PASS {PASSWORD}\r\n".encode())
+                return pass_reply(sock)
+
+            with ThreadPoolExecutor(2) as pool:
+                replies[user] = sorted(pool.map(send_pass, socks))
+            for sock in socks:
+                sock.sendall(b"QUIT\r\n")
+                sock.recv(512)
+        finally:
+            for sock in socks:
+                sock.close()
+    for user, (first, second) in replies.items():
+        assert first.startswith(b"+OK") and second.startswith(b"-ERR [LOGIN-DELAY]"), (user, first, second)
+        assert 0 < redis_server.client().ttl(f"qpopper:login:{user}") <= 600
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["redis", "per-process"])
+def test_a_login_that_did_not_get_its_maildrop_holds_nobody_off(
+    request: pytest.FixtureRequest, instances: Callable[..., Controller], mailroot: Path, shared: bool
+) -> None:
+    settings: dict[str, Any] = {"enforce_login_delay": True, "announce_login_delay": 600}
+    if shared:
+        settings["redis_url"] = request.getfixturevalue("redis_server").url
+    server = instances(**settings)
+    holder = SessionLock(str(mailroot / "alice" / "Maildir" / LOCK_NAME), remove=False)
+    with holder:  # another session holds alice's maildrop: her login gets IN-USE ...
+        client = poplib.POP3(server.host, server.port, timeout=60)
+        client.user("alice")
+        with pytest.raises(poplib.error_proto, match=r"IN-USE"):
+            client.pass_(PASSWORD)
+        client.close()
+    # ... and that login, which never opened it, is not counted against her next one.
+    client = login(server)
+    assert client.stat()[0] == 1
+    client.quit()
+    client = poplib.POP3(server.host, server.port, timeout=60)
+    client.user("alice")
+    with pytest.raises(poplib.error_proto, match=r"LOGIN-DELAY"):  # the one that did, is
+        client.pass_(PASSWORD)
+    client.close()
 
 
 def test_per_address_cap_counts_every_instance(

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 log = logging.getLogger("qpopper.access")
 
@@ -67,14 +68,47 @@ class AccessPolicy:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class LoginClaim:
+    """A login counted for LOGIN-DELAY before its maildrop opened: handed
+    back (`LoginDelays.release`) if the open fails, so a login that never
+    got its maildrop does not hold the user off."""
+
+    user: str
+    at: float
+    previous: float | None
+    shared: bytes | None = None  # the value written in Redis, when it answered
+
+
 class LoginDelays:
     """When each user last logged in, for LOGIN-DELAY enforcement.
 
     Kept in the serving process: several worker processes or hosts each
-    enforce it for the logins they see."""
+    enforce it for the logins they see. `claim` checks and records in one
+    step (nothing runs between the two in an event loop), so two sessions
+    of one user cannot both pass the check."""
 
     def __init__(self) -> None:
         self._last: dict[str, float] = {}
+
+    def claim(self, user: str, delay: int, now: float | None = None, force: bool = False) -> LoginClaim | None:
+        """Record a login of `user` now, unless one was less than `delay`
+        seconds ago (None then); `force`: record whatever the last was."""
+        now = time.monotonic() if now is None else now
+        if not force and self.too_soon(user, delay, now):
+            return None
+        previous = self._last.get(user)
+        self.record(user, now)
+        return LoginClaim(user, now, previous)
+
+    def release(self, claim: LoginClaim) -> None:
+        """Undo `claim` if it is still the last login recorded for its user."""
+        if self._last.get(claim.user) != claim.at:
+            return
+        if claim.previous is None:
+            del self._last[claim.user]
+        else:
+            self._last[claim.user] = claim.previous
 
     def too_soon(self, user: str, delay: int, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now

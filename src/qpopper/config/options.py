@@ -240,6 +240,8 @@ class Options:
     redis_url: str | None = _default("redis_url")
     redis_timeout: float = _default("redis_timeout")
     redis_key_prefix: str = _default("redis_key_prefix")
+    # The mail storage is shared by several hosts: session locks do not rely on OFD locks alone.
+    shared_storage: bool = _default("shared_storage")
     # Where each value came from ("default", "file:line", "-T", "--name"),
     # and the settings given that have no effect in this server.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

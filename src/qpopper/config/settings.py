@@ -500,6 +500,9 @@ SETTINGS: tuple[Setting, ...] = (
             INIT, qpopper=False, default=0.25, check=_timer_seconds),
     Setting("redis-key-prefix", "redis_key_prefix", S, "prefix of this service's Redis keys", INIT, qpopper=False,
             default="qpopper:"),
+    Setting("shared-storage", "shared_storage", B,
+            "the mail is on storage several hosts share (NFS): session locks also take an owner file", INIT,
+            qpopper=False, default=False),
     Setting("workers", "workers", INT, "serving processes sharing the listeners (virtual users; 0: one per CPU)", INIT,
             qpopper=False, default=1, check=_worker_count),
 )

@@ -180,5 +180,8 @@ class MaildropSettings:
     temp_name: str = ".%s.pop"  # %s is the spool's file name
     update_status_headers: bool = False
     uw_kluge: bool = False
+    # Several hosts share the storage: the session lock takes an owner file
+    # as well as its OFD lock (sessionlock.py), for mounts without NFS locking.
+    shared_storage: bool = False
     # qpopper's mail-lock-check (-L) is accepted and ignored (config/settings.py):
     # the dotlock is refreshed by time while a spool is copied, not by count.

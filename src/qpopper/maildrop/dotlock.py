@@ -118,9 +118,13 @@ class DotLock:
     namespace than this server, because their pids mean nothing here.
     """
 
-    def __init__(self, spool: str, stale_age: float = STALE_AGE, check_pid: bool = True) -> None:
+    def __init__(
+        self, spool: str, stale_age: float = STALE_AGE, check_pid: bool = True, path: str | None = None
+    ) -> None:
+        """`path`: the lock's own name, where it is not the MDAs' `<spool>.lock`
+        (the session lock's owner file); its temporary names go beside `spool`."""
         self.spool = spool
-        self.path = dotlock_path(spool)
+        self.path = dotlock_path(spool) if path is None else path
         self.stale_age = stale_age
         self.check_pid = check_pid
         # (inode, ctime) of the lock we made: an inode number alone can be

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Literal, NamedTuple
 
-from ..errors import MaildropError, ResponseCode
+from ..errors import MaildropError, ResponseCode, WouldBlock
 from ..usernames import is_valid_login_name, is_valid_username
 from ._base import Maildrop, MaildropSettings
 
@@ -93,10 +93,14 @@ def open_maildrop(
     may run on the event loop; otherwise WouldBlock, with nothing changed.
     """
     kind, path = location if isinstance(location, MaildropLocation) else MaildropLocation.parse(location)
+    if quick and settings is not None and settings.shared_storage and kind in ("maildir", "mbox"):
+        # On shared storage (NFS) any system call can wait for the server:
+        # that wait belongs in a worker, not on the loop every session shares.
+        raise WouldBlock("maildrops on shared storage are opened in a worker")
     if kind == "maildir":
         from .maildir import MaildirMaildrop
 
-        return MaildirMaildrop(path, quick=quick)
+        return MaildirMaildrop(path, quick=quick, settings=settings)
     if kind == "mbox":
         from .mbox import MboxMaildrop
 

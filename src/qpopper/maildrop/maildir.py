@@ -43,7 +43,7 @@ from collections.abc import Iterator, Set
 
 from ..errors import MaildropError, ResponseCode, WouldBlock
 from ..wiresize import SizeCounter
-from ._base import MessageList, is_valid_uid
+from ._base import MaildropSettings, MessageList, is_valid_uid
 from .fsutil import fsync_dir
 from .fsutil import unlink_quietly as _unlink_quietly
 from .sessionlock import SessionLock
@@ -260,7 +260,9 @@ def _seen_of(names: list[str]) -> bytearray:
 class MaildirMaildrop:
     """An open Maildir; holds the POP session lock until closed."""
 
-    def __init__(self, path: str, create: bool = False, quick: bool = False) -> None:
+    def __init__(
+        self, path: str, create: bool = False, quick: bool = False, settings: MaildropSettings | None = None
+    ) -> None:
         self.path = path
         self._quick = quick
         self._lock: SessionLock | None = None
@@ -282,7 +284,9 @@ class MaildirMaildrop:
             raise WouldBlock(f"{path} is too big to list on the event loop")
         # The lock file stays between sessions: made once, it costs an open per
         # login; made and removed each time, a journal transaction or two.
-        lock = SessionLock(os.path.join(path, LOCK_NAME), remove=False)
+        s = settings or MaildropSettings()
+        lock = SessionLock(os.path.join(path, LOCK_NAME), remove=False, shared=s.shared_storage,
+                           stale_age=s.stale_age, check_pid=s.check_pid)
         lock.acquire()
         try:
             self._scan()

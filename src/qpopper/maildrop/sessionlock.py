@@ -17,16 +17,35 @@ holder unlinks, and only while it still holds the lock; and a locker,
 once it holds the lock, checks that the path still names the file it
 locked, and starts over if not. Whoever holds a lock on the file the path
 names is then the one session.
+
+On storage several hosts share (`shared-storage`), the OFD lock is not
+relied on alone: it holds across hosts only where NFS locking works (NFSv4,
+or NFSv3 with lockd), and a mount with `nolock` or `local_lock` keeps it on
+one host without a word. The session lock then also takes an owner file,
+`<lock file>.owner`, made and judged as the mbox dotlock is (link(2) and
+the link count, which every NFS version honours): it records the pid and
+the host, a holder's process touches it every minute while the session
+lasts, and another session breaks it only when it is stale: untouched for
+stale-age (5 minutes: a host that died), or naming a process of this host
+that is gone (a kill -9 here).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import struct
+import threading
+import time
 
 from ..errors import MaildropBusy, MaildropError
+from .dotlock import REFRESH_INTERVAL, STALE_AGE, DotLock
+
+log = logging.getLogger(__name__)
+
+OWNER_SUFFIX = ".owner"
 
 # struct flock for F_OFD_SETLK: l_type, l_whence, l_start, l_len, l_pid.
 _FLOCK = "hhqqi"
@@ -51,13 +70,69 @@ def _lock_fd(fd: int) -> bool:
     return True
 
 
-class SessionLock:
-    """Held from login until the session ends; `release` is idempotent."""
+class _Refresher:
+    """Touches every owner file this process holds, once a REFRESH_INTERVAL,
+    from one daemon thread started with the first: a session idles for up
+    to ten minutes, and a lock untouched for stale-age is a dead host's."""
 
-    def __init__(self, path: str, remove: bool = True) -> None:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: set[DotLock] = set()
+        self._thread: threading.Thread | None = None
+        self.interval = REFRESH_INTERVAL
+        os.register_at_fork(after_in_child=self._forget)  # a child holds none of its parent's
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._held = set()
+        self._thread = None
+
+    def add(self, owner: DotLock) -> None:
+        with self._lock:
+            self._held.add(owner)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="session-lock-refresh", daemon=True)
+                self._thread.start()
+
+    def remove(self, owner: DotLock) -> None:
+        """After this, the thread no longer touches `owner` (so it may be released)."""
+        with self._lock:
+            self._held.discard(owner)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self._lock:
+                if not self._held:
+                    self._thread = None
+                    return
+                for owner in list(self._held):
+                    try:
+                        owner.refresh()
+                    except (MaildropError, OSError) as exc:
+                        # Broken as stale by another host: the session goes on, and
+                        # its UPDATE still takes the spool's own locks.
+                        log.error("session lock: %s", exc)
+                        self._held.discard(owner)
+
+
+_refresher = _Refresher()
+
+
+class SessionLock:
+    """Held from login until the session ends; `release` is idempotent.
+
+    `shared`: the storage is shared by several hosts, and the owner file
+    (see the module's docstring) is taken as well as the OFD lock."""
+
+    def __init__(
+        self, path: str, remove: bool = True, shared: bool = False, stale_age: float = STALE_AGE,
+        check_pid: bool = True,
+    ) -> None:
         self.path = path
         self.remove = remove  # unlink the file at release (see the module's docstring)
         self._fd: int | None = None
+        self.owner = DotLock(path, stale_age, check_pid, path=path + OWNER_SUFFIX) if shared else None
 
     def acquire(self) -> None:
         for _ in range(_MAX_ATTEMPTS):
@@ -67,6 +142,7 @@ class SessionLock:
                     raise MaildropBusy()
                 # A file nobody removes needs no check that it is still the one named.
                 if not self.remove or self._names(fd):
+                    self._take_owner()
                     self._fd = fd
                     return
             except BaseException:
@@ -74,6 +150,16 @@ class SessionLock:
                 raise
             os.close(fd)  # the holder removed it after we opened it: try the new one
         raise MaildropBusy()
+
+    def _take_owner(self) -> None:
+        """The owner file too, on shared storage: MaildropBusy if a live
+        session of any host has it (a stale one is broken first)."""
+        owner = self.owner
+        if owner is None:
+            return
+        if not owner.try_acquire() and not (owner.break_if_stale() and owner.try_acquire()):
+            raise MaildropBusy()
+        _refresher.add(owner)
 
     def _open(self) -> int:
         try:
@@ -93,6 +179,12 @@ class SessionLock:
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
+            if self.owner is not None:  # first, while the OFD lock still excludes this host's sessions
+                _refresher.remove(self.owner)
+                try:
+                    self.owner.release()
+                except OSError:
+                    pass
             # Remove the file while the lock is still ours (see the module's
             # docstring); a directory we may not write keeps it, as before.
             try:

@@ -90,7 +90,7 @@ class Connection:
     """Serves one session over a client's stream."""
 
     __slots__ = (
-        "_committed", "_deadline", "_idle", "_login_deadline", "_loop_ref", "_timed_out", "_watchdog",
+        "_committed", "_deadline", "_heard", "_idle", "_login_deadline", "_loop_ref", "_timed_out", "_watchdog",
         "_watchdog_at", "kicked", "login", "out", "peer", "records", "retrieval", "services", "session", "stream",
         "updating",
     )  # fmt: skip
@@ -121,6 +121,7 @@ class Connection:
         self._committed = False
         self.kicked = False  # ended by the administrator (kick): nothing of it is committed
         self._idle = False  # waiting for the client's next command
+        self._heard = False  # the client sent something (a health check sends nothing)
         # The read deadline: one timer per connection, moved only when it
         # fires early (a timer per read cost more than parsing the command).
         self._loop_ref = asyncio.get_running_loop()
@@ -253,7 +254,7 @@ class Connection:
             # an ordinary disconnect; nothing is committed.
             log.info("%s: TLS error, connection closed: %s", self.peer, tls_failure_reason(exc))
         except (ConnectionError, asyncio.IncompleteReadError):
-            log.info("%s: connection lost", self.peer)
+            self._log_end("connection lost")
         except _Abort:
             pass
         except asyncio.CancelledError:
@@ -263,6 +264,15 @@ class Connection:
             await self._report_internal_error()
         finally:
             await self._finish()
+
+    def _log_end(self, how: str) -> None:
+        """How the peer went: at debug level for a balancer's health check
+        that said nothing (one line per check would bury the clients'),
+        at info for everything else, a client's disconnect above all."""
+        if self.peer.balancer_check and not self._heard:
+            log.debug("%s: %s (the balancer's health check)", self.peer, how)
+        else:
+            log.info("%s: %s", self.peer, how)
 
     async def _report_internal_error(self) -> None:
         self.session.internal_error()
@@ -334,8 +344,9 @@ class Connection:
                     log.info("%s: timeout (%.0f s) %s", self.peer, timeout, who)
                     return
                 if not data:
-                    log.info("%s: connection closed", self.peer)
+                    self._log_end("connection closed")
                     return
+                self._heard = True
                 session.receive_data(data)
             elif type(effect) is Send:  # most effects are replies: no table, no call
                 self.trace_out(effect.data)

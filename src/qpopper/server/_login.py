@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..auth import Principal
+from ..auth.access import LoginClaim
 from ..auth.credentials import Credentials, Rejected, UserPass, Verified
 from ..auth.sasl import Fail
 from ..config.configfile import Context, read_config
@@ -317,17 +318,55 @@ class Login:
             if self.options is not before:
                 self.session.config = session_config(self.options)
                 self._apply_user_options(before, principal.user)
-        delay = self.options.announce_login_delay
-        shared = self.services.shared
-        if (
-            self.options.enforce_login_delay
-            and delay
-            and (self.services.login_delays.too_soon(principal.user, delay) if shared is None
-                 else await shared.too_soon(principal.user, delay))
-        ):
-            log.info("%s: %s logged in again within %d s", self.peer, principal.user, delay)
-            self._failed(ResponseCode.LOGIN_DELAY)
+        claim = None
+        if self.options.enforce_login_delay:
+            # Checked and recorded at once, here, so that two sessions of one
+            # user (on any instance) cannot both pass; undone if the open fails.
+            delay = self.options.announce_login_delay or 0
+            shared = self.services.shared
+            claim = (self.services.login_delays.claim(principal.user, delay) if shared is None
+                     else await shared.claim_login(principal.user, delay))
+            if claim is None:
+                log.info("%s: %s logged in again within %d s", self.peer, principal.user, delay)
+                self._failed(ResponseCode.LOGIN_DELAY)
+                return None
+        maildrop = await self._open_claimed(principal, claim)
+        if maildrop is None:
             return None
+        records = self.records
+        records.opened = time.monotonic()
+        if self.services.tally is not None:
+            self.services.tally.maildrop_opened(records.opened - (records.authenticated or records.opened))
+        self.debug("%s: opened %s in %.3f s", self.peer, principal.mail, records.opened - (records.authenticated or 0))
+        messages = maildrop.messages()
+        log.info("%s: %s logged in, %d messages", self.peer, principal.user, len(messages))
+        if self.options.log_login:
+            host = await self.records.host_name()
+            log.info("%s", expand_login_template(self.options.log_login, principal.user, host, self.peer.host))
+        self.session.maildrop_opened(messages)
+        return maildrop
+
+    async def _open_claimed(self, principal: Principal, claim: LoginClaim | None) -> Maildrop | None:
+        """The maildrop opened (and bulletins delivered), or None (told to the
+        session) with the LOGIN-DELAY claim handed back."""
+        opened = False
+        try:
+            maildrop = await self._open_with_bulletins(principal)
+            opened = maildrop is not None
+            return maildrop
+        finally:
+            if claim is not None and not opened:
+                await self._release_claim(claim)
+
+    async def _release_claim(self, claim: LoginClaim) -> None:
+        shared = self.services.shared
+        if shared is None:
+            self.services.login_delays.release(claim)
+            return
+        # Shielded: a session stopped meanwhile still hands its claim back.
+        await asyncio.shield(shared.release_login(claim))
+
+    async def _open_with_bulletins(self, principal: Principal) -> Maildrop | None:
         try:
             settings = maildrop_settings(self.options, principal)
             quick = self._open_quickly(principal.mail, settings)
@@ -350,22 +389,6 @@ class Login:
                 await _update.close(self, maildrop)
                 self._failed(exc.code)
                 return None
-        records = self.records
-        records.opened = time.monotonic()
-        if self.services.tally is not None:
-            self.services.tally.maildrop_opened(records.opened - (records.authenticated or records.opened))
-        self.debug("%s: opened %s in %.3f s", self.peer, principal.mail, records.opened - (records.authenticated or 0))
-        if self.options.enforce_login_delay:  # a record per user otherwise kept for nothing
-            if shared is None:
-                self.services.login_delays.record(principal.user)
-            else:
-                await shared.record_login(principal.user, delay or 0)
-        messages = maildrop.messages()
-        log.info("%s: %s logged in, %d messages", self.peer, principal.user, len(messages))
-        if self.options.log_login:
-            host = await self.records.host_name()
-            log.info("%s", expand_login_template(self.options.log_login, principal.user, host, self.peer.host))
-        self.session.maildrop_opened(messages)
         return maildrop
 
     def _failed(self, code: ResponseCode) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import os
@@ -56,7 +57,9 @@ def _peer_from(info: object, tls_at_balancer: bool = False) -> Peer:
 def _behind_balancer(balancer: Peer, header: ProxyHeader, policy: ProxyPolicy) -> Peer:
     """The client a trusted balancer's header names; the balancer itself for
     its own health checks (LOCAL) and for clients it cannot name."""
-    if header.source is None:
+    if header.command == "LOCAL":
+        return dataclasses.replace(balancer, balancer_check=True)
+    if header.source is None:  # UNKNOWN: a client the balancer cannot name
         return balancer
     return _peer_from(header.source, tls_at_balancer=policy.secure(header))
 
@@ -550,6 +553,11 @@ class Server:
         assert self._proxy is not None
         if self._proxy.trusts(peer.host):
             return False
+        if peer.host in ("local", "unknown"):
+            # A PROXY listener is TCP: no address means the peer was gone (a
+            # reset, as HAProxy's health checks end) before its address was read.
+            log.debug("%s: connection gone before it was served", peer)
+            return True
         log.warning("%s: connection refused: not from haproxy-trusted-networks", peer)
         return True
 

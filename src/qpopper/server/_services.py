@@ -32,6 +32,9 @@ class Peer:
     # The client reached the load balancer over TLS, and the server is
     # configured to trust it as such (haproxy-tls-is-secure).
     tls_at_balancer: bool = False
+    # The balancer's own connection (a PROXY LOCAL header), not a client's:
+    # HAProxy's health checks, which close without a command.
+    balancer_check: bool = False
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"

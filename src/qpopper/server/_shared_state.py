@@ -32,12 +32,14 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from ..auth.access import FailureDelays, LoginDelays
+from ..auth.access import FailureDelays, LoginClaim, LoginDelays
 
 log = logging.getLogger("qpopper.server")
 
@@ -45,6 +47,29 @@ T = TypeVar("T")
 
 RETRY_AFTER = 5.0  # seconds Redis is left alone after a failed call
 LEASE = 90.0  # seconds a session counts without its instance renewing it
+
+# LOGIN-DELAY's check and record in one step, on Redis's clock (the hosts'
+# clocks may differ): the key holds "<seconds> <token>" and expires after
+# the delay. A last login less than ARGV[1] seconds ago: 0; otherwise the
+# new value, which the caller needs to undo exactly its own record.
+_CLAIM_LOGIN = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local delay = tonumber(ARGV[1])
+local last = redis.call('GET', KEYS[1])
+if last then
+  local at = tonumber(string.match(last, '^%S+'))
+  if at and t - at < delay then return 0 end
+end
+local value = string.format('%.6f %s', t, ARGV[2])
+redis.call('SET', KEYS[1], value, 'EX', math.max(1, math.ceil(delay)))
+return value
+"""
+# Undo a claim: delete the key only if it still holds that claim's value.
+_RELEASE_LOGIN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class SharedState:
@@ -65,6 +90,7 @@ class SharedState:
         self.failures = failures
         self.login_delays = login_delays
         self._client: aioredis.Redis | None = None
+        self._client_scripts: tuple[AsyncScript, AsyncScript] | None = None
         self._down_until = 0.0  # monotonic time before which Redis is not asked
         self._down_reason: str | None = None
         # This instance's sessions in the per-address sets: member -> address.
@@ -81,6 +107,12 @@ class SharedState:
                 self._url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout, decode_responses=False
             )
         return self._client
+
+    def _scripts(self, client: aioredis.Redis) -> tuple[AsyncScript, AsyncScript]:
+        """The LOGIN-DELAY scripts (sent by their SHA1, loaded once per server)."""
+        if self._client_scripts is None:
+            self._client_scripts = (client.register_script(_CLAIM_LOGIN), client.register_script(_RELEASE_LOGIN))
+        return self._client_scripts
 
     async def _call(self, what: str, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T | None:
         """`work(client)` within the timeout; None (logged once) if Redis fails."""
@@ -142,18 +174,37 @@ class SharedState:
 
     # ---- LOGIN-DELAY ----------------------------------------------------------------
 
-    async def too_soon(self, user: str, delay: int) -> bool:
-        """Whether `user` logged in, on any instance, less than `delay` seconds ago."""
-        last = await self._call("LOGIN-DELAY", lambda client: client.get(f"{self.prefix}login:{user}"))
-        if last is None:
-            return self.login_delays.too_soon(user, delay)
-        return time.time() - float(last) < delay
-
-    async def record_login(self, user: str, delay: int) -> None:
-        self.login_delays.record(user)
-        await self._call(
-            "a login", lambda client: client.set(f"{self.prefix}login:{user}", repr(time.time()), ex=max(1, delay))
+    async def claim_login(self, user: str, delay: int) -> LoginClaim | None:
+        """Count a login of `user` now, unless one on any instance was less
+        than `delay` seconds ago (None then). Check and record are one
+        script in Redis, so two hosts cannot both let the user in; the
+        per-process record is kept too, for when Redis is away."""
+        local = self.login_delays.claim(user, delay)
+        key = f"{self.prefix}login:{user}"
+        token = f"{self._instance}:{next(self._serial)}"
+        written = await self._call(
+            "LOGIN-DELAY", lambda client: self._scripts(client)[0](keys=[key], args=[delay, token], client=client)
         )
+        if written is None:  # Redis away: this process's own answer
+            return local
+        if not written:  # too soon on some instance
+            if local is not None:
+                self.login_delays.release(local)
+            return None
+        if local is None:  # Redis, which saw every instance, lets it in
+            local = self.login_delays.claim(user, delay, force=True)
+            assert local is not None
+        return replace(local, shared=bytes(written))
+
+    async def release_login(self, claim: LoginClaim) -> None:
+        """A claimed login whose maildrop did not open: forgotten everywhere,
+        unless a later login replaced it."""
+        self.login_delays.release(claim)
+        if claim.shared is not None:
+            key, value = f"{self.prefix}login:{claim.user}", claim.shared
+            await self._call(
+                "a login undone", lambda client: self._scripts(client)[1](keys=[key], args=[value], client=client)
+            )
 
     # ---- sessions per address ----------------------------------------------------------
 

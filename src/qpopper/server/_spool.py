@@ -48,6 +48,7 @@ def maildrop_settings(options: Options, principal: Principal) -> MaildropSetting
         temp_name=options.temp_name,
         update_status_headers=options.update_status_headers,
         uw_kluge=options.uw_kluge,
+        shared_storage=options.shared_storage,
     )
 
 

@@ -132,7 +132,10 @@ class PopStream(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
-        self.transport.write(data)
+        try:
+            self.transport.write(data)
+        except RuntimeError:  # uvloop's word for a transport the peer's reset closed
+            raise ConnectionResetError("connection closed by the peer") from None
 
     async def drain(self) -> None:
         """Wait while the client's receive window is full."""

@@ -175,7 +175,10 @@ class CountingStream(PopStream):
                 tally.error_reply(data)
         transport = self.transport
         assert transport is not None
-        transport.write(data)
+        try:
+            transport.write(data)
+        except RuntimeError:  # uvloop's word for a transport the peer's reset closed
+            raise ConnectionResetError("connection closed by the peer") from None
 
 
 def mechanism_of(credentials: Credentials) -> str:

@@ -156,7 +156,8 @@ class MboxMaildrop:
             return  # no spool directory: an empty maildrop with nothing to lock
         if quick and not s.server_mode:
             raise WouldBlock("temp-drop mode copies the spool")
-        session = SessionLock(session_lock_path(self.path))
+        session = SessionLock(session_lock_path(self.path), shared=s.shared_storage, stale_age=s.stale_age,
+                              check_pid=s.check_pid)
         session.acquire()
         try:
             if not quick:
