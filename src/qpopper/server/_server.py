@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..auth import AsyncAuthenticator, Authenticator, Reloadable, UserLookup
 from ..auth.access import AccessPolicy
+from ..auth.filestamp import recheck_all
 from ..auth.passwdfile import PasswdFileAuthenticator
 from ..config.options import ListenAddress, Options
 from ..errors import ConfigError
@@ -501,6 +502,7 @@ class Server:
                 self.options = options
                 self.services.options = options
                 self.services.access = AccessPolicy(options.nonauth_file, options.auth_file)
+            recheck_all()  # the user files' next use asks the file system, not the stat of the last second
             if reload is not None:
                 reload("")
             if isinstance(self.authenticator, Reloadable):
