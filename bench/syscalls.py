@@ -7,8 +7,9 @@ passwords, our default records to a file); after a warm-up, strace attaches
 to every thread of the daemon (`-f -p`), a fixed number of login sessions
 (USER, PASS, STAT, QUIT) run one after another, and strace detaches:
 
-    python bench/syscalls.py [--sessions N] [--trace FILE] [--load SECONDS]
+    python bench/syscalls.py [--sessions N] [--trace FILE] [--load SECONDS] [--retrs N]
 
+`--retrs N` counts N RETRs of ~15 kB in one session instead (per RETR).
 `--load S` drives popbench's login scenario instead (10 clients for S
 seconds, as under bench/run.py's load, where one event-loop turn serves several
 sessions) and divides by the sessions popbench completed. strace slows the
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from guard import PASSWORD, USERS, free_port, make_maildirs, stop  # bench/guard.py, beside this script
-from instructions import REPO, login_sessions, server_command
+from instructions import REPO, login_sessions, retrs, server_command
 from run import popbench_json, wait_port
 
 POPBENCH = Path(os.environ.get("QPOPPER_BENCH_SHARED", REPO.parent / "shared" / "bench")) / "popbench.py"
@@ -66,7 +67,8 @@ def popbench_logins(port: int, seconds: float) -> int:
     return int(runs[-1]["sessions"])
 
 
-def measure(work: Path, sessions: int, trace: Path | None, load: float | None = None) -> dict[str, Any]:
+def measure(work: Path, sessions: int, trace: Path | None, load: float | None = None,
+            retr_count: int | None = None) -> dict[str, Any]:
     make_maildirs(work)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
     port = free_port()
@@ -80,7 +82,10 @@ def measure(work: Path, sessions: int, trace: Path | None, load: float | None = 
             tracer = subprocess.Popen(["strace", "-f", "-qq", *mode, "-p", str(server.pid)],
                                       stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # strace has attached every thread by then
-            if load is None:
+            if retr_count is not None:
+                retrs(port, retr_count)
+                sessions = retr_count
+            elif load is None:
                 login_sessions(port, sessions)
             else:
                 sessions = popbench_logins(port, load)
@@ -108,12 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=200, help="login sessions counted (default 200)")
     parser.add_argument("--trace", type=Path, help="keep strace's full log here (counts come from it)")
     parser.add_argument("--load", type=float, metavar="SECONDS", help="popbench login -c 10 for SECONDS instead")
+    parser.add_argument("--retrs", type=int, metavar="N", help="N RETRs in one session instead (figures per RETR)")
     a = parser.parse_args(argv)
     if shutil.which("strace") is None:
         print("bench/syscalls.py: strace is missing (apt-get install -y strace)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="qpopper-strace-") as tmp:
-        print(json.dumps(measure(Path(tmp), a.sessions, a.trace, a.load)))
+        print(json.dumps(measure(Path(tmp), a.sessions, a.trace, a.load, a.retrs)))
     return 0
 
 
