@@ -198,3 +198,12 @@ def test_a_forked_child_writes_none_of_its_parents_kept_records(tmp_path: Path) 
 
         assert asyncio.run(fork_in_a_turn()) == 0
     assert out.read_text().splitlines() == ["qpopper.test: child's", "qpopper.test: parent's"]
+
+
+def test_a_record_after_the_loop_closed_is_written_at_once() -> None:
+    handler, stream = _buffered()
+    loop = asyncio.new_event_loop()
+    handler.attach(loop)
+    loop.close()  # a loop that ends without detaching: no turn will end to write for it
+    handler.handle(_record(logging.INFO, "late"))
+    assert stream.getvalue() == "qpopper.test: late\n"

@@ -174,8 +174,12 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if len(self._pending) >= self.MAX_PENDING:
             self._write_pending()
         elif not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._end_of_turn)
+            try:
+                loop.call_soon(self._end_of_turn)
+            except RuntimeError:  # the loop is closed (not detached yet): no turn will end
+                self._write_pending()
+            else:
+                self._scheduled = True
 
     def _end_of_turn(self) -> None:
         self.acquire()
