@@ -49,7 +49,7 @@ RULES: list[tuple[str, str]] = [
     ("records (logging)", r"\(logging/|logsetup\.py|_records\.py"),
     ("maildrop: session lock", r"sessionlock\.py"),
     ("maildrop: read a message", rf"^{_Q}(read|_open|_find_moved) .*maildrop/"),
-    ("maildrop: open and list", rf"^{_Q}(open_maildrop|expand_location|__init__|_list|_scan|_dirs_too_big|messages"
+    ("maildrop: open and list", rf"^{_Q}(open_maildrop|expand_location|__init__|_list|_scan|_stat_or_none|messages"
                                 r"|_uids\w*|_subdirs_of)\b.*maildrop/|<listcomp>.*maildrop/"),
     ("maildrop: close, commit", rf"^{_Q}(close|commit|writes_nothing|_lacks_seen) .*maildrop/"),
     ("maildrop: other", r"maildrop/"),

@@ -105,7 +105,7 @@ def test_errors_name_file_and_line(tmp_path: Path, line: str, error: str) -> Non
 
 def test_file_is_reloaded_when_it_changes(tmp_path: Path) -> None:
     path = write(tmp_path / "passwd", "u1:{PLAIN}old::::/h::\n")
-    auth = PasswdFileAuthenticator(str(path))
+    auth = PasswdFileAuthenticator(str(path), recheck_interval=0)
     assert auth.authenticate(UserPass("u1", b"old")) is not None
     write(path, "u1:{PLAIN}newer::::/h::\n")
     os.utime(path, ns=(1, 2_000_000_000_000_000_000))

@@ -199,10 +199,10 @@ def test_mbox_writes_nothing_unless_deleting_or_marking(spool: str) -> None:
 # ---- passwords -------------------------------------------------------------
 
 
-def _passwd(tmp_path: Path, lines: str) -> PasswdFileAuthenticator:
+def _passwd(tmp_path: Path, lines: str, recheck_interval: float = 1.0) -> PasswdFileAuthenticator:
     path = tmp_path / "passwd"
     path.write_text(lines)
-    return PasswdFileAuthenticator(str(path), f"maildir:{tmp_path}/%u")
+    return PasswdFileAuthenticator(str(path), f"maildir:{tmp_path}/%u", recheck_interval=recheck_interval)
 
 
 def test_cheap_schemes_are_checked_quickly_and_agree(tmp_path: Path) -> None:
@@ -227,7 +227,7 @@ def test_refusals_and_slow_hashes_take_the_worker(tmp_path: Path) -> None:
 
 
 def test_an_edited_passwd_file_is_never_trusted_from_memory(tmp_path: Path) -> None:
-    auth = _passwd(tmp_path, "plain:{PLAIN}secret\n")
+    auth = _passwd(tmp_path, "plain:{PLAIN}secret\n", recheck_interval=0)
     (tmp_path / "passwd").write_text("plain:{PLAIN}changed-password\n")
     assert auth.authenticate_quickly(UserPass("plain", b"secret")) is None  # not reloaded here
     assert auth.authenticate(UserPass("plain", b"secret")) is None
@@ -238,7 +238,7 @@ def test_apop_database_in_front_keeps_its_rules(tmp_path: Path) -> None:
     inner = _passwd(tmp_path, "alice:{PLAIN}unix-pass\nbob:{PLAIN}bob-pass\n")
     db_path = tmp_path / "pop.auth"
     db_path.write_text("alice:{PLAIN}apop-secret\n")
-    db = ApopDatabase(str(db_path))
+    db = ApopDatabase(str(db_path), recheck_interval=0)
     strict = ApopAuthenticator(inner, db, None)
     assert strict.authenticate_quickly(UserPass("alice", b"unix-pass")) is None  # -p 0: no clear text
     assert strict.authenticate(UserPass("alice", b"unix-pass")) is None

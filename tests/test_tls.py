@@ -368,3 +368,35 @@ def test_incomplete_handshake_times_out(certs: Certs, mailroot: Path) -> None:
     ) as server, socket.create_connection((server.host, server.port), timeout=10) as sock:
         sock.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then silence
         assert sock.recv(100) == b""  # closed by the server, not by our timeout
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_replies_are_never_held_back_by_nagle(certs: Certs, mailroot: Path, loop_kind: str) -> None:
+    """Both event loops set TCP_NODELAY on every TCP transport they make, plain or
+    TLS (the server no longer sets it again): a pipelined burst's replies and a
+    RETR's last segment go out at once, not after the client's delayed ACK."""
+    import asyncio
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # the Controller's new loop is uvloop's
+    try:
+        auth = StaticAuthenticator({"alice": PASSWORD}, mail_location=f"maildir:{mailroot}/%u/Maildir")
+        with Controller(
+            authenticator=auth,
+            listen=(ListenAddress("127.0.0.1", 0), ListenAddress("127.0.0.1", 0, tls=True)),
+            tls_cert_file=str(certs.cert),
+            tls_key_file=str(certs.key),
+        ) as server:
+            plain, implicit = ports(server)
+            clients = [poplib.POP3("127.0.0.1", plain, timeout=10),
+                       poplib.POP3_SSL("127.0.0.1", implicit, timeout=10, context=certs.client_context())]
+            sessions = server.server.sessions()
+            assert len(sessions) == 2  # both greeted: both sessions run
+            for conn in sessions:
+                sock = conn.stream.get_extra_info("socket")
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            for client in clients:
+                client.quit()
+    finally:
+        asyncio.set_event_loop_policy(None)

@@ -119,8 +119,8 @@ class UserLookup(Protocol):
     """An authenticator over a user database it can look a user up in.
 
     `lookup` re-reads the database first when it changed on disk, so a
-    SIGHUP calls it to pick up an edited database at once (a broken edit
-    is logged and the last good copy kept).
+    SIGHUP calls it (after `filestamp.recheck_all`) to pick up an edited
+    database at once (a broken edit is logged and the last good copy kept).
     """
 
     def lookup(self, user: str) -> object | None:

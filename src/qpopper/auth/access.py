@@ -2,7 +2,7 @@
 /etc/ftpusers) and auth-file, and the LOGIN-DELAY a site may enforce.
 
 The lists are plain files of user names, one per line, `#` comments; they
-are re-read when they change. A missing nonauth-file refuses nobody; a
+are re-read when they change (seen within a second: see filestamp). A missing nonauth-file refuses nobody; a
 missing auth-file (when one is configured) admits nobody, because an
 allow-list that cannot be read must not open the door.
 """
@@ -10,17 +10,19 @@ allow-list that cannot be read must not open the door.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
+
+from .filestamp import RECHECK_INTERVAL, StatCache
 
 log = logging.getLogger("qpopper.access")
 
 
 class UserList:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, recheck_interval: float = RECHECK_INTERVAL) -> None:
         self.path = path
+        self._stat = StatCache(path, recheck_interval)
         self._stamp: tuple[int, int] | None = None
         self._names: frozenset[str] | None = None
         self._lock = threading.Lock()
@@ -29,7 +31,7 @@ class UserList:
         """The names listed, or None if the file cannot be read."""
         with self._lock:
             try:
-                st = os.stat(self.path)
+                st = self._stat.stat()
             except OSError:
                 self._stamp, self._names = None, None
                 return None

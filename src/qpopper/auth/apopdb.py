@@ -44,6 +44,7 @@ from . import (
     UserLookup,
 )
 from .credentials import ApopDigest, CramMD5, Credentials, ScramSecret, UserPass, Verified
+from .filestamp import RECHECK_INTERVAL, StatCache
 from .i18n import prepare_password, prepare_username
 from .sasl import scram_secret_from_password
 from .secrets import matches_secret
@@ -94,11 +95,15 @@ def _matches(stored: str, credentials: ApopDigest | CramMD5) -> bool:
 
 
 class ApopDatabase:
-    def __init__(self, path: str = DEFAULT_APOP_FILE) -> None:
+    def __init__(self, path: str = DEFAULT_APOP_FILE, recheck_interval: float = RECHECK_INTERVAL) -> None:
+        """`recheck_interval`: seconds between two stats of the file on the
+        server's path (`secret`, `secret_if_current`); `load`, which popauth
+        changes the file from, always asks the file system."""
         self.path = path
         self._stamp: tuple[int, int] | None = None
         self._secrets: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._stat = StatCache(path, recheck_interval)
 
     # ---- reading ------------------------------------------------------------
 
@@ -114,31 +119,36 @@ class ApopDatabase:
             out[name] = secret[len("{PLAIN}") :]
         return out
 
+    def _current(self, fresh: bool) -> dict[str, str]:
+        """The secrets, re-read if the file changed; under the lock. `fresh`:
+        ask the file system now, not the cached stat."""
+        try:
+            st = os.stat(self.path) if fresh else self._stat.stat()
+        except FileNotFoundError:
+            self._stamp, self._secrets = None, {}
+            return self._secrets
+        except OSError as exc:
+            raise ConfigError(f"cannot read APOP database {self.path}: {exc.strerror}") from None
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    self._secrets = self._parse(f.read())
+            except OSError as exc:
+                raise ConfigError(f"cannot read APOP database {self.path}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"{self.path}: not UTF-8 text") from None
+            self._stamp = stamp
+        return self._secrets
+
     def load(self) -> dict[str, str]:
         """All secrets; re-read when the file changed. Missing file: none."""
         with self._lock:
-            try:
-                st = os.stat(self.path)
-            except FileNotFoundError:
-                self._stamp, self._secrets = None, {}
-                return {}
-            except OSError as exc:
-                raise ConfigError(f"cannot read APOP database {self.path}: {exc.strerror}") from None
-            stamp = (st.st_mtime_ns, st.st_size)
-            if stamp != self._stamp:
-                try:
-                    with open(self.path, encoding="utf-8") as f:
-                        self._secrets = self._parse(f.read())
-                except OSError as exc:
-                    raise ConfigError(f"cannot read APOP database {self.path}: {exc.strerror}") from None
-                except UnicodeDecodeError:
-                    raise ConfigError(f"{self.path}: not UTF-8 text") from None
-                self._stamp = stamp
-            return dict(self._secrets)
+            return dict(self._current(fresh=True))
 
     def secret(self, user: str) -> str | None:
-        self.load()
-        return self._secrets.get(user)
+        with self._lock:
+            return self._current(fresh=False).get(user)
 
     def secret_if_current(self, user: str) -> tuple[bool, str | None]:
         """(True, secret or None) if the copy in memory is current; (False,
@@ -147,7 +157,7 @@ class ApopDatabase:
             return False, None
         try:
             try:
-                st = os.stat(self.path)
+                st = self._stat.stat()
             except FileNotFoundError:
                 return self._stamp is None, None
             except OSError:
@@ -309,6 +319,6 @@ class ApopAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource, Us
         return self.inner.scram_secret(user, mechanism) if isinstance(self.inner, ScramSecretSource) else None
 
     def lookup(self, user: str) -> object | None:
-        """The inner database's entry (the APOP database reloads itself on
-        every use), so that a SIGHUP reaches the passwd-file behind it."""
+        """The inner database's entry (the APOP database reloads itself when
+        it changed), so that a SIGHUP reaches the passwd-file behind it."""
         return self.inner.lookup(user) if isinstance(self.inner, UserLookup) else None

@@ -5,7 +5,8 @@
 Empty fields are allowed; the extra fields are space-separated key=value
 pairs, of which `userdb_mail` (or `mail`) overrides the maildrop location.
 The file is re-read when its modification time changes, so an administrator
-edits it in place and the running server follows.
+edits it in place and the running server follows (within a second: its stat
+is asked at most once a second, see filestamp).
 
 Unknown users are checked against a dummy hash of the same cost as the
 default scheme, so that timing does not tell who exists.
@@ -28,6 +29,7 @@ from ..maildrop.location import DEFAULT_LOCATION, expand_location
 from ..usernames import is_valid_login_name
 from . import Authenticator, AuthTuning, Principal, QuickAuthenticator, Reloadable, ScramSecretSource, UserLookup
 from .credentials import Credentials, ScramSecret, UserPass, Verified
+from .filestamp import RECHECK_INTERVAL, StatCache
 from .i18n import prepare_password, prepare_username
 from .sasl import scram_secret_from_password
 from .secrets import matches_secret
@@ -220,10 +222,12 @@ class PasswdFileAuthenticator(Authenticator, QuickAuthenticator, Reloadable, Scr
         mail_location: str = DEFAULT_LOCATION,
         default_scheme: str = "CRYPT",
         hash_workers: int = 0,
+        recheck_interval: float = RECHECK_INTERVAL,
     ) -> None:
         """`hash_workers`: slow hashes checked at once (0: one per CPU); the
         server's worker threads are many, and a burst of ARGON2ID logins
-        on all of them at once would take the CPU from running sessions."""
+        on all of them at once would take the CPU from running sessions.
+        `recheck_interval`: seconds between two stats of the file."""
         self.path = path
         self.mail_location = mail_location
         self.default_scheme = default_scheme
@@ -231,6 +235,7 @@ class PasswdFileAuthenticator(Authenticator, QuickAuthenticator, Reloadable, Scr
         self._hashing = threading.BoundedSemaphore(self.hash_workers)
         self._lock = threading.Lock()
         self._mtime: tuple[int, int] | None = None
+        self._stat = StatCache(path, recheck_interval)
         self._entries: dict[str, PasswdEntry] = {}
         self._reload()  # a broken file is a start-up error, not a login error
 
@@ -246,7 +251,7 @@ class PasswdFileAuthenticator(Authenticator, QuickAuthenticator, Reloadable, Scr
 
     def _reload(self) -> None:
         try:
-            st = os.stat(self.path)
+            st = self._stat.stat()
         except OSError as exc:
             raise ConfigError(f"cannot read passwd-file {self.path}: {exc.strerror}") from exc
         stamp = (st.st_mtime_ns, st.st_size)
@@ -271,7 +276,7 @@ class PasswdFileAuthenticator(Authenticator, QuickAuthenticator, Reloadable, Scr
             return None  # a worker is reloading
         try:
             try:
-                st = os.stat(self.path)
+                st = self._stat.stat()
             except OSError:
                 return None
             if (st.st_mtime_ns, st.st_size) != self._mtime:

@@ -36,7 +36,7 @@ from ..errors import ConfigError
 from ..server import Server
 from ..server._memory import limit_malloc_arenas
 from .inetd import check_inetd_streams, serve_inetd, started_by_inetd
-from .logsetup import configure_logging
+from .logsetup import attach_loop, configure_logging, detach_loop
 from .systemd import listen_fds, notify
 
 log = logging.getLogger("qpopper")
@@ -363,7 +363,11 @@ async def _run_daemon(server: Server, demo: bool, reload: Callable[[], None]) ->
         from .demo import banner
 
         print(banner(server.listeners), flush=True)
-    await server.serve_forever()
+    attach_loop(loop)  # stderr's records: one write per loop turn
+    try:
+        await server.serve_forever()
+    finally:
+        detach_loop()
 
 
 def _check_config(inv: Invocation) -> int:

@@ -150,6 +150,13 @@ def _names_in(directory: str) -> list[str]:
         raise MaildropError(f"cannot list {directory}: {exc}") from exc
 
 
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
 def _list(path: str) -> tuple[list[str], list[str]]:
     """Regular files of cur/ and new/ in name order, and the subdirectory of each."""
     in_cur, in_new = (_names_in(os.path.join(path, sub)) for sub in _SUBDIRS)
@@ -274,14 +281,20 @@ class MaildirMaildrop:
             if create:
                 for sub in ("cur", "new", "tmp"):
                     os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
-            elif not os.path.isdir(os.path.join(path, "cur")):
-                # A user who never received mail: an empty maildrop, and
-                # nothing to lock because there is nothing to delete.
-                return
         except OSError as exc:
             raise MaildropError(f"cannot create maildir {path}: {exc}") from exc
-        if quick and self._dirs_too_big():
+        # One stat of each subdirectory answers whether this is a Maildir and
+        # how big its listing is (a directory's size grows with its entries).
+        cur = _stat_or_none(os.path.join(path, "cur"))
+        if not create and (cur is None or not stat.S_ISDIR(cur.st_mode)):
+            # A user who never received mail: an empty maildrop, and
+            # nothing to lock because there is nothing to delete.
+            return
+        new = _stat_or_none(os.path.join(path, "new"))
+        if quick and (cur is None or new is None or cur.st_size + new.st_size > QUICK_DIR_BYTES):
+            # Too big to list on the event loop, or a problem the slow road finds out and says.
             raise WouldBlock(f"{path} is too big to list on the event loop")
+        dir_bytes = sum(st.st_size for st in (cur, new) if st is not None)
         # The lock file stays between sessions: made once, it costs an open per
         # login; made and removed each time, a journal transaction or two.
         s = settings or MaildropSettings()
@@ -289,37 +302,19 @@ class MaildirMaildrop:
                            stale_age=s.stale_age, check_pid=s.check_pid)
         lock.acquire()
         try:
-            self._scan()
+            self._scan(dir_bytes)
         except BaseException:
             lock.release()
             raise
         self._lock = lock
 
-    def _dirs_too_big(self) -> bool:
-        total = 0
-        for sub in _SUBDIRS:
-            try:
-                total += os.stat(os.path.join(self.path, sub)).st_size
-            except OSError:
-                return True  # let the slow road find out and say why
-        return total > QUICK_DIR_BYTES
-
-    def _list(self) -> tuple[list[str], list[str]]:
-        if not self._quick and self._dir_bytes() >= CACHED_DIR_BYTES:
+    def _list(self, dir_bytes: int) -> tuple[list[str], list[str]]:
+        if not self._quick and dir_bytes >= CACHED_DIR_BYTES:
             return _list_kept(self.path)
         return _list(self.path)
 
-    def _dir_bytes(self) -> int:
-        total = 0
-        for sub in _SUBDIRS:
-            try:
-                total += os.stat(os.path.join(self.path, sub)).st_size
-            except OSError:
-                pass
-        return total
-
-    def _scan(self) -> None:
-        names, subdirs = self._list()
+    def _scan(self, dir_bytes: int) -> None:
+        names, subdirs = self._list(dir_bytes)
         sizes = _HINTED_NAME.findall("\n".join(names))
         if len(sizes) == len(names):
             self._names, self._subdirs = names, subdirs

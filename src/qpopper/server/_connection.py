@@ -124,7 +124,7 @@ class Connection:
         self._heard = False  # the client sent something (a health check sends nothing)
         # The read deadline: one timer per connection, moved only when it
         # fires early (a timer per read cost more than parsing the command).
-        self._loop_ref = asyncio.get_running_loop()
+        self._loop_ref = stream.loop
         self._deadline = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = 0.0
@@ -316,11 +316,7 @@ class Connection:
                 deleted = len(self.session.marked_deleted) if self._committed else 0
                 self.services.tally.session_ended(len(self.session.retrieved), deleted)
         await self.login.wait_background(timeout=10)
-        try:
-            async with asyncio.timeout(5):
-                await self.stream.wait_closed()
-        except TimeoutError:
-            pass
+        await self.stream.wait_closed(timeout=5)
 
     async def _loop(self) -> None:
         session = self.session
@@ -429,7 +425,8 @@ class Connection:
         maildrop = self.retrieval.maildrop
         self.updating = True
         try:
-            await asyncio.shield(self._commit_maildrop(maildrop, effect))
+            # A task of our own: shield(coroutine) would ask for the running loop (a getpid on 3.11).
+            await asyncio.shield(self._loop_ref.create_task(self._commit_maildrop(maildrop, effect)))
         except MaildropError as exc:
             log.error("%s: update failed for %s: %s", self.peer, self.session.user, exc)
             self.session.commit_done(exc.code)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..auth import AsyncAuthenticator, Authenticator, AuthTuning, Reloadable, UserLookup
 from ..auth.access import AccessPolicy
+from ..auth.filestamp import recheck_all
 from ..auth.passwdfile import PasswdFileAuthenticator
 from ..config.options import ListenAddress, Options
 from ..errors import ConfigError
@@ -141,15 +142,6 @@ class TlsListener:
         await self._closed.wait()
 
 
-def _set_nodelay(stream: PopStream) -> None:
-    sock = stream.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-
 def bind_socket(address: ListenAddress) -> socket.socket:
     """A listening TCP socket; host None listens on IPv6 and IPv4 at once."""
     if address.host is None:
@@ -162,7 +154,9 @@ def bind_socket(address: ListenAddress) -> socket.socket:
         families = [(infos[0][0], str(infos[0][4][0]))]
     last_error: OSError | None = None
     for family, host in families:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # Named TCP, so that accepted sockets say so too: asyncio (as uvloop
+        # always does) then sets TCP_NODELAY on each at no cost of ours.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6 and address.host is None:
@@ -507,6 +501,7 @@ class Server:
                 self.options = options
                 self.services.options = options
                 self.services.access = AccessPolicy(options.nonauth_file, options.auth_file)
+            recheck_all()  # the user files' next use asks the file system, not the stat of the last second
             if reload is not None:
                 reload("")
             if isinstance(self.authenticator, Reloadable):
@@ -542,11 +537,11 @@ class Server:
         """A client connected (and finished the TLS handshake on a TLS port)."""
         # No reference kept here: serve_stream files its task in _connections
         # at its first step, which the loop's ready queue holds it until.
-        asyncio.get_running_loop().create_task(self.serve_stream(stream))
+        stream.loop.create_task(self.serve_stream(stream))
 
     def _accept_proxied(self, stream: PopStream) -> None:
         """A connection from a load balancer: a PROXY header comes first."""
-        asyncio.get_running_loop().create_task(self.serve_stream(stream, proxied=True))
+        stream.loop.create_task(self.serve_stream(stream, proxied=True))
 
     def _refuse_untrusted(self, peer: Peer) -> bool:
         """True (and logged) if a PROXY listener's peer is not a trusted balancer."""
@@ -689,8 +684,7 @@ class Server:
         `kpop`: the principal a KPOP exchange proved on it."""
         if peer is None:
             peer = _peer_of(stream)
-        _set_nodelay(stream)
-        task = asyncio.current_task()
+        task = asyncio.current_task(stream.loop)
         assert task is not None
         if proxied:
             found = await self._read_proxy_header(stream, peer, task)

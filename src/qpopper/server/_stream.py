@@ -17,6 +17,11 @@ from collections.abc import Callable
 from typing import Any, cast
 
 
+def _give_up(closed: asyncio.Future[None]) -> None:
+    if not closed.done():
+        closed.set_result(None)
+
+
 class PopStream(asyncio.Protocol):
     """Both halves of one client connection, as a protocol of its transport.
 
@@ -155,12 +160,27 @@ class PopStream(asyncio.Protocol):
         if self.read_transport is not None:
             self.read_transport.close()
 
-    async def wait_closed(self) -> None:
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the stream runs on. Python 3.11's asyncio.get_running_loop
+        makes a getpid system call each time; a session asks this instead."""
+        return self._loop
+
+    async def wait_closed(self, timeout: float | None = None) -> None:
+        """Until the transport has closed, or `timeout` seconds have passed
+        (then the stream is given up: later calls return at once too)."""
         if self._lost:
             return
         if self._closed is None:
             self._closed = self._loop.create_future()
-        await self._closed
+        if timeout is None:
+            await self._closed
+            return
+        timer = self._loop.call_later(timeout, _give_up, self._closed)
+        try:
+            await self._closed
+        finally:
+            timer.cancel()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if self.transport is None:
