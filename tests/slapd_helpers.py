@@ -141,6 +141,13 @@ class Slapd:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
         self._paused = True
+        # SIGSTOP takes each of slapd's threads as the kernel next schedules it: on a busy
+        # machine one can still answer a request sent right after the signal. Wait until
+        # every thread is stopped.
+        deadline = time.monotonic() + 10
+        while not all(_thread_state(task) in ("T", "t") for task in Path(f"/proc/{self.proc.pid}/task").iterdir()):
+            assert time.monotonic() < deadline, "slapd did not stop"
+            time.sleep(0.005)
 
     def resume(self) -> None:
         assert self.proc is not None
@@ -187,3 +194,11 @@ def user_ldif(
     if mail is not None:
         lines.append(f"description: {mail}")
     return "\n".join(lines) + "\n\n"
+
+
+def _thread_state(task: Path) -> str:
+    """One thread's state letter from /proc/PID/task/TID/stat (after the command's parenthesis)."""
+    try:
+        return (task / "stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return "T"  # gone: it answers nothing either
