@@ -82,8 +82,8 @@ class AsyncAuthenticator(Protocol):
 @runtime_checkable
 class Reloadable(Protocol):
     """An authenticator whose backend settings SIGHUP reads again (the
-    sql and ldap backends' args file); a broken file is logged and the
-    running settings kept."""
+    sql and ldap backends' args file; a broken file is logged and the
+    running settings kept), or, for PAM, whose modules it loads afresh."""
 
     def reload(self) -> None: ...
 
