@@ -9,6 +9,7 @@ import poplib
 import random
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -194,6 +195,56 @@ def test_locked_and_expired_accounts_refused(daemon: Daemon, accounts: list[Acco
     finally:
         subprocess.run(["chage", "-E", "-1", bob.name], check=True)
     daemon.login(bob).quit()
+
+
+def _mapped(pid: int, name: str) -> bool:
+    """Whether a file whose name holds `name` (libpam.so: any version) is mapped in `pid`."""
+    return any(name in line.rsplit("/", 1)[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
+def test_session_processes_inherit_pam_loaded_once_in_the_parent(daemon: Daemon, accounts: list[Account]) -> None:
+    """libpam and the service's modules are loaded in the parent, so a session
+    process neither looks libpam up again (python-pam's find_library runs
+    ldconfig twice) nor dlopens pam_unix: it has them before its PASS."""
+    alice = accounts[0]
+    for name in ("libpam.so", "libpam_misc.so", "pam_unix.so"):
+        assert _mapped(daemon.proc.pid, name), name
+    client = poplib.POP3("127.0.0.1", daemon.port, timeout=20)
+    try:
+        client.user(alice.name)
+        deadline = time.monotonic() + 10
+        while not (children := daemon.children()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (child,) = children
+        assert _mapped(child, "pam_unix.so") and _mapped(child, "libpam_misc.so")
+        client.pass_(alice.password)
+        assert client.stat()[0] == 0
+    finally:
+        client.quit()
+    # SIGHUP loads the modules afresh (an upgraded one is used from then on); logins go on.
+    daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while b"configuration reloaded" not in daemon.log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _mapped(daemon.proc.pid, "pam_unix.so")
+    daemon.login(alice).quit()
+    with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+        daemon.login(alice, password="wrong")
+    log = daemon.stop()
+    assert "configuration reloaded" in log and "Traceback" not in log
+
+
+def test_resident_pam_handle_loads_and_unloads_the_modules(pam_service: str) -> None:
+    from qpopper.auth.pamresident import ResidentPam
+
+    resident = ResidentPam(pam_service)
+    assert resident.open() and resident.is_open
+    assert _mapped(os.getpid(), "pam_unix.so")
+    assert resident.open()  # again: the old handle is ended first, the modules stay
+    assert _mapped(os.getpid(), "pam_unix.so")
+    resident.close()
+    assert not resident.is_open
+    resident.close()  # a second close is harmless
 
 
 def test_session_process_runs_as_the_user_and_cannot_reach_other_spools(

@@ -94,8 +94,8 @@ class AuthTuning:
 class Reloadable(Protocol):
     """An authenticator whose backend settings SIGHUP reads again (the
     sql and ldap backends' args file, and `tuning` from the reloaded
-    settings when given); a broken file is logged and the running
-    settings kept."""
+    settings when given; a broken file is logged and the running settings
+    kept), or, for PAM, whose modules it loads afresh."""
 
     def reload(self, tuning: AuthTuning | None = None) -> None: ...
 

@@ -8,7 +8,9 @@ means (APOP or SCRAM against the APOP database) are checked against the
 shadow entry instead: a locked or expired account is refused there too.
 
 PAM is slow and blocking by design; the server runs this off its event
-loop, in the process that will serve the session.
+loop, in the process that will serve the session. What does not change
+from one login to the next (libpam, the service's modules) is loaded once,
+when the authenticator is made in the long-lived parent (`pamresident`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import time
 from ..errors import AuthUnavailable
 from ..maildrop.location import expand_location
 from ..usernames import is_valid_username
-from . import Authenticator, Principal
+from . import Authenticator, AuthTuning, Principal, Reloadable
 from .credentials import Credentials, UserPass, Verified
+from .pamresident import ResidentPam
 
 log = logging.getLogger("qpopper.auth")
 
@@ -59,7 +62,7 @@ def shadow_refusal(user: str, shadow_file: str = SHADOW_FILE, today: int | None 
     return "no shadow entry"
 
 
-class SystemAuthenticator(Authenticator):
+class SystemAuthenticator(Authenticator, Reloadable):
     """Unix accounts through PAM; maildrops from a template (qpopper's
     /var/mail/USER by default)."""
 
@@ -78,6 +81,20 @@ class SystemAuthenticator(Authenticator):
         self.service = service
         self.min_uid = min_uid
         self.shadow_file = shadow_file
+        try:
+            # python-pam finds libpam on its first use (ctypes' find_library, which runs
+            # ldconfig twice): done here, once, instead of in every session process.
+            pam.pam()
+            self._resident = ResidentPam(service)
+        except (OSError, AttributeError) as exc:  # no libpam: say so at start-up, not at each login
+            raise ImportError(f"cannot load libpam: {exc}") from None
+        self._resident.open()
+
+    def reload(self, tuning: AuthTuning | None = None) -> None:
+        """SIGHUP: load the service's modules afresh (an upgraded module is used from
+        the next session on; the service file itself is read at every login anyway).
+        PAM hashes in the session process: `tuning` has nothing to size here."""
+        self._resident.open()
 
     def _account(self, user: str) -> pwd.struct_passwd | None:
         if not is_valid_username(user):

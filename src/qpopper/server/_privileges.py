@@ -82,6 +82,12 @@ _PRELOAD = (
 
 def preload_session_modules() -> None:
     _preload()
+    # The name-service modules initgroups will use (nsswitch's group sources, such as
+    # libnss_systemd): loaded once here rather than dlopened by every session process.
+    try:
+        os.getgrouplist("root", 0)
+    except OSError:
+        pass
 
 
 def _preload() -> None:
