@@ -345,6 +345,15 @@ def _listening(pid: int) -> set[int]:
     return ports
 
 
+def _sockets(pid: int) -> int:
+    """How many of `pid`'s descriptors are sockets."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return count
+
+
 def _uid_of(pid: int) -> int:
     match = re.search(r"^Uid:\s+(\d+)\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)
     assert match
@@ -361,21 +370,31 @@ def test_a_killed_exporter_is_restarted_and_the_counts_survive(tmp_path: Path, m
         first = _exporter_of(daemon)
         if os.geteuid() == 0:  # root's exporter has dropped to nobody after the daemon bound its port
             assert _uid_of(first) == pwd.getpwnam("nobody").pw_uid
+        held = daemon.login(USERS[6], "pw")  # a session open while the new exporter is forked
         os.kill(first, signal.SIGKILL)
         daemon.wait_for_log(rb"metrics exporter (\d+) ended unexpectedly \(signal 9\); restarting it")
         daemon.wait_for_log(rb"metrics exporter restarted \(pid (\d+)\)")
         second = _exporter_of(daemon)
         assert second != first and not _alive(first)  # the old one reaped, not a zombie
-        after = daemon.samples()  # the same port, the same counts: they live in the files
-        for name in ("qpopper_sessions_ended_total", "qpopper_messages_deleted_total", "qpopper_logins_total"):
+        assert _sockets(second) == 1  # its listener: no client connection, no POP3 or control listener
+        # The same port, the same counts (they live in the files), and the held session's login.
+        after = wait_until(daemon.samples, "qpopper_logins_total", value(before, "qpopper_logins_total") + 1)
+        assert value(after, "qpopper_logins_total") == value(before, "qpopper_logins_total") + 1
+        for name in ("qpopper_sessions_ended_total", "qpopper_messages_deleted_total"):
             assert value(after, name) == value(before, name)
+        # QUIT: the server closes the connection, though the exporter was forked while it was open.
+        held.sock.settimeout(20)
+        held.sock.sendall(b"QUIT\r\n")
+        assert held.file.readline().startswith(b"+OK")
+        assert held.sock.recv(1) == b""
+        held.close()
         if os.geteuid() == 0:
             assert _uid_of(second) == pwd.getpwnam("nobody").pw_uid
         assert _listening(second) == {daemon.metrics_port}  # no POP3 listener inherited
         client = daemon.login(USERS[0], "pw")  # and the server serves on
         client.quit()
-        wait_until(daemon.samples, "qpopper_sessions_ended_total", expected["sessions"] + 1)
-        assert value(daemon.samples(), "qpopper_sessions_ended_total") == expected["sessions"] + 1
+        wait_until(daemon.samples, "qpopper_sessions_ended_total", expected["sessions"] + 2)
+        assert value(daemon.samples(), "qpopper_sessions_ended_total") == expected["sessions"] + 2
     finally:
         log = daemon.stop()
     assert "Traceback" not in log

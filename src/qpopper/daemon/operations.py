@@ -28,7 +28,6 @@ import pwd
 import shutil
 import signal
 import socket
-import stat
 import tempfile
 import time
 
@@ -213,7 +212,7 @@ def _serve(sock: socket.socket, directory: str, parent: int, account: tuple[int,
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    _close_other_listeners(sock)
+    _release_inherited(sock)
     # The files by their names in the directory: the account needs no way through its parents.
     os.chdir(directory)
     if account is not None:
@@ -233,23 +232,43 @@ def _serve(sock: socket.socket, directory: str, parent: int, account: tuple[int,
         http.handle_request()
 
 
-def _close_other_listeners(keep: socket.socket) -> None:
-    """Close the listening sockets a restarted exporter inherits from its
-    parent (POP3's, systemd's): they are not its to hold open."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd == keep.fileno():
-            continue
-        try:
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+def _release_inherited(keep: socket.socket) -> None:
+    """Let go of every descriptor the exporter inherited but its own socket,
+    stdio and the log's: a restarted exporter is forked from a serving
+    process, and a client's connection it held would stay open after the
+    server closed it, a maildrop's flock stay taken, a listener stay bound.
+
+    Each is pointed at /dev/null rather than closed, so that no stale
+    object of the parent's can later close a number the exporter reuses."""
+    needed = {keep.fileno(), *_logging_descriptors()}
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd <= 2 or fd == null or fd in needed:
                 continue
-            probe = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            continue
-        with probe:
-            listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        if listening:
-            os.close(fd)
+            try:
+                os.fstat(fd)  # the listing's own descriptor is closed by now: leave that number free
+                os.dup2(null, fd)
+            except OSError:
+                continue
+    finally:
+        os.close(null)
+
+
+def _logging_descriptors() -> set[int]:
+    """The descriptors the log handlers write to (syslog's socket, stderr, a trace file)."""
+    found: set[int] = set()
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            for attribute in ("_socket", "socket", "stream"):
+                target = getattr(handler, attribute, None)
+                with contextlib.suppress(AttributeError, OSError, ValueError, TypeError):
+                    fd = target.fileno()  # type: ignore[union-attr]
+                    if isinstance(fd, int) and fd >= 0:
+                        found.add(fd)
+    return found
 
 
 def start_operations(options: Options) -> Options:
