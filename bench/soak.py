@@ -444,14 +444,14 @@ async def sampler(server: Server, until: float, every: float, samples: list[dict
         if trace_at is not None and time.monotonic() - start >= trace_at:
             server.trace_report()  # the baseline, at the end of the warm-up
             trace_at = None
-        pids = server.long_lived()
-        figures = sample(pids)
         roles: dict[str, list[int]] = {}
-        for pid in pids:
+        for pid in server.long_lived():
             roles.setdefault(role(server, pid), []).append(pid)
+        roles.pop("session", None)  # a slow session's process, older than 30 s: not the server's own
+        pids = [pid for members in roles.values() for pid in members]
+        figures = sample(pids)
         for name, members in roles.items():
-            if name != "session":
-                figures[f"{name}_rss_mb"] = sample(members)["rss_mb"]
+            figures[f"{name}_rss_mb"] = sample(members)["rss_mb"]
         figures["t"] = time.monotonic() - start
         figures["processes"] = len(pids)
         figures["children"] = server.children()
