@@ -98,7 +98,8 @@ class WorkerPool:
                 self._spawn(old_mask)
             notify("READY=1")
             while self._children:
-                due = self.book.restart_due() if self.book is not None else None
+                # Stopping, an exporter that died stays down: the daemon is about to end.
+                due = self.book.restart_due() if self.book is not None and not self._stopping else None
                 if due is None:
                     info = signal.sigwaitinfo(_WATCHED)
                 else:  # the exporter died: wait for a signal no longer than its restart
