@@ -23,8 +23,8 @@ message, deleted it and got +OK to QUIT. At the end: every delivered id is eithe
 still in its maildrop once, never both, never twice (exit 1 otherwise). The long-lived processes
 (the daemon, its workers, the exporter; not the short session processes) are sampled every
 `--sample` seconds: RSS, open descriptors, tasks; the slopes per hour are fitted by least squares
-after the first fifth of the run (the warm-up), for the sum and for each role (daemon, worker,
-exporter). Prints one JSON object.
+after the first fifth of the run (the warm-up), for the sum and, RSS and its anonymous part (the
+heap: what a leak grows), for each role (daemon, worker, exporter). Prints one JSON object.
 
 `--trace` runs the server under tracemalloc (bench/tracehook.py): at the end of the warm-up and at
 the end of the run each long-lived process writes the lines whose allocations grew most since the
@@ -269,6 +269,15 @@ def sample(pids: list[int]) -> dict[str, float]:
     return {"rss_mb": rss, "fds": fds, "tasks": tasks}
 
 
+def anonymous_mb(pid: int) -> float:
+    """The anonymous part of `pid`'s RSS (heap, malloc's arenas; not code or mapped files), MB."""
+    with contextlib.suppress(OSError):
+        match = re.search(r"^Anonymous:\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.M)
+        if match:
+            return int(match.group(1)) / 1024
+    return 0.0
+
+
 def role(server: Server, pid: int) -> str:
     """daemon, worker, exporter or session: which process `pid` is, by the TCP ports it listens on
     (a worker on the POP3 ones, the exporter on the metrics one alone, a session process on none)."""
@@ -452,6 +461,7 @@ async def sampler(server: Server, until: float, every: float, samples: list[dict
         figures = sample(pids)
         for name, members in roles.items():
             figures[f"{name}_rss_mb"] = sample(members)["rss_mb"]
+            figures[f"{name}_anon_mb"] = sum(anonymous_mb(pid) for pid in members)
         figures["t"] = time.monotonic() - start
         figures["processes"] = len(pids)
         figures["children"] = server.children()
@@ -509,11 +519,11 @@ def run(work: Path, model: str, seconds: float, clients: int, every: float, hold
     unknown = sorted((set(left) | set(ledger.taken)) - ledger.delivered)
     warm = [s for s in samples if s["t"] >= seconds / 5]
     slopes = {key: slope_per_hour([(s["t"], s[key]) for s in warm]) for key in ("rss_mb", "fds", "tasks")}
-    role_keys = sorted({k for s in warm for k in s if k.endswith("_rss_mb") and k != "rss_mb"})
+    role_keys = sorted({k for s in warm for k in s if k.endswith(("_rss_mb", "_anon_mb")) and k != "rss_mb"})
     role_slopes = {k: slope_per_hour([(s["t"], s[k]) for s in warm if k in s]) for k in role_keys}
     return {
         "model": model, "seconds": seconds, "clients": clients, "samples": len(samples),
-        "slopes_per_hour": slopes, "rss_slopes_per_hour_by_role": role_slopes, "hold": hold,
+        "slopes_per_hour": slopes, "memory_slopes_per_hour_by_role": role_slopes, "hold": hold,
         "held_at_end": len(ledger.delivered) - sum(ledger.taken.values()),
         "first": samples[0] if samples else None, "last": samples[-1] if samples else None,
         # Every sample after the warm-up: seconds, RSS MB, descriptors, tasks, sessions held (who).
