@@ -417,3 +417,17 @@ def test_an_exporter_that_keeps_dying_is_restarted_after_longer_pauses(tmp_path:
         assert "qpopper_logins_total" in daemon.exposition()
     finally:
         daemon.stop()
+
+
+def test_a_scrape_skips_a_metric_file_still_being_made(tmp_path: Path) -> None:
+    daemon = MetricsDaemon(tmp_path, "--metrics-dir", str(tmp_path / "metrics"))
+    try:
+        # A session process's file, as it is for a moment after prometheus-client made it: empty.
+        (tmp_path / "metrics" / "counter_s9.db").touch()
+        client = daemon.login(USERS[0], "pw")
+        client.quit()
+        samples = wait_until(daemon.samples, "qpopper_sessions_ended_total", 1)
+        assert value(samples, "qpopper_sessions_ended_total") == 1
+    finally:
+        log = daemon.stop()
+    assert "Traceback" not in log and "scrape failed" not in log

@@ -151,3 +151,23 @@ def test_the_exporter_runs_as_nobody_and_is_restarted_after_kill_9(
     daemon.login(alice).quit()
     _wait(lambda: _value(daemon, "qpopper_sessions_ended_total") == 3)
     assert re.search(rb"metrics exporter \d+ ended unexpectedly \(signal 9\)", daemon.log.read_bytes())
+
+
+def test_a_request_to_a_session_process_that_ends_is_dropped_quietly(
+    daemon: Daemon, accounts: list[Account], tmp_path: Path
+) -> None:
+    import socket
+
+    alice = accounts[0]
+    procmail_deliver(alice, "alice 0")
+    client = daemon.login(alice)
+    control = tmp_path / "control"
+    _wait(lambda: len(list(control.glob("*.sock"))) == 1)
+    pending = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    pending.settimeout(20)
+    pending.connect(str(next(control.glob("*.sock"))))  # no request line yet: the process is reading it
+    client.quit()  # the session ends, and its process with it
+    assert pending.recv(100) == b""  # closed, unanswered
+    pending.close()
+    _wait(lambda: not list(control.glob("*.sock")))
+    assert "Traceback" not in daemon.log.read_text()

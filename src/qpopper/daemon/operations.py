@@ -28,8 +28,11 @@ import pwd
 import shutil
 import signal
 import socket
+import struct
+import sys
 import tempfile
 import time
+from typing import Any
 
 from ..config.options import Options, parse_listen_address
 from ..errors import ConfigError
@@ -47,6 +50,8 @@ EXPORTER_ACCOUNT = "nobody"
 _HEALTHY = 60.0
 _FIRST_PAUSE = 1.0
 _LONGEST_PAUSE = 60.0
+# A scrape that meets a metric file being made or removed reads the files again, this often at most.
+_SCRAPE_ATTEMPTS = 5
 
 # The exporter of this daemon, in the process that forked it (None elsewhere and when metrics are off).
 _current: list[Exporter] = []
@@ -219,17 +224,46 @@ def _serve(sock: socket.socket, directory: str, parent: int, account: tuple[int,
         os.setgroups([])
         os.setgid(account[1])
         os.setuid(account[0])
+    class Collector(MultiProcessCollector):
+        """The files as a scrape finds them, while serving processes make and remove theirs."""
+
+        def collect(self) -> Any:
+            # A session process's file is empty for a moment after it is made, and an ended
+            # one's gauge file goes: read again, without what is not a whole file yet.
+            for attempt in range(_SCRAPE_ATTEMPTS):
+                files = [name for name in glob.glob("*.db") if _whole(name)]
+                try:
+                    return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+                except (FileNotFoundError, struct.error):
+                    if attempt == _SCRAPE_ATTEMPTS - 1:
+                        raise
+                    time.sleep(0.01)
+            return []  # pragma: no cover - the loop returns or raises
+
+    class Server(HTTPServer):
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # One line for the log, never a traceback on the daemon's stderr.
+            log.error("metrics: a scrape failed: %s", sys.exc_info()[1])
+
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=".")  # type: ignore[no-untyped-call]
+    Collector(registry, path=".")  # type: ignore[no-untyped-call]
     # A scraper that stalls is dropped after `timeout` seconds.
     handler = type("Handler", (MetricsHandler,), {"registry": registry, "timeout": 10})
-    http = HTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
+    http = Server(sock.getsockname()[:2], handler, bind_and_activate=False)
     http.socket.close()
     sock.setblocking(True)
     http.socket = sock
     http.timeout = _PARENT_CHECK
     while os.getppid() == parent:
         http.handle_request()
+
+
+def _whole(name: str) -> bool:
+    """Whether a metric file has at least its header (a file just made is empty)."""
+    try:
+        return os.stat(name).st_size >= 8
+    except FileNotFoundError:
+        return False
 
 
 def _release_inherited(keep: socket.socket) -> None:
