@@ -2,13 +2,17 @@
 the slopes of its memory, descriptors and tasks per hour.
 
     python bench/soak.py [--minutes 30] [--model workers|system-users] [--clients 8] [--sample 10]
+                         [--hold 144] [--trace]
 
 The mix, from `--clients` concurrent clients and one MDA: logins with the right password and with
 a wrong one; plain and implicit-TLS sessions that STAT, LIST, UIDL, TOP, RETR, DELE and QUIT;
 connections dropped in the middle of a session (after DELE, so nothing may be deleted); slow
 clients that send their commands a few bytes at a time; and deliveries into the maildrops while
-sessions run. Metrics (scraped at each sample) and the control socket (`who` at each sample) are
-on, as an operator would run it.
+sessions run. The MDA keeps the maildrops steady: it delivers only while fewer than `--hold`
+messages are held (delivered and not yet taken), so that what the server holds for a maildrop (its
+listing, its index) stays the same size and a slope is the server's own; `--hold 0` delivers
+without a bound, and the maildrops grow over the run. Metrics (scraped at each sample) and the
+control socket (`who` at each sample) are on, as an operator would run it.
 
 `workers` serves virtual users (a passwd-file, Maildirs) with --workers 2; `system-users` (root)
 serves Unix accounts made here with useradd, through PAM, a process per session, mbox spools in
@@ -19,7 +23,12 @@ message, deleted it and got +OK to QUIT. At the end: every delivered id is eithe
 still in its maildrop once, never both, never twice (exit 1 otherwise). The long-lived processes
 (the daemon, its workers, the exporter; not the short session processes) are sampled every
 `--sample` seconds: RSS, open descriptors, tasks; the slopes per hour are fitted by least squares
-after the first fifth of the run (the warm-up). Prints one JSON object.
+after the first fifth of the run (the warm-up), for the sum and, RSS and its anonymous part (the
+heap: what a leak grows), for each role (daemon, worker, exporter). Prints one JSON object.
+
+`--trace` runs the server under tracemalloc (bench/tracehook.py): at the end of the warm-up and at
+the end of the run each long-lived process writes the lines whose allocations grew most since the
+warm-up; the report names the files (in `--work`, which then should be given).
 
 Run it alone on the machine: python bench/soak.py --minutes 30
 """
@@ -152,11 +161,13 @@ def certificate(work: Path) -> tuple[Path, Path]:
 
 
 class Server:
-    def __init__(self, work: Path, mail: Mail) -> None:
+    def __init__(self, work: Path, mail: Mail, trace: bool = False) -> None:
         self.port, self.tls_port = free_port(), free_port()
         cert, key = certificate(work)
         self.control = work / "control"
-        command = [sys.executable, "-m", "qpopper", "--syslog-socket=", "--auth-fail-delay=0.05",
+        self.traced = trace
+        entry = [str(REPO / "bench" / "tracehook.py")] if trace else ["-m", "qpopper"]
+        command = [sys.executable, *entry, "--syslog-socket=", "--auth-fail-delay=0.05",
                    f"--tls-server-cert-file={cert}", f"--tls-private-key-file={key}", "--metrics-listen=127.0.0.1:0",
                    f"--control-dir={self.control}", "--tls-listen", f"127.0.0.1:{self.tls_port}",
                    f"127.0.0.1:{self.port}"]
@@ -165,7 +176,8 @@ class Server:
         else:
             command += [f"--pam-service={mail.pam_service}", "--min-uid=1000"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"),
-                                                                          os.environ.get("PYTHONPATH")])))
+                                                                          os.environ.get("PYTHONPATH")])),
+                   QPOPPER_TRACE_DIR=str(work))
         self.log = work / "qpopper.log"
         self._log = self.log.open("wb")
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=self._log, env=env, cwd=work)
@@ -187,6 +199,12 @@ class Server:
             if entry.isdigit() and _parent(int(entry)) == self.proc.pid and _age(int(entry)) > 30:
                 pids.append(int(entry))
         return pids
+
+    def trace_report(self) -> None:
+        """SIGUSR2 to each long-lived process: a baseline the first time, a report after."""
+        for pid in self.long_lived():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR2)
 
     def children(self) -> int:
         return sum(1 for e in os.listdir("/proc") if e.isdigit() and _parent(int(e)) == self.proc.pid)
@@ -249,6 +267,44 @@ def sample(pids: list[int]) -> dict[str, float]:
             tasks += len(os.listdir(f"/proc/{pid}/task"))
         rss += int(match.group(1)) / 1024 if match else 0
     return {"rss_mb": rss, "fds": fds, "tasks": tasks}
+
+
+def anonymous_mb(pid: int) -> float:
+    """The anonymous part of `pid`'s RSS (heap, malloc's arenas; not code or mapped files), MB."""
+    with contextlib.suppress(OSError):
+        match = re.search(r"^Anonymous:\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.M)
+        if match:
+            return int(match.group(1)) / 1024
+    return 0.0
+
+
+def role(server: Server, pid: int) -> str:
+    """daemon, worker, exporter or session: which process `pid` is, by the TCP ports it listens on
+    (a worker on the POP3 ones, the exporter on the metrics one alone, a session process on none)."""
+    if pid == server.proc.pid:
+        return "daemon"
+    ports = _listening_ports(pid)
+    if server.port in ports:
+        return "worker"
+    return "exporter" if ports == {server.metrics_port} else "session"
+
+
+def _listening_ports(pid: int) -> set[int]:
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
@@ -374,10 +430,13 @@ async def client(server: Server, users: list[str], ledger: Ledger, seed: int, un
         await asyncio.sleep(rng.random() * 0.05)
 
 
-async def mda(mail: Mail, ledger: Ledger, until: float, counter: itertools.count[int]) -> None:
+async def mda(mail: Mail, ledger: Ledger, until: float, counter: itertools.count[int], hold: int) -> None:
     rng = random.Random(7)
     loop = asyncio.get_running_loop()
     while time.monotonic() < until:
+        if hold and len(ledger.delivered) - sum(ledger.taken.values()) >= hold:
+            await asyncio.sleep(0.1)  # the maildrops are full: deliver what the clients take away
+            continue
         user = rng.choice(mail.users)
         soak_id = f"{user}-{next(counter)}"
         await loop.run_in_executor(None, deliver, mail.location(user), message(soak_id, rng))
@@ -387,12 +446,22 @@ async def mda(mail: Mail, ledger: Ledger, until: float, counter: itertools.count
 
 
 async def sampler(server: Server, until: float, every: float, samples: list[dict[str, float]],
-                  ledger: Ledger) -> None:
+                  ledger: Ledger, trace_at: float | None) -> None:
     start = time.monotonic()
     loop = asyncio.get_running_loop()
     while time.monotonic() < until:
-        pids = server.long_lived()
+        if trace_at is not None and time.monotonic() - start >= trace_at:
+            server.trace_report()  # the baseline, at the end of the warm-up
+            trace_at = None
+        roles: dict[str, list[int]] = {}
+        for pid in server.long_lived():
+            roles.setdefault(role(server, pid), []).append(pid)
+        roles.pop("session", None)  # a slow session's process, older than 30 s: not the server's own
+        pids = [pid for members in roles.values() for pid in members]
         figures = sample(pids)
+        for name, members in roles.items():
+            figures[f"{name}_rss_mb"] = sample(members)["rss_mb"]
+            figures[f"{name}_anon_mb"] = sum(anonymous_mb(pid) for pid in members)
         figures["t"] = time.monotonic() - start
         figures["processes"] = len(pids)
         figures["children"] = server.children()
@@ -408,7 +477,7 @@ async def sampler(server: Server, until: float, every: float, samples: list[dict
 
 
 async def load(server: Server, mail: Mail, ledger: Ledger, seconds: float, clients: int, every: float,
-               samples: list[dict[str, float]]) -> None:
+               samples: list[dict[str, float]], hold: int) -> None:
     until = time.monotonic() + seconds
     tls = ssl.create_default_context()
     tls.check_hostname = False
@@ -416,13 +485,14 @@ async def load(server: Server, mail: Mail, ledger: Ledger, seconds: float, clien
     counter = itertools.count()
     shares = [mail.users[i::clients] or mail.users for i in range(clients)]  # fewer IN-USE collisions
     await asyncio.gather(
-        sampler(server, until, every, samples, ledger),
-        mda(mail, ledger, until, counter),
+        sampler(server, until, every, samples, ledger, seconds / 5 if server.traced else None),
+        mda(mail, ledger, until, counter, hold),
         *(client(server, shares[i], ledger, i, until, tls) for i in range(clients)),
     )
 
 
-def run(work: Path, model: str, seconds: float, clients: int, every: float) -> dict[str, Any]:
+def run(work: Path, model: str, seconds: float, clients: int, every: float, hold: int = 0,
+        trace: bool = False) -> dict[str, Any]:
     mail = Mail(work, model)
     ledger = Ledger()
     try:
@@ -432,10 +502,13 @@ def run(work: Path, model: str, seconds: float, clients: int, every: float) -> d
                 soak_id = f"{user}-init{i}"
                 deliver(mail.location(user), message(soak_id, rng))
                 ledger.delivered.add(soak_id)
-        server = Server(work, mail)
+        server = Server(work, mail, trace)
         samples: list[dict[str, float]] = []
         try:
-            asyncio.run(load(server, mail, ledger, seconds, clients, every, samples))
+            asyncio.run(load(server, mail, ledger, seconds, clients, every, samples, hold))
+            if trace:
+                server.trace_report()
+                time.sleep(5)  # the processes write their reports
         finally:
             server.stop()
         left = mail.ids_left()
@@ -446,9 +519,12 @@ def run(work: Path, model: str, seconds: float, clients: int, every: float) -> d
     unknown = sorted((set(left) | set(ledger.taken)) - ledger.delivered)
     warm = [s for s in samples if s["t"] >= seconds / 5]
     slopes = {key: slope_per_hour([(s["t"], s[key]) for s in warm]) for key in ("rss_mb", "fds", "tasks")}
+    role_keys = sorted({k for s in warm for k in s if k.endswith(("_rss_mb", "_anon_mb")) and k != "rss_mb"})
+    role_slopes = {k: slope_per_hour([(s["t"], s[k]) for s in warm if k in s]) for k in role_keys}
     return {
         "model": model, "seconds": seconds, "clients": clients, "samples": len(samples),
-        "slopes_per_hour": slopes,
+        "slopes_per_hour": slopes, "memory_slopes_per_hour_by_role": role_slopes, "hold": hold,
+        "held_at_end": len(ledger.delivered) - sum(ledger.taken.values()),
         "first": samples[0] if samples else None, "last": samples[-1] if samples else None,
         # Every sample after the warm-up: seconds, RSS MB, descriptors, tasks, sessions held (who).
         "series": [[round(s["t"]), round(s["rss_mb"], 2), s["fds"], s["tasks"], s.get("who")] for s in warm],
@@ -457,6 +533,7 @@ def run(work: Path, model: str, seconds: float, clients: int, every: float) -> d
         "lost": lost[:20], "duplicated": duplicated[:20], "unknown": unknown[:20],
         "errors": ledger.errors[:20], "error_count": len(ledger.errors),
         "ok": not (lost or duplicated or unknown or ledger.errors),
+        "traces": sorted(str(p) for p in work.glob("trace-*.txt")),
     }
 
 
@@ -467,9 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between samples (default 10)")
     parser.add_argument("--work", type=Path, help="directory for the mail (default: a temporary one)")
+    parser.add_argument("--hold", type=int, default=USERS * INITIAL * 2,
+                        help="messages held at most in the maildrops (default %(default)s; 0: no bound)")
+    parser.add_argument("--trace", action="store_true", help="tracemalloc reports (bench/tracehook.py)")
     a = parser.parse_args(argv)
-    if a.minutes <= 0 or a.clients < 1 or a.sample <= 0:
-        print("soak.py: --minutes, --clients and --sample must be positive", file=sys.stderr)
+    if a.minutes <= 0 or a.clients < 1 or a.sample <= 0 or a.hold < 0:
+        print("soak.py: --minutes, --clients and --sample must be positive, --hold not negative", file=sys.stderr)
         return 2
     if a.model == "system-users" and os.geteuid() != 0:
         print("soak.py: the system-users model needs root (useradd, PAM, the privilege drop)", file=sys.stderr)
@@ -478,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         os.chmod(work, 0o755)
-        result = run(work, a.model, a.minutes * 60, a.clients, a.sample)
+        result = run(work, a.model, a.minutes * 60, a.clients, a.sample, a.hold, a.trace)
     print(json.dumps(result, indent=1))
     return 0 if result["ok"] else 1
 

@@ -29,8 +29,11 @@ def test_a_short_soak_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     assert report["ops"]["plain"] > 0 and report["ops"]["delivered"] > 0
     assert set(report["slopes_per_hour"]) == {"rss_mb", "fds", "tasks"}
     assert report["samples"] >= 2
+    # The MDA keeps the maildrops steady: never more held than --hold (its default, 144).
+    assert report["hold"] == 144 and report["held_at_end"] == report["left"] <= report["hold"]
 
 
-def test_bad_arguments_get_one_line_and_status_2() -> None:
-    result = subprocess.run([sys.executable, str(SOAK), "--minutes", "0"], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("args", [["--minutes", "0"], ["--hold", "-1"]])
+def test_bad_arguments_get_one_line_and_status_2(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, str(SOAK), *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.count("\n") == 1

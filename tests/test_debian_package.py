@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,17 +99,22 @@ def free_port() -> int:
         return port
 
 
-def unit_command(port: int) -> list[str]:
+def unit_command(port: int, *options: str) -> list[str]:
     """The installed unit's ExecStart, word for word, with /etc/default/qpopper's QPOPPER_OPTIONS set as
-    systemd would (plus a free loopback port, so the test does not take port 110)."""
+    systemd would to `options` and a free loopback port (so the test does not take port 110)."""
     unit = Path("/lib/systemd/system/qpopper.service").read_text()
     line = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
     defaults = Path("/etc/default/qpopper").read_text()
     assert 'QPOPPER_OPTIONS=""' in defaults.splitlines()  # as shipped: port 110, no TLS port
     argv = []
     for word in shlex.split(line.removeprefix("ExecStart=")):
-        argv += [f"127.0.0.1:{port}"] if word == "$QPOPPER_OPTIONS" else [word]
+        argv += [*options, f"127.0.0.1:{port}"] if word == "$QPOPPER_OPTIONS" else [word]
     return argv
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        return str(response.read().decode())
 
 
 def test_install_man_unit_login_and_purge(package: Path, account: tuple[str, str]) -> None:
@@ -129,9 +135,11 @@ def test_install_man_unit_login_and_purge(package: Path, account: tuple[str, str
         assert not [x for x in verify.stderr.splitlines() if "qpopper" in x], verify.stderr
     assert run("/usr/bin/qpopper", "-v").stdout.startswith("qpopper ")
 
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     user, password = account
-    with subprocess.Popen(unit_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as daemon:
+    # With the metrics on: the package's environment has prometheus-client.
+    command = unit_command(port, f"--metrics-listen=127.0.0.1:{metrics_port}")
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as daemon:
         try:
             deadline = time.monotonic() + 60
             while True:
@@ -148,6 +156,10 @@ def test_install_man_unit_login_and_purge(package: Path, account: tuple[str, str
             assert client.stat()[0] == 1
             assert b"hello" in b"\n".join(client.retr(1)[1])
             client.quit()
+            logins = 'qpopper_logins_total{mechanism="password",result="ok"} 1.0'
+            while logins not in (text := _scrape(metrics_port)):  # published as the session process ends
+                assert time.monotonic() < deadline, text
+                time.sleep(0.1)
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=60)

@@ -6,11 +6,14 @@ sessions the test ran."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import poplib
+import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -334,3 +337,120 @@ def test_tls_handshakes_and_cap_refusals_are_counted(tmp_path: Path) -> None:
         assert value(samples, "qpopper_logins_total", mechanism="password", result="ok") == 1
     finally:
         daemon.stop()
+
+
+def _exporter_of(daemon: MetricsDaemon) -> int:
+    """The exporter's pid: the daemon's child that listens on the metrics port."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+            # The metrics port alone: the exporter (a worker holds the POP3 listener too).
+            if _parent_of(pid) == daemon.proc.pid and _alive(pid) and _listening(pid) == {daemon.metrics_port}:
+                return pid
+        time.sleep(0.05)
+    raise AssertionError(daemon.log.read_text())
+
+
+def _listening(pid: int) -> set[int]:
+    """The TCP ports `pid` listens on (its sockets, found in the kernel's table)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _sockets(pid: int) -> int:
+    """How many of `pid`'s descriptors are sockets."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return count
+
+
+def _uid_of(pid: int) -> int:
+    match = re.search(r"^Uid:\s+(\d+)\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)
+    assert match
+    return int(match.group(2))
+
+
+@pytest.mark.parametrize("model", ["single", "workers"])
+def test_a_killed_exporter_is_restarted_and_the_counts_survive(tmp_path: Path, model: str) -> None:
+    daemon = MetricsDaemon(tmp_path, *(["--workers", "2"] if model == "workers" else []))
+    try:
+        expected = run_sessions(daemon)
+        before = wait_until(daemon.samples, "qpopper_sessions_ended_total", expected["sessions"])
+        assert value(before, "qpopper_sessions_ended_total") == expected["sessions"]
+        first = _exporter_of(daemon)
+        if os.geteuid() == 0:  # root's exporter has dropped to nobody after the daemon bound its port
+            assert _uid_of(first) == pwd.getpwnam("nobody").pw_uid
+        held = daemon.login(USERS[6], "pw")  # a session open while the new exporter is forked
+        os.kill(first, signal.SIGKILL)
+        daemon.wait_for_log(rb"metrics exporter (\d+) ended unexpectedly \(signal 9\); restarting it")
+        daemon.wait_for_log(rb"metrics exporter restarted \(pid (\d+)\)")
+        second = _exporter_of(daemon)
+        assert second != first and not _alive(first)  # the old one reaped, not a zombie
+        assert _sockets(second) == 1  # its listener: no client connection, no POP3 or control listener
+        # The same port, the same counts (they live in the files), and the held session's login.
+        after = wait_until(daemon.samples, "qpopper_logins_total", value(before, "qpopper_logins_total") + 1)
+        assert value(after, "qpopper_logins_total") == value(before, "qpopper_logins_total") + 1
+        for name in ("qpopper_sessions_ended_total", "qpopper_messages_deleted_total"):
+            assert value(after, name) == value(before, name)
+        # QUIT: the server closes the connection, though the exporter was forked while it was open.
+        held.sock.settimeout(20)
+        held.sock.sendall(b"QUIT\r\n")
+        assert held.file.readline().startswith(b"+OK")
+        assert held.sock.recv(1) == b""
+        held.close()
+        if os.geteuid() == 0:
+            assert _uid_of(second) == pwd.getpwnam("nobody").pw_uid
+        assert _listening(second) == {daemon.metrics_port}  # no POP3 listener inherited
+        client = daemon.login(USERS[0], "pw")  # and the server serves on
+        client.quit()
+        wait_until(daemon.samples, "qpopper_sessions_ended_total", expected["sessions"] + 2)
+        assert value(daemon.samples(), "qpopper_sessions_ended_total") == expected["sessions"] + 2
+    finally:
+        log = daemon.stop()
+    assert "Traceback" not in log
+
+
+def test_an_exporter_that_keeps_dying_is_restarted_after_longer_pauses(tmp_path: Path) -> None:
+    daemon = MetricsDaemon(tmp_path)
+    try:
+        for _ in range(3):
+            exporter = _exporter_of(daemon)
+            os.kill(exporter, signal.SIGKILL)
+            while _alive(exporter):
+                time.sleep(0.02)
+        deadline = time.monotonic() + 30
+        while len(re.findall(rb"restarting it in (\d+) s", daemon.log.read_bytes())) < 3:
+            assert time.monotonic() < deadline, daemon.log.read_text()
+            time.sleep(0.05)
+        pauses = [int(p) for p in re.findall(rb"restarting it in (\d+) s", daemon.log.read_bytes())]
+        assert pauses == [1, 2, 4]
+        assert "qpopper_logins_total" in daemon.exposition()
+    finally:
+        daemon.stop()
+
+
+def test_a_scrape_skips_a_metric_file_still_being_made(tmp_path: Path) -> None:
+    daemon = MetricsDaemon(tmp_path, "--metrics-dir", str(tmp_path / "metrics"))
+    try:
+        # A session process's file, as it is for a moment after prometheus-client made it: empty.
+        (tmp_path / "metrics" / "counter_s9.db").touch()
+        client = daemon.login(USERS[0], "pw")
+        client.quit()
+        samples = wait_until(daemon.samples, "qpopper_sessions_ended_total", 1)
+        assert value(samples, "qpopper_sessions_ended_total") == 1
+    finally:
+        log = daemon.stop()
+    assert "Traceback" not in log and "scrape failed" not in log

@@ -7,8 +7,12 @@ Runs as root (CI does)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pwd
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -113,3 +117,57 @@ def test_session_processes_are_counted_listed_and_kicked(
     # Slots are reused: never more files than sessions held at once (two), plus the parent's.
     counters = sorted(p.name for p in (tmp_path / "metrics").glob("counter_*.db"))
     assert len(counters) <= 3, counters
+
+
+def _exporter(daemon: Daemon) -> int:
+    """The daemon's child that runs as nobody: the exporter (a session process runs as its user)."""
+    nobody = pwd.getpwnam("nobody").pw_uid
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for pid in daemon.children():
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                uid = re.search(r"^Uid:\s+\d+\s+(\d+)", status, re.M)
+                if uid and int(uid.group(1)) == nobody and re.search(r"^State:\s+[^Z]", status, re.M):
+                    return pid
+        time.sleep(0.05)
+    raise AssertionError(daemon.log.read_text()[-3000:])
+
+
+def test_the_exporter_runs_as_nobody_and_is_restarted_after_kill_9(
+    daemon: Daemon, accounts: list[Account]
+) -> None:
+    alice = accounts[0]
+    procmail_deliver(alice, "alice 0")
+    for _ in range(2):
+        daemon.login(alice).quit()
+    _wait(lambda: _value(daemon, "qpopper_sessions_ended_total") == 2)
+    first = _exporter(daemon)  # nobody: found by its uid; it reads the files in a root-owned 0700 tree
+    os.kill(first, signal.SIGKILL)
+    _wait(lambda: b"metrics exporter restarted" in daemon.log.read_bytes())
+    second = _exporter(daemon)
+    assert second != first
+    assert _value(daemon, "qpopper_sessions_ended_total") == 2  # the counts live in the files
+    daemon.login(alice).quit()
+    _wait(lambda: _value(daemon, "qpopper_sessions_ended_total") == 3)
+    assert re.search(rb"metrics exporter \d+ ended unexpectedly \(signal 9\)", daemon.log.read_bytes())
+
+
+def test_a_request_to_a_session_process_that_ends_is_dropped_quietly(
+    daemon: Daemon, accounts: list[Account], tmp_path: Path
+) -> None:
+    import socket
+
+    alice = accounts[0]
+    procmail_deliver(alice, "alice 0")
+    client = daemon.login(alice)
+    control = tmp_path / "control"
+    _wait(lambda: len(list(control.glob("*.sock"))) == 1)
+    pending = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    pending.settimeout(20)
+    pending.connect(str(next(control.glob("*.sock"))))  # no request line yet: the process is reading it
+    client.quit()  # the session ends, and its process with it
+    assert pending.recv(100) == b""  # closed, unanswered
+    pending.close()
+    _wait(lambda: not list(control.glob("*.sock")))
+    assert "Traceback" not in daemon.log.read_text()

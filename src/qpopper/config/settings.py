@@ -460,7 +460,8 @@ SETTINGS: tuple[Setting, ...] = (
             "address[:port] of the OpenMetrics endpoint (HTTP, /metrics); empty: no metrics", INIT, qpopper=False,
             check=_empty_is_unset),
     Setting("metrics-dir", "metrics_dir", S,
-            "directory of the serving processes' metric files (emptied at start); default: a private temporary one",
+            "directory of the serving processes' metric files (emptied at start; a root daemon gives it nobody's "
+            "group, mode 2750, for the exporter); default: a private temporary one",
             INIT, qpopper=False, check=_empty_is_unset),
     Setting("control-dir", "control_dir", S,
             "directory of the control sockets qpopper-admin talks to (who, kick); empty: none", INIT, qpopper=False,

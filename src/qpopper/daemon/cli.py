@@ -358,6 +358,12 @@ async def _run_daemon(server: Server, demo: bool, reload: Callable[[], None]) ->
     loop.add_signal_handler(signal.SIGINT, stop, False)
     loop.add_signal_handler(signal.SIGHUP, reload)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a worker's may be pending
+    if server.options.metrics_listen:
+        from .operations import current_exporter
+
+        exporter = current_exporter()  # None in a worker: its parent supervises the exporter
+        if exporter is not None:
+            exporter.supervise_in(loop)
     notify("READY=1")
     if demo:
         from .demo import banner

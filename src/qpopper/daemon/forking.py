@@ -104,6 +104,8 @@ class ForkingServer:
                     elif self._stopping is None:
                         self._accept(key.fileobj, bool(key.data))  # type: ignore[arg-type]
                 self._reap()
+                if self.book is not None:
+                    self.book.restart_if_due()  # the exporter, if it died (within a second of its pause)
                 if self._reload:
                     self._reload = False
                     self._reloader()
@@ -146,9 +148,10 @@ class ForkingServer:
             pass
 
     def _reap(self, block: bool = False) -> None:
-        while self._children:
+        # Not only while sessions run: the exporter is a child too.
+        while self._children or not block:
             try:
-                pid, _status = os.waitpid(-1, 0 if block else os.WNOHANG)
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
             except ChildProcessError:
                 self._children.clear()
                 self._per_ip.clear()
@@ -157,7 +160,7 @@ class ForkingServer:
                 return
             address = self._children.pop(pid, None)
             if self.book is not None:
-                self.book.ended(pid)
+                self.book.ended(pid, status)
             if address is not None:
                 self._per_ip[address] -= 1
                 if self._per_ip[address] <= 0:

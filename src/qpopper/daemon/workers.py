@@ -98,7 +98,17 @@ class WorkerPool:
                 self._spawn(old_mask)
             notify("READY=1")
             while self._children:
-                info = signal.sigwaitinfo(_WATCHED)
+                # Stopping, an exporter that died stays down: the daemon is about to end.
+                due = self.book.restart_due() if self.book is not None and not self._stopping else None
+                if due is None:
+                    info = signal.sigwaitinfo(_WATCHED)
+                else:  # the exporter died: wait for a signal no longer than its restart
+                    waited = signal.sigtimedwait(_WATCHED, due) if due > 0 else None
+                    if waited is None:
+                        assert self.book is not None
+                        self.book.restart_if_due()
+                        continue
+                    info = waited
                 if info.si_signo == signal.SIGCHLD:
                     self._reap(old_mask)
                 elif info.si_signo == signal.SIGHUP:
@@ -123,6 +133,8 @@ class WorkerPool:
                 # stays pending until then (the loop unblocks SIGHUP).
                 signal.pthread_sigmask(signal.SIG_SETMASK, set(old_mask) | {signal.SIGHUP})
                 os.environ.pop("NOTIFY_SOCKET", None)  # the parent speaks to systemd
+                if self.book is not None:
+                    self.book.in_child()
                 self._serve()
                 code = 0
             except BaseException:
@@ -143,7 +155,7 @@ class WorkerPool:
                 return
             started = self._children.pop(pid, None)
             if self.book is not None:
-                self.book.ended(pid)
+                self.book.ended(pid, status)
             if started is None or self._stopping:
                 continue
             code = os.waitstatus_to_exitcode(status)

@@ -114,6 +114,10 @@ class ControlListener:
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
         except (OSError, TimeoutError, ValueError) as exc:
             log.info("control socket: request dropped: %s", exc)
+        except asyncio.CancelledError:
+            # This process is ending (a session process whose session is over) while a request
+            # is read: dropped, and not raised, or Python 3.11's stream callback logs a traceback.
+            pass
         finally:
             writer.close()
 

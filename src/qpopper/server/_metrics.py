@@ -17,9 +17,10 @@ it ever had sessions at once, not one per session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram, values
@@ -51,8 +52,22 @@ def set_process_identity(name: str) -> None:
     """A session process's slot (`s3`), set in the child before it counts
     anything; its files are opened now, while it may (before it becomes its user)."""
     _identity[0] = name
-    for metric in _opened_by:
-        metric.inc(0)  # prometheus-client opens a process's files when it sees a new identity
+    with _readable_by_group():
+        for metric in _opened_by:
+            metric.inc(0)  # prometheus-client opens a process's files when it sees a new identity
+
+
+@contextlib.contextmanager
+def _readable_by_group() -> Iterator[None]:
+    """Metric files made in here are readable by their group whatever the
+    daemon's umask: a root daemon's exporter runs as nobody, and reads them
+    as the directory's group (which the files take from it)."""
+    old = os.umask(0)
+    os.umask(old & ~0o040)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def use_directory(directory: str) -> None:
@@ -69,16 +84,18 @@ def process_ended(name: str, directory: str) -> None:
 class Metrics(Tally):
     """The tally, published about once a second to the metric files."""
 
-    __slots__ = ("_armed", "_children", "_live", "_m", "_states", "publish_each_session")
+    __slots__ = ("_armed", "_children", "_live", "_m", "_pid", "_states", "publish_each_session")
 
     def __init__(self, directory: str, live: Callable[[], Iterable[Connection]]) -> None:
         super().__init__()
         use_directory(directory)
         self._live = live
         self._armed = False
+        self._pid = os.getpid()  # the process whose files are open (a worker forked later opens its own)
         # A session process publishes at its session's end: it exits then.
         self.publish_each_session = False
-        self._m = _build()
+        with _readable_by_group():
+            self._m = _build()
         # Each series' value object, found once (`labels()` takes a lock and checks its arguments).
         self._children: dict[tuple[str, ...], Any] = {}
         self._states: dict[str, int] = {}  # the sessions gauge as last set
@@ -104,7 +121,12 @@ class Metrics(Tally):
         self._armed = False
         batch = self.take()
         try:
-            self._write(batch)
+            if self._pid != os.getpid():  # a worker's first: prometheus-client opens its files now
+                self._pid = os.getpid()
+                with _readable_by_group():
+                    self._write(batch)
+            else:
+                self._write(batch)
         except OSError as exc:
             log.error("metrics: cannot write the metric files: %s", exc)
 
