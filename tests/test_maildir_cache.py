@@ -35,8 +35,11 @@ def settle() -> None:
     time.sleep(maildirlisting.SETTLED_NS / 1e9 + 0.005)
 
 
-def session(md: Path) -> tuple[list[tuple[int, str]], list[str]]:
-    """(size, UID) of each message, and which subdirectories were read."""
+def session(md: Path, delete: set[int] | None = None, seen: set[int] | None = None
+            ) -> tuple[list[tuple[int, str]], list[str]]:
+    """(size, UID) of each message, and which subdirectories were read; with
+    `delete` or `seen` (message indexes), an UPDATE that deletes those or
+    marks them seen."""
     read: list[str] = []
     real = maildir._names_in  # noqa: SLF001 - counting the directory reads is the point
 
@@ -50,11 +53,14 @@ def session(md: Path) -> tuple[list[tuple[int, str]], list[str]]:
             infos = box.messages()
             got = [(infos.sizes[i], infos.uids[i]) for i in range(len(infos))]
             assert [b"".join(box.read(i)) for i in range(len(infos))] == [SIZE] * len(infos)
-            names = box._names  # noqa: SLF001 - the order is the point
+            names = list(box._names)  # noqa: SLF001 - the order is the point
+            listed = list(read)
+            assert names == list_maildir(str(md))  # what a listing from scratch gives
+            if delete or seen:
+                box.commit({i for i in delete or () if i < len(names)}, {i for i in seen or () if i < len(names)})
         finally:
             box.close()
-    assert names == list_maildir(str(md))
-    return got, read
+    return got, listed
 
 
 def test_unchanged_directories_are_not_read_again(tmp_path: Path) -> None:
@@ -80,6 +86,64 @@ def test_a_delivery_reads_new_again_and_a_flag_change_cur(tmp_path: Path) -> Non
     assert session(md)[1] == ["cur"]
 
 
+def test_the_listing_is_written_when_the_session_ends_not_at_login(tmp_path: Path) -> None:
+    md = make(tmp_path, 30)
+    settle()
+    listing = md / "qpopper-listing"
+    with mock.patch.object(maildir, "CACHED_DIR_BYTES", 0):
+        box = MaildirMaildrop(str(md))
+        assert not listing.exists()
+        assert not box.writes_nothing(set(), set())  # so close runs off the event loop
+        box.close()
+    assert listing.exists()
+    first = listing.stat()
+    put(md, "1800000000.M1P2.host")
+    settle()
+    with mock.patch.object(maildir, "CACHED_DIR_BYTES", 0):
+        box = MaildirMaildrop(str(md))
+        assert listing.stat().st_ino == first.st_ino
+        box.close()
+    assert listing.stat().st_ino != first.st_ino
+
+
+def test_a_directory_the_session_changed_is_not_kept(tmp_path: Path) -> None:
+    """UPDATE moves a message from new/ to cur/ and removes one: neither
+    directory is as it was listed, so the next session reads both again,
+    and the listing written is not even worth writing."""
+    md = make(tmp_path, 30)
+    settle()
+    session(md)
+    settle()
+    listing = md / "qpopper-listing"
+    before = listing.read_bytes()
+    got, read = session(md, delete={1}, seen={0})
+    assert read == [] and len(got) == 30
+    assert listing.read_bytes() == before
+    settle()
+    got, read = session(md)
+    assert sorted(read) == ["cur", "new"] and len(got) == 29
+
+
+def test_a_kept_listing_that_cannot_help_is_not_read_past_its_head(tmp_path: Path) -> None:
+    md = make(tmp_path, 30)
+    settle()
+    session(md)
+    put(md, "1800000000.M1P2.host", "cur")
+    put(md, "1800000000.M2P2.host", "new")
+    settle()
+    reads: list[int] = []
+    real = maildirlisting.read_at
+
+    def spy(fd: int, offset: int, count: int) -> bytes:
+        reads.append(count)
+        return real(fd, offset, count)
+
+    with mock.patch.object(maildirlisting, "read_at", spy):
+        got, read = session(md)
+    assert sorted(read) == ["cur", "new"] and len(got) == 32
+    assert reads == [maildirlisting._HEAD.size]  # noqa: SLF001 - the head is the point
+
+
 def test_a_listing_read_while_the_directory_changed_is_not_trusted(tmp_path: Path) -> None:
     md = make(tmp_path, 10)
     session(md)  # the directories changed just now: their times are not trusted yet
@@ -102,7 +166,8 @@ def test_a_planted_or_torn_listing_is_ignored(tmp_path: Path) -> None:
     assert sorted(session(md)[1]) == ["cur", "new"]
 
 
-STEPS = ("deliver", "deliver", "session", "session", "settle", "settle", "flag", "remove", "move-to-cur", "tear")
+STEPS = ("deliver", "deliver", "session", "session", "update", "settle", "settle", "flag", "remove", "move-to-cur",
+         "tear", "half-written")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -118,6 +183,10 @@ def test_every_session_lists_what_the_directories_hold(steps: list[str], data: s
                 put(md, f"1900000000.M{k}P3.host")
             elif step == "session":
                 session(md)
+            elif step == "update":
+                count = sum(map(len, names.values()))
+                session(md, delete=set(data.draw(st.lists(st.integers(0, max(0, count - 1)), max_size=2))),
+                        seen=set(data.draw(st.lists(st.integers(0, max(0, count - 1)), max_size=2))))
             elif step == "settle":
                 settle()
             elif step in ("flag", "remove", "move-to-cur"):
@@ -132,4 +201,10 @@ def test_every_session_lists_what_the_directories_hold(steps: list[str], data: s
                         os.rename(md / sub / name, md / "cur" / name)
             elif step == "tear" and (md / "qpopper-listing").exists():
                 os.truncate(md / "qpopper-listing", data.draw(st.integers(0, 60)))
+            elif step == "half-written" and (md / "qpopper-listing").exists():
+                # a writer killed after the rename, its data not yet on disk
+                # (no fsync), or a file cut at any point
+                listing = md / "qpopper-listing"
+                os.truncate(listing, data.draw(st.integers(0, listing.stat().st_size - 1)))
+                (md / "qpopper-listing.new").write_bytes(b"QPMDIRL2 torn")
         session(md)

@@ -214,7 +214,8 @@ def _forge(spool: Path, change: str) -> None:
     state = indexcache.SpoolState(*(lambda st: (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))(spool.stat()),
                                   settled=True)
     cache = Path(index_cache_path(str(spool)))
-    cache.write_bytes(indexcache._encode(idx, state, True))  # noqa: SLF001 - forging is the point
+    body = indexcache._encode(idx, state, True)  # noqa: SLF001 - forging is the point
+    cache.write_bytes(body + hashlib.sha256(body).digest())
     cache.chmod(0o600)
 
 

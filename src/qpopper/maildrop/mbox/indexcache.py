@@ -47,12 +47,10 @@ their write access to the spool does not already give.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import operator
 import os
 import random
-import stat
 import struct
 import sys
 import time
@@ -60,7 +58,7 @@ from array import array
 from typing import NamedTuple
 
 from ..._version import __version__
-from ..fsutil import give_owner, unlink_quietly
+from ..fsutil import DIGEST_BYTES, read_kept, unlink_quietly, write_kept
 from ..mboxindex import (
     MAX_FROM_LINE,
     PART_DIGEST,
@@ -95,7 +93,7 @@ _VERSION = __version__.encode("ascii")[:32].ljust(32, b"\0")
 # X-UIDL count, X-UIDL text and UID text lengths; Content-Length reaches;
 # fingerprint; qpopper's version.
 _HEAD = struct.Struct("<8sII QQQqq QQQQQ qq 20s 32s")
-_DIGEST = 32
+_DIGEST = DIGEST_BYTES
 _CONTENT_LENGTH = 1
 _SETTLED = 2
 _HAS_UIDS = 4
@@ -138,7 +136,7 @@ class KeptIndex:
     def load(self, fd: int) -> tuple[MboxIndex, bool] | None:
         """The index of the spool open on `fd`, from the cache, and whether it
         was extended (so differs from the cache); None: index whole."""
-        data = _read_trusted(index_cache_path(self.path), self.owner)
+        data = read_kept(index_cache_path(self.path), self.owner.st_uid, _HEAD.size + _DIGEST, MAX_FILE_BYTES)
         if data is None:
             return None
         try:
@@ -185,26 +183,9 @@ class KeptIndex:
 def _save(spool: str, index: MboxIndex, state: SpoolState, use_content_length: bool, owner: os.stat_result) -> bool:
     """Write the cache for `index` of the spool in `state`, replacing any;
     False if it could not be written (the next session indexes whole)."""
-    path = index_cache_path(spool)
-    tmp = path + ".new"
-    data = _encode(index, state, use_content_length)
-    fd = -1
     try:
-        unlink_quietly(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        give_owner(fd, owner.st_uid, owner.st_gid)
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.close(fd)
-        fd = -1
-        # No fsync: a cache torn by a crash fails its digest and costs one full index.
-        os.rename(tmp, path)
+        write_kept(index_cache_path(spool), _encode(index, state, use_content_length), owner)
     except OSError as exc:
-        if fd >= 0:
-            os.close(fd)
-        unlink_quietly(tmp)
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
             log.warning("%s: cannot write the index cache: %s", spool, exc)
         return False
@@ -212,34 +193,6 @@ def _save(spool: str, index: MboxIndex, state: SpoolState, use_content_length: b
 
 
 # ---- reading ---------------------------------------------------------------------
-
-
-def _read_trusted(path: str, spool_st: os.stat_result) -> bytes | None:
-    """The cache file's bytes if the file may be trusted to be ours."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if (
-            not stat.S_ISREG(st.st_mode)
-            or st.st_nlink != 1
-            or st.st_uid != spool_st.st_uid
-            or st.st_mode & 0o022
-            or not _HEAD.size + _DIGEST <= st.st_size <= MAX_FILE_BYTES
-        ):
-            log.info("%s: not a cache this server wrote; ignored", path)
-            return None
-        data = read_exact(fd, 0, st.st_size)
-    except (OSError, EOFError):
-        return None
-    finally:
-        os.close(fd)
-    if hashlib.sha256(memoryview(data)[:-_DIGEST]).digest() != data[-_DIGEST:]:
-        log.info("%s: torn or corrupt; ignored", path)
-        return None
-    return data
 
 
 class _Reader:
@@ -431,8 +384,7 @@ def _encode(index: MboxIndex, state: SpoolState, use_content_length: bool) -> by
         index.ends.tobytes(), index.sizes.tobytes(), bytes(index.seen), bytes(index.crlf),
         array("q", index.fp_parts).tobytes(), index.fp_digests, xidx.tobytes(), xtext, utext,
     ]
-    body = b"".join(pieces)
-    return body + hashlib.sha256(body).digest()
+    return b"".join(pieces)  # (write_kept adds the digest)
 
 
 def _raw_uids(index: MboxIndex) -> list[str] | None:
