@@ -11,7 +11,7 @@ from unittest import mock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qpopper.maildrop import maildir, maildirlisting
+from qpopper.maildrop import fsutil, maildir, maildirlisting
 from qpopper.maildrop.maildir import MaildirMaildrop, list_maildir
 
 SIZE = b"Subject: hello\n\nbody\n"
@@ -132,7 +132,7 @@ def test_a_kept_listing_that_cannot_help_is_not_read_past_its_head(tmp_path: Pat
     put(md, "1800000000.M2P2.host", "new")
     settle()
     reads: list[int] = []
-    real = maildirlisting.read_at
+    real = fsutil.read_at
 
     def spy(fd: int, offset: int, count: int) -> bytes:
         reads.append(count)
