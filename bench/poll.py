@@ -233,7 +233,7 @@ def scan(args: argparse.Namespace) -> int:
     others = {name: run.export_source(argparse.Namespace(**{**vars(ns), "worktree": False, "rev": rev}))
               for name, rev in revisions.items()}
     names = ["dovecot", "qpopper", *others]
-    bench = run.Bench(argparse.Namespace(rounds=1, quick=True, out=args.out), env)
+    bench = run.Bench(argparse.Namespace(rounds=1, quick=True, out=args.out, no_twisted=True), env)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
