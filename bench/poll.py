@@ -258,7 +258,7 @@ def scan(args: argparse.Namespace) -> int:
                     servers[name] = (q.start(), q.port)
                 row: dict[str, Any] = {"format": fmt, "messages": n, "date": datetime.datetime.now(datetime.UTC)
                                        .strftime("%Y-%m-%d %H:%M"),
-                                       "revisions": {"qpopper": args.rev, **revisions}}
+                                       "revisions": {"qpopper": getattr(ns, "rev_hash", args.rev)[:7], **revisions}}
                 for name, (pid, port) in servers.items():
                     row[f"{name}_cold"] = bigbox(run, bench, port, pid, 1)["ready_s_first"]
                 for name, (pid, port) in servers.items():
