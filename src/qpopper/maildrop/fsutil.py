@@ -159,30 +159,12 @@ def digest_holds(data: bytes) -> bool:
     return len(data) >= DIGEST_BYTES and hashlib.sha256(body).digest() == data[-DIGEST_BYTES:]
 
 
-def read_kept(path: str, owner_uid: int, min_bytes: int, max_bytes: int) -> bytes | None:
-    """The bytes of a file a session kept (`open_kept`) if its digest holds;
-    None: the next session does without it."""
-    opened = open_kept(path, owner_uid, min_bytes, max_bytes)
-    if opened is None:
-        return None
-    fd, size = opened
-    try:
-        data = read_at(fd, 0, size)
-    except (OSError, EOFError):
-        return None
-    finally:
-        os.close(fd)
-    if not digest_holds(data):
-        _log.info("%s: torn or corrupt; ignored", path)
-        return None
-    return data
-
-
-def write_kept(path: str, data: bytes, owner: os.stat_result) -> None:
-    """Replace a kept file by one holding `data` and its digest, as the
-    maildrop's owner, mode 0600: written beside it (".new") and renamed
-    over it. No fsync: a file torn by a crash fails its digest and costs
-    the next session what it would cost without one. OSError if it cannot."""
+def write_kept(path: str, data: bytes, owner: os.stat_result, digest: bool = True) -> None:
+    """Replace a kept file by one holding `data` and (unless `digest` is
+    false: `data` holds its own) its digest, as the maildrop's owner, mode
+    0600: written beside it (".new") and renamed over it. No fsync: a file
+    torn by a crash fails its digest and costs the next session what it
+    would cost without one. OSError if it cannot."""
     tmp = path + ".new"
     unlink_quietly(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -190,7 +172,8 @@ def write_kept(path: str, data: bytes, owner: os.stat_result) -> None:
         give_owner(fd, owner.st_uid, owner.st_gid)
         os.fchmod(fd, 0o600)
         write_all(fd, data)
-        write_all(fd, hashlib.sha256(data).digest())
+        if digest:
+            write_all(fd, hashlib.sha256(data).digest())
     except OSError:
         os.close(fd)
         unlink_quietly(tmp)

@@ -257,11 +257,14 @@ def _seen_of(names: list[str]) -> bytearray:
 class MaildirMaildrop:
     """An open Maildir; holds the POP session lock until closed."""
 
+    # A big Maildir's listing, kept between sessions: set on the instance only
+    # for those, so that every other session's object stays as small as before.
+    _kept: KeptListing | None = None
+
     def __init__(self, path: str, create: bool = False, quick: bool = False) -> None:
         self.path = path
         self._quick = quick
         self._lock: SessionLock | None = None
-        self._kept: KeptListing | None = None  # a big Maildir's listing, kept between sessions
         # Per message: its file name and the subdirectory it is in now.
         self._names: list[str] = []
         self._subdirs: list[str] = []
@@ -465,8 +468,9 @@ class MaildirMaildrop:
         end, so that it is off the login's path and the session's own UPDATE
         is seen: a directory it changed is not kept)."""
         try:
-            if self._kept is not None:
-                kept, self._kept = self._kept, None
+            kept = self._kept
+            if kept is not None:
+                del self._kept
                 kept.close(self._names, self._subdirs)
         finally:
             if self._lock is not None:

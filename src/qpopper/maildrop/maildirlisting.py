@@ -11,8 +11,9 @@ the names of an unchanged one come from the file.
 
 The file is untrusted (it sits in the user's Maildir): it is used only if
 it is a regular file with one name, owned by the Maildir's owner and
-writable by no one else, its SHA-256, format and version are right, and
-every name is one a listing could give (no "/", no NUL, no leading dot).
+writable by no one else (`fsutil.open_kept`), the SHA-256 of its head and
+of the names used, its format and version are right, and every name is
+one a listing could give (no "/", no NUL, no leading dot).
 A subdirectory's times are recorded only if they were the same before and
 after reading it and its last change was older than a clock tick (with
 coarse timestamps a rename in the same tick leaves the times as they
@@ -27,8 +28,9 @@ written. It is rewritten whole, not appended to: the names added and
 removed since the file are known only by comparing the two listings, which
 costs more than writing it again (at 50,000 names, about 20 ms of set
 operations against 7 ms to join, encode and digest). A session reads the
-fixed-size head first and the names only if a subdirectory's times match,
-so a kept listing that cannot help (a delivery since) costs one small read. The worst a planted file can
+fixed-size head first and a subdirectory's names only if its times match,
+so the part of a kept listing that cannot help (new/ after a delivery)
+costs nothing but the head's read. The worst a planted file can
 do is what a user renaming files in their own Maildir can: list names
 that are gone (RETR answers -ERR, DELE finds nothing to remove) or leave
 some out (they are not removed either: UPDATE only removes listed names);
@@ -38,6 +40,7 @@ new/, nor follow a link.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import time
@@ -52,10 +55,14 @@ SETTLED_NS = 10_000_000
 MAX_FILE_BYTES = 256 << 20
 SUBDIRS = ("cur", "new")
 
-_MAGIC = b"QPMDIRL2"
+_MAGIC = b"QPMDIRL3"
 _VERSION = __version__.encode("ascii")[:32].ljust(32, b"\0")
-# magic, version; per subdirectory (cur, new): device, inode, mtime, ctime, names' text length
-_HEAD = struct.Struct("<8s32s QQqqQ QQqqQ")
+# magic, version; per subdirectory (cur, new): device, inode, mtime, ctime,
+# names' text length, the text's SHA-256. The head is followed by its own
+# SHA-256, then each subdirectory's names (one per line): a session checks
+# and reads only the names it can use.
+_HEAD = struct.Struct("<8s32s QQqqQ32s QQqqQ32s")
+_FIELDS = 6
 
 
 class DirState(NamedTuple):
@@ -106,33 +113,35 @@ class KeptListing:
         if opened is None:
             return {}
         fd, size = opened
+        out: dict[str, list[str]] = {}
         try:
-            head = read_at(fd, 0, _HEAD.size)
-            magic, version, *fields = _HEAD.unpack(head)
+            head = read_at(fd, 0, _HEAD.size + DIGEST_BYTES)
+            if not digest_holds(head):
+                return {}
+            magic, version, *fields = _HEAD.unpack_from(head)
             if magic != _MAGIC or version != _VERSION:
                 return {}
-            wanted = []
-            pos = _HEAD.size
+            pos = len(head)
+            sections = []
             for k, sub in enumerate(SUBDIRS):
-                state, length = DirState(*fields[5 * k : 5 * k + 4]), fields[5 * k + 4]
-                if state != NO_STATE and state == now.get(sub):
-                    wanted.append((sub, pos, length))
+                state = DirState(*fields[_FIELDS * k : _FIELDS * k + 4])
+                length, digest = fields[_FIELDS * k + 4 : _FIELDS * k + 6]
+                sections.append((sub, state, pos, length, digest))
                 pos += length
-            if not wanted or pos + DIGEST_BYTES != size:
-                return {}  # nothing it holds can be used: its names are not even read
-            data = head + read_at(fd, _HEAD.size, size - _HEAD.size)
+            if pos != size:
+                return {}
+            for sub, state, at, length, digest in sections:
+                # Only a subdirectory as it was kept: the others' names are not even read.
+                if state == NO_STATE or state != now.get(sub):
+                    continue
+                text = read_at(fd, at, length)
+                if hashlib.sha256(text).digest() == digest and _plausible(text):
+                    out[sub] = os.fsdecode(text).split("\n") if text else []
+                    self.states[sub] = state
         except (OSError, EOFError, struct.error):
             return {}
         finally:
             os.close(fd)
-        if not digest_holds(data):
-            return {}
-        out: dict[str, list[str]] = {}
-        for sub, at, length in wanted:
-            text = data[at : at + length]
-            if _plausible(text):
-                out[sub] = os.fsdecode(text).split("\n") if text else []
-                self.states[sub] = now[sub]
         return out
 
     def listed(self, sub: str, state: DirState) -> None:
@@ -157,21 +166,23 @@ class KeptListing:
                 states[sub] = NO_STATE  # changed in the session: the next one reads it again
         if all(state == NO_STATE for state in states.values()):
             return
-        fields: list[int] = []
+        fields: list[int | bytes] = []
         texts: list[bytes] = []
         for sub in SUBDIRS:
             state = states.get(sub, NO_STATE)
-            mine = [name for name, where in zip(names, subdirs, strict=True) if where == sub]
+            mine = [name for name, where in zip(names, subdirs, strict=True) if where == sub] \
+                if state != NO_STATE else []
             joined = "\n".join(mine)
             if state == NO_STATE or joined.count("\n") != max(0, len(mine) - 1):
                 state, text = NO_STATE, b""  # (a name with a newline: that directory is read each time)
             else:
                 text = os.fsencode(joined)
-            fields += [*state, len(text)]
+            fields += [*state, len(text), hashlib.sha256(text).digest()]
             texts.append(text)
-        body = _HEAD.pack(_MAGIC, _VERSION, *fields) + b"".join(texts)
+        head = _HEAD.pack(_MAGIC, _VERSION, *fields)
+        body = head + hashlib.sha256(head).digest() + b"".join(texts)
         try:
-            write_kept(os.path.join(self.path, LISTING_NAME), body, self.owner)
+            write_kept(os.path.join(self.path, LISTING_NAME), body, self.owner, digest=False)
         except OSError:
             pass
 
