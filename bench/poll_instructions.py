@@ -9,10 +9,13 @@ PYTHONHASHSEED=0) opens its own copy of bench/poll.py's generated maildrop
 in-process, with the counters zeroed after the imports and dumped after the
 step:
 
-    cold   open (no kept index or listing), STAT, UIDL, close
+    cold   open (no kept index or listing), STAT, UIDL | close
     warm   the same after a session that kept them, nothing delivered since
-    poll   one message delivered (as an MDA does), then open, UIDL, RETR of
-           the new message, UPDATE (it is marked seen), close
+    poll   one message delivered (as an MDA does), then open, STAT, UIDL |
+           RETR of the new message, UPDATE (it is marked seen), close
+
+each counted in two parts ("_open": what the login and UIDL wait for;
+"_close": the rest, where the kept index or listing is written).
 
 The maildrop layer only: no sockets, no login, no event loop (bench/poll.py
 has those). Prints one JSON line per revision, format and size.
@@ -50,23 +53,19 @@ for optional in ("qpopper.maildrop.maildirlisting", "qpopper.maildrop.mbox.index
     except ImportError:
         pass  # a revision before the kept indexes
 fmt, path = sys.argv[1], sys.argv[2]
-
-def session(poll):
-    md = MaildirMaildrop(path) if fmt == "maildir" else MboxMaildrop(path, MaildropSettings(server_mode=True))
-    try:
-        infos = md.messages()
-        n = len(infos)
-        infos.uids
-        if poll:
-            b"".join(md.read(n - 1))
-            md.commit(set(), {n - 1})
-    finally:
-        md.close()
-
 print("ready", flush=True)
-for line in sys.stdin:
-    session(line.strip() == "poll")
-    print("done", flush=True)
+while sys.stdin.readline():
+    md = MaildirMaildrop(path) if fmt == "maildir" else MboxMaildrop(path, MaildropSettings(server_mode=True))
+    infos = md.messages()
+    n = len(infos)
+    infos.uids
+    print("opened", flush=True)
+    poll = sys.stdin.readline().strip() == "poll"
+    if poll:
+        b"".join(md.read(n - 1))
+        md.commit(set(), {n - 1})
+    md.close()
+    print("closed", flush=True)
 """
 
 
@@ -83,7 +82,9 @@ def export(rev: str, work: Path) -> Path:
 
 
 def measure(src: Path, fmt: str, maildrop: Path, work: Path) -> dict[str, int]:
-    """Instructions of each step, in one child: cold, warm, poll."""
+    """Instructions of each step, in one child: cold, warm, poll; each split
+    into its open (open, STAT, UIDL: what the login waits for) and the rest
+    (for the poll its RETR and UPDATE; then the close, which keeps the index)."""
     out = work / "callgrind.out"
     env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=str(src))
     child = subprocess.Popen(
@@ -92,29 +93,34 @@ def measure(src: Path, fmt: str, maildrop: Path, work: Path) -> dict[str, int]:
         text=True)
     assert child.stdin is not None
     assert child.stdout is not None
+    stdin, stdout = child.stdin, child.stdout
+
+    def say(line: str, answer: str) -> int:
+        callgrind(child.pid, "--zero")
+        stdin.write(line + "\n")
+        stdin.flush()
+        if stdout.readline() != answer + "\n":
+            raise RuntimeError(f"the child failed ({line!r})")
+        callgrind(child.pid, "--dump")
+        dumps = sorted(work.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+        return total_instructions(dumps[-1])
+
     result: dict[str, int] = {}
     try:
-        if child.stdout.readline() != "ready\n":
+        if stdout.readline() != "ready\n":
             raise RuntimeError("the child did not start")
         for step in ("cold", "warm", "poll"):
             if step == "poll":
                 deliver(fmt, maildrop, new_message(1))
-            callgrind(child.pid, "--zero")
-            child.stdin.write(("poll" if step == "poll" else "open") + "\n")
-            child.stdin.flush()
-            if child.stdout.readline() != "done\n":
-                raise RuntimeError(f"the child failed at {step}")
-            callgrind(child.pid, "--dump")
-            dumps = sorted(work.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
-            result[step] = total_instructions(dumps[-1])
+            result[f"{step}_open"] = say("open", "opened")
+            result[f"{step}_close"] = say("poll" if step == "poll" else "close", "closed")
             if step == "cold":
-                # A session right after the copy finds directories and spool just
-                # changed (their times not yet trusted): let them settle, keep anew.
-                child.stdin.write("open\n")
-                child.stdin.flush()
-                child.stdout.readline()
+                # A session right after the copy may find the directories or the
+                # spool just changed (their times not yet trusted): one more keeps them.
+                say("open", "opened")
+                say("close", "closed")
     finally:
-        child.stdin.close()
+        stdin.close()
         child.wait(60)
     return result
 
