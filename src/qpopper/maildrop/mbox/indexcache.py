@@ -222,15 +222,16 @@ class KeptIndex:
         `index` has it, with the same flags (then `index` takes its
         fingerprint, its kept UIDs are dropped, and the cache is written
         whole at the end); if not, the session cannot go on with it."""
-        if not self.from_cache:
-            return False
+        if not self.from_cache or self.file is None:
+            return False  # not from the cache, or refreshed once already
         full = index_file(fd, index.length, use_content_length=self.use_content_length)
         if any(getattr(full, name) != getattr(index, name) for name in _CONFIRMED):
             return False
         index.fingerprint, index.fp_parts, index.fp_digests = full.fingerprint, full.fp_parts, full.fp_digests
         index.cl_reach_before_last, index.cl_reach_last = full.cl_reach_before_last, full.cl_reach_last
         index.raw_uids, index.raw_uid_text, index.raw_renamed = None, b"", None
-        self.from_cache = False  # as good as a full index now
+        # Still from_cache: that full index was made without the locks, so
+        # UPDATE confirms the index again under them before it writes.
         self.file = None
         self.pending = True
         return True
