@@ -182,20 +182,20 @@ def _list_kept(path: str, kept: KeptListing) -> tuple[list[str], list[str]]:
         except OSError as exc:
             raise MaildropError(f"cannot list {directory}: {exc}") from exc
     listing = kept.load(now)
-    read = 0  # subdirectories read here (so sorted here)
+    read: set[str] = set()  # subdirectories read here (so sorted here)
     for sub in _SUBDIRS:
         if sub not in now:
             listing[sub] = []
             kept.listed(sub, NO_STATE)
-            read += 1
         elif sub not in listing:
             listing[sub], state = list_subdir(os.path.join(path, sub), _names_in)
             kept.listed(sub, state)
-            read += 1
+            read.add(sub)
     in_cur, in_new = listing["cur"], listing["new"]
-    if read == len(_SUBDIRS) and (not in_cur or not in_new):
-        # The usual Maildir, read here: the one subdirectory in use is sorted
-        # already (names from the kept file are sorted again: it is untrusted).
+    in_use = [sub for sub in _SUBDIRS if listing[sub]]
+    if len(in_use) < 2 and read.issuperset(in_use):
+        # The usual Maildir: the one subdirectory in use was read, and sorted,
+        # here (names from the kept file are sorted again: it is untrusted).
         names = in_cur or in_new
         return names, _subdirs_of(names, in_cur, in_new)
     return _merged(in_cur, in_new)
