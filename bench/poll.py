@@ -16,7 +16,8 @@ Two uses:
 * run alone, it measures how the costs grow with the maildrop's size, for
   Dovecot and for two revisions of this server (this one, and the one
   before the kept indexes, by default; both exported from git), each on its
-  own copy of the mail:
+  own copy of the mail (`--also NAME=REV` adds more revisions to the same
+  run, e.g. the main branch a change is to be merged into):
 
       .venv/bin/python bench/poll.py --sizes 10000,50000,200000 --mail /tmp/poll-mail
 
@@ -227,9 +228,12 @@ def scan(args: argparse.Namespace) -> int:
     ns.src_dir = run.export_source(ns)
     env = run.check_prerequisites(ns)
     pb = load_module("popbench", env.popbench)
-    before_ns = argparse.Namespace(**{**vars(ns), "worktree": False, "rev": args.before})
-    before_src = run.export_source(before_ns)
-    bench = run.Bench(argparse.Namespace(rounds=1, quick=True, out=args.out), env)
+    # Each revision compared with: "before" (--before) and any --also NAME=REV, exported alike.
+    revisions = {"before": args.before, **dict(x.split("=", 1) for x in args.also)}
+    others = {name: run.export_source(argparse.Namespace(**{**vars(ns), "worktree": False, "rev": rev}))
+              for name, rev in revisions.items()}
+    names = ["dovecot", "qpopper", *others]
+    bench = run.Bench(argparse.Namespace(rounds=1, quick=True, out=args.out, no_twisted=True), env)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -239,19 +243,22 @@ def scan(args: argparse.Namespace) -> int:
         for n in [int(x) for x in args.sizes.split(",")]:
             src = ensure_mail(env.popbench, env.python, Path(args.mail), fmt, n)
             run.log(f"{fmt} {n}: copying the mail")
-            roots = {name: work / f"{fmt}-{n}" / name for name in ("dovecot", "qpopper", "before")}
+            roots = {name: work / f"{fmt}-{n}" / name for name in names}
             for root in roots.values():
                 copy_mail(src, root / "mail", fmt)
             dov = run.Dovecot(env, roots["dovecot"], fmt, base, base + 1)
-            ours = run.Qpopper(env, roots["qpopper"], fmt, base + 10, ns.src_dir)
-            old = run.Qpopper(env, roots["before"], fmt, base + 20, before_src)
-            for q in (ours, old):
+            ours = {"qpopper": run.Qpopper(env, roots["qpopper"], fmt, base + 10, ns.src_dir)}
+            for k, (name, other_src) in enumerate(others.items()):
+                ours[name] = run.Qpopper(env, roots[name], fmt, base + 20 + 10 * k, other_src)
+            for q in ours.values():
                 q.no_syslog = ns.no_syslog
             try:
-                servers = {"dovecot": (dov.start(), base), "qpopper": (ours.start(), base + 10),
-                           "before": (old.start(), base + 20)}
+                servers = {"dovecot": (dov.start(), base)}
+                for name, q in ours.items():
+                    servers[name] = (q.start(), q.port)
                 row: dict[str, Any] = {"format": fmt, "messages": n, "date": datetime.datetime.now(datetime.UTC)
-                                       .strftime("%Y-%m-%d %H:%M")}
+                                       .strftime("%Y-%m-%d %H:%M"),
+                                       "revisions": {"qpopper": getattr(ns, "rev_hash", args.rev)[:7], **revisions}}
                 for name, (pid, port) in servers.items():
                     row[f"{name}_cold"] = bigbox(run, bench, port, pid, 1)["ready_s_first"]
                 for name, (pid, port) in servers.items():
@@ -268,14 +275,16 @@ def scan(args: argparse.Namespace) -> int:
                 with open(out / "poll.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
             finally:
-                ours.stop()
-                old.stop()
+                for q in ours.values():
+                    q.stop()
                 dov.stop()
             if not args.keep_mail:
                 shutil.rmtree(work / f"{fmt}-{n}", ignore_errors=True)
-    # The report holds every row poll.jsonl has (runs of other sizes add to it).
+    # The report holds the newest row poll.jsonl has of each format and size
+    # (runs of other sizes add to it; older rows stay in the file as history).
     with open(out / "poll.jsonl") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        newest = {(r["format"], r["messages"]): r for r in (json.loads(line) for line in f if line.strip())}
+    rows = list(newest.values())
     write_report(out / "POLL.md", rows, args)
     return 0
 
@@ -287,7 +296,8 @@ def _ms(x: float | None) -> str:
 def write_report(path: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     lines = [
         "# The poll on a big maildrop: Dovecot, qpopper, and qpopper before its kept indexes\n",
-        f"`bench/poll.py` (last: `{' '.join(sys.argv[1:])}`); qpopper = `{args.rev}`, before = `{args.before}`. "
+        f"`bench/poll.py` (last: `{' '.join(sys.argv[1:])}`); qpopper = `{args.rev}`, before = `{args.before}`"
+        + "".join(f", {x.replace('=', ' = `', 1)}`" for x in args.also) + " (each row names its revisions). "
         "Times in ms (medians); "
         "cold = the first session with no index (Dovecot: index dropped and restarted; qpopper: no kept "
         "index); warm = PASS to STAT answered, median of 3 sessions; poll = a delivery then PASS, UIDL, "
@@ -296,10 +306,13 @@ def write_report(path: Path, rows: list[dict[str, Any]], args: argparse.Namespac
         "| poll session | poll server CPU | date |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in sorted(rows, key=lambda r: (r["format"], r["messages"])):
-        for name in ("dovecot", "qpopper", "before"):
+    for row in sorted(rows, key=lambda r: (r["format"], r["messages"], r.get("date", ""))):
+        revisions = row.get("revisions", {})
+        for name in ["dovecot", "qpopper", *(k for k in revisions if k != "qpopper")] if revisions else \
+                ("dovecot", "qpopper", "before"):
+            label = f"{name} ({revisions[name]})" if name in revisions else name
             lines.append(
-                f"| {row['format']} | {row['messages']:,} | {name} | {_ms(row.get(f'{name}_cold'))} | "
+                f"| {row['format']} | {row['messages']:,} | {label} | {_ms(row.get(f'{name}_cold'))} | "
                 f"{_ms(row.get(f'{name}_warm'))} | {_ms(row.get(f'{name}_warm_uidl'))} | "
                 f"{_ms(row.get(f'{name}_poll_pass_s'))} | {_ms(row.get(f'{name}_poll_uidl_s'))} | "
                 f"{_ms(row.get(f'{name}_poll_session_s'))} | {_ms(row.get(f'{name}_poll_server_cpu_s_per_poll'))} | "
@@ -319,6 +332,8 @@ def main() -> int:
     p.add_argument("--out", default=str(HERE / "results" / "poll"))
     p.add_argument("--rev", default="HEAD", help="the revision measured (exported from git, as run.py does)")
     p.add_argument("--before", default="7a8f538", help="the revision to compare with (default: before issue 22)")
+    p.add_argument("--also", action="append", default=[], metavar="NAME=REV",
+                   help="one more revision measured in the same run, named NAME in the report (repeatable)")
     p.add_argument("--port-base", type=int, default=11310)
     p.add_argument("--keep-mail", action="store_true")
     p.add_argument("--shared-bench", default=os.environ.get("QPOPPER_BENCH_SHARED",

@@ -19,7 +19,7 @@ import pytest
 
 from mbox_helpers import deliver, entry, numbered
 from qpopper.errors import MaildropError
-from qpopper.maildrop import MaildropSettings
+from qpopper.maildrop import MaildropSettings, mboxindex
 from qpopper.maildrop.mbox import MboxMaildrop, indexcache
 from qpopper.maildrop.mbox import spool as spool_module
 from qpopper.maildrop.mbox.paths import index_cache_path
@@ -79,6 +79,87 @@ def test_a_poll_indexes_only_what_arrived(tmp_path: Path) -> None:
     assert full_indexes(spool) == 0  # unchanged: nothing indexed, nothing written
     after = os.stat(index_cache_path(str(spool)))
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_a_poll_appends_a_record_until_a_rewrite_pays(tmp_path: Path) -> None:
+    """What a poll learned is appended to the file it loaded, not written
+    whole; past `MAX_RECORDS` the file is written whole again, and every
+    session's view is the one an index from scratch gives."""
+    spool = tmp_path / "alice"
+    big_spool(spool)
+    cache = Path(index_cache_path(str(spool)))
+    assert full_indexes(spool, uidl=False) == 1
+    with mock.patch.object(indexcache, "MAX_RECORDS", 3):
+        for k in range(5):
+            before = cache.stat()
+            deliver(str(spool), numbered(2000 + k), 2000 + k)
+            settle()
+            assert full_indexes(spool, uidl=k % 2 == 0) == 0
+            after = cache.stat()
+            if k == 0:
+                assert after.st_ino != before.st_ino  # UIDs learned: written whole, with them
+            elif k < 4:
+                assert after.st_ino == before.st_ino
+                assert 0 < after.st_size - before.st_size < 4096  # one record, not the index again
+            else:
+                assert after.st_ino != before.st_ino  # three records: written whole again
+    assert full_indexes(spool) == 0
+
+
+@pytest.mark.parametrize("damage", ["cut", "flip", "extra"])
+def test_a_torn_or_flipped_record_costs_a_full_index(tmp_path: Path, damage: str) -> None:
+    spool = tmp_path / "alice"
+    big_spool(spool)
+    cache = Path(index_cache_path(str(spool)))
+    view(spool)
+    deliver(str(spool), numbered(3000), 3000)
+    settle()
+    size = cache.stat().st_size
+    assert full_indexes(spool) == 0
+    grown = cache.stat().st_size
+    assert grown > size
+    data = bytearray(cache.read_bytes())
+    at = random.Random(22).randrange(size, grown)
+    if damage == "cut":
+        del data[at:]
+    elif damage == "flip":
+        data[at] ^= 0x20
+    else:
+        data += data[size:]  # the same record twice: it does not follow the first
+    cache.write_bytes(bytes(data))
+    deliver(str(spool), numbered(3001), 3001)
+    settle()
+    assert full_indexes(spool) == 1
+    assert full_indexes(spool) == 0
+
+
+@pytest.mark.parametrize("kept_uids", [False, True])
+def test_a_from_line_rewritten_in_place_then_a_delivery(tmp_path: Path, kept_uids: bool) -> None:
+    """A same-size rewrite of a From_ line moves no boundary, so the samples
+    pass; at UIDL the From_ lines disagree with the kept fingerprint (or,
+    with UIDs kept, the sampled UIDs with the kept ones: here every one is
+    sampled), the index is confirmed by a full one and takes its
+    fingerprint, and UIDL gives what an index from scratch gives, in this
+    session and the next."""
+    spool = tmp_path / "alice"
+    big_spool(spool)
+    view(spool, uidl=kept_uids)
+    data = spool.read_bytes()
+    at = data.index(b"sender", data.index(b"From ", 1000))
+    fd = os.open(spool, os.O_WRONLY)
+    os.pwrite(fd, b"S", at)
+    os.close(fd)
+    deliver(str(spool), numbered(4000), 4000)
+    settle()
+    cache = Path(index_cache_path(str(spool)))
+    before = cache.stat().st_ino
+    with mock.patch.object(indexcache, "SAMPLES", 0), mock.patch.object(mboxindex, "UID_SAMPLES", 10**6), \
+            mock.patch.object(indexcache, "index_file", wraps=index_file) as confirming:
+        assert full_indexes(spool) == 0  # the login used the cache; its view is right
+        assert confirming.call_count == 1  # at UIDL: the index confirmed by a full one, then adopted
+        assert cache.stat().st_ino != before  # and written whole, with the new fingerprint
+        assert full_indexes(spool) == 0
+        assert confirming.call_count == 1
 
 
 def test_the_cache_file_is_the_owners_alone(tmp_path: Path) -> None:
@@ -214,7 +295,8 @@ def _forge(spool: Path, change: str) -> None:
     state = indexcache.SpoolState(*(lambda st: (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))(spool.stat()),
                                   settled=True)
     cache = Path(index_cache_path(str(spool)))
-    cache.write_bytes(indexcache._encode(idx, state, True))  # noqa: SLF001 - forging is the point
+    body = indexcache._encode(idx, state, True)  # noqa: SLF001 - forging is the point
+    cache.write_bytes(body + hashlib.sha256(body).digest())
     cache.chmod(0o600)
 
 

@@ -40,6 +40,7 @@ import stat
 import time
 from array import array
 from collections.abc import Iterator, Set
+from typing import TYPE_CHECKING
 
 from ..errors import MaildropError, ResponseCode, WouldBlock
 from ..wiresize import SizeCounter
@@ -47,6 +48,9 @@ from ._base import MaildropSettings, MessageList, is_valid_uid
 from .fsutil import fsync_dir
 from .fsutil import unlink_quietly as _unlink_quietly
 from .sessionlock import SessionLock
+
+if TYPE_CHECKING:
+    from .maildirlisting import KeptListing
 
 log = logging.getLogger(__name__)
 
@@ -169,37 +173,39 @@ def _merged(in_cur: list[str], in_new: list[str]) -> tuple[list[str], list[str]]
     return names, _subdirs_of(names, in_cur, in_new)
 
 
-def _list_kept(path: str) -> tuple[list[str], list[str]]:
+def _list_kept(path: str, kept: KeptListing) -> tuple[list[str], list[str]]:
     """`_list` for a big Maildir: a subdirectory unchanged since the kept
-    listing (maildirlisting) is not read again; the listing is kept anew
-    when one was."""
-    from . import maildirlisting as kept  # only for big Maildirs
+    listing (maildirlisting) is not read again; `kept` learns what was read,
+    to keep the listing anew when the session ends."""
+    from .maildirlisting import NO_STATE, DirState, list_subdir  # only for big Maildirs
 
-    try:
-        owner = os.stat(path)
-    except OSError as exc:
-        raise MaildropError(f"cannot list {path}: {exc}") from exc
-    listing = kept.load(path, owner)
-    read_again = False
+    now: dict[str, DirState] = {}
     for sub in _SUBDIRS:
         directory = os.path.join(path, sub)
         try:
-            now = kept.DirState.of(os.stat(directory))
+            now[sub] = DirState.of(os.stat(directory))
         except FileNotFoundError:
-            listing[sub] = (kept.NO_STATE, [])
             continue
         except OSError as exc:
             raise MaildropError(f"cannot list {directory}: {exc}") from exc
-        known = listing.get(sub)
-        if known is None or known[0] != now:
-            names, state = kept.list_subdir(directory, _names_in)
-            listing[sub] = (state, names)
-            # Worth writing only if the next session may use it: a directory
-            # that changed just now (a delivery) is read again anyway.
-            read_again = read_again or state != kept.NO_STATE
-    if read_again:
-        kept.save(path, listing, owner)
-    return _merged(listing["cur"][1], listing["new"][1])
+    listing = kept.load(now)
+    read: set[str] = set()  # subdirectories read here (so sorted here)
+    for sub in _SUBDIRS:
+        if sub not in now:
+            listing[sub] = []
+            kept.listed(sub, NO_STATE)
+        elif sub not in listing:
+            listing[sub], state = list_subdir(os.path.join(path, sub), _names_in)
+            kept.listed(sub, state)
+            read.add(sub)
+    in_cur, in_new = listing["cur"], listing["new"]
+    in_use = [sub for sub in _SUBDIRS if listing[sub]]
+    if len(in_use) < 2 and read.issuperset(in_use):
+        # The usual Maildir: the one subdirectory in use was read, and sorted,
+        # here (names from the kept file are sorted again: it is untrusted).
+        names = in_cur or in_new
+        return names, _subdirs_of(names, in_cur, in_new)
+    return _merged(in_cur, in_new)
 
 
 # Where Dovecot and courier-pop3d left the UIDLs they served (uidimport.py).
@@ -267,6 +273,10 @@ def _seen_of(names: list[str]) -> bytearray:
 class MaildirMaildrop:
     """An open Maildir; holds the POP session lock until closed."""
 
+    # A big Maildir's listing, kept between sessions: set on the instance only
+    # for those, so that every other session's object stays as small as before.
+    _kept: KeptListing | None = None
+
     def __init__(
         self, path: str, create: bool = False, quick: bool = False, settings: MaildropSettings | None = None
     ) -> None:
@@ -310,7 +320,14 @@ class MaildirMaildrop:
 
     def _list(self, dir_bytes: int) -> tuple[list[str], list[str]]:
         if not self._quick and dir_bytes >= CACHED_DIR_BYTES:
-            return _list_kept(self.path)
+            from .maildirlisting import KeptListing  # only for big Maildirs
+
+            try:
+                owner = os.stat(self.path)
+            except OSError as exc:
+                raise MaildropError(f"cannot list {self.path}: {exc}") from exc
+            self._kept = KeptListing(self.path, owner)
+            return _list_kept(self.path, self._kept)
         return _list(self.path)
 
     def _scan(self, dir_bytes: int) -> None:
@@ -324,9 +341,10 @@ class MaildirMaildrop:
         # partials hold the names, not this object: a cycle through it would
         # keep a big listing alive until the garbage collector's next full pass.
         # Sizes in an array: 8 bytes a message where a list of ints takes 36,
-        # for as long as the session is held.
+        # for as long as the session is held (made from a list: from an
+        # iterator, array parses each item again, 20 M instructions at 50,000).
         names = self._names
-        self._infos = MessageList(array("q", map(int, sizes)), functools.partial(_uids_for, self.path, names),
+        self._infos = MessageList(array("q", list(map(int, sizes))), functools.partial(_uids_for, self.path, names),
                                   functools.partial(_seen_of, names))
 
     def _sizes_one_by_one(self, names: list[str], subdirs: list[str]) -> list[int]:
@@ -416,10 +434,12 @@ class MaildirMaildrop:
         return self._subdirs[index] == "new" or "S" not in _flags(self._names[index])
 
     def writes_nothing(self, deleted: Set[int], retrieved: Set[int]) -> bool:
+        if self._kept is not None and self._kept.fresh:
+            return False  # close may keep the listing (in a worker thread)
         return not deleted and not any(self._lacks_seen(i) for i in retrieved)
 
     def commit(self, deleted: Set[int], retrieved: Set[int]) -> None:
-        if self.writes_nothing(deleted, retrieved):
+        if not deleted and not any(self._lacks_seen(i) for i in retrieved):
             return
         errors = 0
         for index in sorted(deleted):
@@ -452,8 +472,19 @@ class MaildirMaildrop:
                 fsync_dir(directory)
 
     def close(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
+        """Release the session lock, after keeping the listing of a big Maildir
+        (under the lock, so that two sessions never write it at once; at the
+        end, so that it is off the login's path and the session's own UPDATE
+        is seen: a directory it changed is not kept)."""
+        try:
+            kept = self._kept
+            if kept is not None:
+                del self._kept
+                kept.close(self._names, self._subdirs)
+        finally:
+            if self._lock is not None:
+                lock, self._lock = self._lock, None
+                lock.release()
 
 
 # ---- delivery ----------------------------------------------------------------------

@@ -525,15 +525,16 @@ def work_out_uids(index: MboxIndex, read_at: Callable[[int, int], bytes]) -> lis
     index's fingerprint: a spool rewritten since (an MUA ignoring the
     session) raises ValueError rather than yield UIDs of other messages.
     UIDs known before (`raw_uids`, kept from the session that read those
-    messages) are not read again.
+    messages) are not read again once some picked at random agree, whether
+    they are still text or an extension (`extend_index`) split them.
     """
     if index.uids is not None:
         return index.uids
     if index.raw_uid_text:
-        raw, index.raw_uid_text = index.raw_uid_text.decode("ascii").split("\n"), b""
-        index.raw_uids = raw if _sampled_uids_agree(index, raw, read_at) else None
-    if index.raw_uids is not None and len(index.raw_uids) == len(index):
-        uids = list(index.raw_uids)
+        index.raw_uids, index.raw_uid_text = index.raw_uid_text.decode("ascii").split("\n"), b""
+    raw = index.raw_uids
+    if raw is not None and len(raw) == len(index) and _sampled_uids_agree(index, raw, read_at):
+        uids = list(raw)
     else:
         uids = _uids_read_from(index, read_at)
     index.renamed, index.raw_renamed = _make_unique(uids)

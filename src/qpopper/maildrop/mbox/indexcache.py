@@ -35,6 +35,24 @@ full index, as without a cache, and the next session writes a new one:
 * new mail: what follows the indexed length starts with a From_ line after
   optional empty lines, as delivery agents write it.
 
+A session that extended the index it loaded appends what it learned to
+the file as one record (the messages from the last known one on, the new
+parts of the fingerprint, the spool's new length and times) instead of
+writing the whole index again (3 MB at 50,000 messages); each record ends
+with the SHA-256 of the digest before it and the record, a chain from the
+base's digest, so a record torn by a crash, altered, repeated or out of
+order fails the chain and the whole file is refused (a full index). A
+record is appended only to the file that session loaded (same device,
+inode and size, still the owner's alone); the file is written whole when
+UIDs were worked out in the session, after `MAX_RECORDS` records, or when
+the records reach half the base's size.
+
+A same-length rewrite of From_ lines before a delivery moves no boundary,
+so the samples pass; at the first UIDL the From_ lines then disagree with
+the kept fingerprint, and the session confirms its index by a full one
+(every boundary and flag as it has them) and takes that one's fingerprint,
+or, if they differ, answers -ERR [SYS/TEMP] and removes the cache.
+
 What a sample cannot see is a same-length rewrite inside messages that
 moves no boundary (an IMAP server flipping a flag in place) followed by a
 delivery: the cached flags and UIDs of those messages stay, but every
@@ -60,7 +78,7 @@ from array import array
 from typing import NamedTuple
 
 from ..._version import __version__
-from ..fsutil import give_owner, unlink_quietly
+from ..fsutil import DIGEST_BYTES, open_kept, read_at, unlink_quietly, write_all, write_kept
 from ..mboxindex import (
     MAX_FROM_LINE,
     PART_DIGEST,
@@ -95,7 +113,18 @@ _VERSION = __version__.encode("ascii")[:32].ljust(32, b"\0")
 # X-UIDL count, X-UIDL text and UID text lengths; Content-Length reaches;
 # fingerprint; qpopper's version.
 _HEAD = struct.Struct("<8sII QQQqq QQQQQ qq 20s 32s")
-_DIGEST = 32
+_DIGEST = DIGEST_BYTES
+# A record appended for mail that arrived (see `save`): flags; the spool's
+# length, mtime and ctime; messages kept before it, messages it holds; parts
+# of the fingerprint, X-UIDL count, X-UIDL text and UID text lengths;
+# Content-Length reaches; fingerprint. Then the messages' offsets, sizes and
+# flags, the parts, X-UIDLs (message numbers, text), UIDs, and the SHA-256
+# of the digest before it and the record.
+_RECORD = struct.Struct("<8sI Qqq QQ QQQQ qq 20s")
+_RECORD_MAGIC = b"QPMBXRC" + (b"L" if sys.byteorder == "little" else b"B")
+# Records appended before the file is written whole again (each costs a
+# little at every load; the bytes they may add are bounded too, see `save`).
+MAX_RECORDS = 64
 _CONTENT_LENGTH = 1
 _SETTLED = 2
 _HAS_UIDS = 4
@@ -117,11 +146,25 @@ class SpoolState(NamedTuple):
         return cls(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, settled)
 
 
+class _File(NamedTuple):
+    """The cache file as a session loaded it: appended to at the end of the
+    session only if it is still exactly this file."""
+
+    dev: int
+    ino: int
+    size: int
+    records: int  # records appended to its base
+    record_bytes: int
+    digest: bytes  # the last link of its chain of digests
+    has_uids: bool
+
+
 class KeptIndex:
     """A session's link to the cache of its spool: the spool as indexed,
     and whether the cache holds the index as the session has it."""
 
-    __slots__ = ("from_cache", "owner", "path", "pending", "state", "uids_kept", "use_content_length")
+    __slots__ = ("extended_from", "file", "from_cache", "owner", "path", "pending", "state", "uids_kept",
+                 "use_content_length")
 
     def __init__(self, path: str, st: os.stat_result, use_content_length: bool) -> None:
         self.path = path
@@ -134,15 +177,30 @@ class KeptIndex:
         # ends (off the login's path; a session that dies first costs the
         # next one a full index, nothing else).
         self.pending = False
+        self.file: _File | None = None  # the cache file the index came from
+        # The index is the cache's extended by mail that arrived since: the
+        # messages it had (the last one is indexed again by the extension).
+        self.extended_from = 0
 
     def load(self, fd: int) -> tuple[MboxIndex, bool] | None:
         """The index of the spool open on `fd`, from the cache, and whether it
         was extended (so differs from the cache); None: index whole."""
-        data = _read_trusted(index_cache_path(self.path), self.owner)
-        if data is None:
+        path = index_cache_path(self.path)
+        opened = open_kept(path, self.owner.st_uid, _HEAD.size + _DIGEST, MAX_FILE_BYTES)
+        if opened is None:
             return None
+        cache_fd, size = opened
         try:
-            loaded = _load(data, fd, self.owner, self.use_content_length)
+            cache_st = os.fstat(cache_fd)
+            data = read_at(cache_fd, 0, size)
+        except (OSError, EOFError):
+            return None
+        finally:
+            os.close(cache_fd)
+        try:
+            index, file, spool_state = _parse(data, cache_st, self.use_content_length)
+            count = len(index)
+            loaded = _check_and_extend(index, spool_state, fd, self.owner, self.use_content_length)
         except (ValueError, IndexError, struct.error, UnicodeDecodeError, OSError, EOFError) as exc:
             log.info("%s: index cache not used (%s)", self.path, exc)
             return None
@@ -150,11 +208,33 @@ class KeptIndex:
             return None
         self.uids_kept = bool(loaded[0].raw_uid_text) and not loaded[1]
         self.from_cache = True
+        self.file = file
+        self.extended_from = count if loaded[1] else 0
         return loaded
 
     def confirm(self, index: MboxIndex, fd: int) -> bool:
         """Whether `index` may be written from (see `confirm`)."""
         return not self.from_cache or confirm(index, fd, self.use_content_length)
+
+    def refresh(self, index: MboxIndex, fd: int) -> bool:
+        """After the From_ lines disagreed with a cached index's fingerprint:
+        whether a full index of the same length gives every message where
+        `index` has it, with the same flags (then `index` takes its
+        fingerprint, its kept UIDs are dropped, and the cache is written
+        whole at the end); if not, the session cannot go on with it."""
+        if not self.from_cache or self.file is None:
+            return False  # not from the cache, or refreshed once already
+        full = index_file(fd, index.length, use_content_length=self.use_content_length)
+        if any(getattr(full, name) != getattr(index, name) for name in _CONFIRMED):
+            return False
+        index.fingerprint, index.fp_parts, index.fp_digests = full.fingerprint, full.fp_parts, full.fp_digests
+        index.cl_reach_before_last, index.cl_reach_last = full.cl_reach_before_last, full.cl_reach_last
+        index.raw_uids, index.raw_uid_text, index.raw_renamed = None, b"", None
+        # Still from_cache: that full index was made without the locks, so
+        # UPDATE confirms the index again under them before it writes.
+        self.file = None
+        self.pending = True
+        return True
 
     def forget(self) -> None:
         """Remove the cache: it describes a spool that is no more."""
@@ -173,83 +253,86 @@ class KeptIndex:
         return self.pending or (index.uids is not None and not self.uids_kept)
 
     def save(self, index: MboxIndex) -> None:
+        """Keep `index`: what an extension added as a record appended to the
+        file it was loaded from, where that may be; else the whole file anew."""
         self.pending = False
         if not len(index):
             return  # nothing to keep
+        record = self._record(index)
+        if record is not None and self.file is not None and _append(index_cache_path(self.path), record,
+                                                                    self.file, self.owner):
+            self.uids_kept = self.file.has_uids
+            return
         if _save(self.path, index, self.state, self.use_content_length, self.owner):
             self.uids_kept = index.uids is not None or index.raw_uids is not None
         else:
             self.uids_kept = True  # no second try in this session
 
+    def _record(self, index: MboxIndex) -> bytes | None:
+        """The record that takes the loaded file to `index`, if appending one pays."""
+        file = self.file
+        if file is None or not self.extended_from or file.records >= MAX_RECORDS:
+            return None
+        raw = _raw_uids(index)
+        if file.has_uids != (raw is not None):
+            return None  # UIDs worked out in this session (or lost): the whole file keeps them
+        try:
+            record = _encode_record(index, self.extended_from - 1, raw, self.state)
+        except ValueError:
+            return None
+        if file.record_bytes + len(record) > max(file.size // 2, 1 << 16):
+            return None  # the records would outgrow a rewrite
+        return record
+
 
 def _save(spool: str, index: MboxIndex, state: SpoolState, use_content_length: bool, owner: os.stat_result) -> bool:
     """Write the cache for `index` of the spool in `state`, replacing any;
     False if it could not be written (the next session indexes whole)."""
-    path = index_cache_path(spool)
-    tmp = path + ".new"
-    data = _encode(index, state, use_content_length)
-    fd = -1
     try:
-        unlink_quietly(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        give_owner(fd, owner.st_uid, owner.st_gid)
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.close(fd)
-        fd = -1
-        # No fsync: a cache torn by a crash fails its digest and costs one full index.
-        os.rename(tmp, path)
+        write_kept(index_cache_path(spool), _encode(index, state, use_content_length), owner)
     except OSError as exc:
-        if fd >= 0:
-            os.close(fd)
-        unlink_quietly(tmp)
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
             log.warning("%s: cannot write the index cache: %s", spool, exc)
         return False
     return True
 
 
+def _append(path: str, record: bytes, file: _File, owner: os.stat_result) -> bool:
+    """Append `record` (and the next link of the digest chain) to the cache
+    file, if it is still the one loaded (same file, same size, ours); False
+    if not, or if the write failed (then cut back to what it was)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != owner.st_uid
+                or st.st_mode & 0o022 or (st.st_dev, st.st_ino, st.st_size) != (file.dev, file.ino, file.size)):
+            return False
+        try:
+            write_all(fd, record + hashlib.sha256(file.digest + record).digest())
+        except OSError:
+            os.ftruncate(fd, file.size)  # a torn record would fail its digest anyway; this saves a full index
+            return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
 # ---- reading ---------------------------------------------------------------------
 
 
-def _read_trusted(path: str, spool_st: os.stat_result) -> bytes | None:
-    """The cache file's bytes if the file may be trusted to be ours."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if (
-            not stat.S_ISREG(st.st_mode)
-            or st.st_nlink != 1
-            or st.st_uid != spool_st.st_uid
-            or st.st_mode & 0o022
-            or not _HEAD.size + _DIGEST <= st.st_size <= MAX_FILE_BYTES
-        ):
-            log.info("%s: not a cache this server wrote; ignored", path)
-            return None
-        data = read_exact(fd, 0, st.st_size)
-    except (OSError, EOFError):
-        return None
-    finally:
-        os.close(fd)
-    if hashlib.sha256(memoryview(data)[:-_DIGEST]).digest() != data[-_DIGEST:]:
-        log.info("%s: torn or corrupt; ignored", path)
-        return None
-    return data
-
-
 class _Reader:
-    __slots__ = ("data", "pos")
+    __slots__ = ("data", "end", "pos")
 
-    def __init__(self, data: bytes, pos: int) -> None:
-        self.data, self.pos = data, pos
+    def __init__(self, data: bytes, pos: int, end: int) -> None:
+        self.data, self.pos, self.end = data, pos, end
 
     def take(self, n: int) -> memoryview:
-        if n < 0 or self.pos + n > len(self.data) - _DIGEST:
+        if n < 0 or self.pos + n > self.end:
             raise ValueError("truncated")
         out = memoryview(self.data)[self.pos : self.pos + n]
         self.pos += n
@@ -260,52 +343,121 @@ class _Reader:
         out.frombytes(self.take(8 * n))
         return out
 
+    def digest(self, prev: bytes, start: int) -> bytes:
+        """The next link of the chain: the SHA-256 of `prev` and the octets from `start` to here."""
+        h = hashlib.sha256(prev)
+        h.update(memoryview(self.data)[start : self.pos])
+        if self.pos + _DIGEST > len(self.data) or h.digest() != self.data[self.pos : self.pos + _DIGEST]:
+            raise ValueError("torn or corrupt")
+        self.pos += _DIGEST
+        return h.digest()
 
-def _load(data: bytes, fd: int, st: os.stat_result, use_content_length: bool) -> tuple[MboxIndex, bool] | None:
+
+def _parse(
+    data: bytes, cache_st: os.stat_result, use_content_length: bool
+) -> tuple[MboxIndex, _File, tuple[int, int, int, int, bool]]:
+    """The index a cache file holds (its base, then each record applied in
+    turn), each part's digest checked; not yet checked against the spool."""
     (magic, fmt, flags, dev, ino, length, mtime_ns, ctime_ns, n, nparts, nx, xlen, ulen,
      cl_before, cl_last, fp, version) = _HEAD.unpack_from(data)
     if magic != _MAGIC or fmt != _FORMAT or version != _VERSION:
         raise ValueError("written by another version")
     if bool(flags & _CONTENT_LENGTH) != use_content_length:
         raise ValueError("made with another Content-Length setting")
-    if (dev, ino) != (st.st_dev, st.st_ino):
-        raise ValueError("the spool was replaced")
-    if st.st_size < length:
-        raise ValueError("the spool shrank")
-    if st.st_size == length and not (flags & _SETTLED and (mtime_ns, ctime_ns) == (st.st_mtime_ns, st.st_ctime_ns)):
-        raise ValueError("the spool was written to without growing")
     if not 1 <= n <= length or not 1 <= nparts <= n:
         raise ValueError("implausible counts")
-    r = _Reader(data, _HEAD.size)
+    r = _Reader(data, _HEAD.size, len(data) - _DIGEST)
     index = MboxIndex(length=length)
     index.from_starts, index.starts, index.body_starts, index.ends, index.sizes = (r.array(n) for _ in range(5))
     index.seen, index.crlf = bytearray(r.take(n)), bytearray(r.take(n))
-    parts = tuple(r.array(nparts))
-    index.fp_parts, index.fp_digests = parts, bytes(r.take(PART_DIGEST * nparts))
+    index.fp_parts = tuple(r.array(nparts))
+    index.fp_digests = bytes(r.take(PART_DIGEST * nparts))
     xidx = r.array(nx)
     xtext = bytes(r.take(xlen))
     utext = bytes(r.take(ulen))
-    if r.pos != len(data) - _DIGEST:
-        raise ValueError("wrong length")
     index.fingerprint, index.cl_reach_before_last, index.cl_reach_last = fp, cl_before, cl_last
+    _add_xuidls(index, xidx, xtext, 0)
+    has_uids = bool(flags & _HAS_UIDS)
+    digest = r.digest(b"", 0)
+    base_end = r.pos
+    records = 0
+    settled = bool(flags & _SETTLED)
+    while r.pos < len(data):
+        start = r.pos
+        r.end = len(data) - _DIGEST
+        (magic, rflags, length, mtime_ns, ctime_ns, keep, added, nparts, nx, xlen, ulen,
+         cl_before, cl_last, fp) = _RECORD.unpack(r.take(_RECORD.size))
+        if magic != _RECORD_MAGIC or keep != len(index) - 1 or index.fp_parts[-1:] != (1,) or added < 1 \
+                or not 1 <= nparts <= added or length <= index.length:
+            raise ValueError("a record that does not follow")
+        _apply(index, r, keep, added, nparts, length)
+        _add_xuidls(index, r.array(nx), bytes(r.take(xlen)), keep)
+        new_uids = bytes(r.take(ulen))
+        if has_uids and rflags & _HAS_UIDS:
+            utext = (utext[: utext.rfind(b"\n") + 1] if keep else b"") + new_uids
+        else:
+            has_uids, utext = False, b""
+        index.fingerprint, index.cl_reach_before_last, index.cl_reach_last = fp, cl_before, cl_last
+        settled = bool(rflags & _SETTLED)
+        digest = r.digest(digest, start)
+        records += 1
     index.seg_ends = index.from_starts[1:]
-    index.seg_ends.append(length)
-    _check_structure(index, parts)
-    if nx:
-        xuids = _uid_list(xtext, nx)
-        if min(xidx) < 0 or max(xidx) >= n or len(set(xidx)) != nx:
-            raise ValueError("X-UIDL of no message")
-        index.xuidls = dict(zip(xidx, xuids, strict=True))
-    if flags & _HAS_UIDS:
-        _check_uid_text(utext, n)
+    index.seg_ends.append(index.length)
+    _check_structure(index, index.fp_parts)
+    if has_uids:
+        _check_uid_text(utext, len(index))
         index.raw_uid_text = utext  # split at the first UIDL
+    file = _File(cache_st.st_dev, cache_st.st_ino, len(data), records, len(data) - base_end, digest, has_uids)
+    return index, file, (dev, ino, mtime_ns, ctime_ns, settled)
+
+
+def _apply(index: MboxIndex, r: _Reader, keep: int, added: int, nparts: int, length: int) -> None:
+    """A record's messages in place of the last one and after it (as
+    `extend_index` made them), and its parts of the fingerprint."""
+    for name in ("from_starts", "starts", "body_starts", "ends", "sizes"):
+        values: array[int] = getattr(index, name)
+        del values[keep:]
+        values.extend(r.array(added))
+    del index.seen[keep:], index.crlf[keep:]
+    index.seen += r.take(added)
+    index.crlf += r.take(added)
+    index.fp_parts = index.fp_parts[:-1] + tuple(r.array(nparts))
+    index.fp_digests = index.fp_digests[:-PART_DIGEST] + bytes(r.take(PART_DIGEST * nparts))
+    for old in [i for i in index.xuidls if i >= keep]:
+        del index.xuidls[old]
+    index.length = length
+
+
+def _add_xuidls(index: MboxIndex, xidx: array[int], xtext: bytes, first: int) -> None:
+    """The X-UIDLs of messages `first` on (one per line of `xtext`)."""
+    if not xidx:
+        if xtext:
+            raise ValueError("X-UIDL of no message")
+        return
+    xuids = _uid_list(xtext, len(xidx))
+    if min(xidx) < first or max(xidx) >= len(index) or len(set(xidx)) != len(xidx):
+        raise ValueError("X-UIDL of no message")
+    index.xuidls.update(zip(xidx, xuids, strict=True))
+
+
+def _check_and_extend(
+    index: MboxIndex, spool_state: tuple[int, int, int, int, bool], fd: int, st: os.stat_result,
+    use_content_length: bool,
+) -> tuple[MboxIndex, bool] | None:
+    """`index` checked against the spool open on `fd` (`st`) and extended to
+    its end, and whether it was; None: index whole (ValueError: refused)."""
+    dev, ino, mtime_ns, ctime_ns, settled = spool_state
+    if (dev, ino) != (st.st_dev, st.st_ino):
+        raise ValueError("the spool was replaced")
+    if st.st_size < index.length:
+        raise ValueError("the spool shrank")
+    if st.st_size == index.length and not (settled and (mtime_ns, ctime_ns) == (st.st_mtime_ns, st.st_ctime_ns)):
+        raise ValueError("the spool was written to without growing")
     _check_samples(index, fd, use_content_length)
-    if st.st_size == length:
+    if st.st_size == index.length:
         return index, False
     extended = _extended(index, fd, st.st_size, use_content_length)
     return None if extended is None else (extended, True)
-
-
 def _check_structure(index: MboxIndex, parts: tuple[int, ...]) -> None:
     """Cheap checks, in C: messages in order, apart and inside the indexed
     length, sizes and flags plausible. The offsets inside a message are
@@ -431,8 +583,42 @@ def _encode(index: MboxIndex, state: SpoolState, use_content_length: bool) -> by
         index.ends.tobytes(), index.sizes.tobytes(), bytes(index.seen), bytes(index.crlf),
         array("q", index.fp_parts).tobytes(), index.fp_digests, xidx.tobytes(), xtext, utext,
     ]
-    body = b"".join(pieces)
-    return body + hashlib.sha256(body).digest()
+    return b"".join(pieces)  # (write_kept adds the digest)
+
+
+def _encode_record(index: MboxIndex, keep: int, raw: list[str] | None, state: SpoolState) -> bytes:
+    """The record that takes an index of `keep + 1` messages (whose last one
+    an extension indexed again) to `index`."""
+    added = len(index) - keep
+    nparts = len(index.fp_parts) - keep_parts(index, keep)
+    flags = (_SETTLED if state.settled else 0) | (_HAS_UIDS if raw is not None else 0)
+    xidx = array("q", sorted(i for i in index.xuidls if i >= keep))
+    xtext = "\n".join(index.xuidls[i] for i in xidx).encode("ascii")
+    utext = "\n".join(raw[keep:]).encode("ascii") if raw is not None else b""
+    head = _RECORD.pack(
+        _RECORD_MAGIC, flags, index.length, state.mtime_ns, state.ctime_ns, keep, added,
+        nparts, len(xidx), len(xtext), len(utext), index.cl_reach_before_last, index.cl_reach_last,
+        index.fingerprint,
+    )
+    return b"".join([
+        head, *(getattr(index, name)[keep:].tobytes() for name in ("from_starts", "starts", "body_starts", "ends",
+                                                                    "sizes")),
+        bytes(index.seen[keep:]), bytes(index.crlf[keep:]), array("q", index.fp_parts[-nparts:]).tobytes(),
+        index.fp_digests[-PART_DIGEST * nparts :], xidx.tobytes(), xtext, utext,
+    ])
+
+
+def keep_parts(index: MboxIndex, keep: int) -> int:
+    """How many of the fingerprint's parts cover only the first `keep`
+    messages (an extension keeps them and adds its own after)."""
+    total = 0
+    for k, count in enumerate(index.fp_parts):
+        if total == keep:
+            return k
+        total += count
+        if total > keep:
+            break
+    raise ValueError("the fingerprint's parts do not end where the record starts")
 
 
 def _raw_uids(index: MboxIndex) -> list[str] | None:

@@ -84,12 +84,22 @@ _UW_XIMAP = re.compile(rb"^X-IMAP: ", re.MULTILINE | re.IGNORECASE)
 _UW_FROM = re.compile(rb"^From: Mail System Internal Data", re.MULTILINE | re.IGNORECASE)
 
 
-def _uids_from_file(index: MboxIndex, fd: int | None, path: str) -> list[str]:
+def _uids_from_file(index: MboxIndex, fd: int | None, path: str, kept: KeptIndex | None = None) -> list[str]:
     if fd is None:
         return []
     try:
-        return work_out_uids(index, lambda a, n: read_exact(fd, a, n))
+        try:
+            return work_out_uids(index, lambda a, n: read_exact(fd, a, n))
+        except ValueError:
+            # From_ lines that differ from the fingerprint: with an index from
+            # the cache, they may have changed before this session (a rewrite
+            # in place that moved no boundary); a full index tells.
+            if kept is None or not kept.refresh(index, fd):
+                raise
+            return work_out_uids(index, lambda a, n: read_exact(fd, a, n))
     except (OSError, EOFError, ValueError) as exc:
+        if kept is not None:
+            kept.forget()
         raise MaildropError(f"cannot read {path} for its UIDs: {exc}", ResponseCode.SYS_TEMP) from exc
 
 
@@ -188,11 +198,11 @@ class MboxMaildrop:
             # UIDs wait for the first UIDL (MessageList), read from the file then,
             # by a function that holds the index and descriptor but not this
             # object (a cycle would keep it until a full garbage collection).
-            fd, path = self._fd, self.path
+            fd, path, kept = self._fd, self.path, self._cache
             self._infos = MessageList(idx.sizes[h:] if h else idx.sizes,
-                                      lambda: _uids_from_file(idx, fd, path)[h:], idx.seen[h:])
+                                      lambda: _uids_from_file(idx, fd, path, kept)[h:], idx.seen[h:])
             return
-        uids = _uids_from_file(idx, self._fd, self.path)
+        uids = _uids_from_file(idx, self._fd, self.path, self._cache)
         sizes = array("q")
         for i in range(h, len(idx)):
             size = idx.sizes[i]
