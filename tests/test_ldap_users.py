@@ -38,6 +38,7 @@ from qpopper.auth.ldap import (
     LdapUserDatabase,
     escape_dn_value,
     escape_filter_value,
+    expand,
 )
 from qpopper.auth.userdb import DatabaseAuthenticator, UserRecord
 from slapd_helpers import BASE, READER_DN, READER_PW, Slapd, user_ldif
@@ -282,6 +283,45 @@ def test_a_burst_of_logins_takes_turns_on_the_connections(slapd: Slapd) -> None:
 
     results = asyncio.run(run())
     assert all(r is not None for r in results)
+
+
+# ---- %l: one address per virtual domain ------------------------------------------------
+
+
+def test_local_address_in_a_filter_picks_the_entry_and_keys_the_cache(slapd: Slapd) -> None:
+    """"dave" is dave@one.example at 127.0.0.1 and dave@two.example at
+    127.0.0.2 (sn holds the address here): %l goes into the filter escaped,
+    and the auth cache keeps the two answers apart."""
+    from qpopper.auth import AuthTuning
+
+    slapd.ldapadd("".join(
+        user_ldif(f"dave@{domain}", "{SSHA}" + _ssha(f"{domain}-pw"), uid, uid, f"/home/{domain}", surname=lip)
+        .replace(f"cn: dave@{domain}", "cn: dave")
+        for domain, lip, uid in [("one.example", "127.0.0.1", 2101), ("two.example", "127.0.0.2", 2102)]
+    ))  # fmt: skip
+    query = "(&(objectClass=posixAccount)(cn=%n)(sn=%{lip}))"
+    db = database(slapd, f"pass_filter = {query}", f"user_filter = {query}",
+                  "pass_attrs = uid=user, userPassword=password")  # fmt: skip
+    assert db.uses_local and not db.uses_client
+    auth = DatabaseAuthenticator(db, "maildir:/nonexistent/%u", tuning=AuthTuning(cache_size=1 << 20))
+
+    async def login(password: str, local: str) -> str | None:
+        principal = await auth.authenticate_async(UserPass("dave", password.encode()), "192.0.2.1", local)
+        return None if principal is None else principal.user
+
+    async def run() -> None:
+        try:
+            assert await login("one.example-pw", "127.0.0.1") == "dave@one.example"
+            assert await login("one.example-pw", "127.0.0.2") is None  # not .1's cached record
+            assert await login("two.example-pw", "127.0.0.2") == "dave@two.example"
+            assert await login("one.example-pw", "127.0.0.1") == "dave@one.example"  # a hit
+            assert await login("one.example-pw", "*") is None  # a filter's metacharacter, escaped: no entry
+        finally:
+            await auth.aclose()
+
+    asyncio.run(run())
+    assert auth.cache is not None and auth.cache.hits == 2 and auth.lookups == 3
+    assert expand("(sn=%l)", {"lip": "*)(cn=*"}, escape_filter_value) == r"(sn=\2a\29\28cn=\2a)"
 
 
 # ---- auth_bind: the directory checks the password ----------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import poplib
+import re
 import signal
 import sqlite3
 import subprocess
@@ -114,12 +115,23 @@ def test_variables_become_bound_parameters() -> None:
     assert "'a%%'" in bind_query("SELECT 1 WHERE x LIKE 'a%%'", "%s", "f:1").text  # psycopg's own % doubled
 
 
+def test_the_local_address_is_bound_too() -> None:
+    """%l and %{lip}, the address the client connected to: placeholders,
+    never spliced, and NULL where there is none (a Unix socket)."""
+    query = bind_query("SELECT 1 FROM vusers WHERE lip = '%l' AND note = 'at %{lip}' AND ip = %r", "%s", "f:1")
+    assert query.text == "SELECT 1 FROM vusers WHERE lip = %s AND note = ('at ' || CAST(%s AS TEXT)) AND ip = %s"
+    assert query.params(query_values("dave", "192.0.2.1", "127.0.0.2")) == ("127.0.0.2", "127.0.0.2", "192.0.2.1")
+    assert query.params(query_values("dave", None)) == (None, None, None)
+    assert query.uses_local and query.uses_client
+    assert not bind_query("SELECT 1 WHERE ip = '%r'", "?", "f:1").uses_local
+
+
 @pytest.mark.parametrize(("query", "complaint"), [
     ("SELECT password FROM users WHERE password = '%w'", "never sent to the database"),
     ("SELECT 1 WHERE a = '%q'", "not a known variable"),
     ("SELECT 1 WHERE a = '100%'", "starts no variable"),
     ("SELECT 1 WHERE a = 'open", "not closed"),
-    ("SELECT 1 WHERE a = %l", "local address"),
+    ("SELECT 1 WHERE a = %{lport}", "not a known variable"),
 ])  # fmt: skip
 def test_bad_queries_are_refused_with_their_line(query: str, complaint: str) -> None:
     with pytest.raises(ConfigError, match=complaint) as caught:
@@ -527,3 +539,91 @@ def test_scram_logins_against_postgres(postgres: PostgresServer, tmp_path: Path,
     assert "Traceback" not in log
     for text in (CONNECT_SECRET, "dave-pw", "erin-pw"):
         assert text not in log
+
+
+# ---- %l: one address per virtual domain ---------------------------------------------------
+
+# "dave" is a different user at each local address: the address names the domain.
+VHOST_QUERY = ("SELECT userid || '@' || domain AS user, password, maildir AS userdb_mail FROM vusers "
+               "WHERE userid = '%n' AND lip = '%l'")  # fmt: skip
+
+
+def _vhost_args(tmp_path: Path) -> Path:
+    """A SQLite file with dave@one.example at 127.0.0.1 (one message) and
+    dave@two.example at 127.0.0.2 (two), and its args file."""
+    db = tmp_path / "vusers.sqlite"
+    rows = []
+    for domain, lip, messages in [("one.example", "127.0.0.1", 1), ("two.example", "127.0.0.2", 2)]:
+        maildir = tmp_path / domain / "Maildir"
+        for sub in ("cur", "new", "tmp"):
+            (maildir / sub).mkdir(parents=True)
+        for _ in range(messages):
+            write_maildir_message(maildir, MSG)
+        rows.append(("dave", domain, lip, "{PLAIN}" + domain + "-pw", f"maildir:{maildir}"))
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE vusers (userid TEXT, domain TEXT, lip TEXT, password TEXT, maildir TEXT)")
+        conn.executemany("INSERT INTO vusers VALUES (?, ?, ?, ?, ?)", rows)
+        conn.commit()
+    path = tmp_path / "vhost.conf"
+    path.write_text(f"driver = sqlite\nconnect = {db}\npassword_query = {VHOST_QUERY}\n")
+    return path
+
+
+def _messages_at(host: str, port: int, user: str, password: str) -> int | str:
+    """The number of messages USER/PASS at `host` finds, or the -ERR line."""
+    client = poplib.POP3(host, port, timeout=30)
+    try:
+        client.user(user)
+        client.pass_(password)
+        count: int = client.stat()[0]
+        client.quit()
+        return count
+    except poplib.error_proto as exc:
+        reply: bytes = exc.args[0]
+        return reply.decode()
+    finally:
+        client.close()
+
+
+def test_local_address_picks_the_user_and_the_cache_keeps_addresses_apart(tmp_path: Path) -> None:
+    """The server on 127.0.0.1 and 127.0.0.2: %l is the address each
+    connection reached, and the auth cache keys by it. Keyed by user alone,
+    the record cached at .1 would let one.example's password in at .2."""
+    daemon = _daemon(tmp_path, _vhost_args(tmp_path), "--auth-cache-size=1M", "127.0.0.2:0")
+    try:
+        match = re.search(r"listening on 127\.0\.0\.2:(\d+)", daemon.log.read_text())
+        assert match is not None
+        one, two = ("127.0.0.1", daemon.port), ("127.0.0.2", int(match.group(1)))
+        assert _messages_at(*one, "dave", "one.example-pw") == 1
+        assert "[AUTH]" in str(_messages_at(*two, "dave", "one.example-pw"))  # .1's record is not served at .2
+        assert _messages_at(*two, "dave", "two.example-pw") == 2
+        assert "[AUTH]" in str(_messages_at(*one, "dave", "two.example-pw"))
+        assert _messages_at(*one, "dave", "one.example-pw") == 1  # a hit, for .1
+    finally:
+        log = daemon.stop()
+    assert "auth cache: 2 entries" in log
+
+
+def test_a_proxy_headers_destination_is_the_local_address(tmp_path: Path) -> None:
+    """Behind a balancer %l is the address the client reached there (the
+    header's destination), as %r is the header's source."""
+    import socket
+
+    from qpopper import Controller
+    from qpopper.auth.backendargs import read_backend_args
+    from qpopper.auth.sql import database_from_args
+    from qpopper.auth.userdb import DatabaseAuthenticator
+    from qpopper.config.options import ListenAddress
+
+    auth = DatabaseAuthenticator(database_from_args(read_backend_args(str(_vhost_args(tmp_path)))), "maildir:/none")
+    listen = (ListenAddress("127.0.0.1", 0, proxy=True),)
+    with Controller(authenticator=auth, listen=listen, haproxy_trusted_networks="127.0.0.0/8") as pop:
+        for destination, password, expected in [("127.0.0.2", "two.example-pw", b"+OK 2 "),
+                                                ("127.0.0.1", "two.example-pw", b"-ERR [AUTH]"),
+                                                ("127.0.0.1", "one.example-pw", b"+OK 1 ")]:  # fmt: skip
+            with socket.create_connection((pop.host, pop.port), 30) as sock, sock.makefile("rwb") as wire:
+                wire.write(f"PROXY TCP4 203.0.113.9 {destination} 40000 110\r\n".encode())
+                wire.write(f"USER dave\r\nPASS {password}\r\nSTAT\r\nQUIT\r\n".encode())
+                wire.flush()
+                replies = [wire.readline() for _ in range(4)]  # the greeting, USER, PASS, STAT
+                assert replies[3 if expected.startswith(b"+") else 2].startswith(expected), replies

@@ -30,7 +30,7 @@ class DictDatabase:
         self.lookups: list[tuple[str, str | None]] = []
         self.closed = False
 
-    async def lookup(self, user: str, client: str | None) -> UserRecord | None:
+    async def lookup(self, user: str, client: str | None, local: str | None = None) -> UserRecord | None:
         self.lookups.append((user, client))
         if self.down:
             raise AuthUnavailable("dict database is down")

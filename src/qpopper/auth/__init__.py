@@ -67,12 +67,15 @@ class AsyncAuthenticator(Protocol):
     The server awaits `authenticate_async` on the event loop instead of
     running `authenticate` in a worker thread: a login waiting for the
     database holds a coroutine, not a thread. `client` is the client's
-    address, which queries may use. `attach` names the loop the database
+    address and `local` the one it connected to (%r and %l), which
+    queries may use. `attach` names the loop the database
     serves on (for the blocking entry points, called from worker threads);
     `aclose` releases the connections when the server stops.
     """
 
-    async def authenticate_async(self, credentials: Credentials, client: str | None) -> Principal | None: ...
+    async def authenticate_async(
+        self, credentials: Credentials, client: str | None, local: str | None = None
+    ) -> Principal | None: ...
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None: ...
 

@@ -262,24 +262,26 @@ class ApopAuthenticator(Authenticator, QuickAuthenticator, ScramSecretSource, Us
 
     # Set by __init__ only over an AsyncAuthenticator, so that the server
     # finds the ability exactly when the inner database has it.
-    authenticate_async: Callable[[Credentials, str | None], Awaitable[Principal | None]]
+    authenticate_async: Callable[[Credentials, str | None, str | None], Awaitable[Principal | None]]
     attach: Callable[[asyncio.AbstractEventLoop], None]
     aclose: Callable[[], Awaitable[None]]
     reload: Callable[[AuthTuning | None], None]
 
-    async def _authenticate_async(self, credentials: Credentials, client: str | None) -> Principal | None:
+    async def _authenticate_async(
+        self, credentials: Credentials, client: str | None, local: str | None = None
+    ) -> Principal | None:
         """`authenticate`, awaiting the inner database on the loop."""
         inner = self._inner_async.authenticate_async
         secret = self.database.secret(credentials.user)
         if secret is None:
-            return await inner(credentials, client)
+            return await inner(credentials, client, local)
         if isinstance(credentials, UserPass):
-            return await inner(credentials, client) if self.policy not in (None, "default") else None
+            return await inner(credentials, client, local) if self.policy not in (None, "default") else None
         if isinstance(credentials, (ApopDigest, CramMD5)):
             if not matches_secret(secret.encode("utf-8"), credentials):
                 return None
-            return await inner(Verified(credentials.user, "APOP database"), client)
-        return await inner(credentials, client)
+            return await inner(Verified(credentials.user, "APOP database"), client, local)
+        return await inner(credentials, client, local)
 
     def authenticate(self, credentials: Credentials) -> Principal | None:
         secret = self.database.secret(credentials.user)

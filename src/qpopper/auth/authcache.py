@@ -21,7 +21,7 @@ from typing import Generic, Protocol, TypeVar
 
 log = logging.getLogger("qpopper.auth")
 
-_Key = tuple[str, str | None]
+_Key = tuple[str, str | None, str | None]  # user, client (%r), local address (%l)
 
 
 class CachedRecord(Protocol):
@@ -52,7 +52,9 @@ def record_size(record: CachedRecord | None) -> int:
 
 
 class AuthCache(Generic[R]):
-    """Records by (user, client): the client only when the queries use it.
+    """Records by (user, client, local address): each address only when
+    the queries use it (%r, %l), else one answer would be served for
+    another address's question.
 
     `size` bounds the entries' bytes (auth-cache-size); `ttl` and
     `negative_ttl` are seconds (auth-cache-ttl, auth-cache-negative-ttl;
@@ -65,12 +67,14 @@ class AuthCache(Generic[R]):
         ttl: float,
         negative_ttl: float,
         keyed_by_client: bool = False,
+        keyed_by_local: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.size = size
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.keyed_by_client = keyed_by_client
+        self.keyed_by_local = keyed_by_local
         self._clock = clock
         # key -> (expires, record, size), oldest use first
         self._entries: collections.OrderedDict[_Key, tuple[float, R | None, int]] = collections.OrderedDict()
@@ -83,13 +87,13 @@ class AuthCache(Generic[R]):
     def entries(self) -> int:
         return len(self._entries)
 
-    def _key(self, user: str, client: str | None) -> _Key:
-        return (user, client if self.keyed_by_client else None)
+    def _key(self, user: str, client: str | None, local: str | None) -> _Key:
+        return (user, client if self.keyed_by_client else None, local if self.keyed_by_local else None)
 
-    def get(self, user: str, client: str | None) -> tuple[bool, R | None]:
+    def get(self, user: str, client: str | None, local: str | None = None) -> tuple[bool, R | None]:
         """(True, record) on a hit, the record None for a negative entry;
         (False, None) on a miss or an expired entry."""
-        key = self._key(user, client)
+        key = self._key(user, client, local)
         entry = self._entries.get(key)
         if entry is None or entry[0] <= self._clock():
             if entry is not None:
@@ -102,11 +106,11 @@ class AuthCache(Generic[R]):
             self.negative_hits += 1
         return True, entry[1]
 
-    def put(self, user: str, client: str | None, record: R | None) -> None:
+    def put(self, user: str, client: str | None, record: R | None, local: str | None = None) -> None:
         ttl = self.ttl if record is not None else self.negative_ttl
         if ttl <= 0 or self.size <= 0:
             return
-        key = self._key(user, client)
+        key = self._key(user, client, local)
         if key in self._entries:
             self._drop(key)
         size = record_size(record)
@@ -115,8 +119,8 @@ class AuthCache(Generic[R]):
         while self.bytes > self.size and self._entries:
             self._drop(next(iter(self._entries)))
 
-    def forget(self, user: str, client: str | None) -> None:
-        key = self._key(user, client)
+    def forget(self, user: str, client: str | None, local: str | None = None) -> None:
+        key = self._key(user, client, local)
         if key in self._entries:
             self._drop(key)
 

@@ -85,12 +85,13 @@ def escape_dn_value(value: str) -> str:
 # ---- %-templates --------------------------------------------------------------------
 
 _VARIABLE = re.compile(r"%(?:\{([^}]*)\}|([LU]?)([a-zA-Z%$]))")
-_SHORT = {"u": "user", "n": "username", "d": "domain", "r": "rip"}
+_SHORT = {"u": "user", "n": "username", "d": "domain", "r": "rip", "l": "lip"}
 
 
-def _user_values(user: str, client: str | None) -> dict[str, str]:
-    local, _, domain = user.partition("@")
-    return {"user": user, "username": local, "domain": domain, "rip": client or ""}
+def _user_values(user: str, client: str | None, local: str | None = None) -> dict[str, str]:
+    """The variables' values; an address not known (a Unix socket) is empty."""
+    name, _, domain = user.partition("@")
+    return {"user": user, "username": name, "domain": domain, "rip": client or "", "lip": local or ""}
 
 
 def expand(
@@ -100,7 +101,7 @@ def expand(
     entry: Mapping[str, str] | None = None,
     keep: frozenset[str] = frozenset(),
 ) -> str:
-    """Dovecot's %u %n %d %r (%L/%U lower or upper case them), %{user},
+    """Dovecot's %u %n %d %r %l (%L/%U lower or upper case them), %{user},
     %{ldap:attr} (from `entry`), %$ (entry's "$") and %%; each value passed
     through `escape`. Variables named in `keep` are left as written."""
 
@@ -131,7 +132,7 @@ def expand(
 
 def _check_template(args: BackendArgs, key: str, template: str, ldap_refs: bool = False) -> None:
     """Refuse a variable this backend cannot fill at start-up, not at a login."""
-    probe = {**_user_values("u@d", "127.0.0.1")}
+    probe = {**_user_values("u@d", "127.0.0.1", "127.0.0.1")}
     for match in _VARIABLE.finditer(template):
         name = match.group(1)
         if name is not None and (name in probe or (ldap_refs and name.startswith("ldap:"))):
@@ -139,7 +140,7 @@ def _check_template(args: BackendArgs, key: str, template: str, ldap_refs: bool 
         short = match.group(3)
         if short == "%" or (short in _SHORT) or (ldap_refs and short in "$h"):
             continue
-        raise args.error(key, f"{key}: unknown variable {match.group(0)} (known: %u %n %d %r %%)")
+        raise args.error(key, f"{key}: unknown variable {match.group(0)} (known: %u %n %d %r %l %%)")
 
 
 # ---- attribute maps -----------------------------------------------------------------
@@ -648,13 +649,13 @@ def _number(field_name: str, value: str, user: str) -> int:
 
 
 def record_from_entry(
-    entry: bonsai.LDAPEntry, maps: Iterable[AttributeMap], user: str, client: str | None
+    entry: bonsai.LDAPEntry, maps: Iterable[AttributeMap], user: str, client: str | None, local: str | None = None
 ) -> UserRecord:
     """The Dovecot fields the attribute maps make of one entry."""
     maps = tuple(maps)
     values = _first_values(entry, {name for m in maps for name in m.referenced()})
     fields: dict[str, str] = {}
-    user_values = _user_values(user, client)
+    user_values = _user_values(user, client, local)
     for item in maps:
         if item.attribute is not None and item.attribute.lower() not in values:
             continue
@@ -698,11 +699,12 @@ class LdapUserDatabase(UserDatabase):
     def __init__(self, settings: LdapSettings) -> None:
         self.settings = settings
         self.directory = LdapDirectory(settings)
-        # Whether an answer may differ by client address (%r in a filter or
-        # template): the auth cache keys its entries by client only then.
+        # Whether an answer may differ by client or local address (%r, %l in
+        # a filter or template): the auth cache keys its entries by each only then.
         templates = [settings.user_filter, settings.pass_filter, settings.auth_bind_userdn or ""]
         templates += [m.template or "" for m in settings.user_attrs + settings.pass_attrs]
         self.uses_client = any(re.search(r"%(?:[LU]?r|\{rip\})", t) for t in templates)
+        self.uses_local = any(re.search(r"%(?:[LU]?l|\{lip\})", t) for t in templates)
 
     @classmethod
     def from_args(cls, args: BackendArgs) -> LdapUserDatabase:
@@ -710,30 +712,30 @@ class LdapUserDatabase(UserDatabase):
         return LdapBindDatabase(settings) if settings.auth_bind else LdapUserDatabase(settings)
 
     async def _find(self, template: str, maps: tuple[AttributeMap, ...], user: str,
-                    client: str | None) -> bonsai.LDAPEntry | None:
+                    client: str | None, local: str | None) -> bonsai.LDAPEntry | None:
         """The one entry the filter finds for `user`, or None; two is a
         broken directory (AuthUnavailable), not a login."""
-        filter_exp = expand(template, _user_values(user, client), escape_filter_value)
+        filter_exp = expand(template, _user_values(user, client, local), escape_filter_value)
         entries = await self.directory.search(self.settings.base, self.settings.scope, filter_exp, _attributes(maps))
         if len(entries) > 1:
             raise AuthUnavailable(f"{self.describe()}: more than one entry matches {filter_exp}")
         return entries[0] if entries else None
 
-    async def lookup(self, user: str, client: str | None) -> UserRecord | None:
+    async def lookup(self, user: str, client: str | None, local: str | None = None) -> UserRecord | None:
         s = self.settings
         if s.auth_bind or s.pass_filter == s.user_filter:
             maps = s.user_attrs if s.auth_bind else s.pass_attrs + s.user_attrs
             template = s.user_filter if s.auth_bind else s.pass_filter
-            entry = await self._find(template, maps, user, client)
-            return None if entry is None else record_from_entry(entry, maps, user, client)
-        entry = await self._find(s.pass_filter, s.pass_attrs, user, client)
+            entry = await self._find(template, maps, user, client, local)
+            return None if entry is None else record_from_entry(entry, maps, user, client, local)
+        entry = await self._find(s.pass_filter, s.pass_attrs, user, client, local)
         if entry is None:
             return None
-        user_entry = await self._find(s.user_filter, s.user_attrs, user, client)
+        user_entry = await self._find(s.user_filter, s.user_attrs, user, client, local)
         if user_entry is None:
             return None
-        both = record_from_entry(entry, s.pass_attrs, user, client)
-        fields = record_from_entry(user_entry, s.user_attrs, user, client)
+        both = record_from_entry(entry, s.pass_attrs, user, client, local)
+        fields = record_from_entry(user_entry, s.user_attrs, user, client, local)
         return UserRecord(user=both.user, password=both.password, uid=fields.uid, gid=fields.gid,
                           home=fields.home, mail=fields.mail, extra={**both.extra, **fields.extra})
 
@@ -750,19 +752,21 @@ class LdapBindDatabase(LdapUserDatabase, BindingUserDatabase):
     DN of the entry `pass_filter` finds; the user's fields come from that
     entry (read with the user's own bind when the DN was built)."""
 
-    async def bind(self, user: str, password: str, client: str | None) -> UserRecord | None:
+    async def bind(
+        self, user: str, password: str, client: str | None, local: str | None = None
+    ) -> UserRecord | None:
         # An empty password is an "unauthenticated bind" (RFC 4513 5.1.2), which a
         # directory accepts as anonymous; a NUL would cut the password short in C.
         if not password or "\0" in password:
             return None
         s = self.settings
-        values = _user_values(user, client)
+        values = _user_values(user, client, local)
         entry: bonsai.LDAPEntry | None = None
         maps = tuple(m for m in s.pass_attrs + s.user_attrs if m.field != "password")  # not read, not needed
         if s.auth_bind_userdn:
             dn = expand(s.auth_bind_userdn, values, escape_dn_value)
         else:
-            entry = await self._find(s.pass_filter, maps, user, client)
+            entry = await self._find(s.pass_filter, maps, user, client, local)
             if entry is None:
                 return None
             dn = str(entry.dn)
@@ -790,7 +794,7 @@ class LdapBindDatabase(LdapUserDatabase, BindingUserDatabase):
                 entry = found[0]
         finally:
             conn.close()
-        record = record_from_entry(entry, maps, user, client)
+        record = record_from_entry(entry, maps, user, client, local)
         # The directory checked the password: the record carries none.
         return UserRecord(user=record.user, password=None, uid=record.uid, gid=record.gid, home=record.home,
                           mail=record.mail, extra=record.extra)

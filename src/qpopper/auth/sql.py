@@ -9,8 +9,9 @@ The settings file (`auth-backend-args`) is Dovecot's dovecot-sql.conf.ext:
     default_pass_scheme = SHA512-CRYPT
 
 The queries' variables (%u the user, %n its local part, %d its domain,
-%r the client's address, %s the service, and their %{user}, %{username},
-%{domain}, %{rip}, %{service} forms, with Dovecot's L and U modifiers)
+%r the client's address, %l the local address it connected to, %s the
+service, and their %{user}, %{username}, %{domain}, %{rip}, %{lip},
+%{service} forms, with Dovecot's L and U modifiers)
 become bound parameters: a quoted '%u' is replaced by a placeholder, a
 literal that mixes text and variables by a concatenation, so no value a
 client sends is ever part of the SQL text.
@@ -55,12 +56,11 @@ KNOWN_KEYS = (
 DRIVERS = ("pgsql", "sqlite")
 
 # Dovecot's variables: one letter, or a long name in braces.
-_SHORT = {"u": "user", "n": "username", "d": "domain", "r": "rip", "s": "service"}
-_LONG = {"user": "user", "username": "username", "domain": "domain", "rip": "rip", "service": "service"}
+_SHORT = {"u": "user", "n": "username", "d": "domain", "r": "rip", "l": "lip", "s": "service"}
+_LONG = {"user": "user", "username": "username", "domain": "domain", "rip": "rip", "lip": "lip", "service": "service"}
 # Known to Dovecot, never given to a query here (and why).
 _NO_PASSWORD = "is the password, which is never sent to the database"
-_NO_LOCAL = "is the local address, which this server does not pass to queries"
-_REFUSED = {"w": _NO_PASSWORD, "password": _NO_PASSWORD, "l": _NO_LOCAL, "lip": _NO_LOCAL}
+_REFUSED = {"w": _NO_PASSWORD, "password": _NO_PASSWORD}
 _VARIABLE = re.compile(r"%(?:([LU]?)([A-Za-z])|\{([A-Za-z_]+)\}|%)")
 
 
@@ -92,6 +92,10 @@ class BoundQuery:
     @property
     def uses_client(self) -> bool:
         return any(v.name == "rip" for v in self.variables)
+
+    @property
+    def uses_local(self) -> bool:
+        return any(v.name == "lip" for v in self.variables)
 
 
 def _variables_in(text: str, where: str) -> list[tuple[int, int, Variable | None]]:
@@ -185,9 +189,11 @@ def _bind_literal(
     return "(" + " || ".join(pieces) + ")"
 
 
-def query_values(user: str, client: str | None) -> dict[str, str | None]:
-    local, _, domain = user.partition("@")
-    return {"user": user, "username": local, "domain": domain, "rip": client, "service": "pop3"}
+def query_values(user: str, client: str | None, local: str | None = None) -> dict[str, str | None]:
+    """The variables' values for one lookup; an address not known (a Unix
+    socket) is NULL."""
+    name, _, domain = user.partition("@")
+    return {"user": user, "username": name, "domain": domain, "rip": client, "lip": local, "service": "pop3"}
 
 
 # ---- rows to records --------------------------------------------------------------
@@ -335,6 +341,7 @@ class _SqlDatabase:
         self.settings = settings
         queries = [q for q in (settings.password_query, settings.user_query) if q is not None]
         self.uses_client = any(q.uses_client for q in queries)
+        self.uses_local = any(q.uses_local for q in queries)
 
     def _record(
         self, user: str, rows: list[dict[str, str]], user_rows: list[dict[str, str]] | None
@@ -414,12 +421,12 @@ class PostgresDatabase(_SqlDatabase):
                 self._pool = pool
         return self._pool
 
-    async def lookup(self, user: str, client: str | None) -> UserRecord | None:
+    async def lookup(self, user: str, client: str | None, local: str | None = None) -> UserRecord | None:
         import psycopg
         import psycopg_pool
 
         settings = self.settings
-        values = query_values(user, client)
+        values = query_values(user, client, local)
         try:
             async with asyncio.timeout(settings.query_timeout + 1):
                 pool = await self._get_pool()
@@ -431,7 +438,7 @@ class PostgresDatabase(_SqlDatabase):
                             if rows and settings.user_query is not None:
                                 canonical = rows[0].get("user") or user
                                 user_rows = await self._query(conn, settings.user_query,
-                                                              query_values(canonical, client))  # fmt: skip
+                                                              query_values(canonical, client, local))  # fmt: skip
                         except psycopg.OperationalError:
                             # A connection the server closed (it restarted): the pool drops
                             # it; one more try on a fresh one, within the same deadline.
@@ -472,6 +479,7 @@ class SqliteDatabase(_SqlDatabase):
     the event loop. A query past query_timeout is interrupted."""
 
     uses_client: bool
+    uses_local: bool
 
     def __init__(self, settings: SqlSettings) -> None:
         super().__init__(settings)
@@ -496,18 +504,20 @@ class SqliteDatabase(_SqlDatabase):
                 self._connections.append(conn)
         return conn
 
-    def _lookup_blocking(self, user: str, client: str | None, cell: list[Any]) -> UserRecord | None:
+    def _lookup_blocking(
+        self, user: str, client: str | None, local: str | None, cell: list[Any]
+    ) -> UserRecord | None:
         import sqlite3
 
         settings = self.settings
         conn = self._connection()
         cell.append(conn)  # for an interrupt from the loop on timeout
         try:
-            rows = self._query(conn, settings.password_query, query_values(user, client))
+            rows = self._query(conn, settings.password_query, query_values(user, client, local))
             user_rows = None
             if rows and settings.user_query is not None:
                 canonical = rows[0].get("user") or user
-                user_rows = self._query(conn, settings.user_query, query_values(canonical, client))
+                user_rows = self._query(conn, settings.user_query, query_values(canonical, client, local))
         except sqlite3.Error as exc:
             raise AuthUnavailable(f"{self.describe()}: {type(exc).__name__}: {_first_line(exc)}") from None
         return self._record(user, rows, user_rows)
@@ -521,13 +531,13 @@ class SqliteDatabase(_SqlDatabase):
         names = [c[0] for c in cursor.description]
         return [_row_dict(names, row) for row in cursor.fetchall()]
 
-    async def lookup(self, user: str, client: str | None) -> UserRecord | None:
+    async def lookup(self, user: str, client: str | None, local: str | None = None) -> UserRecord | None:
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(self.settings.pool_size,
                                                                   thread_name_prefix="qpopper-sqlite")  # fmt: skip
         loop = asyncio.get_running_loop()
         cell: list[Any] = []
-        future = loop.run_in_executor(self._executor, self._lookup_blocking, user, client, cell)
+        future = loop.run_in_executor(self._executor, self._lookup_blocking, user, client, local, cell)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.settings.query_timeout)
         except TimeoutError:

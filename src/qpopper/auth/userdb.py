@@ -73,14 +73,17 @@ class UserDatabase(Protocol):
 
     A database whose answers cannot depend on the client's address (its
     queries do not use %r) may say so with a `uses_client = False`
-    attribute: the auth cache then keeps one entry per user, not one per
-    user and address.
+    attribute, and one whose answers cannot depend on the local address
+    (no %l) with `uses_local = False`: the auth cache then keeps one entry
+    per user, not one per user and address.
     """
 
-    async def lookup(self, user: str, client: str | None) -> UserRecord | None:
+    async def lookup(self, user: str, client: str | None, local: str | None = None) -> UserRecord | None:
         """The user's record, or None when there is no such user.
 
-        `client` is the client's address (Dovecot's %r). A database that is
+        `client` is the client's address (Dovecot's %r), `local` the address
+        it connected to (Dovecot's %l; a PROXY header's destination behind a
+        balancer), None where there is none (a Unix socket). A database that is
         down, slow or refusing raises `AuthUnavailable`, within a bounded
         time: the user is told to try later, never that the password is wrong.
         """
@@ -99,7 +102,7 @@ class UserDatabase(Protocol):
 class BindingUserDatabase(UserDatabase, Protocol):
     """A database that checks passwords itself (LDAP `auth_bind`)."""
 
-    async def bind(self, user: str, password: str, client: str | None) -> UserRecord | None:
+    async def bind(self, user: str, password: str, client: str | None, local: str | None = None) -> UserRecord | None:
         """The user's record if `password` is theirs, None if it is not or
         there is no such user (the two are not told apart); AuthUnavailable
         as `lookup` raises it."""
@@ -298,16 +301,19 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
 
     # ---- on the event loop
 
-    async def authenticate_async(self, credentials: Credentials, client: str | None) -> Principal | None:
+    async def authenticate_async(
+        self, credentials: Credentials, client: str | None, local: str | None = None
+    ) -> Principal | None:
         """Check credentials; None for bad ones (alike whatever the reason),
-        AuthUnavailable when the database cannot answer."""
+        AuthUnavailable when the database cannot answer. `client` and
+        `local` are the connection's two ends, for %r and %l."""
         self._loop = asyncio.get_running_loop()
         if isinstance(credentials, Rejected):
             return None
         if isinstance(credentials, UserPass):
-            record = await self._check_password(credentials.user, credentials.password, client)
+            record = await self._check_password(credentials.user, credentials.password, client, local)
         else:
-            record = await self._lookup(credentials.user, client)
+            record = await self._lookup(credentials.user, client, local)
             if record is not None and not isinstance(credentials, Verified):
                 secret = self._plaintext(record)
                 if secret is None or not matches_secret(secret, credentials):
@@ -316,29 +322,31 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
             return None
         return self._principal(record)
 
-    async def _lookup(self, user: str, client: str | None) -> UserRecord | None:
+    async def _lookup(self, user: str, client: str | None, local: str | None = None) -> UserRecord | None:
         cache = self.cache
         if cache is not None:
-            found, record = self._cached(cache, user, client)
+            found, record = self._cached(cache, user, client, local)
             if found:
                 return record
-        record = await self._ask(user, client)
+        record = await self._ask(user, client, local)
         if cache is not None:
-            cache.put(user, client, record)
+            cache.put(user, client, record, local)
         return record
 
-    async def _ask(self, user: str, client: str | None) -> UserRecord | None:
+    async def _ask(self, user: str, client: str | None, local: str | None) -> UserRecord | None:
         self.lookups += 1
         try:
-            return await self.database.lookup(user, client)
+            return await self.database.lookup(user, client, local)
         except AuthUnavailable:
             self.failures += 1
             raise
 
-    async def _check_password(self, user: str, password: bytes, client: str | None) -> UserRecord | None:
+    async def _check_password(
+        self, user: str, password: bytes, client: str | None, local: str | None
+    ) -> UserRecord | None:
         cache = self.cache
         if cache is not None:
-            found, record = self._cached(cache, user, client)
+            found, record = self._cached(cache, user, client, local)
             if found:
                 if record is None:  # a negative entry: a wrong password's cost and answer
                     await self.hashes.verify_dummy(password)
@@ -347,11 +355,13 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
                     return record
                 # The password may have changed since the entry was made: ask
                 # the database again, as Dovecot does on a mismatch.
-                cache.forget(user, client)
-                return await self._fresh_check(user, password, client, refused=record.password)
-        return await self._fresh_check(user, password, client)
+                cache.forget(user, client, local)
+                return await self._fresh_check(user, password, client, local, refused=record.password)
+        return await self._fresh_check(user, password, client, local)
 
-    def _cached(self, cache: AuthCache[UserRecord], user: str, client: str | None) -> tuple[bool, UserRecord | None]:
+    def _cached(
+        self, cache: AuthCache[UserRecord], user: str, client: str | None, local: str | None
+    ) -> tuple[bool, UserRecord | None]:
         """The cache's answer; its figures go to the log every few minutes
         while it is used."""
         now = time.monotonic()
@@ -359,10 +369,10 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
             if self._next_stats:
                 cache.log_stats()
             self._next_stats = now + STATS_INTERVAL
-        return cache.get(user, client)
+        return cache.get(user, client, local)
 
     async def _fresh_check(
-        self, user: str, password: bytes, client: str | None, refused: str | None = None
+        self, user: str, password: bytes, client: str | None, local: str | None, refused: str | None = None
     ) -> UserRecord | None:
         """The database's answer, cached; `refused` is a stored password
         this one was just checked against in vain (not checked twice)."""
@@ -371,7 +381,7 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
         if isinstance(database, BindingUserDatabase):
             self.lookups += 1
             try:
-                record = await database.bind(user, password.decode("utf-8", "replace"), client)
+                record = await database.bind(user, password.decode("utf-8", "replace"), client, local)
             except AuthUnavailable:
                 self.failures += 1
                 raise
@@ -379,11 +389,11 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
                 await self.hashes.verify_dummy(password)  # a bind's refusal costs what a hash check costs
                 return None
             if cache is not None:
-                cache.put(user, client, _with_password(record, bind_cache_hash(password)))
+                cache.put(user, client, _with_password(record, bind_cache_hash(password)), local)
             return record
-        record = await self._ask(user, client)
+        record = await self._ask(user, client, local)
         if cache is not None:
-            cache.put(user, client, record)
+            cache.put(user, client, record, local)
         if record is None:
             await self.hashes.verify_dummy(password)
             return None
@@ -471,9 +481,12 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
         tuning = self.tuning
         if tuning.cache_size <= 0:
             return None
-        by_client = bool(getattr(self.database, "uses_client", True))  # keyed by %r only where a query uses it
+        # Keyed by %r and %l only where a query uses them (a database that
+        # does not say is assumed to).
+        by_client = bool(getattr(self.database, "uses_client", True))
+        by_local = bool(getattr(self.database, "uses_local", True))
         return AuthCache[UserRecord](tuning.cache_size, tuning.cache_ttl, tuning.cache_negative_ttl,
-                                     keyed_by_client=by_client)  # fmt: skip
+                                     keyed_by_client=by_client, keyed_by_local=by_local)  # fmt: skip
 
     def reload(self, tuning: AuthTuning | None = None) -> None:
         """SIGHUP: read the backend's settings file again and serve new
@@ -481,7 +494,7 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
         in flight on it are done. A broken file is logged and the running
         database kept. `tuning` (from the reloaded settings) resizes the
         cache and the hash pool. The cache starts empty either way: the
-        queries, and so whether it is keyed by the client, may have changed."""
+        queries, and so whether it is keyed by the addresses, may have changed."""
         if self._reopen is not None:
             try:
                 database, scheme = self._reopen()

@@ -196,7 +196,7 @@ class Login:
         if principal is None:
             on_loop = self.services.authenticate_async
             if on_loop is not None:
-                principal = await on_loop(credentials, self.peer.host)
+                principal = await on_loop(credentials, self.peer.host, self.peer.local)
             else:
                 principal = await self.blocking(self.services.authenticator.authenticate, credentials)
         return principal

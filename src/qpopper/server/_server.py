@@ -44,14 +44,24 @@ log = logging.getLogger("qpopper.server")
 _BUSY_REPLY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 
 
-def _peer_from(info: object, tls_at_balancer: bool = False) -> Peer:
-    """The client's address from a socket's peer name (an AF_UNIX one is
-    "local"), or from the (address, port) of a trusted PROXY header."""
+def _host_of(info: object) -> str | None:
+    """The address of a socket name or a PROXY header's (address, port);
+    None for an AF_UNIX one. An IPv4 address on a dual-stack socket is
+    written as IPv4, as queries and logs expect it."""
     if isinstance(info, tuple) and len(info) >= 2:
         host = str(info[0])
-        if host.startswith("::ffff:") and "." in host:
-            host = host[7:]  # an IPv4 client on a dual-stack socket
-        return Peer(host, int(info[1]), tls_at_balancer)
+        return host[7:] if host.startswith("::ffff:") and "." in host else host
+    return None
+
+
+def _peer_from(info: object, local: object = None, tls_at_balancer: bool = False) -> Peer:
+    """The client's address from a socket's peer name (an AF_UNIX one is
+    "local"), or from the (address, port) of a trusted PROXY header; `local`
+    is the other end's name (the socket's own, or the header's destination)."""
+    host = _host_of(info)
+    if host is not None:
+        assert isinstance(info, tuple)
+        return Peer(host, int(info[1]), tls_at_balancer, local=_host_of(local))
     return Peer("local", 0)
 
 
@@ -62,16 +72,16 @@ def _behind_balancer(balancer: Peer, header: ProxyHeader, policy: ProxyPolicy) -
         return dataclasses.replace(balancer, balancer_check=True)
     if header.source is None:  # UNKNOWN: a client the balancer cannot name
         return balancer
-    return _peer_from(header.source, tls_at_balancer=policy.secure(header))
+    return _peer_from(header.source, header.destination, tls_at_balancer=policy.secure(header))
 
 
 def _peer_of(stream: PopStream) -> Peer:
-    return _peer_from(stream.get_extra_info("peername"))
+    return _peer_from(stream.get_extra_info("peername"), stream.get_extra_info("sockname"))
 
 
 def _peer_of_socket(sock: socket.socket) -> Peer:
     try:
-        return _peer_from(sock.getpeername())
+        return _peer_from(sock.getpeername(), sock.getsockname())
     except OSError:  # gone already
         return Peer("unknown", 0)
 

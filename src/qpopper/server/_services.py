@@ -25,7 +25,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """The client's address, from the one place each connection gets it."""
+    """The client's address, from the one place each connection gets it,
+    and the address it connected to (`local`: Dovecot's %l, which user
+    database queries may use; a PROXY header's destination behind a
+    balancer; None on a Unix socket or where it cannot be told)."""
 
     host: str
     port: int
@@ -35,6 +38,7 @@ class Peer:
     # The balancer's own connection (a PROXY LOCAL header), not a client's:
     # HAProxy's health checks, which close without a command.
     balancer_check: bool = False
+    local: str | None = None
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -77,7 +81,9 @@ class Services:
     authenticate_quickly: Callable[[Credentials], Principal | None] | None = field(init=False)
     scram_secret: Callable[[str, str], ScramSecret | None] | None = field(init=False)
     # A database served on the event loop (SQL, LDAP): awaited, no thread.
-    authenticate_async: Callable[[Credentials, str | None], Awaitable[Principal | None]] | None = field(init=False)
+    authenticate_async: Callable[[Credentials, str | None, str | None], Awaitable[Principal | None]] | None = field(
+        init=False
+    )
     # One frozen SessionConfig shared by new sessions while `options` stays.
     _config: tuple[Options, SessionConfig] | None = field(default=None, init=False, repr=False)
 
