@@ -60,6 +60,7 @@ _SIZE_HINTS = re.compile(r",S=(\d+)|,W=(\d+)")
 # The common name, matched over all names at once (one line each): unique
 # part, S=, W= (the group), flags. Names that all match list without a stat.
 _HINTED_NAME = re.compile(r"^[^\n,:]{1,70},S=\d+,W=(\d+)(?::2,[^\n,]*)?$", re.MULTILINE)
+_UID_BYTES = bytes(range(0x21, 0x7F))
 _SUBDIRS = ("cur", "new")
 # A quick open lists directories up to this size (st_size; a few hundred
 # to a few thousand names, depending on the file system) and reads no file.
@@ -123,10 +124,11 @@ def _with_seen_flag(name: str) -> str:
 
 
 def _uid_chars_only(text: str) -> bool:
-    """Every character is one UIDL may carry (0x21..0x7E): printable ASCII
-    but the space. Three C scans; a regex search for an unfit character costs
-    about 50 instructions a character (70 M at 50,000 names)."""
-    return text.isascii() and text.isprintable() and " " not in text
+    """Every character is one UIDL may carry (0x21..0x7E). Done as C scans
+    of the bytes (deleting the fit ones leaves nothing): a regex search for
+    an unfit character, or str.isprintable, costs 25 to 50 instructions a
+    character (40 to 70 M at 50,000 names)."""
+    return text.isascii() and not text.encode("ascii").translate(None, _UID_BYTES)
 
 
 def _uids_of(names: list[str]) -> list[str]:
