@@ -48,6 +48,22 @@ def test_size_hints_are_trusted_and_a_stale_one_loses_nothing(tmp_path: Path, ca
         drop.close()
 
 
+@pytest.mark.parametrize("others", [0, 1], ids=["alone", "beside-hinted"])
+def test_a_size_hint_no_file_can_have_is_not_trusted(tmp_path: Path, others: int) -> None:
+    """A ,W= of 19 digits or more (beyond the sizes' array) is ignored: the
+    file is counted, the open does not fail."""
+    md = tmp_path / "Maildir"
+    if others:
+        write_maildir_message(md, MSG, name=f"0.z,S={len(MSG)},W={wire_size(MSG)}")
+    huge = write_maildir_message(md, MSG, name=f"1.a,S={len(MSG)},W={'9' * 19}")
+    drop = MaildirMaildrop(str(md))
+    try:
+        sizes = {i.uid: i.size for i in drop.messages()}
+        assert sizes[uid_from_name(huge)] == wire_size(MSG) and len(sizes) == 1 + others
+    finally:
+        drop.close()
+
+
 def test_hinted_links_and_directories_are_never_listed_or_followed(tmp_path: Path) -> None:
     md = tmp_path / "Maildir"
     write_maildir_message(md, MSG, name=f"1.a,S={len(MSG)},W={wire_size(MSG)}")

@@ -59,7 +59,10 @@ LOCK_NAME = ".qpopper-pop3.lock"
 _SIZE_HINTS = re.compile(r",S=(\d+)|,W=(\d+)")
 # The common name, matched over all names at once (one line each): unique
 # part, S=, W= (the group), flags. Names that all match list without a stat.
-_HINTED_NAME = re.compile(r"^[^\n,:]{1,70},S=\d+,W=(\d+)(?::2,[^\n,]*)?$", re.MULTILINE)
+# A size of more than 18 digits is no file's (and would not fit the sizes'
+# array): such a name is sized by reading the file.
+_W_DIGITS = 18
+_HINTED_NAME = re.compile(rf"^[^\n,:]{{1,70}},S=\d+,W=(\d{{1,{_W_DIGITS}}})(?::2,[^\n,]*)?$", re.MULTILINE)
 _UID_BYTES = bytes(range(0x21, 0x7F))
 _SUBDIRS = ("cur", "new")
 # A quick open lists directories up to this size (st_size; a few hundred
@@ -90,7 +93,7 @@ def _hints(name: str) -> tuple[int | None, int | None]:
     for match in _SIZE_HINTS.finditer(name.split(":", 1)[0]):
         if match.group(1) is not None:
             s_hint = int(match.group(1))
-        else:
+        elif len(match.group(2)) <= _W_DIGITS:
             w_hint = int(match.group(2))
     return s_hint, w_hint
 
