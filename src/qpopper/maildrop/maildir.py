@@ -76,7 +76,10 @@ CACHED_DIR_BYTES = 256 * 1024
 
 def _unique_part(name: str) -> str:
     """The part of a name before its size hints and flags."""
-    return name.partition(",")[0].partition(":")[0]
+    base = name.partition(",")[0]
+    # A ":" before the first "," is rare (flags come after the hints): the
+    # test costs a sixth of a second partition (15 M instructions at 50,000).
+    return base.partition(":")[0] if ":" in base else base
 
 
 def uid_from_name(name: str) -> str:
