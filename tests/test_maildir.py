@@ -131,6 +131,22 @@ def test_same_unique_part_twice_gets_distinct_uids(tmp_path: Path) -> None:
     assert len(set(uids)) == 2 and all(is_valid_uid(u) for u in uids)
 
 
+@pytest.mark.parametrize("odd", [" ", "\x7f", "\x1f", "\u00e9", "\udcff", "~!"], ids=repr)
+def test_a_unique_part_unfit_for_uidl_gets_a_digest_and_the_others_keep_theirs(tmp_path: Path, odd: str) -> None:
+    """The one check over all unique parts at once (the usual drop's fast
+    road) lets through exactly the characters UIDL may carry, 0x21..0x7E."""
+    md = tmp_path / "Maildir"
+    plain = write_maildir_message(md, MSG, name="1.plain")
+    other = write_maildir_message(md, MSG, name=f"2.od{odd}d")
+    drop = MaildirMaildrop(str(md))
+    try:
+        uids = list(drop.messages().uids)
+    finally:
+        drop.close()
+    assert all(is_valid_uid(u) for u in uids) and uids[0] == "1.plain" == uid_from_name(plain)
+    assert uids[1] == uid_from_name(other) and (uids[1] == f"2.od{odd}d") == (odd == "~!")
+
+
 @pytest.mark.parametrize(
     ("template", "user", "home"),
     [("maildir:/srv/%u", "../../etc", None), ("maildir:~/Maildir", "bob", None), ("maildir:rel/%u", "bob", None),
