@@ -48,6 +48,22 @@ def test_size_hints_are_trusted_and_a_stale_one_loses_nothing(tmp_path: Path, ca
         drop.close()
 
 
+@pytest.mark.parametrize("others", [0, 1], ids=["alone", "beside-hinted"])
+def test_a_size_hint_no_file_can_have_is_not_trusted(tmp_path: Path, others: int) -> None:
+    """A ,W= of 19 digits or more (beyond the sizes' array) is ignored: the
+    file is counted, the open does not fail."""
+    md = tmp_path / "Maildir"
+    if others:
+        write_maildir_message(md, MSG, name=f"0.z,S={len(MSG)},W={wire_size(MSG)}")
+    huge = write_maildir_message(md, MSG, name=f"1.a,S={len(MSG)},W={'9' * 19}")
+    drop = MaildirMaildrop(str(md))
+    try:
+        sizes = {i.uid: i.size for i in drop.messages()}
+        assert sizes[uid_from_name(huge)] == wire_size(MSG) and len(sizes) == 1 + others
+    finally:
+        drop.close()
+
+
 def test_hinted_links_and_directories_are_never_listed_or_followed(tmp_path: Path) -> None:
     md = tmp_path / "Maildir"
     write_maildir_message(md, MSG, name=f"1.a,S={len(MSG)},W={wire_size(MSG)}")
@@ -113,6 +129,22 @@ def test_same_unique_part_twice_gets_distinct_uids(tmp_path: Path) -> None:
     finally:
         drop.close()
     assert len(set(uids)) == 2 and all(is_valid_uid(u) for u in uids)
+
+
+@pytest.mark.parametrize("odd", [" ", "\x7f", "\x1f", "\u00e9", "\udcff", "~!"], ids=repr)
+def test_a_unique_part_unfit_for_uidl_gets_a_digest_and_the_others_keep_theirs(tmp_path: Path, odd: str) -> None:
+    """The one check over all unique parts at once (the usual drop's fast
+    road) lets through exactly the characters UIDL may carry, 0x21..0x7E."""
+    md = tmp_path / "Maildir"
+    plain = write_maildir_message(md, MSG, name="1.plain")
+    other = write_maildir_message(md, MSG, name=f"2.od{odd}d")
+    drop = MaildirMaildrop(str(md))
+    try:
+        uids = list(drop.messages().uids)
+    finally:
+        drop.close()
+    assert all(is_valid_uid(u) for u in uids) and uids[0] == "1.plain" == uid_from_name(plain)
+    assert uids[1] == uid_from_name(other) and (uids[1] == f"2.od{odd}d") == (odd == "~!")
 
 
 @pytest.mark.parametrize(
