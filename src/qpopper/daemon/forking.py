@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import os
 import selectors
@@ -201,6 +202,10 @@ class ForkingServer:
             self.book.before_fork()
         pid = os.fork()
         if pid == 0:
+            # What the child inherited is never its garbage: left in the
+            # collector's generations, a collection would walk it and write
+            # to each object's header, copying the parent's pages one by one.
+            gc.freeze()
             code = 1
             try:
                 for sock, _ in self._listeners:
