@@ -75,16 +75,13 @@ def _behind_balancer(balancer: Peer, header: ProxyHeader, policy: ProxyPolicy) -
     return _peer_from(header.source, header.destination, tls_at_balancer=policy.secure(header))
 
 
-def _peer_of(stream: PopStream, with_local: bool) -> Peer:
-    """`with_local`: ask the socket its own name too (a system call per
-    session, so only where a user database may use %l)."""
-    local = stream.get_extra_info("sockname") if with_local else None
-    return _peer_from(stream.get_extra_info("peername"), local)
+def _peer_of(stream: PopStream) -> Peer:
+    return _peer_from(stream.get_extra_info("peername"), stream.get_extra_info("sockname"))
 
 
-def _peer_of_socket(sock: socket.socket, with_local: bool) -> Peer:
+def _peer_of_socket(sock: socket.socket) -> Peer:
     try:
-        return _peer_from(sock.getpeername(), sock.getsockname() if with_local else None)
+        return _peer_from(sock.getpeername(), sock.getsockname())
     except OSError:  # gone already
         return Peer("unknown", 0)
 
@@ -427,12 +424,6 @@ class Server:
         return int(sock.getsockname()[1]) in {a.port for a in self.options.listen if a.proxy}
 
     @property
-    def _wants_local(self) -> bool:
-        """Whether sessions ask their socket's own name (Dovecot's %l): only a
-        user database awaited on the loop (SQL, LDAP) has queries that may use it."""
-        return self.services.authenticate_async is not None
-
-    @property
     def addresses(self) -> list[tuple[str, int]]:
         out = []
         for server in self._servers:
@@ -603,7 +594,7 @@ class Server:
         as the principal it proved (`_kpop`)."""
         from ._kpop import kpop_exchange  # Kerberos sites only
 
-        peer = _peer_of_socket(sock, self._wants_local)
+        peer = _peer_of_socket(sock)
         task = asyncio.current_task()
         assert task is not None
         self._handshaking.add(task)  # a stop ends exchanges still under way
@@ -633,7 +624,7 @@ class Server:
             await self.serve_kpop_socket(sock)
             return
         context = self.tls.context if implicit_tls else None
-        peer = _peer_of_socket(sock, self._wants_local)  # asked now: a failed handshake closes the socket
+        peer = _peer_of_socket(sock)  # asked now: a failed handshake closes the socket
         if proxied and self._refuse_untrusted(peer):
             sock.close()
             return
@@ -702,7 +693,7 @@ class Server:
         starts with a PROXY header; `peer`: the client, known already;
         `kpop`: the principal a KPOP exchange proved on it."""
         if peer is None:
-            peer = _peer_of(stream, self._wants_local)
+            peer = _peer_of(stream)
         task = asyncio.current_task(stream.loop)
         assert task is not None
         if proxied:
