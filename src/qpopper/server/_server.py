@@ -76,7 +76,14 @@ def _behind_balancer(balancer: Peer, header: ProxyHeader, policy: ProxyPolicy) -
 
 
 def _peer_of(stream: PopStream) -> Peer:
-    return _peer_from(stream.get_extra_info("peername"), stream.get_extra_info("sockname"))
+    peer = stream.get_extra_info("peername")
+    local = None
+    if isinstance(peer, tuple):  # a network socket: not inetd's pipes, where asking the name fails
+        try:
+            local = stream.get_extra_info("sockname")
+        except OSError:
+            pass
+    return _peer_from(peer, local)
 
 
 def _peer_of_socket(sock: socket.socket) -> Peer:
