@@ -81,19 +81,19 @@ def test_keyed_by_local_address_only_when_the_queries_use_it() -> None:
     """%l: one local address's answer is never served for another's."""
     one, two = UserRecord("dave@one.example", "{PLAIN}a"), UserRecord("dave@two.example", "{PLAIN}b")
     by_local = AuthCache[UserRecord](1 << 20, 60, 60, keyed_by_local=True)
-    by_local.put("dave", "192.0.2.1", one, "127.0.0.1")
+    by_local.put("dave", "192.0.2.1", one, local="127.0.0.1")
     assert by_local.get("dave", "192.0.2.1", "127.0.0.2") == (False, None)
     assert by_local.get("dave", "192.0.2.9", "127.0.0.1") == (True, one)  # not keyed by the client
-    by_local.put("dave", "192.0.2.1", two, "127.0.0.2")
+    by_local.put("dave", "192.0.2.1", two, local="127.0.0.2")
     by_local.forget("dave", None, "127.0.0.1")
     assert by_local.get("dave", None, "127.0.0.2") == (True, two)
     assert by_local.get("dave", None, "127.0.0.1") == (False, None)
     both = AuthCache[UserRecord](1 << 20, 60, 60, keyed_by_client=True, keyed_by_local=True)
-    both.put("dave", "192.0.2.1", one, "127.0.0.1")
+    both.put("dave", "192.0.2.1", one, local="127.0.0.1")
     assert both.get("dave", "192.0.2.2", "127.0.0.1") == (False, None)
     assert both.get("dave", "192.0.2.1", "127.0.0.1") == (True, one)
     per_user = AuthCache[UserRecord](1 << 20, 60, 60)
-    per_user.put("dave", None, one, "127.0.0.1")
+    per_user.put("dave", None, one, local="127.0.0.1")
     assert per_user.get("dave", None, "127.0.0.2") == (True, one)
 
 

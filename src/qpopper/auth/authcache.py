@@ -106,7 +106,7 @@ class AuthCache(Generic[R]):
             self.negative_hits += 1
         return True, entry[1]
 
-    def put(self, user: str, client: str | None, record: R | None, local: str | None = None) -> None:
+    def put(self, user: str, client: str | None, record: R | None, *, local: str | None = None) -> None:
         ttl = self.ttl if record is not None else self.negative_ttl
         if ttl <= 0 or self.size <= 0:
             return

@@ -330,7 +330,7 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
                 return record
         record = await self._ask(user, client, local)
         if cache is not None:
-            cache.put(user, client, record, local)
+            cache.put(user, client, record, local=local)
         return record
 
     async def _ask(self, user: str, client: str | None, local: str | None) -> UserRecord | None:
@@ -389,11 +389,11 @@ class DatabaseAuthenticator(Authenticator, AsyncAuthenticator, ScramSecretSource
                 await self.hashes.verify_dummy(password)  # a bind's refusal costs what a hash check costs
                 return None
             if cache is not None:
-                cache.put(user, client, _with_password(record, bind_cache_hash(password)), local)
+                cache.put(user, client, _with_password(record, bind_cache_hash(password)), local=local)
             return record
         record = await self._ask(user, client, local)
         if cache is not None:
-            cache.put(user, client, record, local)
+            cache.put(user, client, record, local=local)
         if record is None:
             await self.hashes.verify_dummy(password)
             return None
