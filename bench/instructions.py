@@ -12,7 +12,19 @@ are zeroed, a fixed number of sessions run one after another from this process
     retr    RETR of a ~15 kB message in one logged-in session
 
     python bench/instructions.py [--sessions N] [--retrs N] [--keep DIR]
-        [--twisted PYTHON]
+        [--clients N | --load SECONDS] [--cache-sim] [--twisted PYTHON]
+        [-- SERVER FLAGS...]
+
+With --clients N the login sessions run from N threads at once, so the server
+holds up to N sessions between its loop's turns as under popbench's load (run.py
+uses 50); the count per session then shows what concurrency itself costs, which
+one-by-one sessions cannot. With --load S the login sessions are popbench's own
+churn instead, as bench/run.py's login scenario drives it (50 clients over 1,000
+users with 10-message Maildirs) for S seconds, divided by the sessions popbench
+completed: the run's own workload, counted. Flags after `--` go to our server's command line
+(`-- --no-use-uvloop` counts the plain asyncio loop). --cache-sim adds
+callgrind's simulated cache misses and branch mispredictions per session: the
+cost of an instruction that a count of instructions cannot show.
 
 With --twisted (the interpreter of a virtualenv holding Twisted, as bench/run.py
 makes) Twisted's POP3 server (bench/twisted_pop3.py) is counted the same way on
@@ -35,13 +47,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 from guard import PASSWORD, USERS, free_port, make_maildirs, stop  # bench/guard.py, beside this script
-from run import wait_port
+from run import SESSION_USERS, popbench_json, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
+POPBENCH = Path(os.environ.get("QPOPPER_BENCH_SHARED", REPO.parent / "shared" / "bench")) / "popbench.py"
+LOAD_MESSAGES = 10  # run.py's session users hold 10 messages each
 
 
 class Pop:
@@ -80,12 +95,51 @@ class Pop:
 
 
 def login_sessions(port: int, count: int) -> None:
-    for k in range(count):
+    login_sessions_from(port, 0, count)
+
+
+def login_sessions_from(port: int, first: int, count: int, users: int = USERS) -> None:
+    for k in range(first, first + count):
         pop = Pop(port)
-        pop.command(b"USER u%d" % (k % USERS + 1))
+        pop.command(b"USER u%d" % (k % users + 1))
         pop.command(b"PASS " + PASSWORD.encode())
         pop.command(b"STAT")
         pop.quit()
+
+
+def concurrent_login_sessions(port: int, count: int, clients: int) -> None:
+    """`count` login sessions from `clients` threads; thread t logs in as u(t+1) only,
+    so no two sessions at once ask for the same maildrop (its lock would refuse one)."""
+    failures: list[Exception] = []
+
+    def client(t: int) -> None:
+        try:
+            for _ in range(count // clients + (t < count % clients)):
+                login_sessions_from(port, t, 1)
+        except (OSError, RuntimeError) as e:  # reported once all threads are done
+            failures.append(e)
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
+
+
+def popbench_logins(port: int, seconds: float, clients: int, users: int) -> int:
+    """popbench's login churn (`clients` at once over u1..u`users`) for
+    `seconds`; the sessions it completed."""
+    r = subprocess.run(
+        [sys.executable, str(POPBENCH), "run", "login", "--port", str(port), "-c", str(clients), "-d", str(seconds),
+         "--warmup", "0", "-j", "1", "--users", str(users), "--password", PASSWORD],
+        capture_output=True, text=True, timeout=seconds + 300,
+    )
+    runs = popbench_json(r.stdout)
+    if r.returncode != 0 or not runs or not runs[-1].get("sessions"):
+        raise RuntimeError(f"popbench failed: {r.stderr.strip()[-500:] or r.stdout.strip()[-500:]}")
+    return int(runs[-1]["sessions"])
 
 
 def retrs(port: int, count: int) -> None:
@@ -104,35 +158,50 @@ def callgrind(pid: int, what: str) -> None:
         raise RuntimeError(f"callgrind_control {what} failed: {r.stderr.strip() or r.stdout.strip()}")
 
 
-def total_instructions(dump: Path) -> int:
-    m = re.search(r"^(?:summary|totals):\s*(\d+)", dump.read_text(errors="replace"), re.MULTILINE)
-    if m is None:
+def event_totals(dump: Path) -> dict[str, int]:
+    """The dump's totals by event: Ir (instructions) always; with --cache-sim
+    also the simulated cache misses (I1mr, D1mr, D1mw, ILmr, DLmr, DLmw) and
+    branches (Bc, Bcm: conditional and mispredicted; Bi, Bim: indirect)."""
+    text = dump.read_text(errors="replace")
+    names = re.search(r"^events:[ \t]*(.+)$", text, re.MULTILINE)
+    totals = re.search(r"^(?:summary|totals):[ \t]*(.+)$", text, re.MULTILINE)
+    if names is None or totals is None:
         raise RuntimeError(f"no totals in {dump}")
-    return int(m.group(1))
+    return dict(zip(names.group(1).split(), map(int, totals.group(1).split()), strict=False))
 
 
-def server_command(work: Path, port: int, twisted: str | None) -> list[str]:
+def server_command(work: Path, port: int, twisted: str | None, flags: list[str] | None = None,
+                   users: int = USERS) -> list[str]:
     if twisted is not None:
         passwd = work / "twisted-passwd"
-        passwd.write_text("".join(f"u{i}:{PASSWORD}\n" for i in range(1, USERS + 1)))
+        passwd.write_text("".join(f"u{i}:{PASSWORD}\n" for i in range(1, users + 1)))
         return [twisted, str(REPO / "bench" / "twisted_pop3.py"), "--maildirs", str(work / "maildir"),
                 "--passwd", str(passwd), "--port", str(port)]
     passwd = work / "passwd"
-    passwd.write_text("".join(f"u{i}:{{PLAIN}}{PASSWORD}::::{work}::\n" for i in range(1, USERS + 1)))
+    passwd.write_text("".join(f"u{i}:{{PLAIN}}{PASSWORD}::::{work}::\n" for i in range(1, users + 1)))
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "src")], check=True)
     return [sys.executable, "-m", "qpopper", "--passwd-file", str(passwd), "--mail-location",
-            f"maildir:{work}/maildir/%u", "--auth-fail-delay", "0", "--syslog-socket", "", f"127.0.0.1:{port}"]
+            f"maildir:{work}/maildir/%u", "--auth-fail-delay", "0", "--syslog-socket", "", *(flags or []),
+            f"127.0.0.1:{port}"]
 
 
-def measure(work: Path, sessions: int, count: int, twisted: str | None = None) -> dict[str, Any]:
-    make_maildirs(work)
+def measure(work: Path, sessions: int, count: int, twisted: str | None = None, clients: int = 1,
+            flags: list[str] | None = None, cache_sim: bool = False, load: float | None = None) -> dict[str, Any]:
+    if load is not None:
+        users = SESSION_USERS
+        make_maildirs(work, users=users, messages=LOAD_MESSAGES)
+    else:
+        users = max(USERS, clients)
+        make_maildirs(work, users=users)
     env = dict(os.environ, PYTHONHASHSEED="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
     port = free_port()
     out = work / "callgrind.out"
     with open(work / "server.log", "wb") as log:  # our default records, to a file as in bench/run.py
         server = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *server_command(work, port, twisted)],
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+             *(["--cache-sim=yes", "--branch-sim=yes"] if cache_sim else []),
+             *server_command(work, port, twisted, flags, users)],
             stdout=log, stderr=log, env=env, cwd=work,
         )
         try:
@@ -141,14 +210,30 @@ def measure(work: Path, sessions: int, count: int, twisted: str | None = None) -
             if twisted is None:
                 retrs(port, 40)
             result: dict[str, Any] = {}
-            steps = [("login", login_sessions, sessions)] + ([("retr", retrs, count)] if twisted is None else [])
-            for name, drive, n in steps:
+
+            def logins(port: int, n: int) -> int:
+                if load is not None:
+                    return popbench_logins(port, load, 50, users)
+                if clients > 1:
+                    concurrent_login_sessions(port, n, clients)
+                else:
+                    login_sessions(port, n)
+                return n
+
+            def some_retrs(port: int, n: int) -> int:
+                retrs(port, n)
+                return n
+
+            steps = [("login", logins, sessions)] + ([("retr", some_retrs, count)] if twisted is None else [])
+            for name, drive, wanted in steps:
                 callgrind(server.pid, "--zero")
-                drive(port, n)
+                n = drive(port, wanted)
                 callgrind(server.pid, "--dump")
                 dumps = sorted(work.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
-                result[name] = {"count": n, "instructions_per": total_instructions(dumps[-1]) // n,
-                                "dump": str(dumps[-1])}
+                totals = event_totals(dumps[-1])
+                result[name] = {"count": n, "instructions_per": totals["Ir"] // n, "dump": str(dumps[-1])}
+                if cache_sim:
+                    result[name]["events_per"] = {event: total // n for event, total in totals.items()}
         finally:
             stop(server)
     return result
@@ -160,16 +245,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrs", type=int, default=400, help="RETRs counted (default 400)")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it (the dumps)")
     parser.add_argument("--twisted", help="count Twisted's POP3 server instead, run by this interpreter")
+    parser.add_argument("--clients", type=int, default=1, help="login sessions from this many threads at once")
+    parser.add_argument("--load", type=float, metavar="SECONDS",
+                        help="count popbench's login churn (50 clients, 1,000 users) for SECONDS instead")
+    parser.add_argument("--cache-sim", action="store_true",
+                        help="simulate the caches and branch predictors too (callgrind's; about twice as slow)")
+    parser.add_argument("flags", nargs="*", help="after --: more flags for our server")
     a = parser.parse_args(argv)
+    if a.load is not None and (a.load <= 0 or a.clients != 1):
+        print("bench/instructions.py: --load takes seconds above 0, and no --clients", file=sys.stderr)
+        return 2
+    if a.clients < 1:
+        print("bench/instructions.py: --clients must be at least 1", file=sys.stderr)
+        return 2
     if shutil.which("valgrind") is None:
         print("bench/instructions.py: valgrind is missing (apt-get install -y valgrind)", file=sys.stderr)
         return 2
     if a.keep is not None:
         a.keep.mkdir(parents=True, exist_ok=True)
-        result = measure(a.keep, a.sessions, a.retrs, a.twisted)
+        result = measure(a.keep, a.sessions, a.retrs, a.twisted, a.clients, a.flags, a.cache_sim, a.load)
     else:
         with tempfile.TemporaryDirectory(prefix="qpopper-callgrind-") as tmp:
-            result = measure(Path(tmp), a.sessions, a.retrs, a.twisted)
+            result = measure(Path(tmp), a.sessions, a.retrs, a.twisted, a.clients, a.flags, a.cache_sim, a.load)
     print(json.dumps(result))
     return 0
 

@@ -35,11 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guard import PASSWORD, USERS, free_port, make_maildirs, stop  # bench/guard.py, beside this script
-from instructions import REPO, login_sessions, retrs, server_command
-from run import popbench_json, wait_port
-
-POPBENCH = Path(os.environ.get("QPOPPER_BENCH_SHARED", REPO.parent / "shared" / "bench")) / "popbench.py"
+from guard import USERS, free_port, make_maildirs, stop  # bench/guard.py, beside this script
+from instructions import REPO, login_sessions, popbench_logins, retrs, server_command
+from run import wait_port
 
 # strace -c's table: "% time  seconds  usecs/call  calls  [errors]  syscall".
 _ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?([a-z_0-9]+)\s*$")
@@ -52,19 +50,6 @@ def parse_summary(text: str) -> dict[str, int]:
         if m and m.group(2) != "total":
             calls[m.group(2)] = int(m.group(1))
     return calls
-
-
-def popbench_logins(port: int, seconds: float) -> int:
-    """popbench's login churn for `seconds`; the sessions it completed."""
-    r = subprocess.run(
-        [sys.executable, str(POPBENCH), "run", "login", "--port", str(port), "-c", "10", "-d", str(seconds),
-         "--warmup", "0", "-j", "1", "--users", str(USERS), "--password", PASSWORD],
-        capture_output=True, text=True, timeout=seconds + 120,
-    )
-    runs = popbench_json(r.stdout)
-    if r.returncode != 0 or not runs:
-        raise RuntimeError(f"popbench failed: {r.stderr.strip()[-500:]}")
-    return int(runs[-1]["sessions"])
 
 
 def measure(work: Path, sessions: int, trace: Path | None, load: float | None = None,
@@ -88,7 +73,7 @@ def measure(work: Path, sessions: int, trace: Path | None, load: float | None = 
             elif load is None:
                 login_sessions(port, sessions)
             else:
-                sessions = popbench_logins(port, load)
+                sessions = popbench_logins(port, load, 10, USERS)
             time.sleep(0.5)  # the last session's close and records
             tracer.send_signal(signal.SIGINT)
             tracer.wait(30)

@@ -59,3 +59,24 @@ def test_verdict_against_a_peer_at_or_below_zero_compares_the_figures() -> None:
     assert run.verdict(metric, None, "T", (0.0, -0.5)) == "met (<= 1)"
     assert run.verdict(metric, 0.8, "T", (5.0, 4.0)) == "met (<= 1)"
     assert run.verdict(metric, 0.8, "A", (5.0, 4.0)) == ""  # no target against Dovecot
+
+
+def test_callgrind_totals_are_read_by_event_name(tmp_path: Path) -> None:
+    instructions = _bench_module("instructions")
+    dump = tmp_path / "callgrind.out.1"
+    dump.write_text("version: 1\ncreator: callgrind-3.19.0\nevents: Ir Dr Dw I1mr Bc Bcm\n"
+                    "fn=(1) main\n16 4 2 1 0 1 0\nsummary: 4000 1200 700 31 550 60\n")
+    assert instructions.event_totals(dump) == {"Ir": 4000, "Dr": 1200, "Dw": 700, "I1mr": 31, "Bc": 550, "Bcm": 60}
+    dump.write_text("events: Ir\nsummary:\n")
+    try:
+        instructions.event_totals(dump)
+    except RuntimeError as exc:
+        assert "no totals" in str(exc)
+    else:
+        raise AssertionError("a dump without totals was read")
+
+
+def test_instructions_refuses_bad_driver_options_with_one_line() -> None:
+    r = subprocess.run([sys.executable, str(BENCH / "instructions.py"), "--load", "5", "--clients", "4"],
+                       check=False, capture_output=True, text=True, timeout=60, cwd=BENCH)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--load" in r.stderr, r.stderr
