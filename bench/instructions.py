@@ -12,8 +12,8 @@ are zeroed, a fixed number of sessions run one after another from this process
     retr    RETR of a ~15 kB message in one logged-in session
 
     python bench/instructions.py [--sessions N] [--retrs N] [--keep DIR]
-        [--clients N | --load SECONDS] [--cache-sim] [--twisted PYTHON]
-        [-- SERVER FLAGS...]
+        [--clients N | --load SECONDS] [--cache-sim [--last-level BYTES]]
+        [--twisted PYTHON] [-- SERVER FLAGS...]
 
 With --clients N the login sessions run from N threads at once, so the server
 holds up to N sessions between its loop's turns as under popbench's load (run.py
@@ -21,10 +21,14 @@ uses 50); the count per session then shows what concurrency itself costs, which
 one-by-one sessions cannot. With --load S the login sessions are popbench's own
 churn instead, as bench/run.py's login scenario drives it (50 clients over 1,000
 users with 10-message Maildirs) for S seconds, divided by the sessions popbench
-completed: the run's own workload, counted. Flags after `--` go to our server's command line
-(`-- --no-use-uvloop` counts the plain asyncio loop). --cache-sim adds
+completed: the run's own workload, counted. Flags after `--` go to our server's
+command line (`-- --no-use-uvloop` counts the plain asyncio loop). --cache-sim adds
 callgrind's simulated cache misses and branch mispredictions per session: the
-cost of an instruction that a count of instructions cannot show.
+cost of an instruction that a count of instructions cannot show. callgrind
+simulates two levels, L1 and a last level it sizes as the host's L3 (32 MiB
+here, which nothing misses); `--last-level 524288` sizes it as this host's L2
+instead, so its misses (ILmr, DLmr, DLmw) count what goes past L2 to the
+shared L3: the cost that separated us from Twisted under load (bench/README.md).
 
 With --twisted (the interpreter of a virtualenv holding Twisted, as bench/run.py
 makes) Twisted's POP3 server (bench/twisted_pop3.py) is counted the same way on
@@ -186,7 +190,8 @@ def server_command(work: Path, port: int, twisted: str | None, flags: list[str] 
 
 
 def measure(work: Path, sessions: int, count: int, twisted: str | None = None, clients: int = 1,
-            flags: list[str] | None = None, cache_sim: bool = False, load: float | None = None) -> dict[str, Any]:
+            flags: list[str] | None = None, cache_sim: bool = False, load: float | None = None,
+            last_level: int | None = None) -> dict[str, Any]:
     if load is not None:
         users = SESSION_USERS
         make_maildirs(work, users=users, messages=LOAD_MESSAGES)
@@ -201,6 +206,7 @@ def measure(work: Path, sessions: int, count: int, twisted: str | None = None, c
         server = subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
              *(["--cache-sim=yes", "--branch-sim=yes"] if cache_sim else []),
+             *([f"--LL={last_level},8,64"] if last_level else []),
              *server_command(work, port, twisted, flags, users)],
             stdout=log, stderr=log, env=env, cwd=work,
         )
@@ -250,10 +256,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="count popbench's login churn (50 clients, 1,000 users) for SECONDS instead")
     parser.add_argument("--cache-sim", action="store_true",
                         help="simulate the caches and branch predictors too (callgrind's; about twice as slow)")
+    parser.add_argument("--last-level", type=int, metavar="BYTES",
+                        help="with --cache-sim: the simulated last-level cache's size (the host's L3 by default; "
+                             "the L2's size counts what misses L2)")
     parser.add_argument("flags", nargs="*", help="after --: more flags for our server")
     a = parser.parse_args(argv)
     if a.load is not None and (a.load <= 0 or a.clients != 1):
         print("bench/instructions.py: --load takes seconds above 0, and no --clients", file=sys.stderr)
+        return 2
+    if a.last_level is not None and (not a.cache_sim or a.last_level < 65536 or a.last_level & (a.last_level - 1)):
+        print("bench/instructions.py: --last-level needs --cache-sim and a power of two of 64 KiB or more",
+              file=sys.stderr)
         return 2
     if a.clients < 1:
         print("bench/instructions.py: --clients must be at least 1", file=sys.stderr)
@@ -263,10 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.keep is not None:
         a.keep.mkdir(parents=True, exist_ok=True)
-        result = measure(a.keep, a.sessions, a.retrs, a.twisted, a.clients, a.flags, a.cache_sim, a.load)
+        result = measure(a.keep, a.sessions, a.retrs, a.twisted, a.clients, a.flags, a.cache_sim, a.load,
+                             a.last_level)
     else:
         with tempfile.TemporaryDirectory(prefix="qpopper-callgrind-") as tmp:
-            result = measure(Path(tmp), a.sessions, a.retrs, a.twisted, a.clients, a.flags, a.cache_sim, a.load)
+            result = measure(Path(tmp), a.sessions, a.retrs, a.twisted, a.clients, a.flags, a.cache_sim, a.load,
+                             a.last_level)
     print(json.dumps(result))
     return 0
 

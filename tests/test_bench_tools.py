@@ -78,3 +78,6 @@ def test_instructions_refuses_bad_driver_options_with_one_line() -> None:
     r = subprocess.run([sys.executable, str(BENCH / "instructions.py"), "--load", "5", "--clients", "4"],
                        check=False, capture_output=True, text=True, timeout=60, cwd=BENCH)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--load" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, str(BENCH / "instructions.py"), "--last-level", "524288"],
+                       check=False, capture_output=True, text=True, timeout=60, cwd=BENCH)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--cache-sim" in r.stderr, r.stderr
