@@ -425,8 +425,12 @@ class Connection:
         maildrop = self.retrieval.maildrop
         self.updating = True
         try:
-            # A task of our own: shield(coroutine) would ask for the running loop (a getpid on 3.11).
-            await asyncio.shield(self._loop_ref.create_task(self._commit_maildrop(maildrop, effect)))
+            commit = self._commit_maildrop(maildrop, effect)
+            if _update.runs_on_loop(self.login, maildrop, effect.deleted, effect.retrieved):
+                await commit  # never suspends, so no cancellation can stop it halfway: nothing to shield
+            else:
+                # A task of our own: shield(coroutine) would ask for the running loop (a getpid on 3.11).
+                await asyncio.shield(self._loop_ref.create_task(commit))
         except MaildropError as exc:
             log.error("%s: update failed for %s: %s", self.peer, self.session.user, exc)
             self.session.commit_done(exc.code)

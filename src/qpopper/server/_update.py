@@ -33,8 +33,9 @@ def _can_tell(kind: type) -> bool:
     return issubclass(kind, QuickUpdate)
 
 
-def _writes_nothing(login: Login, maildrop: Maildrop, deleted: AbstractSet[int], retrieved: AbstractSet[int]) -> bool:
-    """UPDATE and close would only release locks: done on the loop."""
+def runs_on_loop(login: Login, maildrop: Maildrop, deleted: AbstractSet[int], retrieved: AbstractSet[int]) -> bool:
+    """UPDATE and close would only release locks: done on the loop, without
+    suspending (a QUIT then needs no task of its own to shield them)."""
     if login.spool_privilege is not None or not _can_tell(type(maildrop)):
         return False
     return cast(QuickUpdate, maildrop).writes_nothing(deleted, retrieved)
@@ -56,7 +57,7 @@ def _commit_and_close(login: Login, maildrop: Maildrop, deleted: AbstractSet[int
 async def commit(login: Login, maildrop: Maildrop, deleted: AbstractSet[int], retrieved: AbstractSet[int]) -> None:
     """UPDATE and close; raises what the commit raised (the maildrop is
     closed either way)."""
-    if _writes_nothing(login, maildrop, deleted, retrieved):
+    if runs_on_loop(login, maildrop, deleted, retrieved):
         _commit_and_close(login, maildrop, deleted, retrieved)
     else:
         await login.blocking(_commit_and_close, login, maildrop, deleted, retrieved)
@@ -67,7 +68,7 @@ async def close(login: Login, maildrop: Maildrop) -> None:
     without QUIT copies its temp drop back, which takes time. Never raises
     (a failure is logged)."""
     try:
-        if _writes_nothing(login, maildrop, _NOTHING, _NOTHING):
+        if runs_on_loop(login, maildrop, _NOTHING, _NOTHING):
             maildrop.close()
         else:
             await asyncio.shield(login.blocking(login.privileged, maildrop.close))
