@@ -123,3 +123,30 @@ def test_uw_kluge_hides_the_folder_internal_data_message(tmp_path: Path) -> None
         assert b"FOLDER INTERNAL DATA" in (d / "alice").read_bytes()  # kept in the spool
     finally:
         server.stop()
+
+
+def test_settings_are_the_options_own_unless_a_group_or_hashed_temp_dir_makes_them_the_users(
+    tmp_path: Path,
+) -> None:
+    import dataclasses
+    import grp
+    import os
+
+    from qpopper.auth import Principal
+    from qpopper.config.options import Options
+    from qpopper.server._spool import maildrop_settings
+
+    alice, bob = Principal("alice", "mbox:/a", gid=os.getgid()), Principal("bob", "mbox:/b", gid=-5)
+    options = dataclasses.replace(Options(), server_mode=False, fast_update=True)
+    first = maildrop_settings(options, alice)
+    assert maildrop_settings(options, bob) is first  # one object for every user of these options
+    assert (first.server_mode, first.fast_update) == (False, True)
+    changed = dataclasses.replace(options, fast_update=False)
+    assert maildrop_settings(changed, alice).fast_update is False  # new options, new settings
+    grouped = dataclasses.replace(options, group_server_mode=grp.getgrgid(os.getgid()).gr_name)
+    assert maildrop_settings(grouped, alice).server_mode is True
+    assert maildrop_settings(grouped, bob).server_mode is False
+    hashed = dataclasses.replace(options, temp_dir=str(tmp_path), hash_spool=1)
+    temp_of_alice = maildrop_settings(hashed, alice).temp_dir
+    assert temp_of_alice is not None and temp_of_alice.startswith(str(tmp_path) + os.sep)
+    assert temp_of_alice != maildrop_settings(hashed, bob).temp_dir

@@ -29,7 +29,22 @@ def _in_group(principal: Principal, group: str | None) -> bool:
     return principal.gid == entry.gr_gid or principal.user in entry.gr_mem
 
 
+# The settings of the last Options that named no per-user rule, and those
+# Options: most sites have one Options object for every session, so the
+# login path builds no settings object at all (see maildrop_settings).
+_shared: tuple[Options, MaildropSettings] | None = None
+
+
 def maildrop_settings(options: Options, principal: Principal) -> MaildropSettings:
+    """The backend settings of this session: the options' own, unless a
+    group's server mode or a hashed temp directory makes them the user's."""
+    global _shared  # noqa: PLW0603 - a one-entry cache, replaced whole
+    per_user = options.group_server_mode or options.group_no_server_mode or (options.temp_dir and options.hash_spool)
+    if not per_user:
+        shared = _shared
+        if shared is None or shared[0] is not options:
+            shared = _shared = (options, _settings(options, options.server_mode, options.temp_dir))
+        return shared[1]
     server_mode = options.server_mode
     if _in_group(principal, options.group_server_mode):
         server_mode = True
@@ -40,6 +55,10 @@ def maildrop_settings(options: Options, principal: Principal) -> MaildropSetting
         parts = hash_dirs(principal.user, options.hash_spool)
         make_hash_dirs(temp_dir, parts)
         temp_dir = os.path.join(temp_dir, *parts)
+    return _settings(options, server_mode, temp_dir)
+
+
+def _settings(options: Options, server_mode: bool, temp_dir: str | None) -> MaildropSettings:
     return MaildropSettings(
         server_mode=server_mode,
         fast_update=options.fast_update,
