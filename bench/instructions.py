@@ -60,7 +60,7 @@ from run import SESSION_USERS, popbench_json, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
 POPBENCH = Path(os.environ.get("QPOPPER_BENCH_SHARED", REPO.parent / "shared" / "bench")) / "popbench.py"
-LOAD_MESSAGES = 10  # run.py's session users hold 10 messages each
+LOAD_CLIENTS, LOAD_MESSAGES = 50, 10  # run.py's login scenario: 50 clients, 10 messages per user
 
 
 class Pop:
@@ -98,28 +98,26 @@ class Pop:
         self.sock.close()
 
 
-def login_sessions(port: int, count: int) -> None:
-    login_sessions_from(port, 0, count)
-
-
-def login_sessions_from(port: int, first: int, count: int, users: int = USERS) -> None:
-    for k in range(first, first + count):
+def login_sessions(port: int, count: int, user: int | None = None) -> int:
+    """`count` login sessions one after another, over u1..u`USERS` or as u`user`
+    only; the count."""
+    for k in range(count):
         pop = Pop(port)
-        pop.command(b"USER u%d" % (k % users + 1))
+        pop.command(b"USER u%d" % (user if user is not None else k % USERS + 1))
         pop.command(b"PASS " + PASSWORD.encode())
         pop.command(b"STAT")
         pop.quit()
+    return count
 
 
-def concurrent_login_sessions(port: int, count: int, clients: int) -> None:
+def concurrent_login_sessions(port: int, count: int, clients: int) -> int:
     """`count` login sessions from `clients` threads; thread t logs in as u(t+1) only,
     so no two sessions at once ask for the same maildrop (its lock would refuse one)."""
     failures: list[Exception] = []
 
     def client(t: int) -> None:
         try:
-            for _ in range(count // clients + (t < count % clients)):
-                login_sessions_from(port, t, 1)
+            login_sessions(port, count // clients + (t < count % clients), user=t + 1)
         except (OSError, RuntimeError) as e:  # reported once all threads are done
             failures.append(e)
 
@@ -130,6 +128,7 @@ def concurrent_login_sessions(port: int, count: int, clients: int) -> None:
         t.join()
     if failures:
         raise failures[0]
+    return count
 
 
 def popbench_logins(port: int, seconds: float, clients: int, users: int) -> int:
@@ -146,7 +145,8 @@ def popbench_logins(port: int, seconds: float, clients: int, users: int) -> int:
     return int(runs[-1]["sessions"])
 
 
-def retrs(port: int, count: int) -> None:
+def retrs(port: int, count: int) -> int:
+    """`count` RETRs in one session; the count."""
     pop = Pop(port)
     pop.command(b"USER u1")
     pop.command(b"PASS " + PASSWORD.encode())
@@ -154,6 +154,7 @@ def retrs(port: int, count: int) -> None:
     for k in range(count):
         pop.retr(k % messages + 1)
     pop.quit()
+    return count
 
 
 def callgrind(pid: int, what: str) -> None:
@@ -219,18 +220,12 @@ def measure(work: Path, sessions: int, count: int, twisted: str | None = None, c
 
             def logins(port: int, n: int) -> int:
                 if load is not None:
-                    return popbench_logins(port, load, 50, users)
+                    return popbench_logins(port, load, LOAD_CLIENTS, users)
                 if clients > 1:
-                    concurrent_login_sessions(port, n, clients)
-                else:
-                    login_sessions(port, n)
-                return n
+                    return concurrent_login_sessions(port, n, clients)
+                return login_sessions(port, n)
 
-            def some_retrs(port: int, n: int) -> int:
-                retrs(port, n)
-                return n
-
-            steps = [("login", logins, sessions)] + ([("retr", some_retrs, count)] if twisted is None else [])
+            steps = [("login", logins, sessions)] + ([("retr", retrs, count)] if twisted is None else [])
             for name, drive, wanted in steps:
                 callgrind(server.pid, "--zero")
                 n = drive(port, wanted)
@@ -276,12 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.keep is not None:
         a.keep.mkdir(parents=True, exist_ok=True)
-        result = measure(a.keep, a.sessions, a.retrs, a.twisted, a.clients, a.flags, a.cache_sim, a.load,
-                             a.last_level)
-    else:
-        with tempfile.TemporaryDirectory(prefix="qpopper-callgrind-") as tmp:
-            result = measure(Path(tmp), a.sessions, a.retrs, a.twisted, a.clients, a.flags, a.cache_sim, a.load,
-                             a.last_level)
+    with tempfile.TemporaryDirectory(prefix="qpopper-callgrind-") as tmp:
+        result = measure(a.keep or Path(tmp), a.sessions, a.retrs, a.twisted, a.clients, a.flags, a.cache_sim,
+                         a.load, a.last_level)
     print(json.dumps(result))
     return 0
 

@@ -76,14 +76,19 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
-def wait_until(samples: Callable[[], Samples], name: str, expected: float, **labels: str) -> Samples:
-    """The server publishes about once a second: poll until `name` reaches `expected`."""
+def wait_for(samples: Callable[[], Samples], done: Callable[[Samples], bool]) -> Samples:
+    """The server publishes about once a second: poll until `done` holds (or 30 s pass)."""
     deadline = time.monotonic() + 30
     while True:
         found = samples()
-        if value(found, name, **labels) == expected or time.monotonic() > deadline:
+        if done(found) or time.monotonic() > deadline:
             return found
         time.sleep(0.1)
+
+
+def wait_until(samples: Callable[[], Samples], name: str, expected: float, **labels: str) -> Samples:
+    """Poll until `name` reaches `expected`."""
+    return wait_for(samples, lambda found: value(found, name, **labels) == expected)
 
 
 @pytest.fixture
@@ -133,16 +138,14 @@ def test_counters_of_two_workers_match_the_sessions_run(workers: MetricsDaemon) 
         ("qpopper_maildrop_open_seconds_count", {}, expected["ok"]),
         ("qpopper_sessions", {}, 0),  # all over: no state holds a session
     ]
+
+    def figures(samples: Samples) -> list[tuple[str, dict[str, str], float]]:
+        return [(name, labels, value(samples, name, **labels)) for name, labels, _ in wanted]
+
     # A worker writes one metric file after another, so a scrape between two
     # of them sees part of its last batch: wait until every figure is in.
-    deadline = time.monotonic() + 30
-    while True:
-        samples = workers.samples()
-        found = [(name, labels, value(samples, name, **labels)) for name, labels, _ in wanted]
-        if found == wanted or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert found == wanted
+    samples = wait_for(workers.samples, lambda found: figures(found) == wanted)
+    assert figures(samples) == wanted
     assert value(samples, "qpopper_sent_bytes_total") > expected["retrieved"] * len(MSG)
     # The dropped session's DELE was not applied; the others' were.
     assert _messages(workers.home / USERS[5] / "Maildir") == 2

@@ -4,6 +4,9 @@ the UW kluge, and bulletin marks for system users come in their own files."""
 
 from __future__ import annotations
 
+import dataclasses
+import grp
+import os
 import poplib
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,9 @@ import pytest
 
 from conftest import PASSWORD
 from qpopper import Controller, StaticAuthenticator
+from qpopper.auth import Principal
+from qpopper.config.options import Options
+from qpopper.server._spool import maildrop_settings
 
 FROM = b"From a@b  Wed Nov 25 10:00:00 2026\n"
 
@@ -128,14 +134,6 @@ def test_uw_kluge_hides_the_folder_internal_data_message(tmp_path: Path) -> None
 def test_settings_are_the_options_own_unless_a_group_or_hashed_temp_dir_makes_them_the_users(
     tmp_path: Path,
 ) -> None:
-    import dataclasses
-    import grp
-    import os
-
-    from qpopper.auth import Principal
-    from qpopper.config.options import Options
-    from qpopper.server._spool import maildrop_settings
-
     alice, bob = Principal("alice", "mbox:/a", gid=os.getgid()), Principal("bob", "mbox:/b", gid=-5)
     options = dataclasses.replace(Options(), server_mode=False, fast_update=True)
     first = maildrop_settings(options, alice)
