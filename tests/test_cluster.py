@@ -555,10 +555,12 @@ def test_three_hosts_lose_nothing(cluster: Cluster) -> None:
             assert b"[IN-USE]" in refused
 
             # A brute force from one address: each host it lands on waits longer (Redis).
+            # Its tries go to h1, h2, h3, h1 through the pinned frontends: round robin
+            # amid the other clients' sessions put all four on one host once in a while.
             def brute() -> list[float]:
                 took = []
-                for _ in range(4):
-                    client = SourcedPOP3(LB, 110, BRUTE)
+                for host in ["h1", "h2", "h3", "h1"]:
+                    client = SourcedPOP3(LB, PINNED[host], BRUTE)
                     client.user(USERS[0])
                     began = time.monotonic()
                     with contextlib.suppress(poplib.error_proto):
