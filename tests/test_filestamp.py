@@ -3,6 +3,7 @@ and what the passwd-file, the APOP database and the access lists make of it."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -59,6 +60,27 @@ def test_a_missing_file_is_remembered_as_missing_and_raised_afresh(tmp_path: Pat
     assert second.value is not first.value and second.value.filename == str(path)
     clock.now += 1.0
     assert cache.stat().st_size == len("here now")
+
+
+def test_the_login_path_gets_a_missing_file_as_its_errno_without_an_exception(tmp_path: Path) -> None:
+    path = tmp_path / "gone"
+    clock = Clock()
+    cache = StatCache(str(path), interval=1.0, clock=clock)
+    assert cache.stat_or_errno() == errno.ENOENT
+    path.write_text("here now")
+    assert cache.stat_or_errno() == errno.ENOENT  # within the interval: still the remembered answer
+    clock.now += 1.0
+    found = cache.stat_or_errno()
+    assert not isinstance(found, int) and found.st_size == len("here now")
+    path.unlink()
+    clock.now += 1.0
+    assert cache.stat_or_errno() == errno.ENOENT
+
+
+def test_a_missing_apop_database_or_access_list_answers_from_memory(tmp_path: Path) -> None:
+    database = ApopDatabase(str(tmp_path / "pop.auth"), recheck_interval=3600)
+    assert database.secret_if_current("u1") == (True, None)  # no file: no secret, known without a read
+    assert UserList(str(tmp_path / "ftpusers"), recheck_interval=3600).names() is None
 
 
 def test_the_passwd_file_is_trusted_from_memory_until_its_stat_is_due(tmp_path: Path) -> None:

@@ -30,9 +30,8 @@ class UserList:
     def names(self) -> frozenset[str] | None:
         """The names listed, or None if the file cannot be read."""
         with self._lock:
-            try:
-                st = self._stat.stat()
-            except OSError:
+            st = self._stat.stat_or_errno()
+            if isinstance(st, int):
                 self._stamp, self._names = None, None
                 return None
             stamp = (st.st_mtime_ns, st.st_size)

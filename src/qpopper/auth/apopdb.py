@@ -24,6 +24,7 @@ or secret is unchanged by all of this.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
@@ -156,12 +157,9 @@ class ApopDatabase:
         if not self._lock.acquire(blocking=False):
             return False, None
         try:
-            try:
-                st = self._stat.stat()
-            except FileNotFoundError:
-                return self._stamp is None, None
-            except OSError:
-                return False, None
+            st = self._stat.stat_or_errno()
+            if isinstance(st, int):  # no file is no secrets: current if the copy is of no file too
+                return (self._stamp is None and st == errno.ENOENT), None
             if (st.st_mtime_ns, st.st_size) != self._stamp:
                 return False, None
             return True, self._secrets.get(user)

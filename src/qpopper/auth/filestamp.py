@@ -50,6 +50,17 @@ class StatCache:
         self._errno = 0
 
     def stat(self) -> os.stat_result:
+        result = self.stat_or_errno()
+        if isinstance(result, int):
+            raise OSError(result, os.strerror(result), self.path)
+        return result
+
+    def stat_or_errno(self) -> os.stat_result | int:
+        """The stat, or the errno it failed with. For the checks at every
+        login, where a missing file (no APOP database, no access list) is the
+        usual case: an OSError raised and caught there cost a login more than
+        the stat the cache saves (its message comes from the C library's
+        message catalogues)."""
         now = self._clock()
         checked = self._checked
         if checked is None or now - checked >= self.interval or self._generation != StatCache.generation:
@@ -58,7 +69,4 @@ class StatCache:
                 self._result = os.stat(self.path)
             except OSError as exc:
                 self._result, self._errno = None, exc.errno or 0
-                raise
-        if self._result is None:
-            raise OSError(self._errno, os.strerror(self._errno), self.path)
-        return self._result
+        return self._errno if self._result is None else self._result

@@ -275,11 +275,8 @@ class PasswdFileAuthenticator(Authenticator, QuickAuthenticator, Reloadable, Scr
         if not self._lock.acquire(blocking=False):
             return None  # a worker is reloading
         try:
-            try:
-                st = self._stat.stat()
-            except OSError:
-                return None
-            if (st.st_mtime_ns, st.st_size) != self._mtime:
+            st = self._stat.stat_or_errno()
+            if isinstance(st, int) or (st.st_mtime_ns, st.st_size) != self._mtime:
                 return None
             return self._entries.get(user)
         finally:
