@@ -157,6 +157,21 @@ def test_bad_locations_are_refused(template: str, user: str, home: str | None) -
         expand_location(template, user, home)
 
 
+@pytest.mark.parametrize(
+    ("template", "user", "home", "expanded"),
+    [("maildir:/srv/%u/Maildir", "bob", None, "maildir:/srv/bob/Maildir"),
+     ("maildir:/srv/%d/%n", "bob@example.org", None, "maildir:/srv/example.org/bob"),
+     ("maildir:~/Maildir", "bob", "/home/bob", "maildir:/home/bob/Maildir"),
+     ("mbox:%h//spool/", "bob", "/home/bob", "mbox:/home/bob/spool"),
+     ("maildir:/srv/100%%/%u%", "bob", None, "maildir:/srv/100%/bob%"),
+     ("maildir:/srv/%u", "bob", None, "maildir:/srv/bob")],
+)
+def test_locations_expand_the_same_each_time(template: str, user: str, home: str | None, expanded: str) -> None:
+    """The template is split once and kept; every expansion of it reads the same."""
+    assert expand_location(template, user, home) == expanded
+    assert expand_location(template, user, home) == expanded  # from the kept split
+
+
 @pytest.mark.slow
 def test_fifty_thousand_messages_listed_without_reading_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     md = tmp_path / "Maildir"

@@ -14,7 +14,10 @@ trusted to have done it.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
+from types import ModuleType
 from typing import Literal, NamedTuple
 
 from ..errors import MaildropError, ResponseCode, WouldBlock
@@ -46,6 +49,27 @@ class MaildropLocation(NamedTuple):
         return f"{self.kind}:{self.path}"
 
 
+@functools.cache
+def _split_template(template: str) -> tuple[MaildropKind, tuple[tuple[str, str], ...]]:
+    """A template's kind and its path as (literal, variable) pairs, the
+    variable a letter or "" after the last literal: worked out once per
+    template, not at every login. A "%" that ends the path is a literal."""
+    kind, path = MaildropLocation.parse(template)
+    parts: list[tuple[str, str]] = []
+    literal: list[str] = []
+    i = 0
+    while i < len(path):
+        if path[i] == "%" and i + 1 < len(path):
+            parts.append(("".join(literal), path[i + 1]))
+            literal = []
+            i += 2
+        else:
+            literal.append(path[i])
+            i += 1
+    parts.append(("".join(literal), ""))
+    return kind, tuple(parts)
+
+
 def expand_location(template: str, user: str, home: str | None) -> str:
     """The template with %u (user), %n (its local part), %d (domain), %h
     (home) and %% replaced. A name that is not a valid *username* (a UTF-8
@@ -54,26 +78,21 @@ def expand_location(template: str, user: str, home: str | None) -> str:
     path_safe = is_valid_username(user)
     if not path_safe and not is_valid_login_name(user):
         raise MaildropError(f"refusing to build a path for user name {user!r}", ResponseCode.SYS_PERM)
-    fmt, path = MaildropLocation.parse(template)
+    kind, parts = _split_template(template)
     local, _, domain = user.partition("@")
     values = {"u": user, "n": local, "d": domain, "%": "%"}
     if home:
         values["h"] = home
     out: list[str] = []
-    i = 0
-    while i < len(path):
-        ch = path[i]
-        if ch == "%" and i + 1 < len(path):
-            key = path[i + 1]
-            if key not in values:
-                raise MaildropError(f"location {template!r} needs %{key}, which {user!r} lacks", ResponseCode.SYS_PERM)
-            if key in "und" and not path_safe:
-                raise MaildropError(f"refusing to build a path for user name {user!r}", ResponseCode.SYS_PERM)
-            out.append(values[key])
-            i += 2
+    for literal, key in parts:
+        out.append(literal)
+        if not key:
             continue
-        out.append(ch)
-        i += 1
+        if key not in values:
+            raise MaildropError(f"location {template!r} needs %{key}, which {user!r} lacks", ResponseCode.SYS_PERM)
+        if key in "und" and not path_safe:
+            raise MaildropError(f"refusing to build a path for user name {user!r}", ResponseCode.SYS_PERM)
+        out.append(values[key])
     expanded = "".join(out)
     if expanded.startswith("~/"):
         if not home:
@@ -81,7 +100,7 @@ def expand_location(template: str, user: str, home: str | None) -> str:
         expanded = os.path.join(home, expanded[2:])
     if not os.path.isabs(expanded):
         raise MaildropError(f"maildrop path {expanded!r} is not absolute", ResponseCode.SYS_PERM)
-    return f"{fmt}:{os.path.normpath(expanded)}"
+    return f"{kind}:{os.path.normpath(expanded)}"
 
 
 def open_maildrop(
@@ -98,15 +117,19 @@ def open_maildrop(
         # that wait belongs in a worker, not on the loop every session shares.
         raise WouldBlock("maildrops on shared storage are opened in a worker")
     if kind == "maildir":
-        from .maildir import MaildirMaildrop
+        maildrop: Maildrop = _backend("maildir").MaildirMaildrop(path, quick=quick, settings=settings)
+    elif kind == "mbox":
+        maildrop = _backend("mbox").MboxMaildrop(path, settings or MaildropSettings(), quick=quick)
+    elif kind == "memory":
+        maildrop = _backend("memory").open_memory(path)
+    else:
+        raise MaildropError(f"no backend for maildrop kind {kind!r}", ResponseCode.SYS_PERM)
+    return maildrop
 
-        return MaildirMaildrop(path, quick=quick, settings=settings)
-    if kind == "mbox":
-        from .mbox import MboxMaildrop
 
-        return MboxMaildrop(path, settings or MaildropSettings(), quick=quick)
-    if kind == "memory":
-        from .memory import open_memory
-
-        return open_memory(path)
-    raise MaildropError(f"no backend for maildrop kind {kind!r}", ResponseCode.SYS_PERM)
+@functools.cache
+def _backend(kind: MaildropKind) -> ModuleType:
+    """The module of a kind's backend, imported when the first maildrop of
+    that kind opens (a Maildir site never loads mbox's index and recovery
+    code), and kept: an import statement run at every login cost one."""
+    return importlib.import_module(f".{kind}", __package__)
