@@ -50,16 +50,19 @@ def test_size_hints_are_trusted_and_a_stale_one_loses_nothing(tmp_path: Path, ca
 
 @pytest.mark.parametrize("others", [0, 1], ids=["alone", "beside-hinted"])
 def test_a_size_hint_no_file_can_have_is_not_trusted(tmp_path: Path, others: int) -> None:
-    """A ,W= of 19 digits or more (beyond the sizes' array) is ignored: the
-    file is counted, the open does not fail."""
+    """A ,W= of 19 digits or more (beyond the sizes' array) is ignored, and so
+    are digits of other scripts (int() would read them): the file is counted,
+    the open does not fail."""
     md = tmp_path / "Maildir"
     if others:
         write_maildir_message(md, MSG, name=f"0.z,S={len(MSG)},W={wire_size(MSG)}")
     huge = write_maildir_message(md, MSG, name=f"1.a,S={len(MSG)},W={'9' * 19}")
+    foreign = write_maildir_message(md, MSG, name="2.b,S=\u0661\u0662,W=\u0661\u0663")  # Arabic-Indic 12, 13
     drop = MaildirMaildrop(str(md))
     try:
         sizes = {i.uid: i.size for i in drop.messages()}
-        assert sizes[uid_from_name(huge)] == wire_size(MSG) and len(sizes) == 1 + others
+        assert sizes[uid_from_name(huge)] == wire_size(MSG) == sizes[uid_from_name(foreign)]
+        assert len(sizes) == 2 + others
     finally:
         drop.close()
 

@@ -56,13 +56,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".qpopper-pop3.lock"
-_SIZE_HINTS = re.compile(r",S=(\d+)|,W=(\d+)")
+# Sizes are ASCII digits: [0-9], not \d, which takes any script's digits
+# (and int() would read them) and is slower to match.
+_SIZE_HINTS = re.compile(r",S=([0-9]+)|,W=([0-9]+)")
 # The common name, matched over all names at once (one line each): unique
 # part, S=, W= (the group), flags. Names that all match list without a stat.
 # A size of more than 18 digits is no file's (and would not fit the sizes'
 # array): such a name is sized by reading the file.
 _W_DIGITS = 18
-_HINTED_NAME = re.compile(rf"^[^\n,:]{{1,70}},S=\d+,W=(\d{{1,{_W_DIGITS}}})(?::2,[^\n,]*)?$", re.MULTILINE)
+_HINTED_NAME = re.compile(rf"^[^\n,:]{{1,70}},S=[0-9]+,W=([0-9]{{1,{_W_DIGITS}}})(?::2,[^\n,]*)?$", re.MULTILINE)
 _UID_BYTES = bytes(range(0x21, 0x7F))
 _SUBDIRS = ("cur", "new")
 # A quick open lists directories up to this size (st_size; a few hundred
