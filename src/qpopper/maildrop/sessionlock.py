@@ -47,8 +47,12 @@ log = logging.getLogger(__name__)
 
 OWNER_SUFFIX = ".owner"
 
-# struct flock for F_OFD_SETLK: l_type, l_whence, l_start, l_len, l_pid.
+# struct flock for F_OFD_SETLK (l_type, l_whence, l_start, l_len, l_pid),
+# whole file: the two requests every session makes, packed once.
+_OFD = hasattr(fcntl, "F_OFD_SETLK")
 _FLOCK = "hhqqi"
+_LOCK_REQUEST = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+_UNLOCK_REQUEST = struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
 
 # Start-overs after finding the locked file unlinked: each one means another
 # session ended in between, so a few cover any real contention.
@@ -58,9 +62,8 @@ _MAX_ATTEMPTS = 20
 def _lock_fd(fd: int) -> bool:
     """Take an exclusive lock on `fd` without waiting; False if held."""
     try:
-        if hasattr(fcntl, "F_OFD_SETLK"):
-            request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+        if _OFD:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _LOCK_REQUEST)
         else:  # pragma: no cover - non-Linux fallback
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -196,9 +199,8 @@ class SessionLock:
             # file description, and a mere close would leave it locked
             # until that child exits or execs.
             try:
-                if hasattr(fcntl, "F_OFD_SETLK"):
-                    request = struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
-                    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+                if _OFD:
+                    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _UNLOCK_REQUEST)
                 else:  # pragma: no cover - non-Linux fallback
                     fcntl.flock(fd, fcntl.LOCK_UN)
             except OSError:
