@@ -304,6 +304,8 @@ class Env:
     matplotlib: bool
     mbox_backend: bool
     tls: bool
+    python_version: str  # the interpreter's, not this script's
+    python_build: str  # whether libpython is a shared library
     notes: list[str] = field(default_factory=list)
 
 
@@ -341,19 +343,27 @@ def check_prerequisites(args: argparse.Namespace) -> Env:
          "import importlib.util, sys, qpopper\n"
          "assert qpopper.__file__.startswith(sys.argv[1]), qpopper.__file__\n"
          "print(importlib.util.find_spec('qpopper.maildrop.mbox') is not None)\n"
-         "print(importlib.util.find_spec('uvloop') is not None)\n",
+         "print(importlib.util.find_spec('uvloop') is not None)\n"
+         "import platform\n"
+         "print(platform.python_version())\n"
+         "print(any('libpython' in line for line in open('/proc/self/maps')))\n",
          str(args.src_dir)],
         env=env, cwd=REPO,
     )
     mbox_backend = tls = False
+    python_version, python_build = "?", "?"
     if probe.returncode != 0:
         problems.append(
             f"{python} cannot import qpopper and its dependencies: run ./dev test once (it makes .venv), "
             f"or give --python. ({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else ''})"
         )
     else:
-        mbox_s, uvloop_s = probe.stdout.split()
+        mbox_s, uvloop_s, python_version, shared_s = probe.stdout.split()
         mbox_backend = mbox_s == "True"
+        # The interpreter's build moves every figure: pyenv's (a shared
+        # libpython, no profile-guided build) spent 1.4x the CPU per login of
+        # Debian's python3 (linked into its executable) on the same sessions.
+        python_build = "a shared libpython" if shared_s == "True" else "libpython linked into the executable"
         if uvloop_s != "True":
             notes.append(f"uvloop is not importable by {python}: both the server and the client run plain asyncio.")
     # Features of the measured revision, found in its source (its command line changes shape).
@@ -370,7 +380,7 @@ def check_prerequisites(args: argparse.Namespace) -> Env:
         for p in problems:
             print(f"bench/run.py: {p}", file=sys.stderr)
         raise SystemExit(2)
-    return Env(shared, popbench, dovecot_sh, python, mpl, mbox_backend, tls, notes)
+    return Env(shared, popbench, dovecot_sh, python, mpl, mbox_backend, tls, python_version, python_build, notes)
 
 
 # ----------------------------------------------------------------------------------------
@@ -841,7 +851,8 @@ def write_report(bench: Bench, args: argparse.Namespace, argv: list[str]) -> Pat
     w(f"- date: {bench.started:%Y-%m-%d %H:%M} – {finished:%H:%M} UTC")
     for m in machine_info():
         w(f"- {m}")
-    w(f"- Python {platform.python_version()} ({env.python}); Dovecot {bench.extra.get('dovecot_version', '?')} "
+    w(f"- Python {env.python_version} ({env.python}, {env.python_build}); "
+      f"Dovecot {bench.extra.get('dovecot_version', '?')} "
       "(private instance via dovecot.sh, default secure login mode: one pop3-login process per connection)")
     w(f"- qpopper: {git_rev(args)}; run with `--auth-fail-delay 0 --workers {args.workers}`, uvloop if installed")
     w(f"- harness: {env.popbench} (client loop: see `loop` in raw/*.jsonl)")
