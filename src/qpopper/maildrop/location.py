@@ -49,7 +49,9 @@ class MaildropLocation(NamedTuple):
         return f"{self.kind}:{self.path}"
 
 
-@functools.cache
+# Bounded: a user database may give each user a location of their own
+# (a mail column, passwd-file's userdb_mail), and a daemon lives for weeks.
+@functools.lru_cache(maxsize=256)
 def _split_template(template: str) -> tuple[MaildropKind, tuple[tuple[str, str], ...]]:
     """A template's kind and its path as (literal, variable) pairs, the
     variable a letter or "" after the last literal: worked out once per
