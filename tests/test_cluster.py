@@ -528,9 +528,12 @@ def test_three_hosts_lose_nothing(cluster: Cluster) -> None:
             stop_sessions = threading.Event()
             numbers = itertools.count()
 
+            def numbered_session(n: int) -> None:
+                one_session(random.Random(n).choice(USERS), CLIENTS[n % len(CLIENTS)], ledger)
+
             def sessions() -> None:
                 while not stop_sessions.wait(0.02) and (n := next(numbers)) < SESSIONS:
-                    one_session(random.Random(n).choice(USERS), CLIENTS[n % len(CLIENTS)], ledger)
+                    numbered_session(n)
 
             futures = [pool.submit(sessions) for _ in range(6)]
 
@@ -616,10 +619,8 @@ def test_three_hosts_lose_nothing(cluster: Cluster) -> None:
             # above may have used up their number by now on a loaded machine.
             def until_h3_served() -> None:
                 deadline = time.monotonic() + 60
-                n = 0
                 while cluster.log_of("h3").count("logged in") < served_before + 5 and time.monotonic() < deadline:
-                    one_session(USERS[n % len(USERS)], CLIENTS[n % len(CLIENTS)], ledger)
-                    n += 1
+                    numbered_session(next(numbers))
                     time.sleep(0.05)
 
             special.submit(until_h3_served).result(timeout=120)
