@@ -246,9 +246,45 @@ class Connection:
     # ---- the session --------------------------------------------------------
 
     async def run(self) -> None:
+        """Serve the session to its end: take the session's effects, carry
+        them out, read the client's commands while it has none. The loop is
+        written out here, not in a coroutine of its own that each waiting
+        session would hold (300 bytes) beside this one."""
         log.debug("%s: connected (%s)", self.peer, "TLS" if self.session.security.tls else "plain")
         try:
-            await self._loop()
+            session = self.session
+            stream = self.stream
+            handlers = self._HANDLERS
+            while True:
+                effect = session.next_effect()
+                if effect is None:
+                    await self.flush()
+                    self._idle = True
+                    timeout = self.options.timeout
+                    if not session.authenticated:
+                        timeout = min(timeout, max(0.0, self._login_deadline - time.monotonic()))
+                    self._watch_idle(timeout)
+                    try:
+                        while (waiter := stream.input_waiter()) is not None:
+                            await waiter
+                        data = stream.take(READ_SIZE)
+                    finally:
+                        self._idle = False
+                    if self._timed_out:
+                        # RFC 1939 autologout: close without a reply, commit nothing.
+                        who = f"for {session.user}" if session.authenticated else "before login"
+                        log.info("%s: timeout (%.0f s) %s", self.peer, timeout, who)
+                        return
+                    if not data:
+                        self._log_end("connection closed")
+                        return
+                    self._heard = True
+                    session.receive_data(data)
+                elif type(effect) is Send:  # most effects are replies: no table, no call
+                    self.trace_out(effect.data)
+                    self.out += effect.data
+                elif await handlers[type(effect)](self, effect):
+                    return
         except ssl.SSLError as exc:
             # An alert from the client or a broken record: the peer's doing,
             # an ordinary disconnect; nothing is committed.
@@ -317,38 +353,6 @@ class Connection:
                 self.services.tally.session_ended(len(self.session.retrieved), deleted)
         await self.login.wait_background(timeout=10)
         await self.stream.wait_closed(timeout=5)
-
-    async def _loop(self) -> None:
-        session = self.session
-        handlers = self._HANDLERS
-        while True:
-            effect = session.next_effect()
-            if effect is None:
-                await self.flush()
-                self._idle = True
-                timeout = self.options.timeout
-                if not session.authenticated:
-                    timeout = min(timeout, max(0.0, self._login_deadline - time.monotonic()))
-                self._watch_idle(timeout)
-                try:
-                    data = await self.stream.read(READ_SIZE)
-                finally:
-                    self._idle = False
-                if self._timed_out:
-                    # RFC 1939 autologout: close without a reply, commit nothing.
-                    who = f"for {session.user}" if session.authenticated else "before login"
-                    log.info("%s: timeout (%.0f s) %s", self.peer, timeout, who)
-                    return
-                if not data:
-                    self._log_end("connection closed")
-                    return
-                self._heard = True
-                session.receive_data(data)
-            elif type(effect) is Send:  # most effects are replies: no table, no call
-                self.trace_out(effect.data)
-                self.out += effect.data
-            elif await handlers[type(effect)](self, effect):
-                return
 
     # ---- effect handlers (see _HANDLERS) -------------------------------------
 

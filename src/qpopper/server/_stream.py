@@ -102,13 +102,25 @@ class PopStream(asyncio.Protocol):
 
     async def read(self, limit: int) -> bytes:
         """Up to `limit` bytes as soon as any are there; b"" at end of input."""
+        while (waiter := self.input_waiter()) is not None:
+            await waiter
+        return self.take(limit)
+
+    def input_waiter(self) -> asyncio.Future[None] | None:
+        """None when `take` has something to return (input, its end or the
+        connection's error); else a future done when it has. A session
+        awaits this future itself after every reply, so that a read costs
+        no coroutine and an idle session holds no frame for it."""
+        if self._buffer or self._eof or self._error is not None:
+            return None
+        waiter = self._read_waiter = self._loop.create_future()
+        return waiter
+
+    def take(self, limit: int) -> bytes:
+        """Up to `limit` bytes of what has arrived, b"" at end of input; the
+        connection's error if it broke."""
         if self._error is not None:
             raise self._error
-        while not self._buffer and not self._eof:
-            waiter = self._read_waiter = self._loop.create_future()
-            await waiter
-            if self._error is not None:
-                raise self._error
         if len(self._buffer) <= limit:
             data = bytes(self._buffer)
             self._buffer.clear()
@@ -169,7 +181,7 @@ class PopStream(asyncio.Protocol):
     async def wait_closed(self, timeout: float | None = None) -> None:
         """Until the transport has closed, or `timeout` seconds have passed
         (then the stream is given up: later calls return at once too)."""
-        if self._lost:
+        if self._lost or self._closes_at_once():
             return
         if self._closed is None:
             self._closed = self._loop.create_future()
@@ -181,6 +193,21 @@ class PopStream(asyncio.Protocol):
             await self._closed
         finally:
             timer.cancel()
+
+    def _closes_at_once(self) -> bool:
+        """A closed plain socket with nothing left to send: every byte is
+        the kernel's already and the loop closes the socket on its next
+        turn, so waiting for that would cost a session a future, a timer
+        and a turn. TLS (its close_notify) and pipes (two transports) are
+        waited for."""
+        transport = self.transport
+        return (
+            transport is not None
+            and not self._over_ssl
+            and self.read_transport is None
+            and transport.is_closing()
+            and transport.get_write_buffer_size() == 0
+        )
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if self.transport is None:
