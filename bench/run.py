@@ -47,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,10 @@ class Scenario:
     needs_tls: bool = False
     peers: tuple[str, ...] = ("A",)  # reference peers it runs against (PEER_NAMES), before B
     maildir_only: bool = False
+    # popbench `run` arguments of a warm-up: when set, our server and Twisted's are restarted
+    # before each of their rounds and warmed by this run, so that memory a previous scenario
+    # freed is not what the held sessions reuse (a baseline then shows what a session costs)
+    warmup: tuple[str, ...] = ()
 
 
 def scenarios(quick: bool, mail_manifest: str) -> list[Scenario]:
@@ -145,9 +150,10 @@ def scenarios(quick: bool, mail_manifest: str) -> list[Scenario]:
         Scenario("retr-c8", "retr", ("-c", "8", "-d", dur, "--users", str(RETR_USERS), "--manifest", mail_manifest),
                  retr_metrics),
         Scenario("idle", "idle", ("-k", "500", "-c", "50", "--hold", "2" if quick else "3") + session_users,
-                 idle_metrics, peers=with_twisted),
+                 idle_metrics, peers=with_twisted, warmup=("login", "-c", "10", "-d", "1") + session_users),
         Scenario("idle-200", "idle", ("-k", str(MEDIUM_USERS), "-c", "50", "--hold", "2" if quick else "3")
-                 + medium_users, idle_metrics, peers=("T",), maildir_only=True),
+                 + medium_users, idle_metrics, peers=("T",), maildir_only=True,
+                 warmup=("login", "-c", "10", "-d", "1") + medium_users),
         Scenario("bigbox", "bigbox", ("--user-format", "big{i}", "--repeat", "2" if quick else "3"),
                  (
                      Metric("ready_s_median", "PASS to STAT answered, s (warm)", False, ("<=", 5.0), chart=True),
@@ -471,6 +477,11 @@ class Qpopper:
                 self.proc.wait()
         self.proc = None
 
+    def restart(self) -> int:
+        """Stop and start again: a fresh process; its pid."""
+        self.stop()
+        return self.start()
+
 
 class Twisted:
     """Twisted's POP3 server (bench/twisted_pop3.py) on its own copy of the Maildirs."""
@@ -508,6 +519,11 @@ class Twisted:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+    def restart(self) -> int:
+        """Stop and start again: a fresh process; its pid."""
+        self.stop()
+        return self.start()
 
     def version(self) -> str:
         r = run([self.python, "-c", "import twisted; print(twisted.__version__)"])
@@ -602,10 +618,13 @@ class Bench:
         if rc != 0:
             self.extra["ceiling_error"] = err[-2000:]
 
-    def compare(self, fmt: str, sc: Scenario, sides: list[tuple[str, int, int]]) -> None:
+    def compare(self, fmt: str, sc: Scenario, sides: list[tuple[str, int, int]],
+                restart: dict[str, Callable[[], int]] | None = None) -> None:
         """`popbench run` against each side in turn, round after round (A T B A T B ...):
         what popbench's own `compare` does for two servers, for any number of them.
-        `sides` are (label, port, pid); B, ours, comes last."""
+        `sides` are (label, port, pid); B, ours, comes last. With a warm-up in the
+        scenario, the sides in `restart` are started afresh (the callable stops the
+        server, starts it and returns its pid) and warmed before each of their runs."""
         key = f"{fmt}/{sc.name}"
         argv = ["run", sc.popbench, "--password", PASSWORD, *sc.args]
         lines: list[dict[str, Any]] = []
@@ -613,6 +632,9 @@ class Bench:
         user = kernel = 0.0
         for r in range(self.rounds):
             for label, port, pid in sides:
+                if sc.warmup and restart and label in restart:
+                    pid = restart[label]()
+                    self.popbench(["run", *sc.warmup, "--password", PASSWORD, "--port", str(port)], timeout=300)
                 # Only B (ours) is split: Dovecot's work is spread over its short-lived
                 # login processes. Ours is idle while the others run: the delta is its runs.
                 split0 = cpu_split(pid)
@@ -730,7 +752,10 @@ class Bench:
                 sides = [("A", dov.port, dov.pid or 0)] if "A" in sc.peers else []
                 if tw is not None and "T" in sc.peers:
                     sides.append(("T", tw.port, tw.pid))
-                self.compare(fmt, sc, sides + [("B", ours.port, ours.pid)])
+                restart: dict[str, Callable[[], int]] = {"B": ours.restart}
+                if tw is not None:
+                    restart["T"] = tw.restart
+                self.compare(fmt, sc, sides + [("B", ours.port, ours.pid)], restart)
                 if sampler is not None:
                     self.extra[f"{fmt}/qpopper_bigbox_mem"] = sampler.stop()
                     self.bigbox_cold(fmt, dov)
