@@ -5,12 +5,14 @@ download, one that resets the connection while the server writes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,27 +146,35 @@ def test_a_write_after_the_peers_reset_is_a_connection_error_under_uvloop(counti
         runner.run(main())
 
 
-async def _stream_pair() -> tuple[asyncio.Server, PopStream, socket.socket]:
-    """A PopStream serving one real loopback connection, and the client's socket."""
+@contextlib.asynccontextmanager
+async def _served_stream() -> AsyncIterator[tuple[PopStream, socket.socket]]:
+    """A PopStream serving one real loopback connection, and the client's socket; both closed after."""
     loop = asyncio.get_running_loop()
     made: asyncio.Future[PopStream] = loop.create_future()
     server = await loop.create_server(lambda: PopStream(loop, made.set_result), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     client = await loop.run_in_executor(None, lambda: socket.create_connection(("127.0.0.1", port), timeout=10))
-    return server, await asyncio.wait_for(made, 10), client
+    stream = None
+    try:
+        stream = await asyncio.wait_for(made, 10)
+        yield stream, client
+    finally:
+        client.close()
+        if stream is not None:
+            stream.close()
+        server.close()
 
 
-def _run(main: Callable[[], object], loop_name: str) -> None:
+def _run(main: Callable[[], Coroutine[Any, Any, None]], loop_name: str) -> None:
     factory = asyncio.new_event_loop if loop_name == "asyncio" else pytest.importorskip("uvloop").new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main())  # type: ignore[arg-type]
+        runner.run(main())
 
 
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
 def test_a_read_waits_for_input_then_takes_it_and_reports_the_end(loop_name: str) -> None:
     async def main() -> None:
-        server, stream, client = await _stream_pair()
-        try:
+        async with _served_stream() as (stream, client):
             waiter = stream.input_waiter()
             assert waiter is not None and not waiter.done()  # nothing arrived yet
             client.sendall(b"USER alice\r\nPASS secret\r\n")
@@ -174,10 +184,6 @@ def test_a_read_waits_for_input_then_takes_it_and_reports_the_end(loop_name: str
             assert stream.take(100) == b"PASS secret\r\n"
             client.shutdown(socket.SHUT_WR)
             assert await asyncio.wait_for(stream.read(100), 10) == b""  # the end of input
-        finally:
-            client.close()
-            stream.close()
-            server.close()
 
     _run(main, loop_name)
 
@@ -185,18 +191,13 @@ def test_a_read_waits_for_input_then_takes_it_and_reports_the_end(loop_name: str
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
 def test_a_broken_connection_is_an_error_to_the_reader_not_an_end(loop_name: str) -> None:
     async def main() -> None:
-        server, stream, client = await _stream_pair()
-        try:
+        async with _served_stream() as (stream, _client):
             waiter = stream.input_waiter()
             assert waiter is not None
             stream.connection_lost(ConnectionResetError("reset by the test"))
             assert waiter.done() and stream.input_waiter() is None
             with pytest.raises(ConnectionResetError, match="reset by the test"):
                 stream.take(100)
-        finally:
-            client.close()
-            stream.close()
-            server.close()
 
     _run(main, loop_name)
 
@@ -204,28 +205,19 @@ def test_a_broken_connection_is_an_error_to_the_reader_not_an_end(loop_name: str
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
 def test_the_close_waits_for_unsent_bytes_and_only_for_them(loop_name: str) -> None:
     async def main() -> None:
-        server, stream, client = await _stream_pair()
-        try:
+        async with _served_stream() as (stream, client):
             stream.write(b"+OK bye\r\n")
             stream.close()
             await asyncio.wait_for(stream.wait_closed(timeout=5), 1)  # all of it is the kernel's: at once
             assert client.recv(100) == b"+OK bye\r\n"
-            client.close()
-
-            server2, stream, client = await _stream_pair()
-            server2.close()
+        async with _served_stream() as (stream, client):
             stream.write(BIG * 4)  # 34 MB: far more than loopback's socket buffers hold (~10 MB)
             stream.close()
             closing = asyncio.ensure_future(stream.wait_closed(timeout=30))
             await asyncio.sleep(0.2)
             assert not closing.done()  # the session's end waits while its bytes are unsent
-            loop = asyncio.get_running_loop()
-            received = await loop.run_in_executor(None, _read_all, client)
+            received = await asyncio.get_running_loop().run_in_executor(None, _read_all, client)
             await asyncio.wait_for(closing, 10)
             assert received == BIG * 4  # every byte, then the end
-        finally:
-            client.close()
-            stream.close()
-            server.close()
 
     _run(main, loop_name)
