@@ -422,7 +422,37 @@ class Dovecot:
         return r.stdout.strip() or "?"
 
 
-class Qpopper:
+class ServerProcess:
+    """One of the peers' servers run as our child (ours, Twisted's): its pid,
+    stopped with SIGINT as an administrator would, restarted afresh."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> int:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> int:
+        """Stop and start again: a fresh process; its pid."""
+        self.stop()
+        return self.start()
+
+
+class Qpopper(ServerProcess):
     workers = 1
 
     def __init__(self, env: Env, dir: Path, fmt: str, port: int, src_dir: Path,
@@ -430,13 +460,8 @@ class Qpopper:
         self.env, self.dir, self.fmt, self.port, self.src_dir = env, dir, fmt, port, src_dir
         self.tls_port, self.cert, self.key = tls_port, cert, key
         self.no_syslog: list[str] = []
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc = None
         self.log_path = dir / "qpopper.log"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def start(self) -> int:
         mail = self.dir / "mail"
@@ -467,34 +492,14 @@ class Qpopper:
         wait_port(self.port, 20, self.proc)
         return self.proc.pid
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
-    def restart(self) -> int:
-        """Stop and start again: a fresh process; its pid."""
-        self.stop()
-        return self.start()
-
-
-class Twisted:
+class Twisted(ServerProcess):
     """Twisted's POP3 server (bench/twisted_pop3.py) on its own copy of the Maildirs."""
 
     def __init__(self, python: str, dir: Path, port: int, tls_port: int | None, cert: Path, key: Path) -> None:
         self.python, self.dir, self.port, self.tls_port, self.cert, self.key = python, dir, port, tls_port, cert, key
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc = None
         self.log_path = dir / "twisted.log"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def start(self) -> int:
         maildirs = self.dir / "mail" / "maildir"
@@ -510,20 +515,6 @@ class Twisted:
         wait_port(self.port, 20, self.proc)
         return self.proc.pid
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def restart(self) -> int:
-        """Stop and start again: a fresh process; its pid."""
-        self.stop()
-        return self.start()
 
     def version(self) -> str:
         r = run([self.python, "-c", "import twisted; print(twisted.__version__)"])

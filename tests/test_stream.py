@@ -104,54 +104,16 @@ def test_a_reset_in_the_middle_of_a_download_loses_nothing_and_frees_the_maildro
     assert b"+OK 2 " in replies
 
 
-@pytest.mark.parametrize("counting", [False, True], ids=["PopStream", "CountingStream"])
-def test_a_write_after_the_peers_reset_is_a_connection_error_under_uvloop(counting: bool) -> None:
-    # uvloop raises RuntimeError for a write to a transport a reset closed (the
-    # standard loop drops it): the session must see a lost connection, not an
-    # internal error with a traceback (HAProxy's health checks reset this way).
-    uvloop = pytest.importorskip("uvloop")
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        made: asyncio.Future[PopStream] = loop.create_future()
-
-        def factory() -> PopStream:
-            if counting:
-                return CountingStream(loop, made.set_result, Tally())
-            return PopStream(loop, made.set_result)
-
-        server = await loop.create_server(factory, "127.0.0.1", 0)
-        try:
-            port = server.sockets[0].getsockname()[1]
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                stream = await asyncio.wait_for(made, 10)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            try:  # the reset, as the session's read sees it: an error, or the end
-                async with asyncio.timeout(10):
-                    assert await stream.read(100) == b""
-            except ConnectionError:
-                pass
-            assert stream.transport is not None
-            async with asyncio.timeout(10):
-                while not stream.transport.is_closing():
-                    await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)  # connection_lost has run: uvloop's handle is closed
-            with pytest.raises(ConnectionResetError):
-                stream.write(b"+OK greeting\r\n")
-        finally:
-            server.close()
-
-    runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    with runner:
-        runner.run(main())
+MakeStream = Callable[[asyncio.AbstractEventLoop, Callable[[PopStream], None]], PopStream]
 
 
 @contextlib.asynccontextmanager
-async def _served_stream() -> AsyncIterator[tuple[PopStream, socket.socket]]:
-    """A PopStream serving one real loopback connection, and the client's socket; both closed after."""
+async def _served_stream(make: MakeStream = PopStream) -> AsyncIterator[tuple[PopStream, socket.socket]]:
+    """A stream (`make(loop, on_connected)`) serving one real loopback
+    connection, and the client's socket; both closed after."""
     loop = asyncio.get_running_loop()
     made: asyncio.Future[PopStream] = loop.create_future()
-    server = await loop.create_server(lambda: PopStream(loop, made.set_result), "127.0.0.1", 0)
+    server = await loop.create_server(lambda: make(loop, made.set_result), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     client = await loop.run_in_executor(None, lambda: socket.create_connection(("127.0.0.1", port), timeout=10))
     stream = None
@@ -169,6 +131,36 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]], loop_name: str) -> None:
     factory = asyncio.new_event_loop if loop_name == "asyncio" else pytest.importorskip("uvloop").new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(main())
+
+
+@pytest.mark.parametrize("counting", [False, True], ids=["PopStream", "CountingStream"])
+def test_a_write_after_the_peers_reset_is_a_connection_error_under_uvloop(counting: bool) -> None:
+    # uvloop raises RuntimeError for a write to a transport a reset closed (the
+    # standard loop drops it): the session must see a lost connection, not an
+    # internal error with a traceback (HAProxy's health checks reset this way).
+    pytest.importorskip("uvloop")
+
+    def counting_stream(loop: asyncio.AbstractEventLoop, made: Callable[[PopStream], None]) -> PopStream:
+        return CountingStream(loop, made, Tally())
+
+    async def main() -> None:
+        async with _served_stream(counting_stream if counting else PopStream) as (stream, sock):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            try:  # the reset, as the session's read sees it: an error, or the end
+                async with asyncio.timeout(10):
+                    assert await stream.read(100) == b""
+            except ConnectionError:
+                pass
+            assert stream.transport is not None
+            async with asyncio.timeout(10):
+                while not stream.transport.is_closing():
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # connection_lost has run: uvloop's handle is closed
+            with pytest.raises(ConnectionResetError):
+                stream.write(b"+OK greeting\r\n")
+
+    _run(main, "uvloop")
 
 
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])

@@ -270,13 +270,8 @@ class Connection:
                         data = stream.take(READ_SIZE)
                     finally:
                         self._idle = False
-                    if self._timed_out:
-                        # RFC 1939 autologout: close without a reply, commit nothing.
-                        who = f"for {session.user}" if session.authenticated else "before login"
-                        log.info("%s: timeout (%.0f s) %s", self.peer, timeout, who)
-                        return
-                    if not data:
-                        self._log_end("connection closed")
+                    if self._timed_out or not data:
+                        self._log_input_end(timeout)
                         return
                     self._heard = True
                     session.receive_data(data)
@@ -300,6 +295,17 @@ class Connection:
             await self._report_internal_error()
         finally:
             await self._finish()
+
+    def _log_input_end(self, timeout: float) -> None:
+        """The client's input ended: the read deadline passed (RFC 1939's
+        autologout: the session closes without a reply and commits
+        nothing) or the client closed."""
+        if self._timed_out:
+            session = self.session
+            who = f"for {session.user}" if session.authenticated else "before login"
+            log.info("%s: timeout (%.0f s) %s", self.peer, timeout, who)
+        else:
+            self._log_end("connection closed")
 
     def _log_end(self, how: str) -> None:
         """How the peer went: at debug level for a balancer's health check
