@@ -243,6 +243,27 @@ def test_per_address_cap_counts_every_instance(
     first.quit()
 
 
+def test_a_stop_waits_for_the_end_of_a_session_to_reach_redis(
+    redis_server: RedisProcess, instances: Callable[..., Controller], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A session ends while Redis is slow to answer, and the server stops at once. The stop
+    # waits for that session's last call: closing the Redis client under it broke the call
+    # (or, caught while connecting, left its task pending in a closed loop).
+    server = instances(redis_url=redis_server.url, redis_timeout=10, max_connections_per_ip=5)
+    client = login(server)
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        client.quit()
+        threading.Timer(0.5, redis_server.proc.send_signal, (signal.SIGCONT,)).start()
+        with caplog.at_level(logging.WARNING, "qpopper.server"):
+            server.stop()
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    assert "Redis failed" not in caplog.text
+    assert redis_server.client().zcard("qpopper:conns:127.0.0.1") == 0
+
+
 def test_a_dead_instances_sessions_expire(redis_server: RedisProcess, instances: Callable[..., Controller]) -> None:
     # Another host died with a session open: its lease ran out, so it no longer counts.
     redis_server.client().zadd("qpopper:conns:127.0.0.1", {"deadhost:1:1:0": time.time() - 1})

@@ -740,14 +740,18 @@ class Server:
             self._connections[task] = conn
             await conn.run()
         finally:
-            self._sessions_seen += 1
-            if task in self._connections:  # not if it was evicted (counted then)
-                del self._connections[task]
-                self._per_ip[peer.host] -= 1
-            if self._per_ip.get(peer.host, 0) <= 0:
-                self._per_ip.pop(peer.host, None)
-            if not self._connections:
-                self._idle.set()
-            if token is not None:
-                assert shared is not None
-                await shared.close_session(token)
+            try:
+                # Still one of the server's sessions while its slot goes back, so that a
+                # stop waits for this call before it closes the Redis client.
+                if token is not None:
+                    assert shared is not None
+                    await shared.close_session(token)
+            finally:
+                self._sessions_seen += 1
+                if task in self._connections:  # not if it was evicted (counted then)
+                    del self._connections[task]
+                    self._per_ip[peer.host] -= 1
+                if self._per_ip.get(peer.host, 0) <= 0:
+                    self._per_ip.pop(peer.host, None)
+                if not self._connections:
+                    self._idle.set()
