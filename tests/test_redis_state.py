@@ -264,6 +264,30 @@ def test_a_stop_waits_for_the_end_of_a_session_to_reach_redis(
     assert redis_server.client().zcard("qpopper:conns:127.0.0.1") == 0
 
 
+def test_a_stop_ends_a_connection_still_waiting_for_redis(
+    redis_server: RedisProcess, instances: Callable[..., Controller], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A client connects while Redis is frozen, so the server waits to count its session on
+    # every instance, and the server stops: the stop ends that wait as it ends a handshake.
+    # The client is closed without a greeting; no session starts on a stopping server.
+    server = instances(redis_url=redis_server.url, redis_timeout=10, max_connections_per_ip=5)
+    login(server).quit()  # the instance's Redis client is connected
+    deadline = time.monotonic() + 30  # and that session's end has reached Redis
+    while redis_server.client().zcard("qpopper:conns:127.0.0.1") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        with socket.create_connection((server.host, server.port), timeout=30) as waiting:
+            time.sleep(0.3)  # its session's claim is on its way to the frozen Redis
+            with caplog.at_level(logging.WARNING, "qpopper.server"):
+                server.stop()
+            assert waiting.recv(200) == b""
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    assert "Redis failed" not in caplog.text
+
+
 def test_a_dead_instances_sessions_expire(redis_server: RedisProcess, instances: Callable[..., Controller]) -> None:
     # Another host died with a session open: its lease ran out, so it no longer counts.
     redis_server.client().zadd("qpopper:conns:127.0.0.1", {"deadhost:1:1:0": time.time() - 1})

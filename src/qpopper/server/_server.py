@@ -18,8 +18,8 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable, Coroutine, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..auth import AsyncAuthenticator, Authenticator, AuthTuning, Reloadable, UserLookup
 from ..auth.access import AccessPolicy
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .proxyheader import ProxyHeader
 
 log = logging.getLogger("qpopper.server")
+T = TypeVar("T")
 
 _BUSY_REPLY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 
@@ -693,6 +694,19 @@ class Server:
         log.debug("%s: %s client %s via %s", peer, header.command, header.family, balancer)
         return peer
 
+    async def _before_session(self, task: asyncio.Task[Any], stream: PopStream, step: Awaitable[T]) -> T:
+        """`step` (a refusal, a Redis call) before the session starts, ended
+        by a stop as a handshake is: the stream closed, no session begun on
+        a stopping server."""
+        self._handshaking.add(task)
+        try:
+            return await step
+        except asyncio.CancelledError:
+            stream.close()
+            raise
+        finally:
+            self._handshaking.discard(task)
+
     async def serve_stream(
         self, stream: PopStream, proxied: bool = False, peer: Peer | None = None, kpop: KpopIdentity | None = None
     ) -> None:
@@ -720,16 +734,18 @@ class Server:
             if self.services.tally is not None:
                 full = len(self._connections) >= self.options.max_connections
                 self.services.tally.refused("max-connections" if full else "max-connections-per-ip")
-            await _refuse_busy(stream, peer)
+            await self._before_session(task, stream, _refuse_busy(stream, peer))
             return
         shared = self.services.shared
         token = None
         if shared is not None:  # the address's sessions on every instance
-            token = await shared.open_session(peer.host, self.options.max_connections_per_ip)
+            token = await self._before_session(
+                task, stream, shared.open_session(peer.host, self.options.max_connections_per_ip)
+            )
             if token is None:
                 if self.services.tally is not None:
                     self.services.tally.refused("max-connections-per-ip")
-                await _refuse_busy(stream, peer, "on all instances")
+                await self._before_session(task, stream, _refuse_busy(stream, peer, "on all instances"))
                 return
         self._connections[task] = None
         self._idle.clear()
