@@ -11,7 +11,7 @@ own allocations (the socket module, this file) are left out. Memory outside
 Python's allocators (the kernel's socket buffers, uvloop's libuv handles,
 OpenSSL) is not seen: popbench's PSS figure includes it.
 
-    python bench/idle_bytes.py [--sessions N] [--top K]
+    python bench/idle_bytes.py [--sessions N] [--messages M] [--top K]
 """
 
 from __future__ import annotations
@@ -50,13 +50,14 @@ def hold(port: int, count: int) -> list[socket.socket]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--messages", type=int, default=10, help="messages in each Maildir (default 10)")
     parser.add_argument("--top", type=int, default=25, help="lines listed (default 25)")
     a = parser.parse_args(argv)
     from qpopper import Controller
 
     with tempfile.TemporaryDirectory(prefix="qpopper-idle-") as tmp:
         work = Path(tmp)
-        make_maildirs(work, users=a.sessions, messages=10)
+        make_maildirs(work, users=a.sessions, messages=a.messages)
         passwd = work / "passwd"
         passwd.write_text("".join(f"u{i}:{{PLAIN}}{PASSWORD}::::{work}::\n" for i in range(1, a.sessions + 1)))
         with Controller(passwd_file=str(passwd), mail_location=f"maildir:{work}/maildir/%u",
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     keep = [tracemalloc.Filter(False, f"*{name}") for name in SKIP]
     diff = after.filter_traces(keep).compare_to(before.filter_traces(keep), "lineno")
     total = sum(d.size_diff for d in diff)
-    print(f"### bytes per held idle session ({a.sessions} sessions, Python allocations): {total / a.sessions:.0f}\n")
+    print(f"### bytes per held idle session ({a.sessions} sessions of {a.messages} messages, Python allocations): "
+          f"{total / a.sessions:.0f}\n")
     print("| bytes | objects | allocated at |\n|---|---|---|")
     for d in diff[: a.top]:
         frame = d.traceback[0]

@@ -33,10 +33,11 @@ def _bench_module(name: str) -> ModuleType:
 
 def test_idle_bytes_lists_what_held_sessions_allocate() -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    r = subprocess.run([sys.executable, str(BENCH / "idle_bytes.py"), "--sessions", "20", "--top", "40"],
-                       check=False, capture_output=True, text=True, env=env, timeout=120, cwd=BENCH)
+    r = subprocess.run([sys.executable, str(BENCH / "idle_bytes.py"), "--sessions", "20", "--messages", "5",
+                        "--top", "40"], check=False, capture_output=True, text=True, env=env, timeout=120, cwd=BENCH)
     assert r.returncode == 0, r.stderr
-    total = re.search(r"bytes per held idle session \(20 sessions, Python allocations\): (\d+)", r.stdout)
+    total = re.search(r"bytes per held idle session \(20 sessions of 5 messages, Python allocations\): (\d+)",
+                      r.stdout)
     assert total is not None and int(total.group(1)) > 1000, r.stdout
     # The listing's names and the protocol session are among the lines it names.
     assert "maildrop/maildir.py:" in r.stdout and "server/_connection.py:" in r.stdout, r.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from array import array
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,27 @@ def test_a_size_hint_no_file_can_have_is_not_trusted(tmp_path: Path, others: int
         drop.close()
 
 
+def test_a_hint_of_four_gigabytes_or_more_is_held_whole(tmp_path: Path) -> None:
+    """Sizes are held 4 bytes each while they fit, 8 when one does not."""
+    md = tmp_path / "Maildir"
+    write_maildir_message(md, MSG, name=f"1.a,S={len(MSG)},W={wire_size(MSG)}")
+    write_maildir_message(md, MSG, name=f"2.b,S={len(MSG)},W={2**32}")
+    write_maildir_message(md, MSG, name=f"3.c,S={len(MSG)},W={2**32 - 1}")
+    drop = MaildirMaildrop(str(md))
+    try:
+        assert list(drop.messages().sizes) == [wire_size(MSG), 2**32, 2**32 - 1]
+    finally:
+        drop.close()
+    os.unlink(md / "new" / f"2.b,S={len(MSG)},W={2**32}")
+    drop = MaildirMaildrop(str(md))
+    try:
+        sizes = drop.messages().sizes
+        assert list(sizes) == [wire_size(MSG), 2**32 - 1]
+        assert isinstance(sizes, array) and sizes.itemsize == 4
+    finally:
+        drop.close()
+
+
 def test_hinted_links_and_directories_are_never_listed_or_followed(tmp_path: Path) -> None:
     md = tmp_path / "Maildir"
     write_maildir_message(md, MSG, name=f"1.a,S={len(MSG)},W={wire_size(MSG)}")
@@ -109,9 +131,10 @@ def test_missing_maildir_is_an_empty_drop(tmp_path: Path) -> None:
     drop.close()
 
 
-def test_message_renamed_by_another_agent_is_still_found(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hint", ["", f",S={len(MSG)},W={wire_size(MSG)}"], ids=["plain", "hinted"])
+def test_message_renamed_by_another_agent_is_still_found(tmp_path: Path, hint: str) -> None:
     md = tmp_path / "Maildir"
-    name = write_maildir_message(md, MSG, name="7.x")
+    name = write_maildir_message(md, MSG, name="7.x" + hint)
     drop = MaildirMaildrop(str(md))
     try:
         os.rename(md / "new" / name, md / "cur" / (name + ":2,F"))  # an IMAP server flagged it
@@ -120,6 +143,23 @@ def test_message_renamed_by_another_agent_is_still_found(tmp_path: Path) -> None
     finally:
         drop.close()
     assert os.listdir(md / "cur") == [] and os.listdir(md / "new") == []
+
+
+def test_a_newline_in_a_name_leaves_every_size_with_its_own_message(tmp_path: Path) -> None:
+    """All names are matched in one text, a line each: a name holding a
+    newline (a hand can make one) is two lines, and must not hand its second
+    hint to the name after it."""
+    md = tmp_path / "Maildir"
+    odd = write_maildir_message(md, b"odd\n", name="1.a,S=4,W=999\n2.b,S=4,W=888")
+    plain = write_maildir_message(md, MSG, name="3.c")
+    drop = MaildirMaildrop(str(md))
+    try:
+        sizes = {i.uid: i.size for i in drop.messages()}
+        assert sizes[uid_from_name(plain)] == wire_size(MSG)
+        assert [b"".join(drop.read(i)) for i in range(2)] == [b"odd\n", MSG]
+    finally:
+        drop.close()
+    assert sorted(os.listdir(md / "new")) == sorted([odd, plain])
 
 
 def test_same_unique_part_twice_gets_distinct_uids(tmp_path: Path) -> None:
@@ -208,7 +248,7 @@ def test_one_name_in_both_cur_and_new_stays_two_messages(tmp_path: Path, hinted:
     name = "9.twin,S=6,W=7" if hinted else "9.twin"
     write_maildir_message(md, b"first\n", name=name, sub="cur")
     write_maildir_message(md, b"other\n", name=name, sub="new")
-    write_maildir_message(md, b"third\n", name="8.x", sub="new")
+    write_maildir_message(md, b"third\n", name="8.x,S=6,W=7" if hinted else "8.x", sub="new")
     drop = MaildirMaildrop(str(md))
     try:
         bodies = [b"".join(drop.read(i)) for i in range(len(drop.messages()))]
@@ -254,13 +294,15 @@ def test_delivery_names_sort_in_delivery_order_and_never_replace(tmp_path: Path)
             deliver(f"maildir:{md}", b"x\n", uid=uid)
 
 
-def test_every_message_retrieved_whole_gets_the_seen_flag(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hint", ["", f",S={len(MSG)},W={wire_size(MSG)}"], ids=["plain", "hinted"])
+def test_every_message_retrieved_whole_gets_the_seen_flag(tmp_path: Path, hint: str) -> None:
     """Wherever it was: new/ moves to cur/, a cur/ file without S gains it;
-    other flags stay, in ASCII order; messages not retrieved keep their names."""
+    other flags stay, in ASCII order; messages not retrieved keep their names.
+    (Hinted names are the listing the session packs, plain ones stay a list.)"""
     md = tmp_path / "Maildir"
-    for name in ("1.a:2,", "2.b:2,RT", "3.c", "4.d:2,FS", "6.f:2,T"):
-        write_maildir_message(md, MSG, name=name, sub="cur")
-    write_maildir_message(md, MSG, name="5.e")
+    for unique, flags in (("1.a", ":2,"), ("2.b", ":2,RT"), ("3.c", ""), ("4.d", ":2,FS"), ("6.f", ":2,T")):
+        write_maildir_message(md, MSG, name=unique + hint + flags, sub="cur")
+    write_maildir_message(md, MSG, name="5.e" + hint)
     drop = MaildirMaildrop(str(md))
     try:
         assert drop.writes_nothing(set(), {3})  # 4.d is seen already
@@ -268,7 +310,8 @@ def test_every_message_retrieved_whole_gets_the_seen_flag(tmp_path: Path) -> Non
         drop.commit(set(), {0, 1, 2, 3, 4})
     finally:
         drop.close()
-    assert sorted(os.listdir(md / "cur")) == ["1.a:2,S", "2.b:2,RST", "3.c:2,S", "4.d:2,FS", "5.e:2,S", "6.f:2,T"]
+    expected = [("1.a", ":2,S"), ("2.b", ":2,RST"), ("3.c", ":2,S"), ("4.d", ":2,FS"), ("5.e", ":2,S"), ("6.f", ":2,T")]
+    assert sorted(os.listdir(md / "cur")) == [unique + hint + flags for unique, flags in expected]
     assert os.listdir(md / "new") == []
     drop = MaildirMaildrop(str(md))
     try:

@@ -9,12 +9,14 @@ never takes the fast road.
 from __future__ import annotations
 
 import os
+import poplib
 from pathlib import Path
 
 import pytest
 
 from helpers import write_maildir_message
 from mbox_helpers import mbox
+from qpopper import Controller, StaticAuthenticator
 from qpopper.auth.apopdb import ApopAuthenticator, ApopDatabase
 from qpopper.auth.credentials import ApopDigest, UserPass
 from qpopper.auth.passwdfile import PasswdFileAuthenticator
@@ -106,6 +108,34 @@ def test_maildir_writes_nothing_until_mail_moves_or_goes(tmp_path: Path) -> None
     finally:
         drop.close()
     assert sorted(os.listdir(md / "new")) == [_hinted(0)]
+
+
+def test_a_session_over_a_packed_listing_reads_deletes_and_flags_the_right_files(tmp_path: Path) -> None:
+    """Names in the common form are held packed (maildrop/packednames.py): a
+    whole session through a real server, in cur/ and new/ at once and with a
+    file an IMAP server renamed mid-session, still finds every message by
+    its number, and UPDATE removes and flags exactly the ones asked for."""
+    md = tmp_path / "Maildir"
+    bodies = [b"Subject: %d\n\nbody %d\n" % (n, n) for n in range(6)]
+    names = [f"{1700000000 + n}.M{n}P1.host,S={len(b)},W={wire_size(b)}" for n, b in enumerate(bodies)]
+    for n, (name, body) in enumerate(zip(names, bodies, strict=True)):
+        write_maildir_message(md, body, name=name + (":2,S" if n % 2 else ""), sub="cur" if n % 2 else "new")
+    auth = StaticAuthenticator({"alice": "secret"}, mail_location=f"maildir:{md}")
+    with Controller(authenticator=auth) as server:
+        client = poplib.POP3(server.host, server.port, timeout=30)
+        client.user("alice")
+        client.pass_("secret")
+        assert [int(line.split()[1]) for line in client.list()[1]] == [wire_size(b) for b in bodies]
+        assert [line.split()[1].decode() for line in client.uidl()[1]] == [name.split(",")[0] for name in names]
+        os.rename(md / "new" / names[4], md / "cur" / (names[4] + ":2,F"))  # flagged by an IMAP server
+        for n, body in enumerate(bodies):
+            assert b"\r\n".join(client.retr(n + 1)[1]) + b"\r\n" == body.replace(b"\n", b"\r\n")
+        client.dele(2)
+        client.dele(5)
+        client.quit()
+    # 2 and 5 (the renamed one) are gone; the others were read whole, so all are seen, in cur/.
+    assert sorted(os.listdir(md / "cur")) == [names[n] + ":2,S" for n in (0, 2, 3, 5)]
+    assert os.listdir(md / "new") == []
 
 
 # ---- mbox ------------------------------------------------------------------

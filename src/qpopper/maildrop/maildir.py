@@ -40,7 +40,7 @@ import stat
 import struct
 import time
 from array import array
-from collections.abc import Iterator, Set
+from collections.abc import Iterator, Sequence, Set
 from typing import TYPE_CHECKING
 
 from ..errors import MaildropError, ResponseCode, WouldBlock
@@ -48,6 +48,7 @@ from ..wiresize import SizeCounter
 from ._base import MaildropSettings, MessageList, is_valid_uid
 from .fsutil import fsync_dir
 from .fsutil import unlink_quietly as _unlink_quietly
+from .packednames import PackedNames
 from .sessionlock import SessionLock
 
 if TYPE_CHECKING:
@@ -67,6 +68,9 @@ _W_DIGITS = 18
 _HINTED_NAME = re.compile(rf"^[^\n,:]{{1,70}},S=[0-9]+,W=([0-9]{{1,{_W_DIGITS}}})(?::2,[^\n,]*)?$", re.MULTILINE)
 _UID_BYTES = bytes(range(0x21, 0x7F))
 _SUBDIRS = ("cur", "new")
+# A message's subdirectory as a session holds it: its index in _SUBDIRS, one
+# byte a message where a list of the two strings takes eight.
+_CUR, _NEW = 0, 1
 # A quick open lists directories up to this size (st_size; a few hundred
 # to a few thousand names, depending on the file system) and reads no file.
 QUICK_DIR_BYTES = 64 * 1024
@@ -139,7 +143,7 @@ def _uid_chars_only(text: str) -> bool:
     return text.isascii() and not text.encode("ascii").translate(None, _UID_BYTES)
 
 
-def _uids_of(names: list[str]) -> list[str]:
+def _uids_of(names: Sequence[str]) -> list[str]:
     """UIDs for these names, in order: the unique parts, or digests where a
     unique part is unfit for UIDL or taken twice."""
     uids = [_unique_part(name) for name in names]
@@ -177,19 +181,19 @@ def _stat_or_none(path: str) -> os.stat_result | None:
         return None
 
 
-def _list(path: str) -> tuple[list[str], list[str]]:
+def _list(path: str) -> tuple[list[str], bytearray]:
     """Regular files of cur/ and new/ in name order, and the subdirectory of each."""
     in_cur, in_new = (_names_in(os.path.join(path, sub)) for sub in _SUBDIRS)
     return _merged(in_cur, in_new)
 
 
-def _merged(in_cur: list[str], in_new: list[str]) -> tuple[list[str], list[str]]:
+def _merged(in_cur: list[str], in_new: list[str]) -> tuple[list[str], bytearray]:
     names = in_cur + in_new
     names.sort()  # stable: of two equal names, cur/'s (listed first) stays first
     return names, _subdirs_of(names, in_cur, in_new)
 
 
-def _list_kept(path: str, kept: KeptListing) -> tuple[list[str], list[str]]:
+def _list_kept(path: str, kept: KeptListing) -> tuple[list[str], bytearray]:
     """`_list` for a big Maildir: a subdirectory unchanged since the kept
     listing (maildirlisting) is not read again; `kept` learns what was read,
     to keep the listing anew when the session ends."""
@@ -241,7 +245,7 @@ def _open_import_files(path: str) -> list[tuple[str, int]]:
     return opened
 
 
-def uids_and_sources(path: str, names: list[str]) -> tuple[list[str], list[str | None]]:
+def uids_and_sources(path: str, names: Sequence[str]) -> tuple[list[str], list[str | None]]:
     """Per name, its UID and where an imported one came from (None: ours)."""
     ours = _uids_of(names)
     opened = _open_import_files(path)
@@ -252,7 +256,7 @@ def uids_and_sources(path: str, names: list[str]) -> tuple[list[str], list[str |
     return uidimport.apply_imports(path, names, ours, uidimport.read_imports(path, opened, len(names)))
 
 
-def _uids_for(path: str, names: list[str]) -> list[str]:
+def _uids_for(path: str, names: Sequence[str]) -> list[str]:
     return uids_and_sources(path, names)[0]
 
 
@@ -262,35 +266,39 @@ def list_maildir(path: str) -> list[str]:
     return _list(path)[0]
 
 
-def _subdirs_of(names: list[str], in_cur: list[str], in_new: list[str]) -> list[str]:
-    """Per name of the sorted listing, "cur" or "new" (of two equal names,
+def _subdirs_of(names: list[str], in_cur: list[str], in_new: list[str]) -> bytearray:
+    """Per name of the sorted listing, _CUR or _NEW (of two equal names,
     cur/'s comes first: the sort is stable and cur/ is listed first)."""
     if not in_cur or not in_new:  # the usual Maildir: one subdirectory in use
-        return ["cur" if in_cur else "new"] * len(names)
+        return bytearray((_CUR if in_cur else _NEW,)) * len(names)
     new = set(in_new)
     both = new.intersection(in_cur)
     if not both:
-        return ["new" if name in new else "cur" for name in names]
-    subdirs = []
+        return bytearray(_NEW if name in new else _CUR for name in names)
+    subdirs = bytearray()
     seen_once: set[str] = set()
     for name in names:
         if name in both and name not in seen_once:
             seen_once.add(name)
-            subdirs.append("cur")
+            subdirs.append(_CUR)
         else:
-            subdirs.append("new" if name in new else "cur")
+            subdirs.append(_NEW if name in new else _CUR)
     return subdirs
 
 
 def _size_array(sizes: list[str] | list[int]) -> array[int]:
-    """The sizes in an array: 8 bytes a message where a list of ints takes 36,
-    for as long as the session is held. Packed by struct and copied in whole:
-    array's own constructor converts item by item through its argument parser
-    (about 200 instructions each, 10 M at 50,000)."""
-    return array("q", struct.pack(f"{len(sizes)}q", *map(int, sizes)))
+    """The sizes in an array: 4 bytes a message where a list of ints takes 36,
+    for as long as the session is held (8 if one message has 4 GB or more).
+    Packed by struct and copied in whole: array's own constructor converts
+    item by item through its argument parser (about 200 instructions each,
+    10 M at 50,000)."""
+    try:
+        return array("I", struct.pack(f"{len(sizes)}I", *map(int, sizes)))
+    except struct.error:  # a size of 4 GB or more
+        return array("q", struct.pack(f"{len(sizes)}q", *map(int, sizes)))
 
 
-def _seen_of(names: list[str]) -> bytearray:
+def _seen_of(names: Sequence[str]) -> bytearray:
     return bytearray(1 if "S" in _flags(name) else 0 for name in names)
 
 
@@ -308,8 +316,8 @@ class MaildirMaildrop:
         self._quick = quick
         self._lock: SessionLock | None = None
         # Per message: its file name and the subdirectory it is in now.
-        self._names: list[str] = []
-        self._subdirs: list[str] = []
+        self._names: list[str] | PackedNames = []
+        self._subdirs = bytearray()
         self._infos = MessageList((), ())
         try:
             if create:
@@ -342,7 +350,7 @@ class MaildirMaildrop:
             raise
         self._lock = lock
 
-    def _list(self, dir_bytes: int) -> tuple[list[str], list[str]]:
+    def _list(self, dir_bytes: int) -> tuple[list[str], bytearray]:
         if not self._quick and dir_bytes >= CACHED_DIR_BYTES:
             from .maildirlisting import KeptListing  # only for big Maildirs
 
@@ -356,25 +364,30 @@ class MaildirMaildrop:
 
     def _scan(self, dir_bytes: int) -> None:
         names, subdirs = self._list(dir_bytes)
-        sizes = _HINTED_NAME.findall("\n".join(names))
-        if len(sizes) == len(names):
-            self._names, self._subdirs = names, subdirs
+        joined = "\n".join(names)
+        # One line per name: a newline inside a name would make two lines, and
+        # their sizes would be taken as those of the names after it.
+        one_line_each = joined.count("\n") == len(names) - 1
+        sizes = _HINTED_NAME.findall(joined) if one_line_each else []
+        if one_line_each and len(sizes) == len(names):
+            # Packed while the session only lists: about half the bytes of the list.
+            self._names, self._subdirs = PackedNames(joined, len(names)), subdirs
         else:
             sizes = self._sizes_one_by_one(names, subdirs)
         # UIDs and seen flags come from the names when first asked for. The
         # partials hold the names, not this object: a cycle through it would
         # keep a big listing alive until the garbage collector's next full pass.
-        names = self._names
-        self._infos = MessageList(_size_array(sizes), functools.partial(_uids_for, self.path, names),
-                                  functools.partial(_seen_of, names))
+        held = self._names
+        self._infos = MessageList(_size_array(sizes), functools.partial(_uids_for, self.path, held),
+                                  functools.partial(_seen_of, held))
 
-    def _sizes_one_by_one(self, names: list[str], subdirs: list[str]) -> list[int]:
+    def _sizes_one_by_one(self, names: list[str], subdirs: bytearray) -> list[int]:
         """The general case: any name; a file without a `,W=` is read to size it.
         Sets the names (and subdirectories) of the files still there."""
         sizes: list[int] = []
         kept: list[int] = []
         for i, name in enumerate(names):
-            sub = subdirs[i]
+            sub = _SUBDIRS[subdirs[i]]
             path = os.path.join(self.path, sub, name)
             size = _hints(name)[1]
             if size is None:
@@ -389,7 +402,7 @@ class MaildirMaildrop:
             kept.append(i)
             sizes.append(size)
         self._names = [names[i] for i in kept]
-        self._subdirs = [subdirs[i] for i in kept]
+        self._subdirs = bytearray(subdirs[i] for i in kept)
         return sizes
 
     def messages(self) -> MessageList:
@@ -413,11 +426,14 @@ class MaildirMaildrop:
             os.close(fd)
 
     def _path(self, index: int) -> str:
-        return f"{self.path}/{self._subdirs[index]}/{self._names[index]}"
+        return f"{self.path}/{_SUBDIRS[self._subdirs[index]]}/{self._names[index]}"
 
     def _open(self, index: int) -> tuple[int, int]:
         """The message's file descriptor and size, never through a link nor
         for anything but a regular file."""
+        if type(self._names) is PackedNames:
+            # The session reads messages: from now on names go by number, from a list.
+            self._names = self._names.unpacked()
         path = self._path(index)
         try:
             try:
@@ -439,20 +455,20 @@ class MaildirMaildrop:
     def _find_moved(self, index: int) -> None:
         """Another agent (an IMAP server) renamed the file: find it by its unique part."""
         base = self._names[index].split(":", 1)[0]
-        for sub in _SUBDIRS:
+        for code, sub in enumerate(_SUBDIRS):
             try:
                 names = os.listdir(os.path.join(self.path, sub))
             except OSError:
                 continue
             for name in names:
                 if name.split(":", 1)[0] == base:
-                    self._names[index], self._subdirs[index] = name, sub
+                    self._names[index], self._subdirs[index] = name, code
                     return
         raise MaildropError(f"message {self._names[index]} vanished", ResponseCode.SYS_TEMP)
 
     def _lacks_seen(self, index: int) -> bool:
         """In new/, or in cur/ without the S flag: UPDATE marks it seen."""
-        return self._subdirs[index] == "new" or "S" not in _flags(self._names[index])
+        return self._subdirs[index] == _NEW or "S" not in _flags(self._names[index])
 
     def writes_nothing(self, deleted: Set[int], retrieved: Set[int]) -> bool:
         if self._kept is not None and self._kept.fresh:
@@ -501,7 +517,7 @@ class MaildirMaildrop:
             kept = self._kept
             if kept is not None:
                 del self._kept
-                kept.close(self._names, self._subdirs)
+                kept.close(self._names, [_SUBDIRS[code] for code in self._subdirs])
         finally:
             if self._lock is not None:
                 lock, self._lock = self._lock, None

@@ -44,7 +44,7 @@ import hashlib
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from .._version import __version__
@@ -149,7 +149,7 @@ class KeptListing:
         self.states[sub] = state
         self.fresh = self.fresh or state != NO_STATE
 
-    def close(self, names: list[str], subdirs: list[str]) -> None:
+    def close(self, names: Sequence[str], subdirs: list[str]) -> None:
         """Write the listing (`names` in order, each in `subdirs`' subdirectory)
         if it pays: some subdirectory read in this session is as it was
         then. A failure is ignored: the next session reads the directories."""

@@ -33,6 +33,9 @@ class LineBuffer:
     line a byte at a time stays linear.
     """
 
+    # Every session holds one for its whole life: slots, not a dict of values.
+    __slots__ = ("_buf", "_discarded", "_discarding", "_searched", "long_max", "long_prefix", "max_line")
+
     def __init__(self, max_line: int = 255, long_prefix: bytes | None = None, long_max: int = 0) -> None:
         self.max_line = max_line
         # Lines starting with `long_prefix` (case-insensitive) may reach
