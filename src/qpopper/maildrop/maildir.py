@@ -30,7 +30,6 @@ it. Symbolic links are never listed and never followed.
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import logging
 import os
@@ -256,8 +255,24 @@ def uids_and_sources(path: str, names: Sequence[str]) -> tuple[list[str], list[s
     return uidimport.apply_imports(path, names, ours, uidimport.read_imports(path, opened, len(names)))
 
 
-def _uids_for(path: str, names: Sequence[str]) -> list[str]:
-    return uids_and_sources(path, names)[0]
+class _FromNames:
+    """A listing's UIDs and seen flags, worked out from its names when first
+    asked for. It holds the names, not the maildrop: a cycle through the
+    maildrop would keep a big listing alive until the garbage collector's
+    next full pass. (One of these and its two bound methods take half the
+    bytes of two functools.partials, each of which has a keyword dict.)"""
+
+    __slots__ = ("names", "path")
+
+    def __init__(self, path: str, names: Sequence[str]) -> None:
+        self.path = path
+        self.names = names
+
+    def uids(self) -> list[str]:
+        return uids_and_sources(self.path, self.names)[0]
+
+    def seen(self) -> bytearray:
+        return _seen_of(self.names)
 
 
 def list_maildir(path: str) -> list[str]:
@@ -374,12 +389,9 @@ class MaildirMaildrop:
             self._names, self._subdirs = PackedNames(joined, len(names)), subdirs
         else:
             sizes = self._sizes_one_by_one(names, subdirs)
-        # UIDs and seen flags come from the names when first asked for. The
-        # partials hold the names, not this object: a cycle through it would
-        # keep a big listing alive until the garbage collector's next full pass.
-        held = self._names
-        self._infos = MessageList(_size_array(sizes), functools.partial(_uids_for, self.path, held),
-                                  functools.partial(_seen_of, held))
+        # UIDs and seen flags come from the names when first asked for.
+        deferred = _FromNames(self.path, self._names)
+        self._infos = MessageList(_size_array(sizes), deferred.uids, deferred.seen)
 
     def _sizes_one_by_one(self, names: list[str], subdirs: bytearray) -> list[int]:
         """The general case: any name; a file without a `,W=` is read to size it.
