@@ -145,6 +145,27 @@ def test_message_renamed_by_another_agent_is_still_found(tmp_path: Path, hint: s
     assert os.listdir(md / "cur") == [] and os.listdir(md / "new") == []
 
 
+def test_only_a_listing_small_enough_for_the_event_loop_is_packed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packed names are split into a list at the first RETR, on the event
+    loop: a big listing stays a list from the start."""
+    from qpopper.maildrop.packednames import PackedNames
+
+    md = tmp_path / "Maildir"
+    for n in range(3):
+        write_maildir_message(md, MSG, name=f"{n}.a,S={len(MSG)},W={wire_size(MSG)}")
+    for small in (True, False):
+        if not small:
+            monkeypatch.setattr(maildir_module, "QUICK_DIR_BYTES", 0)
+        drop = MaildirMaildrop(str(md))
+        try:
+            assert isinstance(drop._names, PackedNames) is small  # noqa: SLF001 - the choice under test
+            assert [b"".join(drop.read(i)) for i in range(3)] == [MSG] * 3
+        finally:
+            drop.close()
+
+
 def test_a_newline_in_a_name_leaves_every_size_with_its_own_message(tmp_path: Path) -> None:
     """All names are matched in one text, a line each: a name holding a
     newline (a hand can make one) is two lines, and must not hand its second
